@@ -1,0 +1,1 @@
+"""JobProxy: an HTTP gateway in front of HPC batch schedulers."""

@@ -1,0 +1,48 @@
+"""The aiohttp application factory."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from . import api_v1, plugins, responses
+from .config import Config
+from .keys import CONFIG, POLLER, SCHEDULER, STORE, TASK_VALIDATOR
+from .poller import Poller
+from .store import Store
+from .validation import SchemaValidator
+
+log = logging.getLogger(__name__)
+
+
+def create_app(config: Config) -> web.Application:
+    """Build the gateway for `config`. The scheduler plugin is created (and its options checked)
+    here, so a configuration mistake stops the start before anything listens."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[responses.errors])
+    app[CONFIG] = config
+    app[SCHEDULER] = plugins.create_scheduler(config)
+    app[TASK_VALIDATOR] = SchemaValidator.named("task")
+    app.add_routes(api_v1.routes)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config, scheduler = app[CONFIG], app[SCHEDULER]
+    store = Store(config.store_path)
+    app[STORE] = store
+    await scheduler.start()
+    poller = Poller(store, scheduler, config.poll_interval)
+    app[POLLER] = poller
+    await poller.poll_once()  # reconcile what happened while the gateway was down, before serving
+    runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
+    log.info("gateway ready: scheduler %s, store %s (%d tasks)", scheduler.name, config.store_path, store.count())
+    yield
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    await scheduler.close()
+    store.close()

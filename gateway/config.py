@@ -1,0 +1,79 @@
+"""Site configuration: a TOML file validated against schemas/config.schema.json at start-up.
+
+No file at all means the embedded default: the local scheduler, state in ./jobproxy-state,
+listening on 127.0.0.1:8080. Relative paths in a file are taken relative to that file's folder.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .validation import SchemaValidator, summary
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names the file and the path of the mistake."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 1024 * 1024
+    state_dir: Path = Path("jobproxy-state")
+    task_root: Path = Path("jobproxy-state/tasks")
+    store_path: Path = Path("jobproxy-state/jobproxy.db")
+    page_size: int = 1000
+    max_page_size: int = 10000
+    scheduler: str = "local"
+    poll_interval: float = 1.0
+    scheduler_options: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "INFO"
+    source: str = "built-in defaults"
+
+
+def load(path: str | Path | None = None, **overrides: Any) -> Config:
+    """Read and validate the config file (or the defaults), then apply `overrides` (e.g. host)."""
+    if path is None:
+        document: dict[str, Any] = {}
+        base, source = Path.cwd(), "built-in defaults"
+    else:
+        file = Path(path)
+        try:
+            document = tomllib.loads(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        base, source = file.resolve().parent, str(file)
+    return from_document(document, base, source, **overrides)
+
+
+def from_document(document: dict[str, Any], base: Path, source: str, **overrides: Any) -> Config:
+    problems = SchemaValidator.named("config").problems(document)
+    if problems:
+        raise ConfigError(f"{source}: {summary(problems)}")
+    gateway = document.get("gateway", {})
+    scheduler = document.get("scheduler", {})
+    state_dir = base / gateway.get("state_dir", "jobproxy-state")
+    values: dict[str, Any] = {
+        "host": gateway.get("host", "127.0.0.1"),
+        "port": gateway.get("port", 8080),
+        "max_body_bytes": gateway.get("max_body_bytes", 1024 * 1024),
+        "state_dir": state_dir,
+        "task_root": base / gateway["task_root"] if "task_root" in gateway else state_dir / "tasks",
+        "store_path": base / document["store"]["path"] if "path" in document.get("store", {}) else state_dir / "jobproxy.db",
+        "page_size": gateway.get("page_size", 1000),
+        "max_page_size": gateway.get("max_page_size", 10000),
+        "scheduler": scheduler.get("type", "local"),
+        "poll_interval": float(scheduler.get("poll_interval", 1.0)),
+        "scheduler_options": scheduler.get("options", {}),
+        "log_level": document.get("log", {}).get("level", "INFO"),
+        "source": source,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["page_size"] > values["max_page_size"]:
+        raise ConfigError(f"{source}: $.gateway.page_size ({values['page_size']}) exceeds max_page_size ({values['max_page_size']})")
+    return Config(**values)

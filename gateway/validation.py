@@ -1,0 +1,131 @@
+"""JSON Schema validation with errors as data: one line per problem, each with its JSON path.
+
+A validator is built once per schema. A failing `oneOf`/`anyOf` is reported through the branch that
+came closest (python-jsonschema's `best_match`), unless the schema gives its own message for that
+keyword in an `x-error` annotation, e.g. `"x-error": {"pattern": "must be an absolute path"}`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
+from referencing import Registry, Resource
+
+import schemas
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason why a document is invalid."""
+
+    path: str
+    message: str
+    keyword: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+def _registry() -> Registry:
+    resources = [Resource.from_contents(schemas.load(name)) for name in ("task", "state", "config")]
+    return Registry().with_resources((res.id(), res) for res in resources)
+
+
+class SchemaValidator:
+    """A compiled validator for one schema of `schemas/` (or any schema dict)."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        Draft202012Validator.check_schema(schema)
+        self.schema = schema
+        self._validator = Draft202012Validator(schema, registry=_registry())
+
+    @classmethod
+    def named(cls, name: str) -> "SchemaValidator":
+        return cls(schemas.load(name))
+
+    def problems(self, document: Any) -> list[Problem]:
+        """All problems with `document`, sorted by path; empty when it is valid."""
+        found = {(p.path, p.message): p for p in _flatten(self._validator.iter_errors(document))}
+        return sorted(found.values(), key=lambda p: (p.path, p.message))
+
+
+def _flatten(errors: Iterable[ValidationError]) -> Iterator[Problem]:
+    for error in errors:
+        custom = error.schema.get("x-error", {}).get(error.validator) if isinstance(error.schema, dict) else None
+        if error.validator == "x-type":
+            yield Problem(_json_path(error), error.message, "type")
+        elif custom:
+            yield Problem(error.json_path, custom, str(error.validator))
+        elif error.context:
+            yield from _flatten(_closest_branch(error.context))
+        else:
+            yield Problem(error.json_path, _message(error), str(error.validator))
+
+
+def _closest_branch(context: list[ValidationError]) -> list[ValidationError]:
+    """The errors of the one `oneOf`/`anyOf` branch whose type fits the instance, else the best match."""
+    branches: dict[Any, list[ValidationError]] = {}
+    for error in context:
+        branches.setdefault(error.relative_schema_path[0], []).append(error)
+    fitting = [
+        errors for errors in branches.values()
+        if not any(e.validator == "type" and not e.relative_path for e in errors)
+    ]
+    if len(fitting) == 1:
+        return fitting[0]
+    if not fitting:
+        wanted = [e.validator_value for errors in branches.values() for e in errors if e.validator == "type"]
+        names = sorted({name for value in wanted for name in ([value] if isinstance(value, str) else value)})
+        first = context[0]
+        return [ValidationError(
+            f"must be of type {' or '.join(names)}, not {type(first.instance).__name__}",
+            validator="x-type", path=list(first.absolute_path), schema={},
+        )]
+    return [best_match(context)]
+
+
+def _json_path(error: ValidationError) -> str:
+    path = "$"
+    for part in error.path:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _message(error: ValidationError) -> str:
+    """The validator's message, without repeating a possibly huge instance."""
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return "unknown field(s): " + ", ".join(repr(name) for name in extra)
+    if error.validator == "required":
+        return error.message.replace(" is a required property", " is required")
+    if error.validator == "type":
+        return f"must be of type {_types(error.validator_value)}, not {type(error.instance).__name__}"
+    if error.validator in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        relation = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+        return f"must be {relation[str(error.validator)]} {error.validator_value} (got {error.instance!r})"
+    if error.validator == "enum":
+        return "must be one of " + ", ".join(repr(v) for v in error.validator_value)
+    if error.validator in ("minLength", "maxLength", "minItems", "maxItems"):
+        return _size_message(error)
+    return error.message
+
+
+def _types(value: Any) -> str:
+    names = [value] if isinstance(value, str) else list(value)
+    return " or ".join(names)
+
+
+def _size_message(error: ValidationError) -> str:
+    unit = "characters" if "Length" in str(error.validator) else "items"
+    if str(error.validator).startswith("min"):
+        return "must not be empty" if error.validator_value == 1 else f"needs at least {error.validator_value} {unit}"
+    return f"is too long: at most {error.validator_value} {unit}"
+
+
+def summary(problems: list[Problem]) -> str:
+    """A one-line summary of a list of problems."""
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first.path}: {first.message}{more}"

@@ -1,0 +1,1 @@
+"""Scheduler plugins: one module per batch system, all on the contract in `schedulers.base`."""

@@ -1,0 +1,325 @@
+"""The local scheduler: runs tasks on the gateway's own machine, with their limits enforced.
+
+Each task becomes a job script (templates/local.sh) run by `launch.py` in its own session: the
+launcher joins the task's cgroups (memory limit, CPU quota, cpuset) where a hierarchy is writable,
+pins the task to its CPUs, falls back to an address-space rlimit for memory where no cgroup is,
+and executes the script; the script sets the CPU-time rlimit and records the exit status.
+
+A task waits QUEUED until its cores and memory fit into what is free. The plugin's spool
+(`<state_dir>/<task id>/`: job.sh, pid, cancelled) lives on disk, so a restarted gateway finds its
+running jobs again and starts the queued ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from gateway.model import Task, TaskState
+
+from . import cgroups, launch, outcome, proc
+from .base import JobRef, JobStatus, Scheduler, SchedulerError, TaskRefused
+from .script import EXIT_FILE, check_template, command_argv, describe_request, load_template, quote, render, run_block
+from .units import mib_to_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """What a running job holds."""
+
+    pid: int
+    started_at: int | None
+    cpus: tuple[int, ...]
+    memory: int
+
+
+def _machine_memory_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise SchedulerError("cannot read MemTotal from /proc/meminfo")
+
+
+class LocalScheduler(Scheduler):
+    """Runs each task as a local process tree with its cores, memory and CPU time enforced."""
+
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "cores": {"type": "integer", "minimum": 1, "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
+            "memory": {"type": "integer", "minimum": 1, "description": "MiB tasks may use in all (default: 90% of the machine's)"},
+            "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
+            "cgroups": {"enum": ["auto", "off"], "default": "auto", "description": "use a writable cgroup hierarchy for memory and CPU limits"},
+            "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5, "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
+        },
+    }
+
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
+        super().__init__(name, options, state_dir)
+        usable = sorted(os.sched_getaffinity(0))
+        self.cores = int(self.options.get("cores", len(usable)))
+        if self.cores > len(usable):
+            raise SchedulerError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway use {len(usable)} CPUs")
+        self.cpu_pool = tuple(usable[: self.cores])
+        self.memory = int(self.options.get("memory", _machine_memory_mib() * 9 // 10))
+        self.kill_grace = float(self.options.get("kill_grace", 5))
+        self.template = load_template("local", self.options.get("template"))
+        check_template(self.template, ("task_id", "workdir", "run", "resources"), self.options.get("template", "local.sh"))
+        self.cgroups = cgroups.detect() if self.options.get("cgroups", "auto") == "auto" else None
+        self._slots: dict[str, _Slot] = {}
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._seen: set[str] = set()  # tasks whose spool this process has already reconciled
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        memory_how = f"cgroup {self.cgroups.version}" if self.cgroups else "RLIMIT_AS (no writable cgroup)"
+        cpu_how = f"CPU pinning + cgroup {self.cgroups.version} CPU quota" if self.cgroups else "CPU pinning"
+        log.info("local scheduler %s: %d cores %s, %d MiB; memory limits by %s, cores by %s, CPU time by RLIMIT_CPU",
+                 self.name, self.cores, list(self.cpu_pool), self.memory, memory_how, cpu_how)
+
+    # ---- the contract ----
+
+    def admit(self, task: Task) -> None:
+        cores = task.cores or 1
+        if cores > self.cores:
+            raise TaskRefused(f"the task asks for {cores} cores; this scheduler has {self.cores} in all")
+        if task.memory and task.memory > self.memory:
+            raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB in all")
+        for path in (task.stdout, task.stderr):
+            parent = Path(path).parent
+            if not parent.is_dir() and not path.startswith(task.workdir + "/"):
+                raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist")
+
+    async def submit(self, task: Task) -> str:
+        spool = self._spool(task.id)
+        spool.mkdir(parents=True, exist_ok=True)
+        script = render(self.template, {
+            "task_id": quote(task.id),
+            "workdir": quote(task.workdir),
+            "resources": describe_request(task),
+            "run": run_block(task, command_argv(task)),
+        })
+        partial = spool / "job.sh.part"
+        partial.write_text(script, encoding="utf-8")
+        partial.replace(spool / "job.sh")
+        self._seen.add(task.id)
+        return task.id
+
+    async def find(self, task: Task) -> str | None:
+        return task.id if (self._spool(task.id) / "job.sh").exists() else None
+
+    async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        answers: dict[str, JobStatus] = {}
+        queued: list[JobRef] = []
+        self._adopt([job for job in jobs if job.task_id not in self._seen])
+        for job in jobs:
+            found = self._inspect(job)
+            if found is None:
+                queued.append(job)
+            else:
+                answers[job.task_id] = found
+        for job in queued:
+            answers[job.task_id] = self._try_start(job)
+        return answers
+
+    async def cancel(self, job: JobRef) -> None:
+        spool = self._spool(job.task_id)
+        if spool.is_dir():
+            (spool / "cancelled").touch()
+        slot = self._slots.get(job.task_id) or self._read_pidfile(job.task_id)
+        if slot is not None:
+            await self._terminate(job.task_id, slot)
+        self._finish(job.task_id)
+
+    async def release(self, job: JobRef) -> None:
+        self._finish(job.task_id)
+        spool = self._spool(job.task_id)
+        for name in ("job.sh", "pid", "cancelled", "job.sh.part", "pid.part"):
+            (spool / name).unlink(missing_ok=True)
+        if spool.is_dir():
+            spool.rmdir()
+
+    # ---- inside ----
+
+    def _spool(self, task_id: str) -> Path:
+        return self.state_dir / task_id
+
+    def _inspect(self, job: JobRef) -> JobStatus | None:
+        """The job's state from its spool and process, or None if it has not started."""
+        task_id, spool = job.task_id, self._spool(job.task_id)
+        if (spool / "cancelled").exists():
+            self._finish(task_id)
+            return JobStatus(TaskState.CANCELED, "deleted", finished=_mtime(spool / "cancelled"))
+        exit_path = Path(job.task.workdir) / EXIT_FILE
+        slot = self._slots.get(task_id) or self._read_pidfile(task_id)
+        if exit_path.exists():
+            oom = self._oom(task_id)
+            self._finish(task_id)
+            try:
+                code = int(exit_path.read_text().strip())
+            except ValueError:
+                return JobStatus(TaskState.SYSTEM_ERROR, f"unreadable exit-code file {exit_path}")
+            return outcome.from_exit_code(job.task, code, oom=oom, finished=_mtime(exit_path))
+        if slot is None:
+            return None
+        child = self._children.get(task_id)
+        if child is not None:
+            child.poll()
+        if proc.alive(slot.pid, slot.started_at):
+            self._slots[task_id] = slot
+            return JobStatus(TaskState.RUNNING, f"running as pid {slot.pid} on CPUs {_cpus(slot.cpus)}",
+                             started=_mtime(spool / "pid"))
+        oom = self._oom(task_id)
+        self._finish(task_id)
+        if oom:
+            return JobStatus(TaskState.EXECUTOR_ERROR, outcome.memory_exceeded(job.task), finished=_mtime(spool / "pid"))
+        code = child.returncode if child is not None else None
+        return JobStatus(TaskState.SYSTEM_ERROR,
+                         f"the job ended without recording an exit status (launcher status {code}); see its stderr",
+                         code)
+
+    def _try_start(self, job: JobRef) -> JobStatus:
+        task = job.task
+        busy = {cpu for slot in self._slots.values() for cpu in slot.cpus}
+        free = [cpu for cpu in self.cpu_pool if cpu not in busy]
+        cores, memory = task.cores or 1, task.memory or 0
+        used_memory = sum(slot.memory for slot in self._slots.values())
+        if cores > len(free) or used_memory + memory > self.memory:
+            return JobStatus(TaskState.QUEUED, f"waiting for {cores} free cores and {memory} MiB")
+        try:
+            slot = self._spawn(task, tuple(free[:cores]))
+        except OSError as exc:
+            self._finish(task.id)
+            return JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {exc}")
+        self._slots[task.id] = slot
+        return JobStatus(TaskState.RUNNING, f"running as pid {slot.pid} on CPUs {_cpus(slot.cpus)}",
+                         started=_mtime(self._spool(task.id) / "pid"))
+
+    def _spawn(self, task: Task, cpus: tuple[int, ...]) -> _Slot:
+        spool = self._spool(task.id)
+        argv = [sys.executable, "-I", launch.__file__, "--cpus", ",".join(map(str, cpus))]
+        how = [f"pinned to CPUs {_cpus(cpus)}"]
+        memory_bytes = mib_to_bytes(task.memory) if task.memory else None
+        if self.cgroups:
+            for procs in self.cgroups.create(task.id, memory_bytes=memory_bytes, cpus=cpus):
+                argv += ["--join", str(procs)]
+            how.append(f"cgroup {self.cgroups.version} ({len(cpus)} CPU quota"
+                       + (f", memory {task.memory} MiB)" if task.memory else ")"))
+        elif memory_bytes:
+            argv += ["--rlimit-as", str(memory_bytes)]
+            how.append(f"RLIMIT_AS {task.memory} MiB")
+        if task.cputime:
+            how.append(f"RLIMIT_CPU {task.cputime} s")
+        argv += ["--", "/bin/bash", str(spool / "job.sh")]
+        Path(task.workdir).mkdir(parents=True, exist_ok=True)
+        with open(task.stdout, "wb") as out, open(task.stderr, "wb") as err:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                     cwd=task.workdir, start_new_session=True, close_fds=True)
+        slot = _Slot(child.pid, proc.start_time(child.pid), cpus, task.memory or 0)
+        self._children[task.id] = child
+        partial = spool / "pid.part"
+        partial.write_text(f"{slot.pid} {slot.started_at} {_cpus(cpus)} {slot.memory}\n")
+        partial.replace(spool / "pid")
+        log.info("task %s started as pid %d: %s", task.id, child.pid, ", ".join(how))
+        return slot
+
+    def _read_pidfile(self, task_id: str) -> _Slot | None:
+        try:
+            pid, started, cpus, memory = (self._spool(task_id) / "pid").read_text().split()
+        except (OSError, ValueError):
+            return None
+        return _Slot(int(pid), None if started == "None" else int(started),
+                     tuple(int(c) for c in cpus.split(",") if c.isdigit()), int(memory))
+
+    def _adopt(self, jobs: Sequence[JobRef]) -> None:
+        """Once per task and process: a job spawned just before a crash, whose pid was never
+        recorded, is found by its script path and its pid file written."""
+        self._seen.update(job.task_id for job in jobs)
+        lost = {str(self._spool(j.task_id) / "job.sh").encode(): j for j in jobs
+                if not (self._spool(j.task_id) / "pid").exists()}
+        if not lost:
+            return
+        for entry in Path("/proc").iterdir():
+            try:
+                job = lost.get(next((a for a in (entry / "cmdline").read_bytes().split(b"\0") if a in lost), b""))
+            except OSError:
+                continue
+            if job is not None:
+                pid = int(entry.name)
+                log.warning("task %s: found its job running as pid %d", job.task_id, pid)
+                (self._spool(job.task_id) / "pid").write_text(f"{pid} {proc.start_time(pid)} - {job.task.memory or 0}\n")
+
+    def _oom(self, task_id: str) -> bool:
+        return bool(self.cgroups and self.cgroups.oom_kills(task_id))
+
+    def _finish(self, task_id: str) -> None:
+        """Free what a job held once it is over."""
+        self._slots.pop(task_id, None)
+        child = self._children.pop(task_id, None)
+        if child is not None:
+            child.poll()
+        if self.cgroups:
+            self.cgroups.remove(task_id)
+
+    async def _terminate(self, task_id: str, slot: _Slot) -> None:
+        """SIGTERM the job's process group (and cgroup), then SIGKILL what is left after the grace time."""
+        stragglers = _processes_of(task_id)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if proc.alive(slot.pid, slot.started_at):
+                try:
+                    os.killpg(slot.pid, sig)
+                except ProcessLookupError:
+                    pass
+            for pid in stragglers:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            if sig == signal.SIGKILL and self.cgroups:
+                self.cgroups.kill(task_id)
+            deadline = asyncio.get_running_loop().time() + (self.kill_grace if sig == signal.SIGTERM else 5)
+            while asyncio.get_running_loop().time() < deadline:
+                child = self._children.get(task_id)
+                if child is not None:
+                    child.poll()
+                stragglers = _processes_of(task_id)
+                if not proc.alive(slot.pid, slot.started_at) and not stragglers:
+                    log.info("task %s: job stopped (%s)", task_id, sig.name)
+                    return
+                await asyncio.sleep(0.05)
+        log.warning("task %s: processes %s survived SIGKILL", task_id, sorted(stragglers))
+
+
+def _processes_of(task_id: str) -> set[int]:
+    """Live processes whose environment carries JOBPROXY_TASK_ID=task_id, wherever their session."""
+    marker = f"JOBPROXY_TASK_ID={task_id}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0") and proc.alive(int(entry.name), None):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _mtime(path: Path) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    except OSError:
+        return None
+
+
+def _cpus(cpus: Sequence[int]) -> str:
+    return ",".join(map(str, cpus)) or "-"

@@ -1,0 +1,43 @@
+"""How a finished job is described: one wording for every scheduler."""
+from __future__ import annotations
+
+import signal
+from datetime import datetime
+
+from gateway.model import Task, TaskState
+
+from .base import JobStatus
+
+
+def memory_exceeded(task: Task) -> str:
+    limit = f"{task.memory} MiB" if task.memory else "its memory limit"
+    return f"killed: memory limit of {limit} exceeded"
+
+
+def cputime_exceeded(task: Task) -> str:
+    return f"killed: CPU time limit of {task.cputime} s exceeded"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def from_exit_code(task: Task, code: int, *, oom: bool = False, finished: datetime | None = None) -> JobStatus:
+    """The final status of a job script that exited with `code` (128+N: its command got signal N).
+
+    `oom` says the memory limit killed a process of the job.
+    """
+    if code == 0:
+        return JobStatus(TaskState.COMPLETE, "exit code 0", 0, finished=finished)
+    if oom:
+        description = memory_exceeded(task)
+    elif code - 128 == signal.SIGXCPU and task.cputime:
+        description = cputime_exceeded(task)
+    elif code > 128:
+        description = f"killed by {signal_name(code - 128)}"
+    else:
+        description = f"exit code {code}"
+    return JobStatus(TaskState.EXECUTOR_ERROR, description, code, finished=finished)

@@ -1,0 +1,96 @@
+"""Job scripts: one template per scheduler, one quoting helper for every value that enters one.
+
+A template is a bash script with `{{name}}` placeholders. Every template gets `{{task_id}}`,
+`{{workdir}}` and `{{run}}`; `{{run}}` is the part common to all schedulers: it enters the task's
+directory, sets the CPU-time limit, runs the command, and writes the command's exit status to the
+task's exit-code file, so a job the scheduler has forgotten can still be resolved. Schedulers add
+their own placeholders (e.g. `{{directives}}` for `#SBATCH` lines). Admins may replace a template
+by a file of their own (option `template`).
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from gateway.model import Task
+
+from .units import cpu_rlimit
+
+EXIT_FILE = "exit_code"
+_PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
+
+
+def quote(value: str | int) -> str:
+    """Quote one value for bash. Every value that enters a job script goes through here."""
+    return shlex.quote(str(value))
+
+
+def quote_argv(argv: Iterable[str]) -> str:
+    return " ".join(quote(arg) for arg in argv)
+
+
+def exit_file(task: Task) -> str:
+    return f"{task.workdir}/{EXIT_FILE}"
+
+
+def command_argv(task: Task) -> list[str]:
+    """The task's command as argv: a string runs through `/bin/sh -c`, a list is argv itself."""
+    if task.cmd is None:
+        return []
+    if isinstance(task.cmd, str):
+        return ["/bin/sh", "-c", task.cmd]
+    return list(task.cmd)
+
+
+def run_block(task: Task, argv: Sequence[str]) -> str:
+    """The common body of every job script (see the module docstring)."""
+    lines = [
+        f"export JOBPROXY_TASK_ID={quote(task.id)}",
+        f"cd {quote(task.workdir)} || exit 1",
+    ]
+    if task.cputime:
+        soft, hard = cpu_rlimit(task.cputime)
+        lines.append(f"ulimit -S -t {soft} && ulimit -H -t {hard} || exit 1")
+    done = exit_file(task)
+    lines += [
+        quote_argv(argv),
+        "jobproxy_status=$?",
+        f"printf '%s\\n' \"$jobproxy_status\" > {quote(done + '.part')} && mv -f {quote(done + '.part')} {quote(done)}",
+        'exit "$jobproxy_status"',
+    ]
+    return "\n".join(lines)
+
+
+def describe_request(task: Task) -> str:
+    """The task's request in words, for a comment line of the job script."""
+    memory = f"{task.memory} MiB" if task.memory else "unlimited"
+    cputime = f"{task.cputime} s" if task.cputime else "unlimited"
+    return f"cores {task.cores or 1}, memory {memory}, CPU time {cputime}"
+
+
+def load_template(scheduler: str, override: str | None = None) -> str:
+    """The admin's template file if given, else the built-in one for `scheduler`."""
+    if override:
+        return Path(override).read_text(encoding="utf-8")
+    return (resources.files(__package__) / "templates" / f"{scheduler}.sh").read_text(encoding="utf-8")
+
+
+def placeholders(template: str) -> set[str]:
+    return set(_PLACEHOLDER.findall(template))
+
+
+def check_template(template: str, known: Iterable[str], origin: str) -> None:
+    """Fail early (at start-up) on a template that uses a placeholder no scheduler fills."""
+    unknown = placeholders(template) - set(known)
+    if unknown:
+        names = ", ".join("{{" + n + "}}" for n in sorted(unknown))
+        raise ValueError(f"job-script template {origin}: unknown placeholder(s) {names}; known: "
+                         + ", ".join("{{" + n + "}}" for n in sorted(known)))
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """Fill the placeholders of `template`. Values must already be quoted where they need it."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

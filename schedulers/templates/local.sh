@@ -1,0 +1,4 @@
+#!/bin/bash
+# JobProxy task {{task_id}}, local scheduler
+# requested: {{resources}}
+{{run}}
