@@ -1,0 +1,189 @@
+"""Shared fixtures: configs in temporary folders, the aiohttp test client, a real `jobproxy serve`
+process, and the scheduler backends the contract suite runs against."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
+
+import pytest
+
+from gateway import config as configuration
+from gateway.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def make_config(tmp_path: Path, scheduler: str = "local", options: dict[str, Any] | None = None,
+                **gateway: Any) -> configuration.Config:
+    document = {
+        "gateway": {"state_dir": str(tmp_path / "state"), **gateway},
+        "scheduler": {"type": scheduler, "poll_interval": 0.1, "options": options or {}},
+    }
+    return configuration.from_document(document, tmp_path, "test config")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> configuration.Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Callable[..., Awaitable[Any]], config: configuration.Config) -> Any:
+    return await aiohttp_client(create_app(config))
+
+
+async def wait_state(client: Any, task_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+    """Poll GET /v1/jobproxy/state/{id} until `done(state)`; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = await client.get(f"/v1/jobproxy/state/{task_id}")
+        state = await response.json()
+        if response.status == 200 and done(state):
+            return state
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not reach the expected state in {timeout} s; last: {state}")
+
+
+def final(state: dict[str, Any]) -> bool:
+    return state["code"] in ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
+
+
+# ---- a real gateway process --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Gateway:
+    """`jobproxy serve` as a real process, driven over HTTP with the standard library."""
+
+    def __init__(self, workdir: Path, config_text: str | None, env: dict[str, str] | None = None) -> None:
+        """`config_text` None: no config file at all, the embedded defaults."""
+        self.workdir = workdir
+        self.config_path = workdir / "jobproxy.toml"
+        if config_text is not None:
+            self.config_path.write_text(config_text)
+        self.config_args = [] if config_text is None else ["--config", str(self.config_path)]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "gateway.log"
+
+    def start(self) -> "Gateway":
+        command = shutil.which("jobproxy", path=str(Path(sys.executable).parent)) or "jobproxy"
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([command, "serve", *self.config_args, "--port", str(self.port)],
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"jobproxy serve exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                self.request("GET", "/v1/jobproxy/ping")
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"jobproxy serve did not answer within 30 s:\n{self.log.read_text()}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def submit(self, task: dict[str, Any]) -> str:
+        status, _, body = self.request("POST", "/v1/jobproxy/submit", json.dumps(task).encode(),
+                                       {"Content-Type": "application/json"})
+        assert status == 200, body
+        return str(json.loads(body)["id"])
+
+    def state(self, task_id: str) -> dict[str, Any]:
+        status, _, body = self.request("GET", f"/v1/jobproxy/state/{task_id}")
+        assert status == 200, body
+        return dict(json.loads(body))
+
+    def wait(self, task_id: str, done: Callable[[dict[str, Any]], bool] = final, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            state = self.state(task_id)
+            if done(state):
+                return state
+            time.sleep(0.1)
+        raise AssertionError(f"task {task_id}: expected state not reached in {timeout} s; last: {state}\n"
+                             + self.log.read_text()[-3000:])
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def factory(config_text: str | None, env: dict[str, str] | None = None) -> Gateway:
+        gateway = Gateway(tmp_path, config_text, env)
+        started.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in started:
+        gateway.stop()
+
+
+# ---- scheduler backends for the contract suite ---------------------------------------------------
+
+_clusters: dict[str, dict[str, str] | str] = {}
+
+
+def cluster_env(script: str) -> dict[str, str]:
+    """Start the dev cluster `etc/dev/<script>.sh` (once per test session) and answer its environment.
+
+    Skips the calling test when the cluster cannot run here; in CI (CI=true) that is a failure.
+    """
+    if script not in _clusters:
+        _clusters[script] = _start_cluster(script)
+    found = _clusters[script]
+    if isinstance(found, str):
+        if IN_CI:
+            pytest.fail(f"{script} is required in CI but could not start: {found}")
+        pytest.skip(found)
+    return found
+
+
+def _start_cluster(script: str) -> dict[str, str] | str:
+    path = ROOT / "etc" / "dev" / f"{script}.sh"
+    if not path.exists():
+        return f"{path} does not exist"
+    if os.geteuid() != 0 or not Path("/etc/debian_version").exists():
+        return f"{script}: the dev cluster needs root on Debian"
+    started = subprocess.run(["bash", str(path), "start"], capture_output=True, text=True, timeout=1200)
+    if started.returncode != 0:
+        return f"{script} did not start (exit {started.returncode}): {(started.stdout + started.stderr)[-2000:]}"
+    printed = subprocess.run(["bash", str(path), "env"], capture_output=True, text=True, check=True).stdout
+    env = {}
+    for line in printed.splitlines():
+        if line.startswith("export ") and "=" in line:
+            key, _, value = line[len("export "):].partition("=")
+            env[key] = value.strip().strip("'\"")
+    return env

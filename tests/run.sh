@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite on a fresh machine:
+#   1. a virtualenv (.venv) with JobProxy and its test extras;
+#   2. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker), where
+#      this machine can run them (root on Debian); their environment is exported before pytest
+#      starts, since libdrmaa must see it at load time;
+#   3. pytest, with any arguments given to this script.
+# Clusters this script started are stopped again at the end (JOBPROXY_KEEP_CLUSTERS=1 keeps them).
+# In CI (CI=true) a cluster that cannot start is a failure, not a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[tests/run.sh] %s\n' "$*" >&2; }
+
+if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+log "installing JobProxy and its test dependencies into .venv"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+started=()
+stop_clusters() {
+    [ "${JOBPROXY_KEEP_CLUSTERS:-0}" = 1 ] && return
+    for name in "${started[@]}"; do
+        bash "etc/dev/$name.sh" stop || log "could not stop $name"
+    done
+}
+trap stop_clusters EXIT
+
+for name in slurm gridengine docker; do
+    script="etc/dev/$name.sh"
+    [ -f "$script" ] || continue
+    if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ]; then
+        log "$name: skipped (the dev clusters need root on Debian); its tests will skip"
+        continue
+    fi
+    was_up=0
+    bash "$script" status >/dev/null 2>&1 && was_up=1
+    log "$name: starting"
+    if bash "$script" start; then
+        [ "$was_up" = 1 ] || started+=("$name")
+        eval "$(bash "$script" env)"
+    elif [ "${CI:-}" = true ]; then
+        log "$name: could not start, and CI needs it"
+        exit 1
+    else
+        log "$name: could not start; its tests will skip"
+    fi
+done
+
+log "running pytest"
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+exit "$status"

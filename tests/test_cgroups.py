@@ -1,0 +1,87 @@
+"""cgroup file writes, against fake hierarchies (v2 and v1) and, where writable, the real one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from schedulers import cgroups
+
+
+def _fake_v2(root: Path) -> Path:
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (root / "cgroup.subtree_control").write_text("")
+    return root
+
+
+def test_v2_detected_and_limits_written(tmp_path: Path) -> None:
+    root = _fake_v2(tmp_path / "cg")
+    found = cgroups.detect(root)
+    assert isinstance(found, cgroups.CgroupsV2)
+    assert (root / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory"
+    assert (root / "jobproxy" / "cgroup.subtree_control").read_text() == "+cpu +cpuset +memory"
+    procs = found.create("t1", memory_bytes=200 * 2**20, cpus=[1, 0])
+    group = root / "jobproxy" / "t1"
+    assert procs == [group / "cgroup.procs"]
+    assert (group / "memory.max").read_text() == str(200 * 2**20)
+    assert (group / "memory.swap.max").read_text() == "0"
+    assert (group / "cpu.max").read_text() == "200000 100000"
+    assert (group / "cpuset.cpus").read_text() == "0,1"
+    (group / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    assert found.oom_kills("t1") == 1
+
+
+def test_v2_without_limits_writes_none(tmp_path: Path) -> None:
+    found = cgroups.detect(_fake_v2(tmp_path / "cg"))
+    assert found is not None
+    found.create("t2", memory_bytes=None, cpus=[])
+    assert sorted(p.name for p in (tmp_path / "cg" / "jobproxy" / "t2").iterdir()) == []
+
+
+def test_hybrid_v2_without_controllers_falls_back_to_v1(tmp_path: Path) -> None:
+    root = tmp_path / "cg"
+    (root / "unified").mkdir(parents=True)
+    (root / "unified" / "cgroup.controllers").write_text("\n")
+    for controller in ("memory", "cpu", "cpuset"):
+        (root / controller).mkdir()
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (root / "cpuset" / "cpuset.cpus").write_text("0-1\n")
+    (root / "cpuset" / "cpuset.mems").write_text("0\n")
+    found = cgroups.detect(root)
+    assert isinstance(found, cgroups.CgroupsV1)
+    procs = found.create("t1", memory_bytes=1048576, cpus=[1])
+    assert [p.parent.parent.parent.name for p in procs] == ["memory", "cpu", "cpuset"]
+    assert (root / "memory" / "jobproxy" / "t1" / "memory.limit_in_bytes").read_text() == "1048576"
+    assert (root / "cpu" / "jobproxy" / "t1" / "cpu.cfs_quota_us").read_text() == "100000"
+    assert (root / "cpuset" / "jobproxy" / "cpuset.mems").read_text() == "0"
+    assert (root / "cpuset" / "jobproxy" / "t1" / "cpuset.cpus").read_text() == "1"
+    (root / "memory" / "jobproxy" / "t1" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert found.oom_kills("t1") == 2
+
+
+def test_nothing_writable_means_none(tmp_path: Path) -> None:
+    assert cgroups.detect(tmp_path) is None
+
+
+def test_real_hierarchy_enforces_memory(tmp_path: Path) -> None:
+    found = cgroups.detect()
+    if found is None:
+        pytest.skip("no writable cgroup hierarchy on this machine")
+    name = f"test-{os.getpid()}"
+    procs = found.create(name, memory_bytes=64 * 2**20, cpus=[0])
+    try:
+        hog = "import time; b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
+        launcher = [sys.executable, "-I", str(Path(cgroups.__file__).with_name("launch.py"))]
+        args = [arg for p in procs for arg in ("--join", str(p))]
+        result = subprocess.run([*launcher, *args, "--", sys.executable, "-c", hog], capture_output=True, timeout=60)
+        assert result.returncode == -9
+        assert found.oom_kills(name) >= 1
+    finally:
+        found.kill(name)
+        time.sleep(0.1)
+        found.remove(name)

@@ -1,0 +1,99 @@
+"""The SQLite store and the configuration loader."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway import config as configuration
+from gateway.model import Task, TaskState
+from gateway.plugins import create_scheduler
+from gateway.store import MIGRATIONS, Change, Store
+
+
+def _task(n: int, user: str = "u") -> Task:
+    return Task.from_document({"user": user, "cmd": "true"}, f"t{n:03d}", f"/w/t{n}")
+
+
+def test_store_round_trip_and_changes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db" / "s.db")
+    assert store.schema_version == len(MIGRATIONS)
+    store.add(_task(1), "local")
+    store.set_native_id("t001", "42")
+    assert store.apply([Change("t001", TaskState.EXECUTOR_ERROR, "exit code 3", 3)]) == 1
+    record = store.get("t001")
+    assert record is not None and record.native_id == "42" and record.exit_code == 3
+    assert record.as_state()["code"] == "EXECUTOR_ERROR" and record.task == _task(1)
+    assert store.active("local") == []
+    store.close()
+    reopened = Store(tmp_path / "db" / "s.db")
+    assert reopened.get("t001") == record
+    assert reopened.delete("t001") and reopened.get("t001") is None
+
+
+def test_pages_and_filters(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    for n in range(10):
+        store.add(_task(n, "a" if n % 2 else "b"), "local")
+    page = store.page(limit=4)
+    assert [r.id for r in page] == ["t000", "t001", "t002", "t003"]
+    assert [r.id for r in store.page(after=page[-1].seq, limit=100)][0] == "t004"
+    assert len(store.page(user="a")) == 5
+    assert store.page(states=[TaskState.COMPLETE]) == []
+    assert len(store.active("local")) == 10 and store.active("slurm") == []
+
+
+def test_newer_store_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    Store(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    with pytest.raises(RuntimeError, match="newer than this JobProxy knows"):
+        Store(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[gateway]\nport = 70000\n", "$.gateway.port: must be <= 65535"),
+    ("[gateway]\nprot = 1\n", "$.gateway: unknown field(s): 'prot'"),
+    ("[scheduler]\npoll_interval = 0\n", "$.scheduler.poll_interval: must be > 0"),
+    ("[scheduler\n", "not valid TOML"),
+    ("[log]\nlevel = \"LOUD\"\n", "$.log.level: must be one of"),
+])
+def test_config_mistakes_name_their_path(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "j.toml"
+    path.write_text(text)
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.load(path)
+    assert message in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(configuration.ConfigError, match="cannot read config file"):
+        configuration.load(tmp_path / "nope.toml")
+
+
+def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "etc" / "j.toml"
+    path.parent.mkdir()
+    path.write_text('[gateway]\nstate_dir = "var"\n[store]\npath = "db/x.db"\n')
+    loaded = configuration.load(path, port=9000)
+    assert loaded.state_dir == tmp_path / "etc" / "var"
+    assert loaded.store_path == tmp_path / "etc" / "db" / "x.db"
+    assert loaded.task_root == tmp_path / "etc" / "var" / "tasks" and loaded.port == 9000
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "etc" / "jobproxy.toml"
+    loaded = configuration.load(example)
+    assert loaded.scheduler == "local"
+    create_scheduler(loaded)
+
+
+def test_plugin_options_are_validated(tmp_path: Path) -> None:
+    document = {"scheduler": {"options": {"cores": 0, "colour": 1}}}
+    with pytest.raises(configuration.ConfigError, match=r"\$\.scheduler\.options"):
+        create_scheduler(configuration.from_document(document, tmp_path, "t"))
+    too_many = {"scheduler": {"options": {"cores": 4096}}}
+    with pytest.raises(configuration.ConfigError, match="lets the gateway use"):
+        create_scheduler(configuration.from_document(too_many, tmp_path, "t"))
