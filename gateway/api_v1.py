@@ -45,7 +45,12 @@ async def submit(request: web.Request) -> web.Response:
         scheduler.admit(task)
     except TaskRefused as exc:
         raise ApiError(400, str(exc)) from None
-    Path(task.workdir).mkdir(mode=0o700, parents=True)
+    try:
+        Path(task.workdir).mkdir(mode=0o700, parents=True)
+    except OSError as exc:
+        log.error("cannot create the folder of task %s: %s", task_id, exc)
+        raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
+                       headers={"Retry-After": "30"}) from None
     store.add(task, scheduler.name)
     poller = request.app[POLLER]
     poller.inflight.add(task_id)

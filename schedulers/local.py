@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 from gateway.model import Task, TaskState
 
 from . import cgroups, launch, outcome, proc
-from .base import JobRef, JobStatus, Scheduler, SchedulerError, TaskRefused
+from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
 from .script import EXIT_FILE, check_template, command_argv, describe_request, load_template, quote, render, run_block
 from .units import mib_to_bytes
 
@@ -102,16 +102,19 @@ class LocalScheduler(Scheduler):
 
     async def submit(self, task: Task) -> str:
         spool = self._spool(task.id)
-        spool.mkdir(parents=True, exist_ok=True)
         script = render(self.template, {
             "task_id": quote(task.id),
             "workdir": quote(task.workdir),
             "resources": describe_request(task),
             "run": run_block(task, command_argv(task)),
         })
-        partial = spool / "job.sh.part"
-        partial.write_text(script, encoding="utf-8")
-        partial.replace(spool / "job.sh")
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+            partial = spool / "job.sh.part"
+            partial.write_text(script, encoding="utf-8")
+            partial.replace(spool / "job.sh")
+        except OSError as exc:
+            raise SchedulerUnavailable(f"the local scheduler cannot write the job script: {exc.strerror}") from None
         self._seen.add(task.id)
         return task.id
 

@@ -3,6 +3,7 @@ against the OpenAPI document."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +218,30 @@ async def test_unexpected_errors_are_500_without_trace(aiohttp_client: Any, conf
     response = await client.get("/v1/broken")
     body = await response.text()
     assert response.status == 500 and "secret" not in body and "Traceback" not in body
+
+
+async def test_scheduler_that_cannot_take_the_task_leaves_nothing(client: Any, config: Any) -> None:
+    spool = Path(config.state_dir) / "schedulers" / "local"
+    shutil.rmtree(spool, ignore_errors=True)
+    spool.write_text("a file where the scheduler's folder should be")
+    status, doc, _ = await call(client, "POST", "/v1/jobproxy/submit",
+                                data=json.dumps({"user": "a", "cmd": "true"}), headers=JSON)
+    assert status == 503 and "cannot write the job script" in doc["error"]
+    _, listed, _ = await call(client, "GET", "/v1/jobproxy/state")
+    assert listed["state"] == []
+    assert list(Path(config.task_root).iterdir()) == []
+
+
+async def test_task_recorded_but_never_submitted_is_recovered(aiohttp_client: Any, config: Any) -> None:
+    """A crash between recording a task and handing it to the scheduler: the next start submits it."""
+    from gateway.model import Task
+    from gateway.store import Store
+
+    store = Store(config.store_path)
+    workdir = Path(config.task_root).resolve() / "orphan"
+    workdir.mkdir(parents=True)
+    store.add(Task.from_document({"user": "a", "cmd": "echo recovered"}, "orphan", str(workdir)), "local")
+    store.close()
+    client = await aiohttp_client(create_app(config))
+    state = await wait_state(client, "orphan", final)
+    assert state["code"] == "COMPLETE" and Path(state["stdout"]).read_text() == "recovered\n"
