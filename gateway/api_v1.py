@@ -20,12 +20,6 @@ from .store import Record
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-NO_CONTAINER_RUNTIME = (
-    "$.container: this gateway has no container runtime configured, so it cannot run a task in a "
-    "container; submit the task without `container`, or ask the site to configure a runtime"
-)
-
-
 @routes.post("/v1/jobproxy/submit")
 async def submit(request: web.Request) -> web.Response:
     body = await request.read()
@@ -39,10 +33,8 @@ async def submit(request: web.Request) -> web.Response:
     config, store, scheduler = request.app[CONFIG], request.app[STORE], request.app[SCHEDULER]
     task_id = new_task_id()
     task = Task.from_document(document, task_id, str(Path(config.task_root).resolve() / task_id))
-    if task.container is not None:
-        raise ApiError(400, NO_CONTAINER_RUNTIME, [{"path": "$.container", "message": "no container runtime configured"}])
     try:
-        scheduler.admit(task)
+        scheduler.admit_task(task)
     except TaskRefused as exc:
         raise ApiError(400, str(exc)) from None
     try:
@@ -102,6 +94,8 @@ async def delete(request: web.Request) -> web.Response:
         try:
             if not record.state.terminal:
                 await scheduler.cancel(job)
+                if record.task.container is not None and scheduler.runtime is not None:
+                    await scheduler.runtime.stop(record.task)
             await scheduler.release(job)
         except SchedulerError as exc:
             raise ApiError(503, f"could not stop task {record.id}: {exc}", headers={"Retry-After": "30"}) from None

@@ -30,6 +30,7 @@ class Config:
     scheduler: str = "local"
     poll_interval: float = 1.0
     scheduler_options: dict[str, Any] = field(default_factory=dict)
+    container: dict[str, Any] | None = None
     log_level: str = "INFO"
     source: str = "built-in defaults"
 
@@ -70,6 +71,7 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
         "scheduler": scheduler.get("type", "local"),
         "poll_interval": float(scheduler.get("poll_interval", 1.0)),
         "scheduler_options": scheduler.get("options", {}),
+        "container": scheduler.get("container"),
         "log_level": document.get("log", {}).get("level", "INFO"),
         "source": source,
     }

@@ -1,40 +1,57 @@
-"""Scheduler plugins, found through the entry-point group `jobproxy.schedulers`."""
+"""Plugins, found through entry points: scheduler plugins in `jobproxy.schedulers`, container
+runtimes in `jobproxy.containers`. The built-in ones are registered the same way as third-party
+ones; the site config chooses one of each by name and gives its options."""
 from __future__ import annotations
 
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
 from schedulers.base import Scheduler, SchedulerError
+from schedulers.containers import ContainerRuntime
 
 from .config import Config, ConfigError
 from .validation import SchemaValidator, summary
 
-GROUP = "jobproxy.schedulers"
+SCHEDULERS = "jobproxy.schedulers"
+CONTAINERS = "jobproxy.containers"
+P = TypeVar("P")
 
 
-def installed() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+def installed(group: str) -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=group))
 
 
-def scheduler_class(name: str) -> type[Scheduler]:
-    found = installed()
+def plugin_class(group: str, name: str, base: type[P], where: str) -> type[P]:
+    """The class registered as `name` in `group`; a ConfigError naming the installed ones if none."""
+    found = {ep.name: ep for ep in entry_points(group=group)}
     if name not in found:
-        names = ", ".join(sorted(found)) or "none"
-        raise ConfigError(f"$.scheduler.type: no scheduler plugin named {name!r} is installed (installed: {names})")
-    cls = found[name].load()  # type: ignore[attr-defined]
-    if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
-        raise ConfigError(f"$.scheduler.type: the plugin {name!r} is not a jobproxy Scheduler")
+        raise ConfigError(f"{where}: no {group.rsplit('.', 1)[1][:-1]} plugin named {name!r} is installed "
+                          f"(installed: {', '.join(installed(group)) or 'none'})")
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{where}: the plugin {name!r} is not a {base.__name__}")
     return cls
 
 
-def create_scheduler(config: Config) -> Scheduler:
-    """Instantiate the configured scheduler, its options checked against its own schema."""
-    cls = scheduler_class(config.scheduler)
-    problems = SchemaValidator(cls.options_schema).problems(config.scheduler_options)
+def _check_options(schema: dict[str, Any], options: Mapping[str, Any], where: str, source: str) -> None:
+    problems = SchemaValidator(schema).problems(dict(options))
     if problems:
-        first = summary(problems).replace("$", "$.scheduler.options", 1)
-        raise ConfigError(f"{config.source}: {first}")
+        raise ConfigError(f"{source}: {summary(problems).replace('$', where, 1)}")
+
+
+def create_scheduler(config: Config) -> Scheduler:
+    """Instantiate the configured scheduler (and container runtime), options checked against their
+    own schemas."""
+    cls = plugin_class(SCHEDULERS, config.scheduler, Scheduler, f"{config.source}: $.scheduler.type")
+    _check_options(cls.options_schema, config.scheduler_options, "$.scheduler.options", config.source)
     try:
-        return cls(config.scheduler, config.scheduler_options, Path(config.state_dir) / "schedulers" / config.scheduler)
+        scheduler = cls(config.scheduler, config.scheduler_options, Path(config.state_dir) / "schedulers" / config.scheduler)
     except (SchedulerError, ValueError, OSError) as exc:
         raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None
+    if config.container is not None:
+        runtime = plugin_class(CONTAINERS, config.container["runtime"], ContainerRuntime,
+                               f"{config.source}: $.scheduler.container.runtime")
+        _check_options(runtime.options_schema, config.container, "$.scheduler.container", config.source)
+        scheduler.runtime = runtime(config.container)
+    return scheduler

@@ -23,9 +23,19 @@ import abc
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 from gateway.model import Task, TaskState
+
+from .script import Command, command_argv
+
+if TYPE_CHECKING:
+    from .containers import ContainerRuntime
+
+NO_CONTAINER_RUNTIME = (
+    "$.container: this gateway has no container runtime configured, so it cannot run a task in a "
+    "container; submit the task without `container`, or ask the site to configure a runtime"
+)
 
 
 class SchedulerError(Exception):
@@ -74,6 +84,25 @@ class Scheduler(abc.ABC):
         self.name = name
         self.options = dict(options)
         self.state_dir = state_dir
+        #: The container runtime the site enabled for this scheduler, set by the gateway.
+        self.runtime: ContainerRuntime | None = None
+
+    def admit_task(self, task: Task) -> None:
+        """The gateway's admission check: the container policy, then the plugin's own `admit`."""
+        if task.container is not None:
+            if self.runtime is None:
+                raise TaskRefused(NO_CONTAINER_RUNTIME)
+            self.runtime.admit(task)
+        self.admit(task)
+
+    def job_command(self, task: Task) -> Command:
+        """What the job script runs: the task's command, inside its container if it has one."""
+        argv = command_argv(task)
+        if task.container is None:
+            return Command(argv)
+        if self.runtime is None:
+            raise TaskRefused(NO_CONTAINER_RUNTIME)
+        return self.runtime.job_command(task, argv)
 
     async def start(self) -> None:
         """Prepare for work (check commands, open sessions). Raise SchedulerError to stop start-up."""

@@ -26,7 +26,7 @@ from gateway.model import Task, TaskState
 
 from . import cgroups, launch, outcome, proc
 from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from .script import EXIT_FILE, check_template, command_argv, describe_request, load_template, quote, render, run_block
+from .script import EXIT_FILE, check_template, describe_request, load_template, quote, render, run_block
 from .units import mib_to_bytes
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class LocalScheduler(Scheduler):
             "task_id": quote(task.id),
             "workdir": quote(task.workdir),
             "resources": describe_request(task),
-            "run": run_block(task, command_argv(task)),
+            "run": run_block(task, self.job_command(task)),
         })
         try:
             spool.mkdir(parents=True, exist_ok=True)

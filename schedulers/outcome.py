@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import signal
 from datetime import datetime
+from pathlib import Path
 
 from gateway.model import Task, TaskState
 
 from .base import JobStatus
+from .script import OOM_FILE
 
 
 def memory_exceeded(task: Task) -> str:
@@ -28,8 +30,10 @@ def signal_name(number: int) -> str:
 def from_exit_code(task: Task, code: int, *, oom: bool = False, finished: datetime | None = None) -> JobStatus:
     """The final status of a job script that exited with `code` (128+N: its command got signal N).
 
-    `oom` says the memory limit killed a process of the job.
+    `oom` says the memory limit killed a process of the job; so does an OOM_FILE the job script
+    left in the task's folder.
     """
+    oom = oom or (Path(task.workdir) / OOM_FILE).exists()
     if code == 0:
         return JobStatus(TaskState.COMPLETE, "exit code 0", 0, finished=finished)
     if oom:

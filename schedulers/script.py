@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,6 +21,8 @@ from gateway.model import Task
 from .units import cpu_rlimit
 
 EXIT_FILE = "exit_code"
+#: Created by a job script (e.g. after a container's OOM kill) to say the memory limit killed it.
+OOM_FILE = "oom_killed"
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")
 
 
@@ -45,8 +48,20 @@ def command_argv(task: Task) -> list[str]:
     return list(task.cmd)
 
 
-def run_block(task: Task, argv: Sequence[str]) -> str:
+@dataclass(frozen=True)
+class Command:
+    """What a job script runs: an argv, and optionally what stops it from outside (run when the job
+    gets SIGTERM) and bash lines to run after it ended (e.g. to mark an OOM kill in OOM_FILE)."""
+
+    argv: Sequence[str]
+    on_stop: Sequence[str] | None = None
+    after: Sequence[str] = field(default_factory=tuple)
+
+
+def run_block(task: Task, command: Command | Sequence[str]) -> str:
     """The common body of every job script (see the module docstring)."""
+    if not isinstance(command, Command):
+        command = Command(command)
     lines = [
         f"export JOBPROXY_TASK_ID={quote(task.id)}",
         f"cd {quote(task.workdir)} || exit 1",
@@ -54,10 +69,20 @@ def run_block(task: Task, argv: Sequence[str]) -> str:
     if task.cputime:
         soft, hard = cpu_rlimit(task.cputime)
         lines.append(f"ulimit -S -t {soft} && ulimit -H -t {hard} || exit 1")
+    if command.on_stop:
+        stop = quote_argv(command.on_stop) + ' >/dev/null 2>&1; kill -TERM "$jobproxy_child" 2>/dev/null'
+        lines += [
+            f"{quote_argv(command.argv)} &",
+            "jobproxy_child=$!",
+            f"trap {quote(stop)} TERM INT HUP",
+            'wait "$jobproxy_child"; jobproxy_status=$?',
+            'while kill -0 "$jobproxy_child" 2>/dev/null; do wait "$jobproxy_child"; jobproxy_status=$?; done',
+        ]
+    else:
+        lines += [quote_argv(command.argv), "jobproxy_status=$?"]
     done = exit_file(task)
     lines += [
-        quote_argv(argv),
-        "jobproxy_status=$?",
+        *command.after,
         f"printf '%s\\n' \"$jobproxy_status\" > {quote(done + '.part')} && mv -f {quote(done + '.part')} {quote(done)}",
         'exit "$jobproxy_status"',
     ]

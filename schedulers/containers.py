@@ -1,0 +1,209 @@
+"""Container runtimes: how a task's `container` becomes the command its job script runs.
+
+A runtime is a small plugin (entry-point group `jobproxy.containers`), independent of the
+scheduler: local, Slurm and DRMAA job scripts alike run the argv it builds, with the task's
+command appended as separate arguments (a string `cmd` through `/bin/sh -c` inside the image).
+The admin enables one per scheduler instance in `[scheduler.container]`, with the site's policy:
+which images may run (`allowed_images`, shell-style patterns) and which host folders may be
+mounted (`allowed_mounts`; `..` and symlinks are resolved before the check).
+
+- docker / podman: a named container (`jobproxy-<task id>`), removed when it ends; volumes,
+  ports, `--cpus`, `--memory` (no extra swap) and a CPU-time ulimit inside the container. The job
+  script stops and removes the container when the job is told to stop, and marks an OOM kill.
+- singularity / apptainer: `exec --cleanenv --bind host:container[:ro] IMAGE CMD`; limits come
+  from the job script and scheduler around it; no port mapping, so a task with ports is refused.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import fnmatch
+import logging
+import os
+import re
+from typing import Any, ClassVar, Mapping
+
+from gateway.model import Task
+
+from .base import TaskRefused
+from .script import Command, OOM_FILE, quote, quote_argv
+from .units import cpu_rlimit
+
+log = logging.getLogger(__name__)
+
+# A Docker image reference: [registry[:port]/]path[:tag][@digest], lower-case path components.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOCKER_REF = re.compile(
+    rf"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
+)
+
+COMMON_OPTIONS: dict[str, Any] = {
+    "runtime": {"enum": ["docker", "podman", "singularity", "apptainer"]},
+    "command": {"type": "string", "minLength": 1, "description": "the runtime's executable (default: its name)"},
+    "allowed_images": {"type": "array", "items": {"type": "string", "minLength": 1}, "default": ["*"]},
+    "allowed_mounts": {"type": "array", "items": {"type": "string", "pattern": "^/"}, "default": [],
+                       "description": "host folders under which volumes may lie; none by default"},
+    "extra_args": {"type": "array", "items": {"type": "string"}, "default": []},
+}
+
+
+class ContainerRuntime(abc.ABC):
+    """Base of the runtimes: policy checks and the command line."""
+
+    name: ClassVar[str]
+    options_schema: ClassVar[dict[str, Any]]
+    supports_ports: ClassVar[bool] = True
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
+        self.command = str(self.options.get("command", self.name))
+        self.allowed_images = list(self.options.get("allowed_images", ["*"]))
+        self.allowed_mounts = [os.path.realpath(p) for p in self.options.get("allowed_mounts", [])]
+        self.extra_args = list(self.options.get("extra_args", []))
+
+    def admit(self, task: Task) -> None:
+        """Refuse (400) what the site's policy or this runtime does not allow."""
+        container = task.container
+        assert container is not None
+        self.check_image(container.image)
+        if not any(fnmatch.fnmatchcase(container.image, p) for p in self.allowed_images):
+            raise TaskRefused(f"$.container.image: the image {container.image!r} is not allowed here "
+                              f"(allowed: {', '.join(self.allowed_images) or 'none'})")
+        if container.ports and not self.supports_ports:
+            raise TaskRefused(f"$.container.ports: {self.name} has no port mapping; submit the task without ports")
+        for index, mount in enumerate(container.volumes):
+            where = f"$.container.volumes[{index}]"
+            for field, path in (("host", mount.host), ("container", mount.container)):
+                if any(c in path for c in ":,"):
+                    raise TaskRefused(f"{where}.{field}: {path!r} must not contain ':' or ','")
+            real = os.path.realpath(mount.host)
+            if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.allowed_mounts):
+                roots = ", ".join(self.allowed_mounts) or "none: this site allows no volumes"
+                raise TaskRefused(f"{where}.host: {mount.host!r} is outside the folders that may be mounted ({roots})")
+
+    def check_image(self, image: str) -> None:
+        """Refuse image names this runtime cannot use."""
+
+    def name_of(self, task: Task) -> str:
+        return f"jobproxy-{task.id}"
+
+    @abc.abstractmethod
+    def job_command(self, task: Task, argv: list[str]) -> Command:
+        """What the job script runs for `task`, whose own command is `argv` (maybe empty)."""
+
+    def stop_argv(self, task: Task) -> list[str] | None:
+        """A command that stops the task's container from outside the job, if there is one."""
+        return None
+
+    async def stop(self, task: Task) -> None:
+        """Stop the task's container from the gateway's host (after its job was cancelled)."""
+        argv = self.stop_argv(task)
+        if not argv:
+            return
+        try:
+            process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                           stderr=asyncio.subprocess.DEVNULL)
+            await asyncio.wait_for(process.wait(), 30)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("task %s: could not run %s: %s", task.id, argv[0], exc)
+
+
+class DockerRuntime(ContainerRuntime):
+    """Docker, or any runtime with Docker's command line."""
+
+    name = "docker"
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            **COMMON_OPTIONS,
+            "host": {"type": "string", "minLength": 1, "description": "the engine's address (docker -H)"},
+            "pull": {"enum": ["always", "missing", "never"], "default": "missing"},
+            "publish_address": {"type": "string", "default": "", "description": "host address ports are published on"},
+        },
+    }
+
+    def check_image(self, image: str) -> None:
+        if not _DOCKER_REF.fullmatch(image) or len(image) > 255:
+            raise TaskRefused(f"$.container.image: {image!r} is not a valid image reference "
+                              "(lower-case [registry/]name[:tag][@sha256:digest])")
+
+    def _cli(self) -> list[str]:
+        host = self.options.get("host")
+        return [self.command, *(["-H", host] if host else [])]
+
+    def job_command(self, task: Task, argv: list[str]) -> Command:
+        container = task.container
+        assert container is not None
+        name = self.name_of(task)
+        run = [*self._cli(), "run", "--name", name, f"--pull={self.options.get('pull', 'missing')}",
+               "--label", f"jobproxy.task={task.id}"]
+        if task.cores:
+            run += ["--cpus", str(task.cores)]
+        if task.memory:
+            run += ["--memory", f"{task.memory}m", "--memory-swap", f"{task.memory}m"]
+        if task.cputime:
+            soft, hard = cpu_rlimit(task.cputime)
+            run += ["--ulimit", f"cpu={soft}:{hard}"]
+        for mount in container.volumes:
+            run += ["--volume", f"{mount.host}:{mount.container}" + (":ro" if mount.read_only else "")]
+        address = self.options.get("publish_address", "")
+        for port in container.ports:
+            run += ["--publish", f"{address + ':' if address else ''}{port.host}:{port.container}"]
+        run += [*self.extra_args, container.image, *argv]
+        inspect = quote_argv([*self._cli(), "inspect", "--format", "{{.State.OOMKilled}}", name])
+        return Command(
+            argv=run,
+            on_stop=self.stop_argv(task),
+            after=[f'[ "$({inspect} 2>/dev/null)" = true ] && : > {quote(f"{task.workdir}/{OOM_FILE}")}',
+                   quote_argv([*self._cli(), "rm", "--force", name]) + " >/dev/null 2>&1"],
+        )
+
+    def stop_argv(self, task: Task) -> list[str]:
+        return [*self._cli(), "rm", "--force", self.name_of(task)]
+
+
+class PodmanRuntime(DockerRuntime):
+    name = "podman"
+
+
+class SingularityRuntime(ContainerRuntime):
+    """Singularity, or Apptainer (the same command line)."""
+
+    name = "singularity"
+    supports_ports = False
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            **COMMON_OPTIONS,
+            "image_rules": {
+                "type": "array",
+                "description": "first match wins: requested images matching `match` run from `image`",
+                "items": {"type": "object", "additionalProperties": False, "required": ["match", "image"],
+                          "properties": {"match": {"type": "string"}, "image": {"type": "string", "minLength": 1}}},
+                "default": [],
+            },
+        },
+    }
+
+    def image_for(self, image: str) -> str:
+        """The image argument for `exec`: the admin's rule, a path or URI as is, else docker://."""
+        for rule in self.options.get("image_rules", []):
+            if fnmatch.fnmatchcase(image, rule["match"]):
+                return str(rule["image"])
+        if image.startswith("/") or "://" in image:
+            return image
+        return f"docker://{image}"
+
+    def job_command(self, task: Task, argv: list[str]) -> Command:
+        container = task.container
+        assert container is not None
+        run = [self.command, "exec" if argv else "run", "--cleanenv"]
+        for mount in container.volumes:
+            run += ["--bind", f"{mount.host}:{mount.container}" + (":ro" if mount.read_only else "")]
+        return Command(argv=[*run, *self.extra_args, self.image_for(container.image), *argv])
+
+
+class ApptainerRuntime(SingularityRuntime):
+    name = "apptainer"
