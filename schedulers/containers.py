@@ -31,10 +31,11 @@ from .units import cpu_rlimit
 
 log = logging.getLogger(__name__)
 
-# A Docker image reference: [registry[:port]/]path[:tag][@digest], lower-case path components.
+# A Docker image reference: [registry[:port]/]path[:tag][@digest], lower-case path components; the
+# first component names a registry only if it has a dot or a port, or is localhost (as in Docker).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOCKER_REF = re.compile(
-    rf"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
+    rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
 )
 
 COMMON_OPTIONS: dict[str, Any] = {

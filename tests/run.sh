@@ -19,6 +19,12 @@ fi
 log "installing JobProxy and its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# Tools the container tests use: bubblewrap and busybox for the Apptainer stand-in.
+if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && ! { command -v bwrap && command -v busybox; } >/dev/null; then
+    log "installing bubblewrap and busybox-static"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static >/dev/null
+fi
+
 started=()
 stop_clusters() {
     [ "${JOBPROXY_KEEP_CLUSTERS:-0}" = 1 ] && return
