@@ -1,0 +1,531 @@
+#!/usr/bin/env bash
+# Single-node Slurm development cluster for JobProxy's tests and CI.
+#
+# Usage: etc/dev/slurm.sh start|stop|status|env
+#
+#   start   Install the Debian packages if missing, make sure munged runs, write a
+#           private configuration and start slurmctld + slurmd, then wait until the
+#           node is idle and a trivial `srun true` has completed. Idempotent: does
+#           nothing if the cluster is already up and healthy.
+#   stop    Stop slurmd and slurmctld (no error if they are not running). munged is
+#           left running on purpose: it is a machine-wide service others may share.
+#           Jobs still running keep running (slurmstepd survives) and are picked up
+#           again by the next `start`.
+#   status  Exit 0 if both daemons run and the node accepts work, non-zero otherwise.
+#   env     Print `export SLURM_CONF=...` for `eval "$(etc/dev/slurm.sh env)"`.
+#
+# Everything lives under ${JOBPROXY_DEV_ROOT:-/tmp/jobproxy-dev}/slurm (config,
+# state, spool, logs, pid files); /etc/slurm is never written. Environment knobs:
+#   JOBPROXY_DEV_ROOT          state root parent (default /tmp/jobproxy-dev)
+#   JOBPROXY_SLURM_CGROUP      auto (default) | v1 | none: memory/core enforcement
+#                              through cgroup v1, or the no-cgroup fallback
+#   JOBPROXY_SLURM_TIMEOUT     seconds to wait for the cluster to come up (default 60)
+#
+# Needs root (installs packages, runs the daemons as root). Written for Debian 12
+# (Slurm 22.05) without systemd; see shared/notes/platform.md for the background.
+set -euo pipefail
+
+readonly DEV_ROOT="${JOBPROXY_DEV_ROOT:-/tmp/jobproxy-dev}"
+readonly ROOT="$DEV_ROOT/slurm"
+readonly CONF="$ROOT/slurm.conf"
+readonly CGROUP_CONF="$ROOT/cgroup.conf"
+readonly STATE_DIR="$ROOT/state"      # slurmctld StateSaveLocation
+readonly SPOOL_DIR="$ROOT/spool"      # slurmd SlurmdSpoolDir (holds unix sockets)
+readonly LOG_DIR="$ROOT/log"
+readonly RUN_DIR="$ROOT/run"
+readonly FAKE_CGROUP_DIR="$ROOT/no-cgroup"   # fallback CgroupMountpoint
+readonly CTLD_PID="$RUN_DIR/slurmctld.pid"
+readonly SLURMD_PID="$RUN_DIR/slurmd.pid"
+readonly LOCK_FILE="$ROOT/.lock"
+readonly CGROUP_MODE="${JOBPROXY_SLURM_CGROUP:-auto}"
+readonly TIMEOUT="${JOBPROXY_SLURM_TIMEOUT:-60}"
+readonly PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client)
+readonly MUNGE_KEY=/etc/munge/munge.key
+NODE=$(hostname -s)
+readonly NODE
+
+export SLURM_CONF="$CONF"
+
+log() { printf 'slurm.sh: %s\n' "$*" >&2; }
+
+die() {
+    log "ERROR: $*"
+    exit 1
+}
+
+# Print the last lines of the daemons' logs (for failure diagnosis).
+dump_logs() {
+    local f
+    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" \
+        "$LOG_DIR/slurmctld.out" "$LOG_DIR/slurmd.out"; do
+        [[ -s $f ]] || continue
+        printf '\n----- tail of %s -----\n' "$f" >&2
+        tail -n 30 "$f" >&2 || true
+    done
+}
+
+fail() {
+    log "ERROR: $*"
+    dump_logs
+    exit 1
+}
+
+# ---------------------------------------------------------------- processes
+
+# proc_alive PID NAME: true if PID runs (not a zombie) and its command is NAME.
+# PID 1 here reaps slowly, so `kill -0` alone would report dead daemons as alive.
+proc_alive() {
+    local pid=$1 name=$2 stat rest comm
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    { read -r stat <"/proc/$pid/stat" && read -r comm <"/proc/$pid/comm"; } 2>/dev/null \
+        || return 1
+    rest=${stat##*) }                 # fields after "pid (comm) "
+    [[ ${rest%% *} != [ZX] ]] || return 1
+    [[ $comm == "$name" ]]
+}
+
+# ours PID NAME: PID is NAME started by this script with this root (`NAME -f $CONF`).
+ours() {
+    local -a argv
+    proc_alive "$1" "$2" || return 1
+    mapfile -d '' -t argv 2>/dev/null <"/proc/$1/cmdline" || return 1
+    [[ ${argv[*]} == "$2 -f $CONF" ]]
+}
+
+# daemon_pid NAME PIDFILE: print the pid of our running daemon, fail if none. The
+# pid file is the quick way; the command line is the fallback when the pid file is
+# gone (state root wiped underneath a running cluster).
+daemon_pid() {
+    local name=$1 file=$2 pid d
+    if { read -r pid <"$file"; } 2>/dev/null && ours "$pid" "$name"; then
+        printf '%s\n' "$pid"
+        return 0
+    fi
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        if ours "$pid" "$name"; then
+            printf '%s\n' "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# other_pids NAME: pids of all live processes called NAME (used after stopping ours,
+# to report daemons started by someone else, e.g. with another state root).
+other_pids() {
+    local name=$1 d pid
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        if proc_alive "$pid" "$name"; then printf '%s ' "$pid"; fi
+    done
+}
+
+# stop_daemon NAME PIDFILE: SIGTERM, wait up to 20 s, then SIGKILL.
+stop_daemon() {
+    local name=$1 file=$2 pid i
+    if ! pid=$(daemon_pid "$name" "$file"); then
+        rm -f "$file"
+        return 0
+    fi
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 200; i++)); do
+        proc_alive "$pid" "$name" || break
+        sleep 0.1
+    done
+    if proc_alive "$pid" "$name"; then
+        log "$name did not stop within 20 s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            proc_alive "$pid" "$name" || break
+            sleep 0.1
+        done
+    fi
+    proc_alive "$pid" "$name" && die "could not stop $name (pid $pid)"
+    rm -f "$file"
+}
+
+# spawn OUTFILE CMD...: run a daemon's launcher with stdin from /dev/null, output
+# appended to OUTFILE and every other inherited file descriptor closed. A daemon that
+# inherited our lock fd would hold the lock forever, one that inherited a caller's
+# pipe would keep that caller (e.g. subprocess.run(capture_output=True)) waiting.
+spawn() {
+    local out=$1 fd
+    shift
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if ((fd > 2)); then exec {fd}>&- 2>/dev/null || true; fi
+        done
+        exec "$@" </dev/null >>"$out" 2>&1
+    )
+}
+
+# ---------------------------------------------------------------- packages
+
+packages_missing() {
+    local p missing=()
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
+            || missing+=("$p")
+    done
+    printf '%s\n' "${missing[@]}"
+}
+
+# apt_retry CMD...: run an apt command, retrying while another apt/dpkg holds the lock
+# (the Grid Engine dev script may be installing at the same time).
+apt_retry() {
+    local i
+    for ((i = 1; i <= 5; i++)); do
+        if "$@"; then return 0; fi
+        log "'$*' failed (attempt $i/5), retrying in 5 s"
+        sleep 5
+    done
+    return 1
+}
+
+ensure_packages() {
+    local missing created_policy=0
+    missing=$(packages_missing)
+    [[ -n $missing ]] || return 0
+    [[ $EUID -eq 0 ]] || die "packages missing (${missing//$'\n'/ }) and not root"
+    log "installing: ${missing//$'\n'/ }"
+    # Keep maintainer scripts from starting munged/slurmd/slurmctld with the system
+    # config: a policy-rc.d that refuses every action (only if there is none yet).
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\n# temporary, from JobProxy etc/dev/slurm.sh\nexit 101\n' \
+            >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    local -a apt_opts=(-q -y -o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold)
+    local rc=0
+    apt_retry apt-get "${apt_opts[@]}" update >"$LOG_DIR/apt.log" 2>&1 || rc=$?
+    if ((rc == 0)); then
+        # shellcheck disable=SC2086  # word splitting of the package list is intended
+        DEBIAN_FRONTEND=noninteractive apt_retry apt-get "${apt_opts[@]}" \
+            --no-install-recommends install ${missing} >>"$LOG_DIR/apt.log" 2>&1 || rc=$?
+    fi
+    if ((created_policy)); then rm -f /usr/sbin/policy-rc.d; fi
+    if ((rc != 0)); then
+        tail -n 30 "$LOG_DIR/apt.log" >&2
+        die "apt-get failed (full log: $LOG_DIR/apt.log)"
+    fi
+    missing=$(packages_missing)
+    [[ -z $missing ]] || die "still missing after install: ${missing//$'\n'/ }"
+}
+
+# ---------------------------------------------------------------- munge
+
+munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+ensure_munge() {
+    if [[ ! -s $MUNGE_KEY ]]; then
+        log "creating $MUNGE_KEY"
+        install -d -o munge -g munge -m 0700 /etc/munge
+        (umask 077 && dd if=/dev/urandom of="$MUNGE_KEY" bs=1024 count=1 status=none)
+        chown munge:munge "$MUNGE_KEY"
+        chmod 0400 "$MUNGE_KEY"
+    fi
+    munge_ok && return 0
+    log "starting munged"
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
+    # A stale pid file or socket from an unclean stop makes munged refuse to start.
+    local pid
+    if [[ -r /run/munge/munged.pid ]] && read -r pid </run/munge/munged.pid \
+        && ! proc_alive "$pid" munged; then
+        rm -f /run/munge/munged.pid /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
+    fi
+    spawn "$LOG_DIR/munged.out" runuser -u munge -- /usr/sbin/munged \
+        || die "munged failed to start: $(tail -n 5 "$LOG_DIR/munged.out")"
+    local i
+    for ((i = 0; i < 50; i++)); do
+        munge_ok && return 0
+        sleep 0.1
+    done
+    die "munged does not answer (munge -n | unmunge fails)"
+}
+
+# ---------------------------------------------------------------- configuration
+
+# can_use_cgroup_v1: the v1 hierarchies Slurm's cgroup plugins need are mounted and
+# we may create (and remove) a child cgroup in each.
+can_use_cgroup_v1() {
+    local c probe
+    for c in memory cpuset freezer; do
+        [[ $(stat -f -c %T "/sys/fs/cgroup/$c" 2>/dev/null) == cgroupfs ]] || return 1
+        probe="/sys/fs/cgroup/$c/jobproxy-probe-$$"
+        mkdir "$probe" 2>/dev/null || return 1
+        rmdir "$probe" 2>/dev/null || return 1
+    done
+    return 0
+}
+
+# Decide the enforcement mode: prints "v1" or "none".
+cgroup_mode() {
+    case $CGROUP_MODE in
+        v1 | none) printf '%s\n' "$CGROUP_MODE" ;;
+        auto) if can_use_cgroup_v1; then echo v1; else echo none; fi ;;
+        *) die "JOBPROXY_SLURM_CGROUP must be auto, v1 or none (got '$CGROUP_MODE')" ;;
+    esac
+}
+
+# node_line: NodeName=... with the machine's real CPU layout and memory.
+node_line() {
+    local hw cpus mem_mb field out=()
+    # `slurmd -C` prints the hardware as a slurm.conf node line (and an UpTime line).
+    hw=$(slurmd -C 2>/dev/null | head -n 1) || true
+    if [[ $hw != NodeName=* ]]; then
+        cpus=$(nproc)
+        hw="NodeName=$NODE CPUs=$cpus"
+    fi
+    for field in $hw; do
+        case $field in
+            NodeName=* | RealMemory=*) ;;
+            *) out+=("$field") ;;
+        esac
+    done
+    mem_mb=$(awk '/^MemTotal:/ { print int($2 / 1024) }' /proc/meminfo)
+    # Leave headroom for the OS and daemons: 5%, at least 512 MiB.
+    local headroom=$((mem_mb / 20 > 512 ? mem_mb / 20 : 512))
+    ((mem_mb - headroom >= 512)) || headroom=0
+    printf 'NodeName=%s NodeAddr=127.0.0.1 NodeHostname=%s %s RealMemory=%d State=UNKNOWN\n' \
+        "$NODE" "$NODE" "${out[*]}" "$((mem_mb - headroom))"
+}
+
+write_config() {
+    local mode=$1 tmp
+    tmp=$(mktemp "$ROOT/.slurm.conf.XXXXXX")
+    {
+        cat <<EOF
+# Generated by JobProxy etc/dev/slurm.sh — rewritten on every start; do not edit.
+ClusterName=jobproxy-dev
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Default ports; Grid Engine uses 6444/6445.
+SlurmctldPort=6817
+SlurmdPort=6818
+StateSaveLocation=$STATE_DIR
+SlurmdSpoolDir=$SPOOL_DIR
+SlurmctldPidFile=$CTLD_PID
+SlurmdPidFile=$SLURMD_PID
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+MpiDefault=none
+ReturnToService=2
+# Scheduling: start jobs at once, reject impossible requests at submit time.
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1024
+EnforcePartLimits=ALL
+# Finished jobs stay visible to scontrol/squeue for an hour.
+MinJobAge=3600
+KillWait=5
+InactiveLimit=0
+Waittime=0
+JobRequeue=0
+# No slurmdbd: no accounting database; completed jobs go to a text file.
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$LOG_DIR/jobcomp.txt
+JobAcctGatherType=jobacct_gather/linux
+EOF
+        if [[ $mode == v1 ]]; then
+            cat <<EOF
+# Enforcement through cgroup v1 (see cgroup.conf).
+ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup,task/affinity
+JobAcctGatherFrequency=task=5
+EOF
+        else
+            cat <<EOF
+# No usable cgroups: memory is enforced by polling (OverMemoryKill), cores by affinity.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/affinity
+JobAcctGatherParams=OverMemoryKill
+JobAcctGatherFrequency=task=1
+EOF
+        fi
+        node_line
+        echo "PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP"
+    } >"$tmp"
+    chmod 0644 "$tmp"
+    mv -f "$tmp" "$CONF"
+
+    tmp=$(mktemp "$ROOT/.cgroup.conf.XXXXXX")
+    if [[ $mode == v1 ]]; then
+        cat >"$tmp" <<EOF
+# Generated by JobProxy etc/dev/slurm.sh.
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+CgroupAutomount=no
+ConstrainCores=yes
+ConstrainRAMSpace=yes
+AllowedRAMSpace=100
+ConstrainSwapSpace=no
+ConstrainDevices=no
+EOF
+    else
+        # slurmd 22.05 loads a cgroup plugin even when no cgroup plugin is configured;
+        # an empty mount point with an empty systemd/ folder satisfies cgroup/v1.
+        mkdir -p "$FAKE_CGROUP_DIR/systemd"
+        cat >"$tmp" <<EOF
+# Generated by JobProxy etc/dev/slurm.sh (no usable cgroups: placeholder only).
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=$FAKE_CGROUP_DIR
+CgroupAutomount=no
+EOF
+    fi
+    chmod 0644 "$tmp"
+    mv -f "$tmp" "$CGROUP_CONF"
+}
+
+# ---------------------------------------------------------------- health
+
+ctld_up() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
+
+# node_state: print the node's State= value, e.g. IDLE, MIXED, IDLE+DRAIN, DOWN*.
+node_state() {
+    local line
+    line=$(timeout 10 scontrol -o show node "$NODE" 2>/dev/null) || return 1
+    [[ $line =~ (^|\ )State=([^ ]+) ]] || return 1
+    printf '%s\n' "${BASH_REMATCH[2]}"
+}
+
+# node_usable: the node is registered and can run jobs.
+node_usable() {
+    local state
+    state=$(node_state) || return 1
+    [[ $state =~ ^(IDLE|MIXED|ALLOCATED|COMPLETING) ]] || return 1
+    [[ ! $state =~ DRAIN|DOWN|FAIL|NOT_RESPONDING|POWER|INVAL|\* ]]
+}
+
+# config_mode: the enforcement mode of the config written last (v1 or none).
+config_mode() {
+    if grep -q '^ProctrackType=proctrack/cgroup' "$CONF" 2>/dev/null; then echo v1; else echo none; fi
+}
+
+healthy() {
+    [[ -r $CONF ]] || return 1
+    daemon_pid slurmctld "$CTLD_PID" >/dev/null || return 1
+    daemon_pid slurmd "$SLURMD_PID" >/dev/null || return 1
+    ctld_up && node_usable
+}
+
+# wait_for SECONDS WHAT CMD...: poll CMD every 0.2 s until it succeeds.
+wait_for() {
+    local secs=$1 what=$2 deadline
+    shift 2
+    deadline=$((SECONDS + secs))
+    until "$@"; do
+        ((SECONDS < deadline)) || fail "timed out after ${secs} s waiting for $what"
+        sleep 0.2
+    done
+}
+
+# ---------------------------------------------------------------- commands
+
+# Serialise start/stop (parallel test workers may call us at once). Daemons are
+# started through spawn() so that they do not inherit the lock's fd 9.
+take_lock() {
+    exec 9>"$LOCK_FILE"
+    flock -w 120 9 || die "another slurm.sh holds $LOCK_FILE"
+}
+
+cmd_start() {
+    [[ $EUID -eq 0 ]] || die "must run as root"
+    mkdir -p "$ROOT"
+    take_lock
+    local t0=$SECONDS mode others
+    mode=$(cgroup_mode)
+    if healthy; then
+        if [[ $(config_mode) == "$mode" ]]; then
+            log "already running (node $NODE $(node_state))"
+            return 0
+        fi
+        log "running with enforcement '$(config_mode)', '$mode' wanted: restarting"
+    fi
+    install -d -m 0755 "$STATE_DIR" "$SPOOL_DIR" "$LOG_DIR" "$RUN_DIR"
+    # slurmd keeps a unix socket per job step in its spool dir: keep the path short.
+    ((${#SPOOL_DIR} <= 70)) || die "JOBPROXY_DEV_ROOT is too long for unix socket paths: $SPOOL_DIR"
+
+    ensure_packages
+    ensure_munge
+
+    # Something half-up (one daemon died, node drained by a crash...): restart both.
+    # Running jobs survive this, their slurmstepd processes are independent.
+    stop_daemon slurmd "$SLURMD_PID"
+    stop_daemon slurmctld "$CTLD_PID"
+    others="$(other_pids slurmctld)$(other_pids slurmd)"
+    [[ -z $others ]] || die "Slurm daemons not started from $ROOT are running (pids: $others); stop them first"
+
+    write_config "$mode"
+    log "config $CONF (enforcement: $([[ $mode == v1 ]] && echo cgroup v1 || echo 'no cgroups, OverMemoryKill'))"
+
+    spawn "$LOG_DIR/slurmctld.out" slurmctld -f "$CONF" \
+        || fail "slurmctld failed to start"
+    wait_for "$TIMEOUT" "slurmctld to answer" ctld_up
+    spawn "$LOG_DIR/slurmd.out" slurmd -f "$CONF" \
+        || fail "slurmd failed to start"
+    # After an unclean stop the saved node state may be DOWN/DRAIN: resume it once.
+    local deadline=$((SECONDS + TIMEOUT)) resumed=0 state
+    until node_usable; do
+        ((SECONDS < deadline)) || fail "timed out waiting for node $NODE (state: $(node_state || echo '?'))"
+        daemon_pid slurmd "$SLURMD_PID" >/dev/null || fail "slurmd exited"
+        daemon_pid slurmctld "$CTLD_PID" >/dev/null || fail "slurmctld exited"
+        state=$(node_state || true)
+        if ((!resumed)) && [[ $state =~ DRAIN|DOWN ]] && [[ ! $state =~ \* ]]; then
+            log "node state $state: resuming"
+            timeout 10 scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
+            resumed=1
+        fi
+        sleep 0.2
+    done
+
+    # Smoke test: a real job step through slurmd/slurmstepd. A smoke allocation that
+    # a killed slurmctld never saw end would hold a core until its 1-minute limit.
+    timeout 10 scancel --quiet --name=jobproxy-dev-smoke >/dev/null 2>&1 || true
+    timeout "$TIMEOUT" srun --quiet --job-name=jobproxy-dev-smoke --time=1 --mem=64 \
+        --ntasks=1 --chdir=/ true </dev/null >"$LOG_DIR/smoke.out" 2>&1 9>&- \
+        || { cat "$LOG_DIR/smoke.out" >&2; fail "smoke test 'srun true' failed"; }
+    log "up in $((SECONDS - t0)) s: node $NODE $(node_state); eval \"\$($0 env)\" to use it"
+}
+
+cmd_stop() {
+    mkdir -p "$ROOT"
+    take_lock
+    stop_daemon slurmd "$SLURMD_PID"
+    stop_daemon slurmctld "$CTLD_PID"
+    log "stopped (munged left running)"
+}
+
+cmd_status() {
+    if healthy; then
+        printf 'slurm: up, node %s %s, SLURM_CONF=%s\n' "$NODE" "$(node_state)" "$CONF"
+        return 0
+    fi
+    printf 'slurm: down or unusable (SLURM_CONF=%s)\n' "$CONF"
+    return 1
+}
+
+cmd_env() { printf 'export SLURM_CONF=%q\n' "$CONF"; }
+
+case "${1:-}" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    env) cmd_env ;;
+    *)
+        printf 'usage: %s start|stop|status|env\n' "$0" >&2
+        exit 2
+        ;;
+esac
