@@ -137,7 +137,8 @@ class DockerRuntime(ContainerRuntime):
         container = task.container
         assert container is not None
         name = self.name_of(task)
-        run = [*self._cli(), "run", "--name", name, f"--pull={self.options.get('pull', 'missing')}",
+        # --init: a small init as PID 1 forwards signals and reaps, so the container stops promptly
+        run = [*self._cli(), "run", "--name", name, "--init", f"--pull={self.options.get('pull', 'missing')}",
                "--label", f"jobproxy.task={task.id}"]
         if task.cores:
             run += ["--cpus", str(task.cores)]

@@ -34,7 +34,7 @@ def test_docker_command_line(tmp_path: Path) -> None:
     runtime.admit(task)
     command = runtime.job_command(task, script.command_argv(task))
     assert list(command.argv) == [
-        "docker", "-H", "unix:///run/d.sock", "run", "--name", "jobproxy-t1", "--pull=never", "--label", "jobproxy.task=t1",
+        "docker", "-H", "unix:///run/d.sock", "run", "--name", "jobproxy-t1", "--init", "--pull=never", "--label", "jobproxy.task=t1",
         "--cpus", "2", "--memory", "300m", "--memory-swap", "300m", "--ulimit", "cpu=60:65",
         "--volume", f"{tmp_path}:/in:ro", "--volume", f"{tmp_path}:/out", "--publish", "127.0.0.1:8080:80",
         "registry.example:5000/lab/tool:1.2", "printf", "%s", "a b"]
