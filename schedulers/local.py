@@ -162,7 +162,7 @@ class LocalScheduler(Scheduler):
         task_id, spool = job.task_id, self._spool(job.task_id)
         if (spool / "cancelled").exists():
             self._finish(task_id)
-            return JobStatus(TaskState.CANCELED, "deleted", finished=_mtime(spool / "cancelled"))
+            return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=_mtime(spool / "cancelled"))
         exit_path = Path(job.task.workdir) / EXIT_FILE
         slot = self._slots.get(task_id) or self._read_pidfile(task_id)
         if exit_path.exists():

@@ -11,6 +11,10 @@ from .base import JobStatus
 from .script import OOM_FILE
 
 
+#: The description of a task stopped through the API.
+CANCELED_ON_REQUEST = "canceled on request"
+
+
 def memory_exceeded(task: Task) -> str:
     limit = f"{task.memory} MiB" if task.memory else "its memory limit"
     return f"killed: memory limit of {limit} exceeded"
