@@ -6,7 +6,7 @@ from multidict import MultiDictProxy
 
 import schemas
 
-from . import codec, service
+from . import auth, codec, service
 from .keys import CONFIG, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import TaskState
 from .responses import ApiError, answer
@@ -25,6 +25,7 @@ async def submit(request: web.Request) -> web.Response:
     problems = request.app[TASK_VALIDATOR].problems(document)
     if problems:
         raise ApiError(400, f"invalid task: {len(problems)} problem(s)", [p.as_dict() for p in problems])
+    auth.identity(request).submitter(document["user"])
     task = service.new_task(request.app, document)
     await service.accept(request.app, task)
     return answer(request, {"id": task.id}, xml_root="task", text=task.id)
@@ -42,7 +43,10 @@ async def states(request: web.Request) -> web.Response:
                 raise ApiError(400, f"state: unknown state {name!r}; one of " + ", ".join(TaskState.__members__),
                                [{"path": "state", "message": f"unknown state {name!r}"}])
             wanted.append(TaskState[name])
-    records = request.app[STORE].page(user=query.get("user"), states=wanted, after=after, limit=size + 1)
+    caller, user = auth.identity(request), query.get("user")
+    if not caller.admin:
+        user = caller.user  # users see only their own tasks
+    records = request.app[STORE].page(user=user, states=wanted, after=after, limit=size + 1)
     body: dict[str, object] = {"state": [r.as_state() for r in records[:size]]}
     if len(records) > size:
         body["next_page_token"] = str(records[size - 1].seq)
@@ -74,7 +78,7 @@ async def openapi(request: web.Request) -> web.Response:
 def _record(request: web.Request) -> Record:
     task_id = request.match_info["id"]
     record = request.app[STORE].get(task_id)
-    if record is None:
+    if record is None or not auth.identity(request).may_see(record.task.user):
         raise ApiError(404, f"no task with id {task_id!r}")
     return record
 

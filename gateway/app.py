@@ -8,7 +8,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, plugins, responses
+from . import api_v1, auth, plugins, responses
 from .config import Config
 from .keys import CONFIG, POLLER, SCHEDULER, STORE, TASK_VALIDATOR
 from .poller import Poller
@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 def create_app(config: Config) -> web.Application:
     """Build the gateway for `config`. The scheduler plugin is created (and its options checked)
     here, so a configuration mistake stops the start before anything listens."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[responses.errors])
+    authenticator = auth.Authenticator(config.tokens) if config.auth_enabled else None
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[responses.errors, auth.middleware(authenticator)])
     app[CONFIG] = config
     app[SCHEDULER] = plugins.create_scheduler(config)
     app[TASK_VALIDATOR] = SchemaValidator.named("task")

@@ -5,6 +5,7 @@ listening on 127.0.0.1:8080. Relative paths in a file are taken relative to that
 """
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ class Config:
     scheduler_options: dict[str, Any] = field(default_factory=dict)
     container: dict[str, Any] | None = None
     log_level: str = "INFO"
+    auth_enabled: bool = False
+    tokens: tuple[dict[str, Any], ...] = ()
+    allow_remote_without_auth: bool = False
     source: str = "built-in defaults"
 
 
@@ -73,9 +77,26 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
         "scheduler_options": scheduler.get("options", {}),
         "container": scheduler.get("container"),
         "log_level": document.get("log", {}).get("level", "INFO"),
+        "auth_enabled": document.get("auth", {}).get("enabled", False),
+        "tokens": tuple(document.get("auth", {}).get("tokens", ())),
+        "allow_remote_without_auth": gateway.get("allow_remote_without_auth", False),
         "source": source,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values["auth_enabled"] and not values["allow_remote_without_auth"] and not _loopback(values["host"]):
+        raise ConfigError(
+            f"{source}: refusing to listen on {values['host']} with auth off: anyone who reaches it could run "
+            "commands. Turn auth on ([auth] enabled = true), listen on 127.0.0.1, or set "
+            "[gateway] allow_remote_without_auth = true")
     if values["page_size"] > values["max_page_size"]:
         raise ConfigError(f"{source}: $.gateway.page_size ({values['page_size']}) exceeds max_page_size ({values['max_page_size']})")
     return Config(**values)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
