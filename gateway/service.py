@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from aiohttp import web
 
@@ -27,8 +27,11 @@ def new_task(app: web.Application, document: dict[str, Any]) -> Task:
     return Task.from_document(document, task_id, str(Path(app[CONFIG].task_root).resolve() / task_id))
 
 
-async def accept(app: web.Application, task: Task) -> None:
-    """Admit `task`, record it, hand it to the scheduler. On refusal nothing is kept (400 / 503)."""
+async def accept(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None = None) -> None:
+    """Admit `task`, record it, hand it to the scheduler. On refusal nothing is kept (400 / 503).
+
+    `files` (relative path -> content) are written into the task's folder before the job starts.
+    """
     store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
     try:
         scheduler.admit_task(task)
@@ -36,7 +39,12 @@ async def accept(app: web.Application, task: Task) -> None:
         raise ApiError(400, str(exc)) from None
     try:
         Path(task.workdir).mkdir(mode=0o700, parents=True)
+        for relative, content in (files or {}).items():
+            target = Path(task.workdir) / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content.encode() if isinstance(content, str) else content)
     except OSError as exc:
+        shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}", headers=RETRY) from None
     store.add(task, scheduler.name)
