@@ -4,11 +4,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, plugins, responses
+from . import api_tes, api_v1, auth, plugins, responses
 from .config import Config
 from .keys import CONFIG, POLLER, SCHEDULER, STORE, TASK_VALIDATOR
 from .poller import Poller
@@ -28,14 +29,26 @@ def create_app(config: Config) -> web.Application:
     app[SCHEDULER] = plugins.create_scheduler(config)
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
+    app.add_routes(api_tes.routes)
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+def _prepare_task_root(config: Config) -> None:
+    """Create the task root. When jobs run as their users, they must be able to pass through it
+    (and the state folder above it) to reach their own task folder: mode o+x, never o+r."""
+    root = Path(config.task_root)
+    root.mkdir(parents=True, exist_ok=True)
+    if config.run_as.get("enabled"):
+        for folder in (root, *(p for p in root.parents if p == Path(config.state_dir) or Path(config.state_dir) in p.parents)):
+            folder.chmod(folder.stat().st_mode | 0o111)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, scheduler = app[CONFIG], app[SCHEDULER]
     store = Store(config.store_path)
     app[STORE] = store
+    _prepare_task_root(config)
     await scheduler.start()
     poller = Poller(store, scheduler, config.poll_interval)
     app[POLLER] = poller

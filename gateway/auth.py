@@ -88,11 +88,11 @@ class Authenticator:
         return None
 
 
-IDENTITY_KEY = "jobproxy.identity"
+IDENTITY_KEY = web.RequestKey("identity", Identity)
 
 
 def identity(request: web.Request) -> Identity:
-    return request.get(IDENTITY_KEY, ANYONE)  # type: ignore[no-any-return]
+    return request.get(IDENTITY_KEY, ANYONE)
 
 
 def middleware(authenticator: Authenticator | None) -> Callable[..., Awaitable[web.StreamResponse]]:

@@ -21,6 +21,10 @@ TEXT = "text/plain"
 XML_TYPES = ("application/xml", "text/xml")
 
 
+#: How deeply a request body may nest objects and lists (a task needs 5 levels).
+MAX_DEPTH = 32
+
+
 class DecodeError(ValueError):
     """A body that could not be read; `status` is 400 or 415."""
 
@@ -50,9 +54,24 @@ def _decode_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise DecodeError(f"body is not UTF-8: byte {exc.start} cannot be decoded") from None
     try:
-        return json.loads(text)
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DecodeError(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise DecodeError(f"body nests deeper than {MAX_DEPTH} levels") from None
+    _check_depth(document)
+    return document
+
+
+def _check_depth(document: Any) -> None:
+    """Refuse bodies that nest objects/lists deeper than MAX_DEPTH (cheap, iterative)."""
+    level: list[Any] = [document]
+    for _ in range(MAX_DEPTH + 1):
+        level = [child for item in level
+                 for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())]
+        if not level:
+            return
+    raise DecodeError(f"body nests deeper than {MAX_DEPTH} levels")
 
 
 def _decode_xml(body: bytes, schema: Mapping[str, Any]) -> Any:
@@ -62,6 +81,7 @@ def _decode_xml(body: bytes, schema: Mapping[str, Any]) -> Any:
         parsed = xmltodict.parse(body, disable_entities=True)
     except ExpatError as exc:
         raise DecodeError(f"body is not valid XML: {exc}") from None
+    _check_depth(parsed)
     root_name = schema.get("xml", {}).get("name")
     (name, content), = parsed.items()
     if root_name and name != root_name:

@@ -6,6 +6,8 @@ listening on 127.0.0.1:8080. Relative paths in a file are taken relative to that
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,13 @@ class Config:
     auth_enabled: bool = False
     tokens: tuple[dict[str, Any], ...] = ()
     allow_remote_without_auth: bool = False
+    http: bool = True
+    https: dict[str, Any] | None = None
+    umask: int = 0o077
+    limits: dict[str, int] = field(default_factory=dict)
+    run_as: dict[str, Any] = field(default_factory=dict)
+    path_roots: tuple[str, ...] | None = None
+    tes: dict[str, Any] = field(default_factory=dict)
     source: str = "built-in defaults"
 
 
@@ -80,6 +89,13 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
         "auth_enabled": document.get("auth", {}).get("enabled", False),
         "tokens": tuple(document.get("auth", {}).get("tokens", ())),
         "allow_remote_without_auth": gateway.get("allow_remote_without_auth", False),
+        "http": gateway.get("http", True),
+        "https": _https(gateway.get("https"), base),
+        "umask": int(gateway.get("umask", "077"), 8),
+        "limits": document.get("limits", {}),
+        "run_as": document.get("run_as", {}),
+        "path_roots": tuple(document["paths"]["roots"]) if "roots" in document.get("paths", {}) else None,
+        "tes": document.get("tes", {}),
         "source": source,
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -90,7 +106,32 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
             "[gateway] allow_remote_without_auth = true")
     if values["page_size"] > values["max_page_size"]:
         raise ConfigError(f"{source}: $.gateway.page_size ({values['page_size']}) exceeds max_page_size ({values['max_page_size']})")
+    if values["run_as"].get("enabled") and os.geteuid() != 0:
+        raise ConfigError(f"{source}: $.run_as.enabled: running jobs as their users needs the gateway to run as root")
+    if not values["http"] and not values["https"]:
+        raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] must be configured")
+    _check_tes(values["tes"], values["container"], source)
     return Config(**values)
+
+
+def _https(table: dict[str, Any] | None, base: Path) -> dict[str, Any] | None:
+    """The [gateway.https] table with its file paths made absolute."""
+    if table is None:
+        return None
+    return {key: (str(base / value) if key != "port" else value) for key, value in table.items()}
+
+
+def _check_tes(tes: dict[str, Any], container: dict[str, Any] | None, source: str) -> None:
+    """[tes] images: each rule either runs on the host (bubblewrap must be installed) or names a
+    local image (a container runtime must be configured)."""
+    for index, rule in enumerate(tes.get("images", [])):
+        where = f"{source}: $.tes.images[{index}]"
+        if ("run" in rule) == ("image" in rule):
+            raise ConfigError(f"{where}: give exactly one of run = \"host\" or image = \"...\"")
+        if "run" in rule and shutil.which("bwrap") is None:
+            raise ConfigError(f"{where}: running images on the host needs bubblewrap (bwrap), which is not installed")
+        if "image" in rule and container is None:
+            raise ConfigError(f"{where}: image rules need a container runtime ([scheduler.container])")
 
 
 def _loopback(host: str) -> bool:

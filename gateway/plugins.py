@@ -45,10 +45,14 @@ def create_scheduler(config: Config) -> Scheduler:
     own schemas."""
     cls = plugin_class(SCHEDULERS, config.scheduler, Scheduler, f"{config.source}: $.scheduler.type")
     _check_options(cls.options_schema, config.scheduler_options, "$.scheduler.options", config.source)
+    if config.run_as.get("enabled") and not cls.supports_run_as:
+        raise ConfigError(f"{config.source}: $.run_as.enabled: the {config.scheduler} scheduler cannot run "
+                          "jobs as their users; turn run_as off or choose another scheduler")
     try:
         scheduler = cls(config.scheduler, config.scheduler_options, Path(config.state_dir) / "schedulers" / config.scheduler)
     except (SchedulerError, ValueError, OSError) as exc:
         raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None
+    scheduler.run_as_user = bool(config.run_as.get("enabled"))
     if config.container is not None:
         runtime = plugin_class(CONTAINERS, config.container["runtime"], ContainerRuntime,
                                f"{config.source}: $.scheduler.container.runtime")

@@ -3,6 +3,8 @@ parse, authorise and answer; they call these for the work."""
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,6 +14,7 @@ from aiohttp import web
 from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable
 from schedulers.outcome import CANCELED_ON_REQUEST
 
+from . import policy
 from .keys import CONFIG, POLLER, SCHEDULER, STORE
 from .model import Task, TaskState, new_task_id, now
 from .responses import ApiError
@@ -33,6 +36,7 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     `files` (relative path -> content) are written into the task's folder before the job starts.
     """
     store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
+    policy.check(app[CONFIG], task)
     try:
         scheduler.admit_task(task)
     except SchedulerError as exc:
@@ -43,6 +47,8 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
             target = Path(task.workdir) / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
+        if scheduler.run_as_user:
+            _give_to(task.user, Path(task.workdir))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
@@ -62,6 +68,13 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     store.set_native_id(task.id, native_id)
     poller.wake()
     log.info("task %s submitted for %s as %s job %s", task.id, task.user, scheduler.name, native_id)
+
+
+def _give_to(user: str, folder: Path) -> None:
+    """Make the task's folder and what it holds belong to the user the job runs as."""
+    entry = pwd.getpwnam(user)
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
 async def cancel(app: web.Application, record: Record) -> None:

@@ -163,17 +163,39 @@ class Store:
         states: Sequence[TaskState] = (),
         after: int = 0,
         limit: int = 1000,
+        newest_first: bool = False,
+        before: int | None = None,
+        spec_prefix: tuple[str, str] | None = None,
+        spec_entries: Sequence[tuple[str, str, str | None]] = (),
     ) -> list[Record]:
-        """Tasks in submission order, after the cursor `after` (a `seq`), at most `limit`."""
+        """Tasks in submission order, after the cursor `after` (a `seq`), at most `limit`.
+
+        `newest_first` reverses the order; `before` (a `seq`) is then the cursor. Filters on the
+        task's stored spec (JSON paths such as `$.extra.tes.name`): `spec_prefix = (path, prefix)`
+        keeps tasks whose string at `path` starts with `prefix` (case-sensitive); each
+        `(path, key, value)` of `spec_entries` keeps tasks whose object at `path` has `key`, with
+        that `value` unless it is None.
+        """
         sql = ["SELECT * FROM tasks WHERE seq > ?"]
         args: list[object] = [after]
+        if before is not None:
+            sql.append("AND seq < ?")
+            args.append(before)
         if user is not None:
             sql.append("AND user = ?")
             args.append(user)
         if states:
             sql.append(f"AND state IN ({','.join('?' * len(states))})")
             args.extend(s.value for s in states)
-        sql.append("ORDER BY seq LIMIT ?")
+        if spec_prefix is not None:
+            path, prefix = spec_prefix
+            sql.append("AND substr(json_extract(spec, ?), 1, ?) = ?")
+            args.extend([path, len(prefix), prefix])
+        for path, key, value in spec_entries:
+            sql.append("AND EXISTS (SELECT 1 FROM json_each(spec, ?) AS e WHERE e.key = ?"
+                       + (" AND e.type = 'text' AND e.value = ?)" if value is not None else ")"))
+            args.extend([path, key] + ([value] if value is not None else []))
+        sql.append(f"ORDER BY seq {'DESC' if newest_first else ''} LIMIT ?")
         args.append(limit)
         return [_record(r) for r in self._db.execute(" ".join(sql), args)]
 

@@ -78,6 +78,8 @@ class Scheduler(abc.ABC):
 
     #: JSON Schema of the `[scheduler.options]` table this plugin takes.
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
+    #: Whether the plugin can run each job as the task's Unix user (`[run_as] enabled`).
+    supports_run_as: ClassVar[bool] = False
 
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
         """`name` is the instance name recorded with each task; `state_dir` is the plugin's own."""
@@ -86,6 +88,8 @@ class Scheduler(abc.ABC):
         self.state_dir = state_dir
         #: The container runtime the site enabled for this scheduler, set by the gateway.
         self.runtime: ContainerRuntime | None = None
+        #: Run each job as the Unix user named by `task.user` (set by the gateway, if enabled).
+        self.run_as_user = False
 
     def admit_task(self, task: Task) -> None:
         """The gateway's admission check: the container policy, then the plugin's own `admit`."""

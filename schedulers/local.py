@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def _machine_memory_mib() -> int:
 
 class LocalScheduler(Scheduler):
     """Runs each task as a local process tree with its cores, memory and CPU time enforced."""
+
+    supports_run_as = True
 
     options_schema = {
         "type": "object",
@@ -147,7 +150,7 @@ class LocalScheduler(Scheduler):
     async def release(self, job: JobRef) -> None:
         self._finish(job.task_id)
         spool = self._spool(job.task_id)
-        for name in ("job.sh", "pid", "cancelled", "job.sh.part", "pid.part"):
+        for name in ("job.sh", "pid", "cancelled", "job.sh.part", "pid.part", "launch.log"):
             (spool / name).unlink(missing_ok=True)
         if spool.is_dir():
             spool.rmdir()
@@ -186,10 +189,8 @@ class LocalScheduler(Scheduler):
         self._finish(task_id)
         if oom:
             return JobStatus(TaskState.EXECUTOR_ERROR, outcome.memory_exceeded(job.task), finished=_mtime(spool / "pid"))
-        code = child.returncode if child is not None else None
-        return JobStatus(TaskState.SYSTEM_ERROR,
-                         f"the job ended without recording an exit status (launcher status {code}); see its stderr",
-                         code)
+        reason = _tail(spool / "launch.log") or "it was killed, or ended without recording an exit status"
+        return JobStatus(TaskState.SYSTEM_ERROR, f"the job did not finish normally: {reason}")
 
     def _try_start(self, job: JobRef) -> JobStatus:
         task = job.task
@@ -223,10 +224,15 @@ class LocalScheduler(Scheduler):
             how.append(f"RLIMIT_AS {task.memory} MiB")
         if task.cputime:
             how.append(f"RLIMIT_CPU {task.cputime} s")
-        argv += ["--", "/bin/bash", str(spool / "job.sh")]
-        Path(task.workdir).mkdir(parents=True, exist_ok=True)
-        with open(task.stdout, "wb") as out, open(task.stderr, "wb") as err:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+        env = dict(os.environ)
+        if self.run_as_user:
+            argv += ["--user", task.user]
+            how.append(f"as user {task.user}")
+            env = _clean_environment(task.user)
+        env["JOBPROXY_TASK_ID"] = task.id
+        argv += ["--stdout", task.stdout, "--stderr", task.stderr, "--script", str(spool / "job.sh")]
+        with open(spool / "launch.log", "wb") as launch_log:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=launch_log, stderr=launch_log, env=env,
                                      cwd=task.workdir, start_new_session=True, close_fds=True)
         slot = _Slot(child.pid, proc.start_time(child.pid), cpus, task.memory or 0)
         self._children[task.id] = child
@@ -246,19 +252,14 @@ class LocalScheduler(Scheduler):
 
     def _adopt(self, jobs: Sequence[JobRef]) -> None:
         """Once per task and process: a job spawned just before a crash, whose pid was never
-        recorded, is found by its script path and its pid file written."""
+        recorded, is found by the task id in its environment and its pid file written."""
         self._seen.update(job.task_id for job in jobs)
-        lost = {str(self._spool(j.task_id) / "job.sh").encode(): j for j in jobs
-                if not (self._spool(j.task_id) / "pid").exists()}
-        if not lost:
-            return
-        for entry in Path("/proc").iterdir():
-            try:
-                job = lost.get(next((a for a in (entry / "cmdline").read_bytes().split(b"\0") if a in lost), b""))
-            except OSError:
-                continue
-            if job is not None:
-                pid = int(entry.name)
+        lost = [job for job in jobs if not (self._spool(job.task_id) / "pid").exists()]
+        running = _task_processes() if lost else {}
+        for job in lost:
+            leaders = [pid for pid in running.get(job.task_id, ()) if pid == _pgid(pid)]
+            if leaders:
+                pid = leaders[0]
                 log.warning("task %s: found its job running as pid %d", job.task_id, pid)
                 (self._spool(job.task_id) / "pid").write_text(f"{pid} {proc.start_time(pid)} - {job.task.memory or 0}\n")
 
@@ -303,18 +304,45 @@ class LocalScheduler(Scheduler):
         log.warning("task %s: processes %s survived SIGKILL", task_id, sorted(stragglers))
 
 
-def _processes_of(task_id: str) -> set[int]:
-    """Live processes whose environment carries JOBPROXY_TASK_ID=task_id, wherever their session."""
-    marker = f"JOBPROXY_TASK_ID={task_id}".encode()
-    found = set()
+def _task_processes() -> dict[str, set[int]]:
+    """Live processes by the JOBPROXY_TASK_ID in their environment, wherever their session."""
+    found: dict[str, set[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0") and proc.alive(int(entry.name), None):
-                    found.add(int(entry.name))
-            except OSError:
-                continue
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"JOBPROXY_TASK_ID=") and proc.alive(int(entry.name), None):
+                found.setdefault(item[17:].decode(errors="replace"), set()).add(int(entry.name))
     return found
+
+
+def _processes_of(task_id: str) -> set[int]:
+    return _task_processes().get(task_id, set())
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _clean_environment(user: str) -> dict[str, str]:
+    """The environment of a job run as `user`: nothing of the gateway's, as a login would set."""
+    entry = pwd.getpwnam(user)
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": entry.pw_name,
+            "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh", "LANG": "C.UTF-8"}
+
+
+def _tail(path: Path, limit: int = 500) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[-limit:]
+    except OSError:
+        return ""
 
 
 def _mtime(path: Path) -> datetime | None:

@@ -42,12 +42,13 @@ async def client(aiohttp_client: Callable[..., Awaitable[Any]], config: configur
     return await aiohttp_client(create_app(config))
 
 
-async def wait_state(client: Any, task_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30) -> dict[str, Any]:
+async def wait_state(client: Any, task_id: str, done: Callable[[dict[str, Any]], bool], timeout: float = 30,
+                     headers: dict[str, str] | None = None) -> dict[str, Any]:
     """Poll GET /v1/jobproxy/state/{id} until `done(state)`; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     state: dict[str, Any] = {}
     while time.monotonic() < deadline:
-        response = await client.get(f"/v1/jobproxy/state/{task_id}")
+        response = await client.get(f"/v1/jobproxy/state/{task_id}", headers=headers)
         state = await response.json()
         if response.status == 200 and done(state):
             return state

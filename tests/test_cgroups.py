@@ -76,10 +76,13 @@ def test_real_hierarchy_enforces_memory(tmp_path: Path) -> None:
     procs = found.create(name, memory_bytes=64 * 2**20, cpus=[0])
     try:
         hog = "import time; b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
+        job = tmp_path / "job.sh"
+        job.write_text(f'exec {sys.executable} -c "{hog}"\n')
         launcher = [sys.executable, "-I", str(Path(cgroups.__file__).with_name("launch.py"))]
         args = [arg for p in procs for arg in ("--join", str(p))]
-        result = subprocess.run([*launcher, *args, "--", sys.executable, "-c", hog], capture_output=True, timeout=60)
-        assert result.returncode == -9
+        result = subprocess.run([*launcher, *args, "--stdout", str(tmp_path / "out"), "--stderr", str(tmp_path / "err"),
+                                 "--script", str(job)], capture_output=True, timeout=60)
+        assert result.returncode == -9, (tmp_path / "err").read_text()
         assert found.oom_kills(name) >= 1
     finally:
         found.kill(name)
