@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class Poller:
+    #: Seconds between two rounds at least, however often a submit wakes the poller: many submits
+    #: in a burst then cost one round, not one each.
+    MIN_GAP = 0.1
+
     def __init__(self, store: Store, scheduler: Scheduler, interval: float) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -35,8 +39,9 @@ class Poller:
                 await self.poll_once()
             except Exception:  # the poller must outlive any one bad round
                 log.exception("poller of scheduler %s: round failed", self.scheduler.name)
+            await asyncio.sleep(min(self.MIN_GAP, self.interval))
             try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, self.interval - self.MIN_GAP))
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()

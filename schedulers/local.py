@@ -82,6 +82,7 @@ class LocalScheduler(Scheduler):
         self._slots: dict[str, _Slot] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._seen: set[str] = set()  # tasks whose spool this process has already reconciled
+        self._waiting: set[str] = set()  # queued tasks known not to have started: no files to read
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +120,7 @@ class LocalScheduler(Scheduler):
         except OSError as exc:
             raise SchedulerUnavailable(f"the local scheduler cannot write the job script: {exc.strerror}") from None
         self._seen.add(task.id)
+        self._waiting.add(task.id)
         return task.id
 
     async def find(self, task: Task) -> str | None:
@@ -129,13 +131,15 @@ class LocalScheduler(Scheduler):
         queued: list[JobRef] = []
         self._adopt([job for job in jobs if job.task_id not in self._seen])
         for job in jobs:
-            found = self._inspect(job)
+            found = None if job.task_id in self._waiting else self._inspect(job)
             if found is None:
                 queued.append(job)
             else:
                 answers[job.task_id] = found
         for job in queued:
             answers[job.task_id] = self._try_start(job)
+            if answers[job.task_id].state == TaskState.QUEUED:
+                self._waiting.add(job.task_id)
         return answers
 
     async def cancel(self, job: JobRef) -> None:
@@ -206,6 +210,7 @@ class LocalScheduler(Scheduler):
             self._finish(task.id)
             return JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {exc}")
         self._slots[task.id] = slot
+        self._waiting.discard(task.id)
         return JobStatus(TaskState.RUNNING, f"running as pid {slot.pid} on CPUs {_cpus(slot.cpus)}",
                          started=_mtime(self._spool(task.id) / "pid"))
 
@@ -268,6 +273,7 @@ class LocalScheduler(Scheduler):
 
     def _finish(self, task_id: str) -> None:
         """Free what a job held once it is over."""
+        self._waiting.discard(task_id)
         self._slots.pop(task_id, None)
         child = self._children.pop(task_id, None)
         if child is not None:
