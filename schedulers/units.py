@@ -52,6 +52,21 @@ def whole_minutes(seconds: int) -> int:
     return max(1, math.ceil(seconds / 60))
 
 
+def walltime_for_cputime(cputime: int, factor: float = 2.0) -> int:
+    """Wall-clock seconds to allow a task whose processes may each use `cputime` CPU seconds.
+
+    `factor` times the CPU time leaves room for start-up, I/O and waiting; the grace between the
+    soft and hard CPU-time limits is added, so a busy single-process task meets its CPU-time limit
+    (and is told so) before its wall-clock limit.
+
+    >>> walltime_for_cputime(1), walltime_for_cputime(60), walltime_for_cputime(60, 1), walltime_for_cputime(3, 1.5)
+    (7, 125, 65, 10)
+    """
+    if cputime < 1 or factor < 1:
+        raise ValueError("a CPU-time limit must be at least 1 second, the factor at least 1")
+    return math.ceil(cputime * factor) + CPU_GRACE_SECONDS
+
+
 def hms(seconds: int) -> str:
     """Seconds as H:MM:SS (hours unbounded), the time format of Grid Engine and Slurm.
 

@@ -1,0 +1,305 @@
+"""The Slurm scheduler: each task becomes one Slurm batch job, driven through Slurm's own commands.
+
+- submit: the job script (templates/slurm.sh, or the admin's `template`) carries the task's name,
+  files and limits as `#SBATCH` lines, then the common body (`run_block`: CPU-time ulimit, the
+  command, the exit-code file); `sbatch --parsable` answers the job id. The job name is the task
+  id, so `find` recovers a job by name after a crash; the script also writes its job id to the
+  task's folder, for jobs Slurm has already forgotten.
+- status: one `squeue` call per poll for all active jobs (selected by name, every state). A job
+  squeue no longer lists is resolved from the exit-code file its script wrote, else `scontrol`.
+  Jobs are matched by id *and* name, so a job id Slurm reuses is never taken for ours.
+- cancel: `scancel --name=<task id> <job id>`, which cannot hit another job.
+- `--time`: from the task's `cputime` (× `time_factor`, + the CPU-time grace, in whole minutes,
+  see `units.walltime_for_cputime`), else the admin's `default_time`, else the partition's default.
+
+Every command is an argv list run with a timeout. Slurm's own message reaches the user:
+`TaskRefused` (400) when Slurm says no, `SchedulerUnavailable` (503) when it cannot answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Coroutine, Iterable, Mapping, Sequence
+
+from gateway.model import Task, TaskState
+
+from . import outcome
+from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
+from .script import EXIT_FILE, check_template, describe_request, load_template, placeholders, quote, render, run_block
+from .slurm_parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
+                          parse_scontrol, parse_squeue, parse_submit, squeue_argv, time_limit_minutes, unavailable)
+
+log = logging.getLogger(__name__)
+
+COMMANDS = ("sbatch", "squeue", "scontrol", "scancel")
+PLACEHOLDERS = ("task_id", "workdir", "resources", "directives", "run")
+#: Written by the job script into the task's folder: the job id, for `find` after Slurm forgot it.
+JOB_ID_FILE = "slurm_job_id"
+
+_ONE_LINE = {"type": "string", "minLength": 1, "pattern": "^[^\\u0000-\\u001f\\\\]*$",
+             "x-error": {"pattern": "must be one line without backslashes"}}
+
+
+class _Timeout(SchedulerUnavailable):
+    """A Slurm command did not answer in time (it may still have done its work)."""
+
+
+class SlurmScheduler(Scheduler):
+    """Runs each task as a Slurm batch job with its cores, memory, CPU time and wall time."""
+
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "partition": {**_ONE_LINE, "description": "sbatch --partition (default: Slurm's default partition)"},
+            "account": {**_ONE_LINE, "description": "sbatch --account"},
+            "qos": {**_ONE_LINE, "description": "sbatch --qos"},
+            "extra_directives": {
+                "type": "array", "default": [],
+                "description": "more sbatch options, one per item, each written as an #SBATCH line",
+                "items": {"type": "string", "pattern": "^-[^\\u0000-\\u001f\\\\]*$",
+                          "x-error": {"pattern": "must be one sbatch option starting with '-' (e.g. "
+                                                 "\"--constraint=haswell\"), on one line, without backslashes"}},
+            },
+            "default_time": {"type": "integer", "minimum": 1, "maximum": 31536000000,
+                             "description": "wall-clock limit in seconds of tasks without cputime "
+                                            "(default: the partition's)"},
+            "time_factor": {"type": "number", "minimum": 1, "maximum": 1000, "default": 2,
+                            "description": "with cputime: --time = cputime × time_factor + 5 s, in whole minutes"},
+            "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
+            "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 30,
+                                "description": "seconds a Slurm command may take before Slurm counts as unreachable"},
+            "bin_dir": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
+                        "description": "folder of sbatch, squeue, scontrol and scancel (default: PATH)"},
+        },
+    }
+
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
+        super().__init__(name, options, state_dir)
+        self.partition: str | None = self.options.get("partition")
+        self.account: str | None = self.options.get("account")
+        self.qos: str | None = self.options.get("qos")
+        self.extra: list[str] = list(self.options.get("extra_directives", []))
+        self.default_time: int | None = self.options.get("default_time")
+        self.time_factor = float(self.options.get("time_factor", 2))
+        self.timeout = float(self.options.get("command_timeout", 30))
+        self.bin_dir: str | None = self.options.get("bin_dir")
+        origin = self.options.get("template", "slurm.sh")
+        self.template = load_template("slurm", self.options.get("template"))
+        check_template(self.template, PLACEHOLDERS, origin)
+        lacking = {"directives", "run"} - placeholders(self.template)
+        if lacking:
+            raise ValueError(f"job-script template {origin}: lacks " + ", ".join("{{" + n + "}}" for n in sorted(lacking)))
+        self.commands: dict[str, str] = {}
+        self._unknown_seen: set[tuple[str, str]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        where = self.bin_dir or "PATH"
+        for command in COMMANDS:
+            found = shutil.which(command, path=self.bin_dir or os.environ.get("PATH", os.defpath))
+            if found is None:
+                raise SchedulerError(f"the Slurm command {command!r} was not found in {where}: install Slurm's client "
+                                     "commands (Debian: slurm-client) or set scheduler.options.bin_dir")
+            self.commands[command] = found
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        wall = (f"cputime × {self.time_factor:g} + 5 s" + (f", else {self.default_time} s" if self.default_time
+                                                            else ", else the partition's default"))
+        log.info("slurm scheduler %s: commands from %s; partition %s; --time from %s; CPU time by ulimit in the "
+                 "job script", self.name, where, self.partition or "(Slurm's default)", wall)
+
+    async def close(self) -> None:
+        for pending in list(self._background):
+            pending.cancel()
+
+    # ---- the contract ----
+
+    def admit(self, task: Task) -> None:
+        check_task_paths(task)
+        for path in (task.stdout, task.stderr):
+            parent = Path(path).parent
+            if not parent.is_dir() and not path.startswith(task.workdir + "/"):
+                raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist")
+
+    def job_script(self, task: Task) -> str:
+        """The job script of `task`: the template filled with its directives and the common body."""
+        lines = directives(task, time_minutes=time_limit_minutes(task, self.default_time, self.time_factor),
+                           partition=self.partition, account=self.account, qos=self.qos, extra=self.extra)
+        record = f"printf '%s\\n' \"$SLURM_JOB_ID\" > {quote(f'{task.workdir}/{JOB_ID_FILE}')}"
+        return render(self.template, {
+            "task_id": quote(task.id),
+            "workdir": quote(task.workdir),
+            "resources": describe_request(task),
+            "directives": "\n".join(lines),
+            "run": record + "\n" + run_block(task, self.job_command(task)),
+        })
+
+    async def submit(self, task: Task) -> str:
+        spool = self.state_dir / task.id
+        script = self.job_script(task)
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+            (spool / "job.sh").write_text(script, encoding="utf-8")
+        except OSError as exc:
+            raise SchedulerUnavailable(f"the Slurm scheduler cannot write the job script: {exc.strerror}") from None
+        try:
+            return await self._sbatch(task, spool / "job.sh")
+        except SchedulerError:
+            shutil.rmtree(spool, ignore_errors=True)
+            raise
+
+    async def find(self, task: Task) -> str | None:
+        named = sorted((j.job_id for j in (await self._squeue([task.id])).values() if j.name == task.id), key=int)
+        if len(named) > 1:
+            log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named), named[0])
+        if named:
+            return named[0]
+        try:
+            recorded = (Path(task.workdir) / JOB_ID_FILE).read_text().strip()
+        except OSError:
+            return None
+        return recorded if recorded.isdigit() else None
+
+    async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        if not jobs:
+            return {}
+        listed = await self._squeue(job.task_id for job in jobs)
+        answers: dict[str, JobStatus] = {}
+        for job in jobs:
+            found = listed.get(job.native_id)
+            if found is not None and found.name == job.task_id:
+                answers[job.task_id] = self._status(job, found)
+            else:
+                answers[job.task_id] = await self._unlisted(job)
+        return answers
+
+    async def cancel(self, job: JobRef) -> None:
+        code, out, err = await self._run("scancel", f"--name={job.task_id}", job.native_id)
+        message = error_message(err, out)
+        if code == 0 or no_such_job(message) or "already completing or completed" in message.lower():
+            log.info("task %s: cancelled Slurm job %s", job.task_id, job.native_id)
+            return
+        if unavailable(message):
+            raise SchedulerUnavailable(f"Slurm cannot cancel job {job.native_id} now: {message}")
+        raise SchedulerError(f"Slurm could not cancel job {job.native_id}: {message}")
+
+    async def release(self, job: JobRef) -> None:
+        shutil.rmtree(self.state_dir / job.task_id, ignore_errors=True)
+
+    # ---- inside ----
+
+    async def _sbatch(self, task: Task, script: Path) -> str:
+        try:
+            code, out, err = await self._run("sbatch", "--parsable", str(script))
+        except _Timeout:  # slurmctld may have taken the job all the same: it must not run unseen
+            self._later(self._cancel_by_name(task.id))
+            raise
+        if code != 0:
+            message = error_message(err, out)
+            if unavailable(message):
+                raise SchedulerUnavailable(f"Slurm cannot take the task now: {message}")
+            raise TaskRefused(f"Slurm refused the task: {message}")
+        if err.strip():
+            log.warning("task %s: sbatch said: %s", task.id, err.strip())
+        try:
+            return parse_submit(out)
+        except ValueError as exc:
+            self._later(self._cancel_by_name(task.id))
+            raise SchedulerUnavailable(f"Slurm gave an unexpected answer: {exc}") from None
+
+    def _status(self, job: JobRef, found: SlurmJob) -> JobStatus:
+        state = STATES.get(found.state)
+        recorded = self._recorded(job.task)[0] if state is None or state.terminal else None
+        status = job_status(job.task, found, recorded)
+        if status is not None:
+            return status
+        if (job.task_id, found.state) not in self._unknown_seen:
+            self._unknown_seen.add((job.task_id, found.state))
+            log.warning("task %s: Slurm job %s is in state %s, which JobProxy does not know; reporting UNKNOWN",
+                        job.task_id, found.job_id, found.state)
+        return JobStatus(TaskState.UNKNOWN, f"Slurm job {found.job_id} is in state {found.state}")
+
+    async def _unlisted(self, job: JobRef) -> JobStatus:
+        """A job squeue no longer lists: its exit-code file, else scontrol, else it is lost."""
+        recorded, finished = self._recorded(job.task)
+        if recorded is not None:
+            return outcome.from_exit_code(job.task, recorded, finished=finished)
+        found = await self._scontrol(job.native_id)
+        if found is not None and found.name == job.task_id:
+            return self._status(job, found)
+        return JobStatus(TaskState.SYSTEM_ERROR, f"Slurm no longer knows job {job.native_id}, and the job left no "
+                                                 f"exit code in {job.task.workdir}/{EXIT_FILE}")
+
+    @staticmethod
+    def _recorded(task: Task) -> tuple[int | None, datetime | None]:
+        """The exit code the job script wrote, and when; (None, None) if it wrote none."""
+        path = Path(task.workdir) / EXIT_FILE
+        try:
+            return int(path.read_text().strip()), datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+        except (OSError, ValueError):
+            return None, None
+
+    async def _squeue(self, names: Iterable[str]) -> dict[str, SlurmJob]:
+        argv = squeue_argv(self.commands.get("squeue", "squeue"), names, os.getuid())
+        code, out, err = await self._exec(argv)
+        if code != 0:
+            self._fail("squeue", error_message(err, out))
+        return parse_squeue(out)
+
+    async def _scontrol(self, job_id: str) -> SlurmJob | None:
+        code, out, err = await self._run("scontrol", "--oneliner", "show", "job", job_id)
+        if code != 0:
+            message = error_message(err, out)
+            if no_such_job(message):
+                return None
+            self._fail("scontrol", message)
+        return parse_scontrol(out)
+
+    @staticmethod
+    def _fail(command: str, message: str) -> None:
+        if unavailable(message):
+            raise SchedulerUnavailable(f"Slurm cannot answer now ({command}): {message}")
+        raise SchedulerError(f"{command} failed: {message}")
+
+    async def _cancel_by_name(self, task_id: str) -> None:
+        """Cancel whatever job carries `task_id`, best effort (after a submit whose outcome is unknown)."""
+        try:
+            code, out, err = await self._run("scancel", f"--name={task_id}")
+        except SchedulerError as exc:
+            code, out, err = -1, "", str(exc)
+        if code == 0:
+            log.warning("task %s: its submission failed; cancelled the Slurm job it may have left", task_id)
+        else:
+            log.error("task %s: its submission failed, and the Slurm job it may have left could not be cancelled: %s",
+                      task_id, error_message(err, out))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        pending = asyncio.get_running_loop().create_task(work)
+        self._background.add(pending)
+        pending.add_done_callback(self._background.discard)
+
+    async def _run(self, command: str, *args: str) -> tuple[int, str, str]:
+        return await self._exec([self.commands.get(command, command), *args])
+
+    async def _exec(self, argv: list[str]) -> tuple[int, str, str]:
+        """Run one Slurm command; answer its exit status, stdout and stderr."""
+        name = Path(argv[0]).name
+        try:
+            process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                           stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as exc:
+            raise SchedulerUnavailable(f"cannot run the Slurm command {name}: {exc.strerror}") from None
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), self.timeout)
+        except asyncio.TimeoutError:
+            raise _Timeout(f"Slurm did not answer within {self.timeout:g} s ({name})") from None
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        assert process.returncode is not None
+        return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
