@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -361,3 +364,31 @@ async def test_jobs_squeue_no_longer_lists_are_resolved(cluster: None, tmp_path:
     assert await scheduler.find(never) == "424242"
     assert await scheduler.find(ran) == real.native_id
     await scheduler.close()
+
+
+def test_run_as_user_submits_on_the_users_behalf(gateway_factory: Callable[..., Gateway], wrappers: Wrappers) -> None:
+    """[run_as] on Slurm: sbatch --uid/--gid as root, the job runs as the user with a login environment."""
+    if os.geteuid() != 0:
+        pytest.skip("run_as needs a gateway running as root")
+    name = "jp-test-slurm"
+    subprocess.run(["userdel", "-r", name], capture_output=True)
+    subprocess.run(["useradd", "--create-home", "--uid", "40010", name], check=True)
+    state = Path(tempfile.mkdtemp(prefix="jobproxy-slurm-runas-"))
+    state.chmod(0o755)
+    try:
+        entry = pwd.getpwnam(name)
+        gateway = gateway_factory(f'[gateway]\nstate_dir = "{state}"\n' + config(wrappers) + "[run_as]\nenabled = true\n").start()
+        task_id = gateway.submit({"user": name, "cmd": "id -u; echo $HOME; touch mine"})
+        done = gateway.wait(task_id, timeout=120)
+        assert done["code"] == "COMPLETE", done
+        uid, home = Path(done["stdout"]).read_text().split()
+        assert (int(uid), home) == (entry.pw_uid, entry.pw_dir)
+        assert os.stat(done["stdout"]).st_uid == entry.pw_uid and os.stat(done["stdout"]).st_mode & 0o077 == 0
+        assert os.stat(Path(done["stdout"]).parent / "mine").st_uid == entry.pw_uid
+        assert any(f"--uid={entry.pw_uid}" in args for _, args in wrappers.lines("sbatch"))
+        status, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": "root", "cmd": "id"}).encode(),
+                                          {"Content-Type": "application/json"})
+        assert status == 403 and b"may not run as 'root'" in body
+    finally:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+        shutil.rmtree(state, ignore_errors=True)
