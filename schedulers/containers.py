@@ -96,17 +96,33 @@ class ContainerRuntime(abc.ABC):
         """A command that stops the task's container from outside the job, if there is one."""
         return None
 
-    async def stop(self, task: Task) -> None:
-        """Stop the task's container from the gateway's host (after its job was cancelled)."""
-        argv = self.stop_argv(task)
+    def exists_argv(self, task: Task) -> list[str] | None:
+        """A command that succeeds while the task's container exists, if there is one."""
+        return None
+
+    async def stop(self, task: Task, timeout: float = 30) -> None:
+        """Stop the task's container from the gateway's host (after its job was cancelled), and wait
+        until it is gone: the job script may be removing it at the same moment."""
+        argv, probe = self.stop_argv(task), self.exists_argv(task)
         if not argv:
             return
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
-                                                           stderr=asyncio.subprocess.DEVNULL)
-            await asyncio.wait_for(process.wait(), 30)
+            await _quiet(argv, timeout)
+            while probe and await _quiet(probe, timeout) == 0:
+                if asyncio.get_running_loop().time() > deadline:
+                    log.warning("task %s: its container %s is still there after %s s", task.id, self.name_of(task), timeout)
+                    return
+                await asyncio.sleep(0.2)
+                await _quiet(argv, timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("task %s: could not run %s: %s", task.id, argv[0], exc)
+
+
+async def _quiet(argv: list[str], timeout: float) -> int:
+    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    return await asyncio.wait_for(process.wait(), timeout)
 
 
 class DockerRuntime(ContainerRuntime):
@@ -163,6 +179,9 @@ class DockerRuntime(ContainerRuntime):
 
     def stop_argv(self, task: Task) -> list[str]:
         return [*self._cli(), "rm", "--force", self.name_of(task)]
+
+    def exists_argv(self, task: Task) -> list[str]:
+        return [*self._cli(), "container", "inspect", self.name_of(task)]
 
 
 class PodmanRuntime(DockerRuntime):
