@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, plugins, responses
+from . import api_tes, api_v1, auth, plugins, responses
 from .config import Config
 from .keys import CONFIG, POLLER, SCHEDULER, STORE, TASK_VALIDATOR
 from .poller import Poller
@@ -29,6 +29,7 @@ def create_app(config: Config) -> web.Application:
     app[SCHEDULER] = plugins.create_scheduler(config)
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
+    app.add_routes(api_tes.routes)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -19,10 +19,12 @@ fi
 log "installing JobProxy and its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
-# Tools the container tests use: bubblewrap and busybox for the Apptainer stand-in.
-if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && ! { command -v bwrap && command -v busybox; } >/dev/null; then
-    log "installing bubblewrap and busybox-static"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static >/dev/null
+# Tools the tests use: bubblewrap (the Apptainer stand-in, TES host executors), busybox (their root
+# file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates).
+if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] \
+        && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl; } >/dev/null; then
+    log "installing bubblewrap, busybox-static, rsync and openssl"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync openssl >/dev/null
 fi
 
 started=()

@@ -1,0 +1,187 @@
+"""The GA4GH TES 1.1 API, under /ga4gh/tes/v1 and under /v1 (where clients also look).
+
+`GET /service-info`, `POST /tasks` (answers `{"id"}`), `GET /tasks` (views MINIMAL, the default,
+BASIC and FULL; `page_size` 1..2047, default 256; an opaque `page_token`; filters `name_prefix`,
+`state`, `tag_key`/`tag_value` (paired in order; a key without a value, or with an empty one,
+matches any value); newest first), `GET /tasks/{id}?view=` and `POST /tasks/{id}:cancel` (200,
+also for a task that has already ended). Like every API of the gateway, these only parse,
+authorise and answer: `gateway.tes` builds the task, `gateway.service` accepts and cancels it.
+
+Every task of the store is a TES task too: the list shows the caller's tasks of both APIs. Users
+see their own tasks only (another user's task answers 404, like an unknown one); admins, and
+everyone when auth is off, see all.
+
+`GET /v1/tasks/service-info` answers the older shape (`name`, `doc`, `storage`) that py-tes 0.4,
+the version Snakemake's TES plugin requires, asks for at that path.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from aiohttp import web
+
+from . import auth, codec, service, tes, tes_views
+from .keys import CONFIG, STORE
+from .model import TaskState
+from .responses import ApiError
+from .store import Record
+from .validation import SchemaValidator
+
+PREFIXES = ("/ga4gh/tes/v1", "/v1")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 256, 2047
+VALIDATOR = SchemaValidator.named("tes.task")
+routes = web.RouteTableDef()
+
+
+def _version() -> str:
+    try:
+        return version("jobproxy")
+    except PackageNotFoundError:
+        return "0"
+
+
+def service_info(request: web.Request) -> dict[str, Any]:
+    config = request.app[CONFIG]
+    roots = config.path_roots if config.path_roots is not None else ("/",)
+    body: dict[str, Any] = {
+        "id": "org.jobproxy.tes",
+        "name": "JobProxy",
+        "type": {"group": "org.ga4gh", "artifact": "tes", "version": tes.TES_VERSION},
+        "description": "GA4GH TES in front of HPC batch schedulers",
+        "organization": {"name": "JobProxy", "url": str(request.url.origin())},
+        "version": _version(),
+        "storage": [f"file://{root}" for root in roots],
+        "tesResources_backend_parameters": list(config.tes.get("backend_parameters", ["cputime"])),
+    }
+    body.update(config.tes.get("service_info", {}))
+    return body
+
+
+async def get_service_info(request: web.Request) -> web.Response:
+    return web.json_response(service_info(request))
+
+
+async def get_legacy_service_info(request: web.Request) -> web.Response:
+    info = service_info(request)
+    return web.json_response({"name": info["name"], "doc": info["description"], "storage": info["storage"]})
+
+
+async def create_task(request: web.Request) -> web.Response:
+    kind = codec.media_type(request.headers.get("Content-Type")) or codec.JSON
+    if kind != codec.JSON and not kind.endswith("+json"):
+        raise ApiError(415, f"a TES task is JSON ({codec.JSON}), not {kind}")
+    try:
+        document, _ = codec.decode(await request.read(), codec.JSON, {})
+    except codec.DecodeError as exc:
+        raise ApiError(exc.status, str(exc)) from None
+    problems = VALIDATOR.problems(document)
+    if problems:
+        raise ApiError(400, f"invalid TES task: {len(problems)} problem(s)", [p.as_dict() for p in problems])
+    task, files = tes.to_task(request.app, document, auth.identity(request))
+    try:
+        await service.accept(request.app, task, files=files)
+    except ApiError as err:
+        raise _in_tes_terms(err) from None
+    return web.json_response({"id": task.id})
+
+
+#: Where the fields of a Task (named in the site policy's refusals) came from in a TES request.
+TES_FIELDS = {"$.cores": "$.resources.cpu_cores", "$.memory": "$.resources.ram_gb",
+              "$.cputime": "$.resources.backend_parameters.cputime", "$.user": "$.tags.user"}
+
+
+def _in_tes_terms(err: ApiError) -> ApiError:
+    """A refusal of the task's policy checks, with the paths of the TES request."""
+    message = err.message
+    for field, path in TES_FIELDS.items():
+        if message.startswith(field + ":"):
+            message = path + message[len(field):]
+    details = [{**d, "path": TES_FIELDS.get(d.get("path", ""), d.get("path", ""))} for d in err.details]
+    return ApiError(err.status, message, details, err.headers)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    query = request.query
+    view = _view(request)
+    size = _page_size(query.get("page_size"))
+    before = _decode_token(query["page_token"]) if query.get("page_token") else None
+    states = []
+    if query.get("state"):
+        if query["state"] not in TaskState.__members__:
+            raise tes.refuse("state", f"unknown state {query['state']!r}; one of {', '.join(TaskState.__members__)}")
+        states.append(TaskState[query["state"]])
+    keys, values = query.getall("tag_key", []), query.getall("tag_value", [])
+    if len(values) > len(keys):
+        raise tes.refuse("tag_value", "every tag_value needs a tag_key before it")
+    entries = [("$.extra.tes.request.tags", key, (values[i] or None) if i < len(values) else None)
+               for i, key in enumerate(keys)]
+    caller = auth.identity(request)
+    records = request.app[STORE].page(
+        user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
+        before=before, spec_entries=entries,
+        spec_prefix=("$.extra.tes.request.name", query["name_prefix"]) if query.get("name_prefix") else None)
+    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", tes_views.DEFAULT_TAIL))
+    body: dict[str, Any] = {"tasks": [tes_views.document(r, view, tail) for r in records[:size]]}
+    if len(records) > size:
+        body["next_page_token"] = _encode_token(records[size - 1].seq)
+    return web.json_response(body)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", tes_views.DEFAULT_TAIL))
+    return web.json_response(tes_views.document(_record(request), _view(request), tail))
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    await service.cancel(request.app, _record(request))
+    return web.json_response({})
+
+
+routes.get("/v1/tasks/service-info")(get_legacy_service_info)  # before /v1/tasks/{id}
+for _prefix in PREFIXES:
+    routes.get(f"{_prefix}/service-info")(get_service_info)
+    routes.post(f"{_prefix}/tasks")(create_task)
+    routes.get(f"{_prefix}/tasks")(list_tasks)
+    routes.post(_prefix + "/tasks/{id:[^/:]+}:cancel")(cancel_task)
+    routes.get(_prefix + "/tasks/{id:[^/:]+}")(get_task)
+
+
+def _record(request: web.Request) -> Record:
+    task_id = request.match_info["id"]
+    record = request.app[STORE].get(task_id)
+    if record is None or not auth.identity(request).may_see(record.task.user):
+        raise ApiError(404, f"no task with id {task_id!r}")
+    return record
+
+
+def _view(request: web.Request) -> str:
+    view = request.query.get("view") or "MINIMAL"
+    if view not in tes_views.VIEWS:
+        raise tes.refuse("view", f"must be one of {', '.join(tes_views.VIEWS)}, not {view!r}")
+    return view
+
+
+def _page_size(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_PAGE_SIZE
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
+        raise tes.refuse("page_size", f"must be a whole number from 1 to {MAX_PAGE_SIZE}, not {raw!r}")
+    return int(raw)
+
+
+def _encode_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"tes:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    kind, _, seq = text.partition(":")
+    if kind != "tes" or not seq.isdigit():
+        raise tes.refuse("page_token", "is not a page token this gateway gave out")
+    return int(seq)

@@ -1,0 +1,297 @@
+"""GA4GH TES 1.1 tasks as JobProxy tasks, and back.
+
+A TES task is an ordinary Task: the same store, the same scheduler, the same state vocabulary, so
+it is visible through both APIs. What is TES-only lives in `Task.extra["tes"]` (persisted with the
+task): the request as received (with the owner in `tags["user"]`), notes for `system_logs`, and
+the backend parameters passed on to the scheduler plugin. The task's command runs the steps
+script of `gateway.tes_steps`, written into its folder when it is accepted.
+
+Decisions:
+- Owner: with auth on, the caller (an admin may name another user in `tags["user"]`); with auth
+  off, `tags["user"]` if given, else "anonymous". The owner is always in `tags["user"]`.
+- Resources: `cpu_cores` -> cores; `ram_gb` is decimal gigabytes (10^9 bytes, as the TES spec
+  says), rounded up to whole MiB of memory; `disk_gb`, `preemptible` and `zones` are recorded.
+  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; other keys the
+  admin allows (`[tes] backend_parameters`) are recorded in `extra["tes"]["backend_parameters"]`
+  for the scheduler plugin; other keys answer 400 under `backend_parameters_strict`, else they
+  are ignored with a note in `system_logs`.
+- Images: `[tes] images` rules, first match wins: `run = "host"` runs the executor on the host in
+  a bubblewrap sandbox, `image = "..."` runs it in that local image through the scheduler's
+  container runtime. An image no rule matches answers 400 naming it.
+- Files: `file://` URLs (on the gateway's machine, which shares its file system with the nodes),
+  and URL schemes the admin enables with a command each to get and/or put a file
+  (`[tes] url_schemes`, e.g. `https = {get = ["curl", "-fsSLo", "{path}", "{url}"]}`, run on the
+  node by the steps script); other schemes answer 400. file:// sources must exist when the task is submitted (checked here,
+  so a mistake answers 400 at once); they are copied in by the steps script on the node, not by
+  the gateway, so that a large input never blocks the gateway and staging works the same on
+  every scheduler. With `[paths] roots` set, URLs must lie under the owner's roots.
+- Failures of staging (a missing input or output) make the job exit non-zero, so the task ends
+  EXECUTOR_ERROR in both APIs with the reason in `system_logs`; SYSTEM_ERROR is kept for the
+  gateway or scheduler failing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import unquote, urlsplit
+
+from aiohttp import web
+
+from schedulers.base import SchedulerError
+from schedulers.script import command_argv
+
+from . import service, tes_steps
+from .auth import Identity
+from .keys import CONFIG, SCHEDULER
+from .model import Container, Mount, Task
+from .responses import ApiError
+
+TES_VERSION = "1.1.0"
+DEFAULT_USER = "anonymous"
+OUTPUT_ONLY = ("id", "state", "logs", "creation_time")
+RESERVED = ("/proc", "/dev", "/sys")
+
+
+def refuse(path: str, message: str, status: int = 400) -> ApiError:
+    """A 400 whose one detail carries the JSON path of the mistake."""
+    return ApiError(status, f"{path}: {message}", [{"path": path, "message": message}])
+
+
+def ram_mib(ram_gb: float) -> int:
+    """Decimal gigabytes as whole MiB, rounded up.
+
+    >>> ram_mib(1), ram_mib(0.5), ram_mib(0.000001)
+    (954, 477, 1)
+    """
+    return max(1, math.ceil(ram_gb * 1e9 / 1048576))
+
+
+def owner(caller: Identity, tags: Mapping[str, str]) -> str:
+    """Who a new TES task belongs to (see the module docstring)."""
+    requested = tags.get("user")
+    if requested is not None and not requested.strip():
+        raise refuse("$.tags.user", "must name a user, not be empty")
+    if requested is None and caller.user is None:
+        return DEFAULT_USER
+    return caller.submitter(requested)
+
+
+class _Builder:
+    """Turns one validated TES request into a Task and the files of its folder."""
+
+    def __init__(self, app: web.Application, request: dict[str, Any], user: str) -> None:
+        self.app, self.request, self.user = app, request, user
+        self.tes_config: dict[str, Any] = app[CONFIG].tes
+        self.notes: list[str] = []
+        self.private: list[str] = ["/tmp"]  # private paths to mount (covered later)
+        self.folders: list[str] = ["/tmp"]  # private folders to create
+        self.files: dict[str, str] = {}
+
+    def build(self) -> tuple[Task, dict[str, str]]:
+        resources = self.request.get("resources", {})
+        cputime, passed = self._backend_parameters(resources)
+        base = service.new_task(self.app, {
+            "user": self.user, "cores": resources.get("cpu_cores"),
+            "memory": ram_mib(resources["ram_gb"]) if "ram_gb" in resources else None, "cputime": cputime})
+        tes_dir = f"{base.workdir}/tes"
+        root = f"{tes_dir}/root"
+        inputs = self._inputs(root)
+        outputs = self._outputs(root)
+        for index, volume in enumerate(self.request.get("volumes", [])):
+            self._check_path(f"$.volumes[{index}]", volume)
+            self.private.append(volume)
+            self.folders.append(volume)
+        targets = tes_steps.cover(self.private)
+        task = dataclasses.replace(base, cmd=("/bin/bash", f"{tes_dir}/steps.sh"), extra={"tes": {
+            "request": self.request, "notes": self.notes, "backend_parameters": passed}})
+        steps = [self._step(task, index, executor, root, targets)
+                 for index, executor in enumerate(self.request["executors"])]
+        self.files["tes/steps.sh"] = tes_steps.render(task.id, tes_dir, root, sorted(set(self.folders)),
+                                                      inputs, steps, outputs, targets,
+                                                      self.tes_config.get("host_writable", []))
+        return task, self.files
+
+    # ---- resources ----
+
+    def _backend_parameters(self, resources: Mapping[str, Any]) -> tuple[int | None, dict[str, str]]:
+        allowed = list(self.tes_config.get("backend_parameters", ["cputime"]))
+        strict = resources.get("backend_parameters_strict", False)
+        cputime, passed = None, {}
+        for key, value in resources.get("backend_parameters", {}).items():
+            where = f"$.resources.backend_parameters.{key}"
+            if key not in allowed:
+                if strict:
+                    raise refuse(where, f"not supported here (supported: {', '.join(allowed) or 'none'})")
+                self.notes.append(f"backend parameter {key!r} ignored: not supported here")
+            elif key == "cputime":
+                if not value.isdigit() or int(value) < 1:
+                    raise refuse(where, "must be a whole number of CPU seconds >= 1")
+                cputime = int(value)
+            else:
+                passed[key] = value
+        return cputime, passed
+
+    # ---- files ----
+
+    def _check_path(self, where: str, path: str) -> None:
+        parts = path.split("/")
+        if path == "/" or ".." in parts or any(path == r or path.startswith(r + "/") for r in RESERVED):
+            raise refuse(where, f"{path!r} cannot be a task's own path (not /, no '..', not under /proc, /dev or /sys)")
+
+    def _scheme_command(self, where: str, url: str, direction: str, private: str) -> list[str]:
+        """The admin's command (`[tes] url_schemes`) that gets or puts `url` from or to `private`."""
+        schemes = self.tes_config.get("url_schemes", {})
+        template = schemes.get(urlsplit(url).scheme, {}).get(direction)
+        if template is None:
+            enabled = ["file"] + sorted(name for name, commands in schemes.items() if direction in commands)
+            if len(enabled) == 1:
+                raise refuse(where, f"only file:// URLs are supported by this gateway, not {url!r}")
+            raise refuse(where, f"{url!r}: this gateway supports these URL schemes here: {', '.join(enabled)}")
+        return [str(part).replace("{url}", url).replace("{path}", private) for part in template]
+
+    def _file_url(self, where: str, url: str) -> str:
+        path = local_path(url)
+        if path is None:
+            raise refuse(where, f"{url!r} is not a file:// URL of this machine (file:///absolute/path)")
+        roots = self.app[CONFIG].path_roots
+        if roots is not None:
+            allowed = [os.path.realpath(r.replace("{user}", self.user)) for r in roots]
+            real = os.path.realpath(path)
+            if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in allowed):
+                raise refuse(where, f"{path!r} is outside the folders this site allows for {self.user} "
+                                    f"({', '.join(allowed) or 'none'})")
+        return path
+
+    def _inputs(self, root: str) -> list[tes_steps.Transfer]:
+        copies = []
+        for index, item in enumerate(self.request.get("inputs", [])):
+            where, path = f"$.inputs[{index}]", item["path"]
+            self._check_path(f"{where}.path", path)
+            self.private.append(path)
+            self.folders.append(os.path.dirname(path))
+            if "content" in item:
+                self.files[f"tes/root{path}"] = item["content"]
+                continue
+            if "url" not in item:
+                raise refuse(where, "needs a url or content")
+            if urlsplit(item["url"]).scheme != "file":
+                command = self._scheme_command(f"{where}.url", item["url"], "get", root + path)
+                copies.append(tes_steps.Transfer(f"inputs[{index}] ({path})", item["url"], path, command))
+                continue
+            source = self._file_url(f"{where}.url", item["url"])
+            if not os.path.exists(source):
+                raise refuse(f"{where}.url", f"{source!r} does not exist")
+            actual = "DIRECTORY" if os.path.isdir(source) else "FILE"
+            if item.get("type", actual) != actual:
+                kind = "a folder" if actual == "DIRECTORY" else "a file"
+                raise refuse(f"{where}.type", f"is {item['type']}, but {source!r} is {kind}")
+            copies.append(tes_steps.Transfer(f"inputs[{index}] ({path})", source, path))
+        return copies
+
+    def _outputs(self, root: str) -> list[tes_steps.Transfer]:
+        copies = []
+        for index, item in enumerate(self.request.get("outputs", [])):
+            where, path = f"$.outputs[{index}]", item["path"]
+            self._check_path(f"{where}.path", path)
+            if "path_prefix" in item or any(c in path for c in "*?["):
+                raise refuse(f"{where}.path", "wildcard outputs are not supported by this gateway")
+            if urlsplit(item["url"]).scheme != "file":
+                command: list[str] | None = self._scheme_command(f"{where}.url", item["url"], "put", root + path)
+                destination = item["url"]
+            else:
+                command, destination = None, self._file_url(f"{where}.url", item["url"])
+            if item.get("type") == "DIRECTORY":
+                self.private.append(path)
+                self.folders.append(path)
+            else:
+                if os.path.dirname(path) == "/":
+                    raise refuse(f"{where}.path", "an output file must be in a folder below /")
+                self.private.append(os.path.dirname(path))
+                self.folders.append(os.path.dirname(path))
+            copies.append(tes_steps.Transfer(f"outputs[{index}] ({path})", destination, path, command))
+        return copies
+
+    # ---- executors ----
+
+    def _step(self, task: Task, index: int, executor: dict[str, Any], root: str, targets: list[str]) -> tes_steps.Step:
+        where = f"$.executors[{index}]"
+        for name in ("workdir", "stdin", "stdout", "stderr"):
+            if name in executor:
+                self._check_path(f"{where}.{name}", executor[name])
+        for name in ("stdout", "stderr"):
+            if name in executor:
+                if not any(executor[name].startswith(t + "/") for t in targets):
+                    raise refuse(f"{where}.{name}", f"{executor[name]!r} must lie in /tmp, a volume, or an input's "
+                                                    "or output's folder: the task's own, writable paths")
+                self.folders.append(os.path.dirname(executor[name]))
+        rule = self._rule(f"{where}.image", executor["image"])
+        on_host = rule.get("run") == "host"
+        argv = tes_steps.wrapper_argv(executor["command"], executor.get("workdir", "/tmp" if on_host else None),
+                                      executor.get("stdin"), executor.get("stdout"), executor.get("stderr"),
+                                      executor.get("env", {}))
+        common = {"ignore_error": executor.get("ignore_error", False),
+                  "stdout": "stdout" not in executor, "stderr": "stderr" not in executor}
+        if on_host:
+            return tes_steps.Step(f"image {executor['image']!r} on the host", argv, True, **common)
+        runtime = self.app[SCHEDULER].runtime
+        if runtime is None:  # the config check makes sure there is one
+            raise refuse(f"{where}.image", "this gateway has no container runtime")
+        image = str(rule["image"])
+        inner = dataclasses.replace(task, id=f"{task.id}-{index}", cmd=None, extra={},
+                                    container=Container(image))
+        try:
+            runtime.admit(inner)
+        except SchedulerError as exc:
+            raise refuse(f"{where}.image", f"the image {image!r} (for {executor['image']!r}) is refused: {exc}") from None
+        inner = dataclasses.replace(inner, container=Container(image, volumes=tuple(Mount(root + t, t) for t in targets)))
+        command = runtime.job_command(inner, argv)
+        return tes_steps.Step(f"image {executor['image']!r} as {image!r}", command.argv, False,
+                              on_stop=command.on_stop, after=command.after, **common)
+
+    def _rule(self, where: str, image: str) -> dict[str, Any]:
+        rules = self.tes_config.get("images", [])
+        for rule in rules:
+            if fnmatch.fnmatchcase(image, rule["match"]):
+                return dict(rule)
+        patterns = ", ".join(r["match"] for r in rules) or "none: this site runs no TES images"
+        raise refuse(where, f"the image {image!r} is not allowed here (allowed: {patterns})")
+
+
+def to_task(app: web.Application, request: dict[str, Any], caller: Identity) -> tuple[Task, dict[str, str]]:
+    """The Task for a validated TES request, and the files (relative to its folder) it needs."""
+    stored = {k: v for k, v in request.items() if k not in OUTPUT_ONLY}
+    tags = dict(stored.get("tags", {}))
+    user = owner(caller, tags)
+    tags["user"] = user
+    stored["tags"] = tags
+    return _Builder(app, stored, user).build()
+
+
+def request_of(task: Task) -> dict[str, Any]:
+    """The TES request of `task`; for a task submitted through the v1 API, one that describes it."""
+    if "tes" in task.extra:
+        return dict(task.extra["tes"]["request"])
+    executor: dict[str, Any] = {"image": task.container.image if task.container else "",
+                                "command": command_argv(task)}
+    resources: dict[str, Any] = {}
+    if task.cores:
+        resources["cpu_cores"] = task.cores
+    if task.memory:
+        resources["ram_gb"] = round(task.memory * 1048576 / 1e9, 3)
+    return {"executors": [executor], "resources": resources, "tags": {"user": task.user}}
+
+
+def local_path(url: str) -> str | None:
+    """The path of a file:// URL of this machine, else None."""
+    parts = urlsplit(url)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+        return None
+    return os.path.normpath(unquote(parts.path))
+
+
+def task_folder(task: Task) -> Path:
+    return Path(task.workdir) / "tes"
