@@ -55,13 +55,16 @@ async def test_requests_without_a_valid_token_get_401(secured: Any) -> None:
                     {"Authorization": "Basic !!!"}):
         for method, path in [("POST", "/v1/jobproxy/submit"), ("GET", "/v1/jobproxy/state"),
                              ("GET", f"/v1/jobproxy/state/{task_id}"), ("GET", "/v1/jobproxy/state/unknown"),
-                             ("DELETE", f"/v1/jobproxy/delete/{task_id}")]:
+                             ("DELETE", f"/v1/jobproxy/delete/{task_id}"),
+                             ("POST", "/ga4gh/tes/v1/tasks"), ("GET", "/ga4gh/tes/v1/tasks"),
+                             ("GET", f"/ga4gh/tes/v1/tasks/{task_id}"), ("POST", f"/ga4gh/tes/v1/tasks/{task_id}:cancel"),
+                             ("GET", "/v1/tasks"), ("GET", f"/v1/tasks/{task_id}")]:
             response = await secured.request(method, path, headers=headers, json={"user": "alice", "cmd": "x"})
             assert response.status == 401, (method, path, headers)
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert task_id not in await response.text()  # never a hint whether an id exists
-    assert (await secured.get("/v1/jobproxy/ping")).status == 200
-    assert (await secured.get("/v1/openapi.json")).status == 200
+    for public in ("/v1/jobproxy/ping", "/v1/openapi.json", "/ga4gh/tes/v1/service-info", "/v1/service-info"):
+        assert (await secured.get(public)).status == 200, public
 
 
 async def test_basic_credentials_with_the_token_as_password(secured: Any) -> None:
@@ -82,7 +85,10 @@ async def test_users_see_and_touch_only_their_own_tasks(secured: Any) -> None:
         snooping = await (await secured.get(f"/v1/jobproxy/state?user={'bob' if user == 'alice' else 'alice'}",
                                             headers=as_(user))).json()
         assert [s["id"] for s in snooping["state"]] == [own]
-        for method, path in (("GET", f"/v1/jobproxy/state/{other}"), ("DELETE", f"/v1/jobproxy/delete/{other}")):
+        tes_listed = await (await secured.get("/ga4gh/tes/v1/tasks", headers=as_(user))).json()
+        assert [t["id"] for t in tes_listed["tasks"]] == [own]
+        for method, path in (("GET", f"/v1/jobproxy/state/{other}"), ("GET", f"/ga4gh/tes/v1/tasks/{other}"),
+                             ("POST", f"/ga4gh/tes/v1/tasks/{other}:cancel"), ("DELETE", f"/v1/jobproxy/delete/{other}")):
             response = await secured.request(method, path, headers=as_(user))
             unknown = await secured.request(method, path.replace(other, "0" * len(other)), headers=as_(user))
             assert response.status == unknown.status == 404
