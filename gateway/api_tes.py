@@ -150,11 +150,7 @@ for _prefix in PREFIXES:
 
 
 def _record(request: web.Request) -> Record:
-    task_id = request.match_info["id"]
-    record = request.app[STORE].get(task_id)
-    if record is None or not auth.identity(request).may_see(record.task.user):
-        raise ApiError(404, f"no task with id {task_id!r}")
-    return record
+    return service.visible(request, request.match_info["id"])
 
 
 def _view(request: web.Request) -> str:

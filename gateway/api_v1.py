@@ -76,11 +76,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def _record(request: web.Request) -> Record:
-    task_id = request.match_info["id"]
-    record = request.app[STORE].get(task_id)
-    if record is None or not auth.identity(request).may_see(record.task.user):
-        raise ApiError(404, f"no task with id {task_id!r}")
-    return record
+    return service.visible(request, request.match_info["id"])
 
 
 def _int_param(query: MultiDictProxy[str], name: str, default: int, low: int, high: int) -> int:

@@ -14,7 +14,7 @@ from aiohttp import web
 from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable
 from schedulers.outcome import CANCELED_ON_REQUEST
 
-from . import policy
+from . import auth, policy
 from .keys import CONFIG, POLLER, SCHEDULER, STORE
 from .model import Task, TaskState, new_task_id, now
 from .responses import ApiError
@@ -22,6 +22,14 @@ from .store import Change, Record
 
 log = logging.getLogger(__name__)
 RETRY = {"Retry-After": "30"}
+
+
+def visible(request: web.Request, task_id: str) -> Record:
+    """The task `task_id` if the caller may see it; 404 otherwise, the same as for an unknown id."""
+    record = request.app[STORE].get(task_id)
+    if record is None or not auth.identity(request).may_see(record.task.user):
+        raise ApiError(404, f"no task with id {task_id!r}")
+    return record
 
 
 def new_task(app: web.Application, document: dict[str, Any]) -> Task:

@@ -188,3 +188,23 @@ def _start_cluster(script: str) -> dict[str, str] | str:
             key, _, value = line[len("export "):].partition("=")
             env[key] = value.strip().strip("'\"")
     return env
+
+
+@pytest.fixture(scope="session")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox root file system, for the Apptainer stand-in and sandboxed TES executors."""
+    busybox = shutil.which("busybox")
+    if not busybox or not shutil.which("bwrap"):
+        reason = "the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); tests/run.sh installs them"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("rootfs")
+    for folder in ("bin", "tmp", "proc", "dev", "data", "out"):
+        (root / folder).mkdir()
+    shutil.copy(busybox, root / "bin" / "busybox")
+    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox":
+            (root / "bin" / applet).symlink_to("busybox")
+    return root

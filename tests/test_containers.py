@@ -15,7 +15,7 @@ from schedulers import script
 from schedulers.base import TaskRefused
 from schedulers.containers import ApptainerRuntime, DockerRuntime, PodmanRuntime, SingularityRuntime
 
-from .conftest import IN_CI, Gateway
+from .conftest import Gateway
 
 STANDIN = Path(__file__).parent / "standin" / "apptainer"
 
@@ -109,26 +109,6 @@ def test_singularity_refuses_ports(tmp_path: Path) -> None:
 
 
 # ---- end to end through the stand-in -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox root file system for the stand-in to run."""
-    busybox = shutil.which("busybox")
-    if not busybox or not shutil.which("bwrap"):
-        reason = "the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); tests/run.sh installs them"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("rootfs")
-    for folder in ("bin", "tmp", "proc", "dev", "data", "out"):
-        (root / folder).mkdir()
-    shutil.copy(busybox, root / "bin" / "busybox")
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (root / "bin" / applet).symlink_to("busybox")
-    return root
 
 
 def test_apptainer_standin_end_to_end(gateway_factory: Callable[..., Gateway], tmp_path: Path, rootfs: Path) -> None:

@@ -3,7 +3,6 @@ bubblewrap, as in test_containers.py), and the pure parts of the steps script.""
 from __future__ import annotations
 
 import doctest
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from gateway import config as configuration
 from gateway import tes, tes_steps
 from gateway.app import create_app
 
-from .conftest import IN_CI, cluster_env
+from .conftest import cluster_env
 from .test_tes import call, create, shell, wait
 
 STANDIN = Path(__file__).parent / "standin" / "apptainer"
@@ -43,26 +42,6 @@ def test_steps_script_quotes_every_value(tmp_path: Path) -> None:
     assert (tes_dir / "root" / "data" / nasty).is_dir()
     assert f"outputs[0] {nasty}: {tes_dir}/root/data/{nasty}/out does not exist" in (tes_dir / "system.log").read_text()
     assert not marker.exists()
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox root file system for the stand-in to run."""
-    busybox = shutil.which("busybox")
-    if not busybox or not shutil.which("bwrap"):
-        reason = "the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); tests/run.sh installs them"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    root = tmp_path_factory.mktemp("rootfs")
-    for folder in ("bin", "tmp", "proc", "dev", "data"):
-        (root / folder).mkdir()
-    shutil.copy(busybox, root / "bin" / "busybox")
-    applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            (root / "bin" / applet).symlink_to("busybox")
-    return root
 
 
 @pytest.fixture
