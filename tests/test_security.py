@@ -23,7 +23,7 @@ from gateway.plugins import create_scheduler
 from gateway.model import Task
 from schedulers import script
 
-from .conftest import Gateway, final, free_port, make_config
+from .conftest import Gateway, free_port, make_config
 
 JSON = {"Content-Type": "application/json"}
 
