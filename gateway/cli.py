@@ -11,6 +11,8 @@ import sys
 
 from aiohttp import web
 
+from schedulers.base import SchedulerError
+
 from . import auth
 from . import config as configuration
 from .app import create_app
@@ -93,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except configuration.ConfigError as exc:
         print(f"jobproxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(app, cfg, context))
+    try:
+        asyncio.run(serve(app, cfg, context))
+    except SchedulerError as exc:  # the scheduler's start() refused: say why, without a traceback
+        print(f"jobproxy: scheduler {cfg.scheduler!r} could not start: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -24,6 +24,12 @@ def cputime_exceeded(task: Task) -> str:
     return f"killed: CPU time limit of {task.cputime} s exceeded"
 
 
+def memory_limit_hit(task: Task, evidence: str, code: int) -> str:
+    """A job that ended with `code` at its memory limit without being killed for it: under an
+    address-space limit the allocation fails and the program exits. `evidence` says how we know."""
+    return f"memory limit of {task.memory} MiB exceeded ({evidence}); exit code {code}"
+
+
 def signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name

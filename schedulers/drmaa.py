@@ -1,0 +1,289 @@
+"""The DRMAA scheduler: every task becomes a DRMAA v1 job (the `drmaa` package over the site's
+libdrmaa), tested against Grid Engine.
+
+Job. The task's job script (templates/drmaa.sh, written into the task's folder, which compute
+hosts must see) is the remote command: it sets the CPU-time rlimit, runs the command and writes
+the exit-code file, like every scheduler's. The job is named after the task id and carries it in
+its environment; cores, memory and CPU time go in the native specification, rendered from the
+admin's template (drmaa_map.py). DRMAA calls run in the process's one session and worker thread
+(drmaa_session.py); its errors become TaskRefused (the DRM refuses the job: 400) or
+SchedulerUnavailable (it cannot be reached or did not answer: 503).
+
+States. Each poll asks the DRM for the state of every active job, in one trip to the worker.
+A job that ended in this session is reaped with wait(), which says how it ended. A job
+submitted before a restart is unknown to the new session once it has ended: its exit-code file
+says how it ended, else (Grid Engine) its accounting record (gridengine.py). The exit-code file
+also wins when it has existed for a while but libdrmaa still says the job is active, or cannot
+tell (both seen after a qmaster restart). Jobs the gateway terminated are CANCELED, marked by a
+file in the plugin's state folder, since DRMAA reports them as failed like jobs that could not
+start. If the DRM cannot be reached when the gateway starts, it starts anyway and answers 503
+until the DRM can be reached.
+
+Memory. The default template asks Grid Engine for h_vmem, an address-space limit: an allocation
+over it fails and the program usually exits on its own (exit 1 with MemoryError, say) rather than
+being killed, so the exit status alone cannot say "memory". The outcome names the memory limit
+only with evidence: the DRM killed the job with its peak memory at the limit (Grid Engine does
+when processes together exceed it), or the job failed with a peak near the limit, or with the
+words of a failed allocation (MemoryError, std::bad_alloc, ...) at the end of its stderr. That
+last one is a heuristic, and the description says which evidence it rests on. A memory cgroup
+would be exact, but a job script cannot count on one where jobs run as users. A task in a Docker
+or Podman container gets no memory in its native specification: the container runs outside the
+job, the runtime limits its memory, and h_vmem would only break the runtime's client.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from gateway.model import Task, TaskState
+
+from . import drmaa_map, gridengine, outcome
+from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
+from .containers import DockerRuntime
+from .drmaa_session import shared
+from .script import EXIT_FILE, check_template, load_template
+
+log = logging.getLogger(__name__)
+
+SCRIPT_NAME = "drmaa-job.sh"
+_NAME = r"^[^\s'\"\\{}]+$"
+_NAME_ERROR = {"pattern": "must be a Grid Engine name: no spaces, quotes, backslashes or braces"}
+_SETTLE = 10.0  # seconds an exit-code file may exist while libdrmaa still says the job is active (or at once: undetermined)
+_REFUSALS = ("DeniedByDrmException", "InvalidAttributeValueException", "InvalidAttributeFormatException",
+             "ConflictingAttributeValuesException", "InvalidArgumentException", "UnsupportedAttributeException")
+
+
+class DrmaaScheduler(Scheduler):
+    """Runs each task as a DRMAA job with its cores, memory and CPU time in the native specification."""
+
+    options_schema = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "drm": {"enum": ["gridengine", "other"], "default": "gridengine",
+                    "description": "gridengine: check SGE_ROOT/SGE_CELL, default native_spec, qacct after restarts"},
+            "library_path": {"type": "string", "minLength": 1, "description": "libdrmaa (default: $DRMAA_LIBRARY_PATH)"},
+            "sge_root": {"type": "string", "minLength": 1, "description": "Grid Engine root (default: $SGE_ROOT)"},
+            "sge_cell": {"type": "string", "minLength": 1, "description": "Grid Engine cell (default: $SGE_CELL, else default)"},
+            "contact": {"type": "string", "description": "DRMAA contact string (default: the DRM's default)"},
+            "native_spec": {"type": "array", "items": {"type": "string"},
+                            "description": "native-specification pieces with placeholders; see drmaa_map.NATIVE_FIELDS"},
+            "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},
+            "queue": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR},
+            "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
+            "environment": {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "x-error": {
+                                "pattern": "must be a variable name: letters, digits and '_', not starting with a digit"}},
+                            "additionalProperties": {"type": "string"}, "description": "variables added to every job's environment"},
+            "call_timeout": {"type": "number", "minimum": 1, "maximum": 600, "default": 30,
+                             "description": "seconds a DRMAA call may take before the request answers 503"},
+            "cancel_timeout": {"type": "number", "minimum": 0, "maximum": 600, "default": 30,
+                               "description": "seconds a DELETE waits for the DRM to end the job"},
+            "lost_after": {"type": "number", "minimum": 0, "default": 120,
+                           "description": "seconds before a job the DRM forgot without any exit record is a SYSTEM_ERROR"},
+        },
+        "if": {"properties": {"drm": {"const": "other"}}, "required": ["drm"]},
+        "then": {"required": ["native_spec"]},
+    }
+
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
+        super().__init__(name, options, state_dir)
+        o = self.options
+        self.grid_engine = o.get("drm", "gridengine") == "gridengine"
+        self.drm_name = "Grid Engine" if self.grid_engine else "the DRM"
+        self.library = o.get("library_path") or os.environ.get("DRMAA_LIBRARY_PATH", "")
+        if not self.library:
+            raise SchedulerError("DRMAA_LIBRARY_PATH is not set: set it in the gateway's environment or set "
+                                 "scheduler.options.library_path to the site's libdrmaa "
+                                 "(Grid Engine on Debian: /usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0)")
+        if not Path(self.library).is_file():
+            raise SchedulerError(f"libdrmaa {self.library} does not exist (DRMAA_LIBRARY_PATH or scheduler.options.library_path)")
+        self.env = {"DRMAA_LIBRARY_PATH": self.library}
+        if self.grid_engine:
+            root = o.get("sge_root") or os.environ.get("SGE_ROOT", "")
+            cell = o.get("sge_cell") or os.environ.get("SGE_CELL") or "default"
+            problem = gridengine.environment_problem(root, cell)
+            if problem:
+                raise SchedulerError(problem)
+            self.env.update(SGE_ROOT=root, SGE_CELL=cell)
+        self.pieces = tuple(o.get("native_spec", drmaa_map.GRID_ENGINE_SPEC))
+        drmaa_map.check_native_spec(self.pieces)
+        self.template = load_template("drmaa", o.get("template"))
+        check_template(self.template, drmaa_map.SCRIPT_PLACEHOLDERS, o.get("template", "drmaa.sh"))
+        self.timeout = float(o.get("call_timeout", 30))
+        self._missing: dict[str, float] = {}  # task id -> when its job was first found gone without a record
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.update(self.env)  # libdrmaa reads them when it loads and when the session opens
+        drm = shared()
+        drm.contact = self.options.get("contact", "")
+        await drm.call(self.timeout, drm.load, self.library)
+        try:
+            drms = await drm.call(self.timeout, drm.open)
+        except (drm.lib.errors.DrmCommunicationException, SchedulerUnavailable) as exc:
+            log.warning("drmaa scheduler %s: %s cannot be reached yet (%s); tasks are answered 503 until it can",
+                        self.name, self.drm_name, _message(exc))
+            return
+        except drm.lib.errors.DrmaaException as exc:
+            raise SchedulerError(f"cannot open a DRMAA session with {self.library}: {_message(exc)}") from None
+        log.info("drmaa scheduler %s: %s via %s; native specification %s; CPU time also by RLIMIT_CPU in the job script",
+                 self.name, drms, self.library, " ".join(self.pieces) or "(none)")
+
+    # ---- the contract ----
+
+    def admit(self, task: Task) -> None:
+        for path in (task.stdout, task.stderr):
+            if "$" in path:
+                raise TaskRefused(f"cannot write output to {path}: DRMAA takes $...$ in a path for a placeholder; "
+                                  "choose a path without '$'")
+            parent = Path(path).parent
+            if not parent.is_dir() and not path.startswith(task.workdir + "/"):
+                raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist")
+
+    async def submit(self, task: Task) -> str:
+        script = Path(task.workdir) / SCRIPT_NAME
+        text = drmaa_map.job_script(self.template, task, self.job_command(task))
+        try:
+            self._spool(task.id).mkdir(parents=True, exist_ok=True)
+            partial = script.with_name(SCRIPT_NAME + ".part")
+            partial.write_text(text, encoding="utf-8")
+            partial.chmod(0o700)
+            partial.replace(script)
+        except OSError as exc:
+            raise SchedulerUnavailable(f"the DRMAA scheduler cannot write the job script: {exc.strerror}") from None
+        runtime_limits_memory = task.container is not None and isinstance(self.runtime, DockerRuntime)
+        values = drmaa_map.native_values(task, self.options.get("parallel_environment", "smp"), self.options.get("queue"),
+                                         job_memory=not runtime_limits_memory)
+        fields = drmaa_map.job_template(task, str(script), drmaa_map.native_spec(self.pieces, values),
+                                        self.options.get("environment", {}))
+        abandoned = threading.Event()
+        try:
+            return str(await self._call(shared().run_job, fields, self._spool(task.id) / "job_id", abandoned, doing="take the job"))
+        except (SchedulerUnavailable, asyncio.CancelledError):
+            abandoned.set()
+            raise
+
+    async def find(self, task: Task) -> str | None:
+        try:
+            return (self._spool(task.id) / "job_id").read_text().strip() or None
+        except OSError:
+            return None
+
+    async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        if not jobs:
+            return {}
+        probes = await self._call(shared().probe, [j.native_id for j in jobs], doing="report job states")
+        answers = {}
+        for job in jobs:
+            found = await self._judge(job, *probes[job.native_id])
+            if found is not None:
+                answers[job.task_id] = found
+        return answers
+
+    async def cancel(self, job: JobRef) -> None:
+        marker = self._spool(job.task_id) / "cancelled"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        try:
+            active = await self._call(shared().terminate, job.native_id, doing="terminate the job")
+        except SchedulerError:
+            marker.unlink(missing_ok=True)
+            raise
+        deadline = time.monotonic() + float(self.options.get("cancel_timeout", 30))
+        while active and time.monotonic() < deadline:  # until the DRM has really ended it
+            await asyncio.sleep(0.5)
+            probe = await self._call(shared().probe, [job.native_id], doing="report the job's state")
+            active = probe[job.native_id][0] in drmaa_map.ACTIVE_STATES
+        if active:
+            log.warning("task %s: DRMAA job %s is still active after terminate", job.task_id, job.native_id)
+        else:
+            log.info("task %s: DRMAA job %s terminated", job.task_id, job.native_id)
+
+    async def release(self, job: JobRef) -> None:
+        shared().forget(job.native_id)
+        self._missing.pop(job.task_id, None)
+        shutil.rmtree(self._spool(job.task_id), ignore_errors=True)
+
+    # ---- inside ----
+
+    def _spool(self, task_id: str) -> Path:
+        return self.state_dir / task_id
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, doing: str) -> Any:
+        """`fn` in the DRMAA thread; DRMAA errors become TaskRefused (the DRM refuses the job as
+        asked) or SchedulerUnavailable (it cannot be reached or did not answer)."""
+        drm = shared()
+        if drm.lib is None:
+            raise SchedulerUnavailable("the DRMAA scheduler has not started")
+        try:
+            return await drm.call(self.timeout, fn, *args)
+        except SchedulerError:
+            raise
+        except Exception as exc:
+            drmaa_error = isinstance(exc, drm.lib.errors.DrmaaException) or (type(exc) is Exception and str(exc).startswith("code "))
+            if not drmaa_error:
+                raise
+            if type(exc).__name__ in _REFUSALS:
+                raise TaskRefused(f"{self.drm_name} refused the job: {_message(exc)}") from None
+            log.warning("DRMAA call to %s failed: %s", doing, exc)
+            raise SchedulerUnavailable(f"{self.drm_name} cannot {doing} right now: {_message(exc)}") from None
+
+    async def _judge(self, job: JobRef, kind: str, data: Any) -> JobStatus | None:
+        """The status of `job` from what the DRM said (`kind`, `data`: see DrmaaSession.probe) and its files."""
+        task = job.task
+        exit_code, exit_time = _exit_file(task)
+        cancelled = (self._spool(job.task_id) / "cancelled").exists()
+        if kind == "error":
+            log.warning("task %s: DRMAA job %s: %s", job.task_id, job.native_id, data)
+            return None
+        if kind in drmaa_map.ACTIVE_STATES:
+            settled = exit_time is not None and (kind == "undetermined" or time.time() - exit_time.timestamp() > _SETTLE)
+            if not settled:
+                return JobStatus(TaskState.CANCELING, "terminating") if cancelled else drmaa_map.active_status(job.native_id, kind)
+            data = None  # libdrmaa is behind: the job script has ended
+        if cancelled:
+            return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=exit_time)
+        ending = drmaa_map.ending_from_jobinfo(data) if data is not None else None
+        wants_record = (ending is None and exit_code is None) or (ending is not None and ending.aborted)
+        if self.grid_engine and wants_record:
+            recorded = await gridengine.accounting(job.native_id, drmaa_map.job_name(task.id))
+            ending = recorded or ending
+        if exit_code is None and ending is None:
+            first = self._missing.setdefault(job.task_id, time.monotonic())
+            if time.monotonic() - first < float(self.options.get("lost_after", 120)):
+                return None  # the exit file or the accounting record may still be on its way
+        self._missing.pop(job.task_id, None)
+        tail = _tail(task.stderr) if task.memory and exit_code not in (None, 0) else ""
+        return drmaa_map.conclude(task, job.native_id, exit_code=exit_code, ending=ending, stderr_tail=tail,
+                                  exit_time=exit_time)
+
+
+def _message(exc: BaseException) -> str:
+    """A DRMAA error's own words, without drmaa-python's "code N: " prefix."""
+    return re.sub(r"^code \d+: ", "", str(exc)).strip()
+
+
+def _exit_file(task: Task) -> tuple[int | None, datetime | None]:
+    path = Path(task.workdir) / EXIT_FILE
+    try:
+        code = int(path.read_text().strip())
+        return code, datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+    except (OSError, ValueError):
+        return None, None
+
+
+def _tail(path: str, size: int = 16384) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,194 @@
+"""The process's one DRMAA session, and the one thread every DRMAA call runs in.
+
+DRMAA v1 allows one session per process, its calls block, and drmaa-python shares one error
+buffer between calls. So every call goes through `DrmaaSession.call`, which hands it to a single
+worker thread with a timeout. Scheduler instances share the session (the gateway has one; the
+contract tests make one per test): the first `start()` loads libdrmaa (the `drmaa` package is
+imported only then, so a gateway without it still starts with other schedulers) and opens the
+session; it stays open when an instance closes (a new session would not know the jobs of the old
+one) and is exited when the interpreter exits. The worker is a daemon thread, so a DRMAA call
+that hangs cannot keep the process from exiting; libdrmaa's own exit gets a few seconds (it hangs
+after a qmaster restart). The methods below `call` run in the worker thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from . import drmaa_map
+from .base import SchedulerError, SchedulerUnavailable
+
+log = logging.getLogger(__name__)
+
+_TLS_HINT = ("Grid Engine's libdrmaa needs more static TLS than glibc leaves for dlopen: start the gateway with "
+             "GLIBC_TUNABLES=glibc.rtld.optional_static_tls=16384 in its environment (it cannot be set later)")
+#: How many reaped JobInfos to keep (DRMAA forgets a job once wait() has reaped it).
+KEEP_INFOS = 10000
+#: Seconds libdrmaa may take to exit when the interpreter exits.
+EXIT_TIMEOUT = 5.0
+
+
+class DrmaaSession:
+    """The DRMAA session and its worker thread."""
+
+    def __init__(self) -> None:
+        self.lib: Any = None          # the drmaa package, once libdrmaa is loaded
+        self.library: str | None = None
+        self.session: Any = None
+        self.contact = ""
+        self.lock = threading.Lock()  # guards `infos`
+        self.infos: OrderedDict[str, Any] = OrderedDict()  # JobInfo of jobs reaped by wait()
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="drmaa", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Queue `fn(*args)` for the worker thread."""
+        future: Future[Any] = Future()
+        self._calls.put((fn, args, future))
+        return future
+
+    async def call(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in the worker thread; SchedulerUnavailable after `timeout` seconds (a call
+        that has not started by then is dropped; one that has cannot be interrupted)."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self.submit(fn, *args)), timeout)
+        except asyncio.TimeoutError:
+            raise SchedulerUnavailable(f"the DRM did not answer within {timeout:g} s") from None
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, future = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
+
+    def _exit_at_shutdown(self) -> None:
+        try:
+            self.submit(self.exit).result(EXIT_TIMEOUT)
+        except Exception as exc:  # TimeoutError: libdrmaa hangs; the process exits all the same
+            log.warning("the DRMAA session did not exit cleanly: %s", str(exc) or f"no answer in {EXIT_TIMEOUT:g} s")
+
+    # ---- these run in the worker thread ----
+
+    def load(self, library: str) -> None:
+        """Import `drmaa`, which loads libdrmaa from DRMAA_LIBRARY_PATH (once per process)."""
+        if self.lib is not None:
+            if library != self.library:
+                raise SchedulerError(f"this process already uses libdrmaa {self.library}; it cannot load {library} too")
+            return
+        try:
+            import drmaa  # reads DRMAA_LIBRARY_PATH and loads libdrmaa
+        except OSError as exc:
+            hint = f"; {_TLS_HINT}" if "static TLS" in str(exc) else ""
+            raise SchedulerError(f"cannot load libdrmaa {library}: {exc}{hint}") from None
+        except (ImportError, RuntimeError) as exc:
+            raise SchedulerError(f"cannot use DRMAA: {exc} (the Python package `drmaa` and the site's libdrmaa are needed)") from None
+        self.lib, self.library = drmaa, library
+
+    def open(self) -> str:
+        """Open the session if it is not open yet; answer what the DRM calls itself."""
+        if self.session is None:
+            session = self.lib.Session()
+            session.initialize(self.contact or None)
+            self.session = session
+            atexit.register(self._exit_at_shutdown)
+        return f"{self.session.drmsInfo} (DRMAA {self.session.version}, {self.session.drmaaImplementation})"
+
+    def run_job(self, fields: Mapping[str, Any], id_file: Path, abandoned: threading.Event) -> str:
+        """Submit a job with the template attributes `fields`; record its id in `id_file` at once
+        (so `find` recovers it after a crash), and terminate it if the caller has given up."""
+        self.open()
+        template = self.session.createJobTemplate()
+        try:
+            for name, value in fields.items():
+                setattr(template, name, value)
+            job_id = str(self.session.runJob(template))
+        finally:
+            self.session.deleteJobTemplate(template)
+        try:
+            id_file.write_text(job_id + "\n")
+        except OSError as exc:
+            log.error("job %s: cannot record its id in %s: %s", job_id, id_file, exc)
+        if abandoned.is_set():  # the caller gave up waiting: nobody will track this job
+            log.warning("job %s was submitted after its caller timed out: terminating it", job_id)
+            self.terminate(job_id)
+        return job_id
+
+    def probe(self, job_ids: Sequence[str]) -> dict[str, tuple[str, Any]]:
+        """Per job: (DRMAA state, None) while active; ("ended", JobInfo or None) once done or
+        failed; ("gone", None) when the session does not know it; ("error", message)."""
+        self.open()
+        errors, answers = self.lib.errors, {}
+        for job_id in job_ids:
+            with self.lock:
+                info = self.infos.get(job_id)
+            if info is not None:
+                answers[job_id] = ("ended", info)
+                continue
+            try:
+                state = self.session.jobStatus(job_id)
+            except errors.InvalidJobException:
+                answers[job_id] = ("gone", None)
+                continue
+            except (errors.DrmCommunicationException, errors.TryLaterException):
+                raise
+            except errors.DrmaaException as exc:
+                answers[job_id] = ("error", str(exc))
+                continue
+            answers[job_id] = ("ended", self._reap(job_id)) if state in drmaa_map.ENDED_STATES else (state, None)
+        return answers
+
+    def _reap(self, job_id: str) -> Any:
+        errors = self.lib.errors
+        try:
+            info = self.session.wait(job_id, self.lib.Session.TIMEOUT_NO_WAIT)
+        except (errors.DrmCommunicationException, errors.TryLaterException):
+            raise
+        except Exception:  # InvalidJob, ExitTimeout, or drmaa-python's bare Exception (code 24: no usage)
+            return None
+        with self.lock:
+            self.infos[job_id] = info
+            while len(self.infos) > KEEP_INFOS:
+                self.infos.popitem(last=False)
+        return info
+
+    def terminate(self, job_id: str) -> bool:
+        """Tell the DRM to end the job; False if it does not know the job (it has ended)."""
+        self.open()
+        try:
+            self.session.control(job_id, self.lib.JobControlAction.TERMINATE)
+        except self.lib.errors.InvalidJobException:
+            return False
+        return True
+
+    def forget(self, job_id: str) -> None:
+        """Drop what is kept about a job (its task was deleted)."""
+        with self.lock:
+            self.infos.pop(job_id, None)
+
+    def exit(self) -> None:
+        """End the session (at interpreter exit; jobs keep running)."""
+        session, self.session = self.session, None
+        if session is not None:
+            session.exit()
+
+
+_shared: DrmaaSession | None = None
+
+
+def shared() -> DrmaaSession:
+    """The process's session (created, not yet opened, on first use)."""
+    global _shared
+    if _shared is None:
+        _shared = DrmaaSession()
+    return _shared

@@ -1,0 +1,195 @@
+"""End to end: `jobproxy serve` as a real process on the DRMAA scheduler, against the dev Grid
+Engine (etc/dev/gridengine.sh), driven over HTTP. The Grid Engine side is checked with its own
+commands (qstat, qacct), never through the gateway's view of it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from schedulers import gridengine, proc
+
+from . import backend_drmaa
+from .conftest import ROOT, Gateway
+
+pytestmark = [pytest.mark.e2e, pytest.mark.drmaa]
+
+CONFIG = """
+[scheduler]
+type = "drmaa"
+poll_interval = 0.3
+[scheduler.options]
+cancel_timeout = 30
+"""
+
+
+@pytest.fixture(autouse=True)
+def grid_engine() -> dict[str, str]:
+    return backend_drmaa.environment()
+
+
+@pytest.fixture
+def gateway(gateway_factory: Callable[..., Gateway]) -> Gateway:
+    return gateway_factory(CONFIG).start()
+
+
+def job_id(gateway: Gateway, task_id: str) -> str:
+    """The Grid Engine job id the plugin recorded for a task."""
+    return (gateway.workdir / "jobproxy-state" / "schedulers" / "drmaa" / task_id / "job_id").read_text().strip()
+
+
+def accounting(job: str, task_id: str, timeout: float = 30) -> dict[str, str]:
+    """Grid Engine's accounting record of `job`, named after `task_id`, once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["qacct", "-j", job], capture_output=True, text=True).stdout
+        record = gridengine.parse_qacct(out, f"jobproxy-{task_id}")
+        if record:
+            return record
+        time.sleep(0.5)
+    raise AssertionError(f"no accounting record for Grid Engine job {job} after {timeout} s")
+
+
+def known_to_qmaster(job: str) -> bool:
+    return subprocess.run(["qstat", "-j", job], capture_output=True).returncode == 0
+
+
+def test_cores_become_slots_and_the_job_carries_the_task_id(gateway: Gateway) -> None:
+    task_id = gateway.submit({"user": "alice", "cmd": "echo $NSLOTS $JOBPROXY_TASK_ID", "cores": 2})
+    state = gateway.wait(task_id)
+    assert (state["code"], state["exit_code"]) == ("COMPLETE", 0)
+    assert Path(state["stdout"]).read_text() == f"2 {task_id}\n"
+    record = accounting(job_id(gateway, task_id), task_id)
+    assert (record["slots"], record["granted_pe"]) == ("2", "smp")
+
+
+def test_memory_over_the_limit_fails_naming_memory(gateway: Gateway) -> None:
+    task_id = gateway.submit({"user": "alice", "cmd": ["python3", "-c", "b = bytearray(300 * 1024 * 1024)"],
+                              "memory": 100, "cores": 2})
+    state = gateway.wait(task_id)
+    assert (state["code"], state["exit_code"]) == ("EXECUTOR_ERROR", 1)
+    assert state["description"] == "memory limit of 100 MiB exceeded (MemoryError on stderr); exit code 1"
+    # h_vmem is per slot: the job got 100 MiB in all (2 x 51200K), not 200
+    assert "h_vmem=51200K" in accounting(job_id(gateway, task_id), task_id)["category"]
+
+
+def test_busy_loop_over_its_cputime_is_killed(gateway: Gateway) -> None:
+    task_id = gateway.submit({"user": "alice", "cmd": "while :; do :; done", "cputime": 2})
+    state = gateway.wait(task_id)
+    assert state["code"] == "EXECUTOR_ERROR"
+    assert state["description"] == "killed: CPU time limit of 2 s exceeded"
+    assert float(accounting(job_id(gateway, task_id), task_id)["cpu"].rstrip("s")) < 10
+
+
+def test_exit_3_is_an_executor_error_with_exit_code_3(gateway: Gateway) -> None:
+    task_id = gateway.submit({"user": "alice", "cmd": "echo oops >&2; exit 3"})
+    state = gateway.wait(task_id)
+    assert (state["code"], state["exit_code"], state["description"]) == ("EXECUTOR_ERROR", 3, "exit code 3")
+    assert Path(state["stderr"]).read_text() == "oops\n"
+
+
+def test_delete_running_task_ends_its_job_and_processes(gateway: Gateway, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    task_id = gateway.submit({"user": "alice", "cmd": f"echo $$ > {pids}; sleep 300 & echo $! >> {pids}; wait"})
+    gateway.wait(task_id, lambda s: s["code"] == "RUNNING")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and len(pids.read_text().split() if pids.exists() else []) < 2:
+        time.sleep(0.1)
+    started = [int(p) for p in pids.read_text().split()]
+    job = job_id(gateway, task_id)
+    assert known_to_qmaster(job) and all(proc.alive(p, None) for p in started)
+    status, _, _ = gateway.request("DELETE", f"/v1/jobproxy/delete/{task_id}")
+    assert status == 204
+    assert gateway.request("GET", f"/v1/jobproxy/state/{task_id}")[0] == 404
+    assert not known_to_qmaster(job), "Grid Engine still has the job of the deleted task"
+    assert accounting(job, task_id)["failed"].startswith("100")  # ended by a signal (qdel), not on its own
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(proc.alive(p, None) for p in started):
+        time.sleep(0.1)
+    assert not any(proc.alive(p, None) for p in started), "processes of the deleted task survived"
+
+
+def test_task_the_drm_refuses_answers_400_with_its_reason(gateway_factory: Callable[..., Gateway]) -> None:
+    gateway = gateway_factory(CONFIG + 'native_spec = ["-w e", "-l nosuchresource=1"]\n').start()
+    status, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": "a", "cmd": "true"}).encode(),
+                                      {"Content-Type": "application/json"})
+    assert status == 400
+    assert json.loads(body)["error"] == 'Grid Engine refused the job: unknown resource "nosuchresource"'
+    assert json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"] == []  # nothing kept
+
+
+def test_more_cores_than_any_queue_has_answers_400(gateway: Gateway) -> None:
+    status, _, body = gateway.request("POST", "/v1/jobproxy/submit",
+                                      json.dumps({"user": "a", "cmd": "true", "cores": 1000}).encode(),
+                                      {"Content-Type": "application/json"})
+    assert (status, json.loads(body)["error"]) == (400, "Grid Engine refused the job: error: no suitable queues")
+
+
+def test_gateway_restart_mid_run_loses_nothing(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    gateway = gateway_factory(CONFIG).start()
+    flag = tmp_path / "go"
+    wait_flag = f"while [ ! -e {flag} ]; do sleep 0.2; done"
+    done = gateway.submit({"user": "a", "cmd": "exit 4"})
+    gateway.wait(done)
+    finishing = gateway.submit({"user": "a", "cmd": f"{wait_flag}; echo finished"})
+    killed = gateway.submit({"user": "a", "cmd": f"{wait_flag}; kill -9 $PPID; sleep 5"})
+    long = gateway.submit({"user": "a", "cmd": "sleep 300", "cores": 1})
+    for task_id in (finishing, killed):
+        gateway.wait(task_id, lambda s: s["code"] == "RUNNING")
+    gateway.stop(kill=True)  # a crash: the DRMAA session is not even closed
+
+    flag.touch()  # while the gateway is down, one job finishes, the other's job script is killed
+    killed_job = job_id(gateway, killed)
+    accounting(killed_job, killed)
+    gateway.start()  # a new process, a new DRMAA session that never saw these jobs
+    assert gateway.wait(finishing)["code"] == "COMPLETE"
+    assert Path(gateway.state(finishing)["stdout"]).read_text() == "finished\n"
+    lost = gateway.wait(killed)  # no exit-code file: only Grid Engine's accounting knows
+    assert (lost["code"], lost["exit_code"]) == ("EXECUTOR_ERROR", 137) and "SIGKILL" in lost["description"]
+    assert gateway.state(done)["exit_code"] == 4
+    assert gateway.wait(long, lambda s: s["code"] in ("QUEUED", "RUNNING"))["code"] in ("QUEUED", "RUNNING")
+    late = gateway.submit({"user": "a", "cmd": "echo late"})
+    assert gateway.wait(late)["code"] == "COMPLETE"
+    long_job = job_id(gateway, long)
+    assert gateway.request("DELETE", f"/v1/jobproxy/delete/{long}")[0] == 204
+    assert not known_to_qmaster(long_job)
+    status, _, body = gateway.request("GET", "/v1/jobproxy/state")
+    assert {s["id"] for s in json.loads(body)["state"]} == {done, finishing, killed, late}
+
+
+def test_drm_down_answers_503_and_the_gateway_recovers(gateway: Gateway, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    running = gateway.submit({"user": "a", "cmd": f"while [ ! -e {flag} ]; do sleep 0.2; done; echo done"})
+    gateway.wait(running, lambda s: s["code"] == "RUNNING")
+    cluster = ["bash", str(ROOT / "etc" / "dev" / "gridengine.sh")]
+    subprocess.run([*cluster, "stop"], check=True, capture_output=True)
+    try:
+        flag.touch()  # the job ends while qmaster and execd are down
+        status, headers, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": "a", "cmd": "true"}).encode(),
+                                                {"Content-Type": "application/json"})
+        assert (status, headers.get("Retry-After")) == (503, "30"), body
+        assert json.loads(body)["error"].startswith("Grid Engine cannot take the job right now: unable to ")
+        assert [s["id"] for s in json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [running]
+    finally:
+        subprocess.run([*cluster, "start"], check=True, capture_output=True)
+    done = gateway.wait(running, timeout=120)
+    assert (done["code"], Path(done["stdout"]).read_text()) == ("COMPLETE", "done\n")
+    assert gateway.wait(gateway.submit({"user": "a", "cmd": "true"}))["code"] == "COMPLETE"
+
+
+@pytest.mark.parametrize("unset, message", [
+    ("DRMAA_LIBRARY_PATH", "DRMAA_LIBRARY_PATH is not set"),
+    ("SGE_ROOT", "SGE_ROOT is not set"),
+    ("GLIBC_TUNABLES", "GLIBC_TUNABLES=glibc.rtld.optional_static_tls=16384"),
+])
+def test_start_up_says_what_is_missing(gateway_factory: Callable[..., Gateway], unset: str, message: str) -> None:
+    gateway = gateway_factory(CONFIG, env={unset: ""})
+    with pytest.raises(AssertionError, match="exited with") as failed:
+        gateway.start()
+    said = str(failed.value)
+    assert message in said and "Traceback" not in said
+    assert "jobproxy: configuration error:" in said or "jobproxy: scheduler 'drmaa' could not start:" in said
