@@ -54,6 +54,9 @@ class ContainerRuntime(abc.ABC):
     name: ClassVar[str]
     options_schema: ClassVar[dict[str, Any]]
     supports_ports: ClassVar[bool] = True
+    #: The runtime enforces the task's memory limit itself (its container lives outside the job's
+    #: process tree), so a scheduler must not put an address-space limit on its client.
+    limits_memory: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
@@ -129,6 +132,7 @@ class DockerRuntime(ContainerRuntime):
     """Docker, or any runtime with Docker's command line."""
 
     name = "docker"
+    limits_memory = True
     options_schema = {
         "type": "object",
         "additionalProperties": False,

@@ -47,7 +47,6 @@ from gateway.model import Task, TaskState
 
 from . import drmaa_map, gridengine, outcome
 from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from .containers import DockerRuntime
 from .drmaa_session import shared
 from .script import EXIT_FILE, check_template, load_template
 
@@ -159,7 +158,7 @@ class DrmaaScheduler(Scheduler):
             partial.replace(script)
         except OSError as exc:
             raise SchedulerUnavailable(f"the DRMAA scheduler cannot write the job script: {exc.strerror}") from None
-        runtime_limits_memory = task.container is not None and isinstance(self.runtime, DockerRuntime)
+        runtime_limits_memory = task.container is not None and self.runtime is not None and self.runtime.limits_memory
         values = drmaa_map.native_values(task, self.options.get("parallel_environment", "smp"), self.options.get("queue"),
                                          job_memory=not runtime_limits_memory)
         fields = drmaa_map.job_template(task, str(script), drmaa_map.native_spec(self.pieces, values),
