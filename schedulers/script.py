@@ -68,7 +68,11 @@ def run_block(task: Task, command: Command | Sequence[str]) -> str:
     ]
     if task.cputime:
         soft, hard = cpu_rlimit(task.cputime)
-        lines.append(f"ulimit -S -t {soft} && ulimit -H -t {hard} || exit 1")
+        # never raise a hard limit the scheduler already set lower (Grid Engine's h_cpu does)
+        lines += [
+            f'jobproxy_hard=$(ulimit -H -t); [ "$jobproxy_hard" = unlimited ] || [ "$jobproxy_hard" -gt {hard} ] && jobproxy_hard={hard}',
+            f'ulimit -S -t $(( jobproxy_hard < {soft} ? jobproxy_hard : {soft} )) && ulimit -H -t "$jobproxy_hard" || exit 1',
+        ]
     if command.on_stop:
         stop = quote_argv(command.on_stop) + ' >/dev/null 2>&1; kill -TERM "$jobproxy_child" 2>/dev/null'
         lines += [

@@ -126,7 +126,7 @@ def test_job_script_quotes_every_value_and_runs(tmp_path: Path) -> None:
     t = Task.from_document({"user": "u", "cmd": ["printf", "%s|", "a b", "$HOME", "`id`"], "cputime": 30}, "tid", str(workdir))
     text = drmaa_map.job_script(load_template("drmaa"), t, Command(["printf", "%s|", "a b", "$HOME", "`id`"]))
     assert text.startswith("#!/bin/bash\n# JobProxy task tid, DRMAA scheduler (job name jobproxy-tid)\n")
-    assert "ulimit -S -t 30 && ulimit -H -t 35" in text
+    assert "jobproxy_hard=35" in text and "? jobproxy_hard : 30 ))" in text
     (tmp_path / "job.sh").write_text(text)
     done = subprocess.run(["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout) == (0, "a b|$HOME|`id`|")

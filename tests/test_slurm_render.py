@@ -62,7 +62,7 @@ def test_no_limits(tmp_path: Path) -> None:
 def test_smallest_limits(tmp_path: Path) -> None:
     script = scheduler(tmp_path).job_script(task(tmp_path / "w", cores=1, memory=1, cputime=1))
     assert {"#SBATCH --cpus-per-task=1", "#SBATCH --mem=1M", "#SBATCH --time=1"} <= set(sbatch_lines(script))
-    assert "ulimit -S -t 1 && ulimit -H -t 6 || exit 1" in script
+    assert "jobproxy_hard=6" in script and "? jobproxy_hard : 1 ))" in script
 
 
 def test_huge_limits(tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_huge_limits(tmp_path: Path) -> None:
     # 31536000000 s × 2 + 5 s = 63072000005 s, in whole minutes rounded up
     assert {"#SBATCH --cpus-per-task=100000", "#SBATCH --mem=1073741824M",
             "#SBATCH --time=1051200001"} <= set(sbatch_lines(script))
-    assert "ulimit -S -t 31536000000 && ulimit -H -t 31536000005 || exit 1" in script
+    assert "jobproxy_hard=31536000005" in script and "? jobproxy_hard : 31536000000 ))" in script
 
 
 @pytest.mark.parametrize("cputime, factor, default_time, minutes", [

@@ -64,8 +64,17 @@ def test_string_command_runs_through_sh(tmp_path: Path) -> None:
 
 def test_cputime_line_and_no_limits(tmp_path: Path) -> None:
     limited = script.run_block(_task(tmp_path, cmd="true", cputime=10), ["true"])
-    assert "ulimit -S -t 10 && ulimit -H -t 15 || exit 1" in limited
+    assert "jobproxy_hard=15" in limited and "ulimit -S -t $(( jobproxy_hard < 10 ? jobproxy_hard : 10 ))" in limited
     assert "ulimit" not in script.run_block(_task(tmp_path, cmd="true"), ["true"])
+
+
+@pytest.mark.parametrize("inherited, expected", [("unlimited", "10 15"), ("12", "10 12"), ("7", "7 7")])
+def test_cputime_never_raises_a_lower_hard_limit(tmp_path: Path, inherited: str, expected: str) -> None:
+    task = _task(tmp_path, cmd=["sh", "-c", "echo $(ulimit -S -t) $(ulimit -H -t)"], cputime=10)
+    body = script.run_block(task, script.command_argv(task))
+    limit = "" if inherited == "unlimited" else f"ulimit -t {inherited}\n"
+    result = _run(limit + body, tmp_path)
+    assert result.stdout.strip() == expected and result.returncode == 0, result.stderr
 
 
 def test_odd_workdir_is_quoted(tmp_path: Path) -> None:
