@@ -112,7 +112,8 @@ class _Builder:
                  for index, executor in enumerate(self.request["executors"])]
         self.files["tes/steps.sh"] = tes_steps.render(task.id, tes_dir, root, sorted(set(self.folders)),
                                                       inputs, steps, outputs, targets,
-                                                      self.tes_config.get("host_writable", []))
+                                                      self.tes_config.get("host_writable", []),
+                                                      self.tes_config.get("host_readable", []))
         return task, self.files
 
     # ---- resources ----

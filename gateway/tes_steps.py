@@ -14,7 +14,8 @@ well as locally, given a file system shared with the gateway):
    host. The sandbox shows the rest of the host read-only (software installed on the nodes), with
    fresh folders along the way to each private path, so no mount point has to be created on the
    host itself; only the folders the admin lists in `[tes] host_writable` (e.g. a shared scratch
-   folder a workflow engine's storage plugin writes to) are writable.
+   folder a workflow engine's storage plugin writes to) are writable, and `[tes] host_readable`
+   lists folders to show even where a private path covers them (software installed under /tmp).
 2. Inputs: `file://` sources are copied (files and folders) into the private root; `content`
    inputs were already written there by the gateway; URLs of a scheme the admin enabled
    (`[tes] url_schemes`) are fetched by the admin's command.
@@ -100,6 +101,7 @@ for jp_d in / "${jp_routes[@]}"; do
     done
 done
 for jp_t in "${jp_targets[@]}"; do jp_box+=(--bind "$jp_root$jp_t" "$jp_t"); done
+for jp_r in "${jp_readable[@]}"; do jp_box+=(--ro-bind-try "$jp_r" "$jp_r"); done
 for jp_w in "${jp_writable[@]}"; do jp_box+=(--bind-try "$jp_w" "$jp_w"); done
 jp_box+=(--)
 """
@@ -178,9 +180,11 @@ def routes(targets: Sequence[str]) -> list[str]:
 
 def render(task_id: str, tes_dir: str, root: str, folders: Sequence[str], inputs: Sequence[Transfer],
            steps: Sequence[Step], outputs: Sequence[Transfer], targets: Sequence[str],
-           writable: Sequence[str] = ()) -> str:
+           writable: Sequence[str] = (), readable: Sequence[str] = ()) -> str:
     """The steps script. `folders` are private paths to create before the executors start;
-    `writable` are host folders the sandbox shows writable (`[tes] host_writable`)."""
+    `writable` are host folders the sandbox shows writable (`[tes] host_writable`), `readable`
+    host folders it shows read-only even where a private path (such as /tmp) covers them
+    (`[tes] host_readable`)."""
     lines = [
         "#!/bin/bash",
         f"# JobProxy TES task {task_id}: inputs in, {len(steps)} executor(s) in order, outputs back",
@@ -206,7 +210,7 @@ def render(task_id: str, tes_dir: str, root: str, folders: Sequence[str], inputs
     ]
     if any(step.on_host for step in steps):
         lines += ["", f"jp_targets=({quote_argv(targets)})", f"jp_routes=({quote_argv(routes(targets))})",
-                  f"jp_writable=({quote_argv(writable)})", _SANDBOX]
+                  f"jp_writable=({quote_argv(writable)})", f"jp_readable=({quote_argv(readable)})", _SANDBOX]
     for index, step in enumerate(steps):
         lines += ["", f"# executor {index}: {step.title}", f"jp_begin {index}"]
         command = ('"${jp_box[@]}" ' if step.on_host else "") + quote_argv(step.argv)

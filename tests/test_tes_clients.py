@@ -138,7 +138,7 @@ def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: P
     storage = tmp_path / "storage"  # the shared folder: the nodes see it at the same path
     (storage / "data").mkdir(parents=True)
     (storage / "data" / "in.txt").write_text("input\n")
-    gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\nhost_writable = ["{storage}"]')
+    gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\nhost_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}"]')
     project = tmp_path / "project"
     project.mkdir()
     (project / "Snakefile").write_text(SNAKEFILE)
