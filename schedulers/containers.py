@@ -21,6 +21,7 @@ import fnmatch
 import logging
 import os
 import re
+from dataclasses import replace
 from typing import Any, ClassVar, Mapping
 
 from gateway.model import Task
@@ -159,7 +160,7 @@ class DockerRuntime(ContainerRuntime):
         name = self.name_of(task)
         # --init: a small init as PID 1 forwards signals and reaps, so the container stops promptly
         run = [*self._cli(), "run", "--name", name, "--init", f"--pull={self.options.get('pull', 'missing')}",
-               "--label", f"jobproxy.task={task.id}"]
+               "--label", f"jobproxy.task={task.id}", *self.run_options()]
         if task.cores:
             run += ["--cpus", str(task.cores)]
         if task.memory:
@@ -173,13 +174,21 @@ class DockerRuntime(ContainerRuntime):
         for port in container.ports:
             run += ["--publish", f"{address + ':' if address else ''}{port.host}:{port.container}"]
         run += [*self.extra_args, container.image, *argv]
-        inspect = quote_argv([*self._cli(), "inspect", "--format", "{{.State.OOMKilled}}", name])
         return Command(
             argv=run,
             on_stop=self.stop_argv(task),
-            after=[f'[ "$({inspect} 2>/dev/null)" = true ] && : > {quote(f"{task.workdir}/{OOM_FILE}")}',
+            after=[f'{self.oom_test(task)} && : > {quote(f"{task.workdir}/{OOM_FILE}")}',
                    quote_argv([*self._cli(), "rm", "--force", name]) + " >/dev/null 2>&1"],
         )
+
+    def run_options(self) -> list[str]:
+        """Options of every `run` (after the name, init, pull policy and label)."""
+        return []
+
+    def oom_test(self, task: Task) -> str:
+        """A shell test that succeeds if the task's (ended) container was killed for memory."""
+        inspect = quote_argv([*self._cli(), "inspect", "--format", "{{.State.OOMKilled}}", self.name_of(task)])
+        return f'[ "$({inspect} 2>/dev/null)" = true ]'
 
     def stop_argv(self, task: Task) -> list[str]:
         return [*self._cli(), "rm", "--force", self.name_of(task)]
@@ -189,7 +198,45 @@ class DockerRuntime(ContainerRuntime):
 
 
 class PodmanRuntime(DockerRuntime):
+    """Podman: Docker's command line, plus `default_ulimits` and an OOM mark podman 4 does not give.
+
+    - Any `--ulimit` (the task's CPU time) replaces the containers.conf `default_ulimits` instead of
+      adding to them, and podman's own defaults for nofile/nproc exceed the hard limits of a host
+      without CAP_SYS_RESOURCE (the container then fails to start): `default_ulimits` are passed as
+      `--ulimit` arguments to every container.
+    - Podman before 5.0 reports `OOMKilled` false (podman#13102): conmon writes its `oom` file into
+      the current directory (the task's workdir, where the job script runs), where podman does not
+      look; that file marks the OOM kill as well.
+    """
+
     name = "podman"
+    options_schema = {
+        **DockerRuntime.options_schema,
+        "properties": {
+            **DockerRuntime.options_schema["properties"],
+            "default_ulimits": {
+                "type": "array", "default": [],
+                "items": {"type": "string", "pattern": "^(?!cpu=)[a-z]+=(-1|[0-9]+)(:(-1|[0-9]+))?$",
+                          "x-error": {"pattern": "must be NAME=SOFT[:HARD], e.g. nofile=20000:20000 (not cpu: "
+                                                 "the task's cputime sets that)"}},
+                "description": "--ulimit NAME=SOFT[:HARD] for every container, e.g. nofile and nproc within "
+                               "the host's hard limits (cpu comes from the task)",
+            },
+        },
+    }
+
+    def run_options(self) -> list[str]:
+        return [arg for limit in self.options.get("default_ulimits", []) for arg in ("--ulimit", limit)]
+
+    def oom_test(self, task: Task) -> str:
+        return f"{{ {super().oom_test(task)} || [ -e {quote(self._conmon_oom(task))} ]; }}"
+
+    def job_command(self, task: Task, argv: list[str]) -> Command:
+        command = super().job_command(task, argv)
+        return replace(command, after=[*command.after, f"rm -f {quote(self._conmon_oom(task))}"])
+
+    def _conmon_oom(self, task: Task) -> str:
+        return f"{task.workdir}/oom"
 
 
 class SingularityRuntime(ContainerRuntime):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite on a fresh machine:
 #   1. a virtualenv (.venv) with JobProxy and its test extras;
-#   2. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker), where
+#   2. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker, Podman), where
 #      this machine can run them (root on Debian); their environment is exported before pytest
 #      starts, since libdrmaa must see it at load time;
 #   3. pytest, with any arguments given to this script.
@@ -36,7 +36,7 @@ stop_clusters() {
 }
 trap stop_clusters EXIT
 
-for name in slurm gridengine docker; do
+for name in slurm gridengine docker podman; do
     script="etc/dev/$name.sh"
     [ -f "$script" ] || continue
     if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ]; then

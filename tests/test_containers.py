@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from gateway import config as configuration
 from gateway.model import Task
+from gateway.plugins import create_scheduler
 from schedulers import script
 from schedulers.base import TaskRefused
 from schedulers.containers import ApptainerRuntime, DockerRuntime, PodmanRuntime, SingularityRuntime
@@ -55,6 +58,41 @@ def test_job_script_with_container_parses(tmp_path: Path) -> None:
     path.write_text(body)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     assert "trap " in body and "--format '{{.State.OOMKilled}}'" in body
+
+
+def test_podman_repeats_default_ulimits_and_finds_conmons_oom_file(tmp_path: Path) -> None:
+    # Any --ulimit replaces containers.conf's default_ulimits: nofile/nproc are repeated on every run.
+    runtime = PodmanRuntime({"runtime": "podman", "pull": "never",
+                             "default_ulimits": ["nofile=20000:20000", "nproc=32768:32768"]})
+    task = _task(tmp_path, cmd=["sh", "-c", "exit 3"], memory=64, cputime=2)
+    command = runtime.job_command(task, script.command_argv(task))
+    assert list(command.argv) == [
+        "podman", "run", "--name", "jobproxy-t1", "--init", "--pull=never", "--label", "jobproxy.task=t1",
+        "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
+        "--memory", "64m", "--memory-swap", "64m", "--ulimit", "cpu=2:7", "busybox", "sh", "-c", "exit 3"]
+    assert command.on_stop == ["podman", "rm", "--force", "jobproxy-t1"]
+    # podman 4 says OOMKilled=false; conmon's `oom` file in the job's working directory tells.
+    workdir, bin_dir = Path(task.workdir), tmp_path / "bin"
+    workdir.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "podman").write_text("#!/bin/sh\n[ \"$1\" = inspect ] && echo false\nexit 0\n")  # as podman 4.3 answers
+    (bin_dir / "podman").chmod(0o755)
+    body = script.run_block(task, replace(command, argv=["true"], on_stop=None))
+    for conmon_wrote_oom in (False, True):
+        if conmon_wrote_oom:
+            (workdir / "oom").touch()
+        subprocess.run(["bash", "-c", body], check=True, env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+        assert (workdir / script.OOM_FILE).exists() == conmon_wrote_oom and not (workdir / "oom").exists()
+    assert PodmanRuntime({"runtime": "podman"}).run_options() == []
+
+
+@pytest.mark.parametrize("limit", ["cpu=10:20", "nofile", "nofile=a:b", "NOFILE=1:2", "nofile=1:2 --privileged"])
+def test_podman_default_ulimits_are_checked_at_start_up(tmp_path: Path, limit: str) -> None:
+    document = {"scheduler": {"type": "local", "container": {"runtime": "podman", "default_ulimits": [limit]}}}
+    with pytest.raises(configuration.ConfigError, match=r"\$\.scheduler\.container\.default_ulimits\[0\]: must be NAME=SOFT\[:HARD\]"):
+        create_scheduler(configuration.from_document(document, tmp_path, "t"))
+    document["scheduler"]["container"]["default_ulimits"] = ["nofile=1024:4096", "nproc=-1", "core=0"]
+    assert create_scheduler(configuration.from_document(document, tmp_path, "t")).runtime is not None
 
 
 @pytest.mark.parametrize("image", ["UPPER/case", "a b", "ok/../x", "-rm", "x:", "name@sha256:short"])

@@ -1,10 +1,14 @@
-"""End to end with a real Docker engine (etc/dev/docker.sh) on the local scheduler."""
+"""End to end with real container engines on the local scheduler: a private Docker engine
+(etc/dev/docker.sh) and Podman with its own configuration (etc/dev/podman.sh); every test runs
+against both."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,13 +20,31 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 IMAGE = "jobproxy-test/busybox:latest"
 
 
-@pytest.fixture
-def docker_host() -> str:
-    return cluster_env("docker")["DOCKER_HOST"]
+@dataclass(frozen=True)
+class Engine:
+    """How the tests reach one runtime's containers: its CLI and the environment it needs."""
+
+    runtime: str
+    cli: list[str]
+    env: dict[str, str]
+    config: str  # runtime-specific lines of [scheduler.container]
+
+
+@pytest.fixture(params=["docker", "podman"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    env = cluster_env(request.param)
+    if request.param == "docker":
+        host = env["DOCKER_HOST"]
+        return Engine("docker", ["docker", "-H", host], {}, f'host = "{host}"')
+    # The podman CLI (run by the job scripts) finds its private configuration through the environment.
+    podman_env = {key: env[key] for key in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF")}
+    # Any --ulimit replaces containers.conf's default nofile/nproc, which fit this machine's hard limits.
+    ulimits = json.dumps([limit for limit in env.get("JOBPROXY_PODMAN_ULIMITS", "").split(",") if limit])
+    return Engine("podman", ["podman"], podman_env, f"default_ulimits = {ulimits}")
 
 
 @pytest.fixture
-def gateway(gateway_factory: Callable[..., Gateway], docker_host: str, tmp_path: Path) -> Gateway:
+def gateway(gateway_factory: Callable[..., Gateway], engine: Engine, tmp_path: Path) -> Gateway:
     config = f"""
 [scheduler]
 type = "local"
@@ -30,19 +52,19 @@ poll_interval = 0.2
 [scheduler.options]
 kill_grace = 2
 [scheduler.container]
-runtime = "docker"
-host = "{docker_host}"
+runtime = "{engine.runtime}"
+{engine.config}
 pull = "never"
 allowed_images = ["jobproxy-test/*"]
 allowed_mounts = ["{tmp_path}"]
 publish_address = "127.0.0.1"
 """
-    return gateway_factory(config).start()
+    return gateway_factory(config, env=engine.env).start()
 
 
-def containers(docker_host: str, task_id: str) -> list[str]:
-    listed = subprocess.run(["docker", "-H", docker_host, "ps", "--all", "--quiet", "--filter", f"name=jobproxy-{task_id}"],
-                            capture_output=True, text=True, check=True)
+def containers(engine: Engine, task_id: str) -> list[str]:
+    listed = subprocess.run([*engine.cli, "ps", "--all", "--quiet", "--filter", f"name=jobproxy-{task_id}"],
+                            capture_output=True, text=True, check=True, env={**os.environ, **engine.env})
     return listed.stdout.split()
 
 
@@ -62,11 +84,11 @@ def test_volumes_read_only_and_writable(gateway: Gateway, tmp_path: Path) -> Non
     assert (outputs / "r.txt").read_text() == "result\n" and not (inputs / "new").exists()
 
 
-def test_exit_code_propagates(gateway: Gateway, docker_host: str) -> None:
+def test_exit_code_propagates(gateway: Gateway, engine: Engine) -> None:
     task_id = gateway.submit({"user": "a", "cmd": ["sh", "-c", "exit 3"], "container": {"image": IMAGE}})
     state = gateway.wait(task_id)
     assert (state["code"], state["exit_code"], state["description"]) == ("EXECUTOR_ERROR", 3, "exit code 3")
-    assert containers(docker_host, task_id) == []  # removed once it ended
+    assert containers(engine, task_id) == []  # removed once it ended
 
 
 def test_memory_over_use_is_killed(gateway: Gateway) -> None:
@@ -82,7 +104,7 @@ def test_cputime_limit_inside_the_container(gateway: Gateway) -> None:
     assert (state["code"], state["description"]) == ("EXECUTOR_ERROR", "killed: CPU time limit of 2 s exceeded")
 
 
-def test_mapped_port_then_delete_leaves_no_container(gateway: Gateway, docker_host: str, tmp_path: Path) -> None:
+def test_mapped_port_then_delete_leaves_no_container(gateway: Gateway, engine: Engine, tmp_path: Path) -> None:
     site = tmp_path / "www"
     site.mkdir()
     (site / "index.html").write_text("served by a task\n")
@@ -100,10 +122,10 @@ def test_mapped_port_then_delete_leaves_no_container(gateway: Gateway, docker_ho
         except OSError:
             time.sleep(0.2)
     assert body == b"served by a task\n"
-    assert containers(docker_host, task_id)
+    assert containers(engine, task_id)
     status, _, _ = gateway.request("DELETE", f"/v1/jobproxy/delete/{task_id}")
     assert status == 204
-    assert containers(docker_host, task_id) == []
+    assert containers(engine, task_id) == []
 
 
 def test_policy_refusals_name_what_was_wrong(gateway: Gateway) -> None:
