@@ -42,6 +42,8 @@ export DOCKER_HOST="unix://${SOCK}"
 unset DOCKER_CONTEXT DOCKER_TLS_VERIFY DOCKER_CERT_PATH
 
 log() { printf 'docker.sh: %s\n' "$*" >&2; }
+# shellcheck source=etc/dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Print a message and the tail of the daemon log, then exit 1.
 die() {
@@ -53,16 +55,6 @@ die() {
     exit 1
 }
 
-# True if PID is a live (not zombie) process. PID 1 here reaps exited processes slowly, so a dead
-# daemon can linger as a zombie for a while and `kill -0` alone would still succeed.
-alive() {
-    local pid="$1" stat
-    [[ "${pid}" =~ ^[0-9]+$ ]] || return 1
-    stat="$(cat "/proc/${pid}/stat" 2>/dev/null)" || return 1
-    # The state is the first field after the command name, which is in parentheses.
-    stat="${stat##*) }"
-    [[ "${stat%% *}" != "Z" && "${stat%% *}" != "X" ]]
-}
 
 # The command line of PID with spaces between the arguments (fails if PID is gone).
 cmdline_of() {
@@ -114,47 +106,6 @@ image_exists() {
     timeout 20 docker image inspect "${IMAGE}" >/dev/null 2>&1
 }
 
-pkg_installed() {
-    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
-}
-
-# Install Debian packages without letting their maintainer scripts start any daemon.
-apt_install() {
-    local created_policy=0 rc=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        created_policy=1
-        # Also removed if this script dies half-way.
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    # Refresh the package lists first if apt does not know a package (a fresh machine has none).
-    local pkg policy need_update=0
-    for pkg in "$@"; do
-        # (Not `apt-cache ... | grep -q`: with pipefail, grep's early exit fails the pipeline.)
-        policy="$(apt-cache policy "${pkg}" 2>/dev/null || true)"
-        [[ "${policy}" == *"Candidate: "[0-9]* ]] || need_update=1
-    done
-    if ((need_update)); then
-        log "apt-get update"
-        apt-get update -qq || rc=$?
-    fi
-    if ((rc == 0)); then
-        log "apt-get install $*"
-        if ! apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
-            # Stale lists give 404s: refresh once and retry.
-            log "install failed; apt-get update and retry"
-            apt-get update -qq && apt-get install -y -qq --no-install-recommends "$@" >/dev/null || rc=$?
-        fi
-    fi
-    if ((created_policy)); then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
-    ((rc == 0)) || die "could not install $* (apt-get exit ${rc})"
-}
-
 # Install whatever of docker.io / busybox-static is missing.
 ensure_packages() {
     local pkgs=()
@@ -162,9 +113,11 @@ ensure_packages() {
         || ! command -v runc >/dev/null; then
         pkgs+=(docker.io)
     fi
-    pkg_installed busybox-static || pkgs+=(busybox-static)
+    [[ -z $(missing_packages busybox-static) ]] || pkgs+=(busybox-static)
     if ((${#pkgs[@]})); then
-        apt_install "${pkgs[@]}"
+        log "apt-get install ${pkgs[*]}"
+        mkdir -p "${STATE}"
+        apt_install "${STATE}/apt.log" "${pkgs[@]}" || die "could not install ${pkgs[*]} (log: ${STATE}/apt.log)"
     fi
     # Debian's docker.io brings its own CLI; a newer one may already be first on PATH.
     command -v docker >/dev/null || die "no docker CLI on PATH after installing docker.io"
@@ -173,7 +126,8 @@ ensure_packages() {
 
 # Build the test image from busybox-static by import.
 build_image() {
-    pkg_installed busybox-static || apt_install busybox-static
+    [[ -z $(missing_packages busybox-static) ]] || { mkdir -p "${STATE}"; apt_install "${STATE}/apt.log" busybox-static; } \
+        || die "could not install busybox-static (log: ${STATE}/apt.log)"
     local busybox=/bin/busybox
     [[ -x "${busybox}" ]] || die "${busybox} missing although busybox-static is installed"
     local rootfs="${STATE}/build/rootfs"

@@ -56,17 +56,12 @@ readonly LOCK_FILE=/tmp/gridengine-sh.lock
 
 # Scratch files of this run, removed on exit.
 WORK_DIR=
-POLICY_RC_CREATED=false
-# The policy-rc.d we may create carries this marker, so we never remove someone else's file.
-readonly POLICY_RC=/usr/sbin/policy-rc.d
-readonly POLICY_RC_MARK='# created by etc/dev/gridengine.sh'
 
 log() { printf 'gridengine.sh: %s\n' "$*" >&2; }
+# shellcheck source=etc/dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 cleanup() {
-    if [[ $POLICY_RC_CREATED == true ]] && grep -qxF "$POLICY_RC_MARK" "$POLICY_RC" 2>/dev/null; then
-        rm -f "$POLICY_RC"
-    fi
     if [[ -n $WORK_DIR ]]; then
         rm -rf "$WORK_DIR"
     fi
@@ -112,18 +107,12 @@ take_lock() {
 # Processes. PID 1 on these machines reaps slowly, so a dead daemon can linger as a zombie and
 # `kill -0` still succeeds: only a process whose state is not Z counts as running.
 
-is_alive() {
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }          # drop "pid (comm) " - comm may contain spaces
-    [[ ${stat%% *} != Z ]]
-}
 
 # Prints the PIDs of live processes whose command name is exactly $1.
 daemon_pids() {
     local pid
     for pid in $(pgrep -x "$1" || true); do
-        if is_alive "$pid"; then
+        if alive "$pid"; then
             echo "$pid"
         fi
     done
@@ -143,7 +132,7 @@ wait_gone() {
     while :; do
         alive=false
         for pid in "$@"; do
-            if is_alive "$pid"; then alive=true; fi
+            if alive "$pid"; then alive=true; fi
         done
         [[ $alive == false ]] && return 0
         ((SECONDS < deadline)) || return 1
@@ -165,16 +154,8 @@ launch() {
 # ---------------------------------------------------------------------------------------------
 # Installation
 
-packages_installed() {
-    local pkg status
-    for pkg in "${PACKAGES[@]}"; do
-        status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) || return 1
-        [[ $status == "install ok installed" ]] || return 1
-    done
-}
-
 install_packages() {
-    packages_installed && return 0
+    [[ -n $(missing_packages "${PACKAGES[@]}") ]] || return 0
     log "installing ${PACKAGES[*]}"
     local host
     host=$(hostname)
@@ -193,37 +174,11 @@ gridengine-exec shared/gridengineconfig boolean true
 gridengine-exec shared/gridenginecell string $SGE_CELL
 gridengine-exec shared/gridenginemaster string $host
 EOF
-    # Keep maintainer scripts from starting daemons (Grid Engine's own and the mail transport
-    # that bsd-mailx pulls in): we start Grid Engine ourselves, with our environment.
-    if [[ ! -e $POLICY_RC ]]; then
-        printf '#!/bin/sh\n%s\nexit 101\n' "$POLICY_RC_MARK" >"$POLICY_RC"
-        chmod 0755 "$POLICY_RC"
-        POLICY_RC_CREATED=true
-    fi
-    apt_get update || die "apt-get update failed"
-    apt_get install --no-install-recommends "${PACKAGES[@]}" ||
-        die "apt-get install ${PACKAGES[*]} failed"
-    packages_installed || die "packages still not installed: ${PACKAGES[*]}"
-}
-
-# Runs apt-get non-interactively. The Slurm dev script may run apt at the same time: the
-# install waits for dpkg's lock (DPkg::Lock::Timeout), and since `apt-get update` does not wait
-# for the lists lock, a lock failure is retried.
-apt_get() {
-    local try out
+    # apt_install keeps maintainer scripts from starting daemons (Grid Engine's own and the mail
+    # transport that bsd-mailx pulls in): we start Grid Engine ourselves, with our environment.
     work_dir
-    out=$WORK_DIR/apt.log
-    for try in 1 2 3 4 5 6 7 8 9 10; do
-        if DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=600 "$@" \
-            >"$out" 2>&1; then
-            return 0
-        fi
-        grep -q 'Could not get lock' "$out" || break
-        log "apt-get $1: another apt holds a lock, retrying (try $try)"
-        sleep 5
-    done
-    tail -n 20 "$out" >&2
-    return 1
+    apt_install "$WORK_DIR/apt.log" "${PACKAGES[@]}" || die "apt-get install ${PACKAGES[*]} failed"
+    [[ -z $(missing_packages "${PACKAGES[@]}") ]] || die "packages still not installed: ${PACKAGES[*]}"
 }
 
 # The packages' maintainer scripts create the cell when debconf says so. Should the packages have

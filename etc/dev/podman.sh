@@ -49,6 +49,8 @@ export CONTAINERS_STORAGE_CONF="${STORAGE_CONF}"
 unset CONTAINER_HOST CONTAINER_CONNECTION CONTAINERS_REGISTRIES_CONF
 
 log() { printf 'podman.sh: %s\n' "$*" >&2; }
+# shellcheck source=etc/dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 die() {
     log "ERROR: $*"
@@ -60,57 +62,16 @@ pm() {
     timeout "${TIMEOUT}" podman "$@" 9>&-
 }
 
-pkg_installed() {
-    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
-}
-
-# Install Debian packages without letting their maintainer scripts start any daemon.
-apt_install() {
-    local created_policy=0 rc=0
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        created_policy=1
-        # Also removed if this script dies half-way.
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    # Refresh the package lists first if apt does not know a package (a fresh machine has none).
-    local pkg policy need_update=0
-    for pkg in "$@"; do
-        # (Not `apt-cache ... | grep -q`: with pipefail, grep's early exit fails the pipeline.)
-        policy="$(apt-cache policy "${pkg}" 2>/dev/null || true)"
-        [[ "${policy}" == *"Candidate: "[0-9]* ]] || need_update=1
-    done
-    if ((need_update)); then
-        log "apt-get update"
-        apt-get update -qq || rc=$?
-    fi
-    if ((rc == 0)); then
-        log "apt-get install $*"
-        if ! apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
-            # Stale lists give 404s: refresh once and retry.
-            log "install failed; apt-get update and retry"
-            apt-get update -qq && apt-get install -y -qq --no-install-recommends "$@" >/dev/null || rc=$?
-        fi
-    fi
-    if ((created_policy)); then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
-    ((rc == 0)) || die "could not install $* (apt-get exit ${rc})"
-}
-
 # Install whatever is missing: podman with runc (its dependency is `crun | runc`, and crun fails on
 # hybrid cgroups), catatonit for --init and netavark for bridge networks and port mappings (both
 # only recommended), iptables (netavark's firewall), busybox-static (the test image).
 ensure_packages() {
-    local pkgs=() pkg
-    for pkg in podman runc catatonit netavark iptables busybox-static; do
-        pkg_installed "${pkg}" || pkgs+=("${pkg}")
-    done
+    local pkgs=()
+    mapfile -t pkgs < <(missing_packages podman runc catatonit netavark iptables busybox-static)
     if ((${#pkgs[@]})); then
-        apt_install "${pkgs[@]}"
+        log "apt-get install ${pkgs[*]}"
+        mkdir -p "${STATE}"
+        apt_install "${STATE}/apt.log" "${pkgs[@]}" || die "could not install ${pkgs[*]} (log: ${STATE}/apt.log)"
     fi
     command -v podman >/dev/null || die "no podman on PATH after installing podman"
     command -v runc >/dev/null || die "no runc on PATH after installing runc"

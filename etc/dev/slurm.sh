@@ -47,6 +47,8 @@ readonly NODE
 export SLURM_CONF="$CONF"
 
 log() { printf 'slurm.sh: %s\n' "$*" >&2; }
+# shellcheck source=etc/dev/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 die() {
     log "ERROR: $*"
@@ -73,15 +75,8 @@ fail() {
 # ---------------------------------------------------------------- processes
 
 # proc_alive PID NAME: true if PID runs (not a zombie) and its command is NAME.
-# PID 1 here reaps slowly, so `kill -0` alone would report dead daemons as alive.
 proc_alive() {
-    local pid=$1 name=$2 stat rest comm
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    { read -r stat <"/proc/$pid/stat" && read -r comm <"/proc/$pid/comm"; } 2>/dev/null \
-        || return 1
-    rest=${stat##*) }                 # fields after "pid (comm) "
-    [[ ${rest%% *} != [ZX] ]] || return 1
-    [[ $comm == "$name" ]]
+    alive "$1" && [[ $(cat "/proc/$1/comm" 2>/dev/null) == "$2" ]]
 }
 
 # ours PID NAME: PID is NAME started by this script with this root (`NAME -f $CONF`).
@@ -164,55 +159,15 @@ spawn() {
 
 # ---------------------------------------------------------------- packages
 
-packages_missing() {
-    local p missing=()
-    for p in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
-            || missing+=("$p")
-    done
-    printf '%s\n' "${missing[@]}"
-}
-
-# apt_retry CMD...: run an apt command, retrying while another apt/dpkg holds the lock
-# (the Grid Engine dev script may be installing at the same time).
-apt_retry() {
-    local i
-    for ((i = 1; i <= 5; i++)); do
-        if "$@"; then return 0; fi
-        log "'$*' failed (attempt $i/5), retrying in 5 s"
-        sleep 5
-    done
-    return 1
-}
-
 ensure_packages() {
-    local missing created_policy=0
-    missing=$(packages_missing)
+    local missing
+    missing=$(missing_packages "${PACKAGES[@]}")
     [[ -n $missing ]] || return 0
     [[ $EUID -eq 0 ]] || die "packages missing (${missing//$'\n'/ }) and not root"
     log "installing: ${missing//$'\n'/ }"
-    # Keep maintainer scripts from starting munged/slurmd/slurmctld with the system
-    # config: a policy-rc.d that refuses every action (only if there is none yet).
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\n# temporary, from JobProxy etc/dev/slurm.sh\nexit 101\n' \
-            >/usr/sbin/policy-rc.d
-        chmod 0755 /usr/sbin/policy-rc.d
-        created_policy=1
-    fi
-    local -a apt_opts=(-q -y -o DPkg::Lock::Timeout=120 -o Dpkg::Options::=--force-confold)
-    local rc=0
-    apt_retry apt-get "${apt_opts[@]}" update >"$LOG_DIR/apt.log" 2>&1 || rc=$?
-    if ((rc == 0)); then
-        # shellcheck disable=SC2086  # word splitting of the package list is intended
-        DEBIAN_FRONTEND=noninteractive apt_retry apt-get "${apt_opts[@]}" \
-            --no-install-recommends install ${missing} >>"$LOG_DIR/apt.log" 2>&1 || rc=$?
-    fi
-    if ((created_policy)); then rm -f /usr/sbin/policy-rc.d; fi
-    if ((rc != 0)); then
-        tail -n 30 "$LOG_DIR/apt.log" >&2
-        die "apt-get failed (full log: $LOG_DIR/apt.log)"
-    fi
-    missing=$(packages_missing)
+    # shellcheck disable=SC2086  # word splitting of the package list is intended
+    apt_install "$LOG_DIR/apt.log" ${missing} || die "apt-get failed (full log: $LOG_DIR/apt.log)"
+    missing=$(missing_packages "${PACKAGES[@]}")
     [[ -z $missing ]] || die "still missing after install: ${missing//$'\n'/ }"
 }
 

@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# Shared helpers of the dev-cluster scripts in etc/dev (sourced, not run). The caller defines
+# `log MESSAGE` before sourcing. Written for Debian 12 as root, without systemd as PID 1.
+
+# alive PID: PID is a live process. PID 1 reaps slowly here, so a dead daemon can linger as a
+# zombie for a while and `kill -0` alone would still succeed: read its state from /proc.
+alive() {
+    local pid=$1 stat
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }    # the fields after "pid (comm) "; comm may hold spaces and parentheses
+    [[ ${stat%% *} != [ZX] ]]
+}
+
+# missing_packages PKG...: print those of the Debian packages that are not installed.
+missing_packages() {
+    local pkg
+    for pkg in "$@"; do
+        [[ $(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null) == "install ok installed" ]] || printf '%s\n' "$pkg"
+    done
+}
+
+# apt_install LOG PKG...: install Debian packages non-interactively, output to LOG, without
+# letting their maintainer scripts start any daemon (a policy-rc.d that refuses, created only if
+# there is none and removed after). Another dev script may run apt at the same moment: installs
+# wait for dpkg's lock, and a lock failure of `apt-get update` (which does not wait) is retried.
+apt_install() {
+    local out=$1 policy=/usr/sbin/policy-rc.d created=0 rc=0
+    shift
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\n# temporary, from JobProxy etc/dev\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        created=1
+    fi
+    _apt "$out" update && _apt "$out" install --no-install-recommends "$@" || rc=$?
+    if ((created)); then rm -f "$policy"; fi
+    if ((rc != 0)); then
+        tail -n 20 "$out" >&2
+        return "$rc"
+    fi
+}
+
+# _apt LOG ARGS...: one apt-get call, retried while another apt holds a lock.
+_apt() {
+    local out=$1 try
+    shift
+    for try in 1 2 3 4 5 6 7 8 9 10; do
+        if DEBIAN_FRONTEND=noninteractive apt-get -q -y -o DPkg::Lock::Timeout=600 \
+            -o Dpkg::Options::=--force-confold "$@" >>"$out" 2>&1; then
+            return 0
+        fi
+        grep -q 'Could not get lock' "$out" || return 1
+        log "apt-get $1: another apt holds a lock, retrying (try $try)"
+        sleep 5
+    done
+    return 1
+}
