@@ -342,21 +342,4 @@ cmd_status() {
     log "engine up on ${DOCKER_HOST}, image ${IMAGE} present"
 }
 
-need_root() {
-    [[ "${EUID}" -eq 0 ]] || { log "must run as root"; exit 1; }
-}
-
-main() {
-    case "${1:-}" in
-        start) need_root; cmd_start ;;
-        stop) need_root; cmd_stop ;;
-        env) cmd_env ;;
-        status) cmd_status ;;
-        *)
-            echo "usage: $0 {start|stop|env|status}" >&2
-            exit 2
-            ;;
-    esac
-}
-
-main "$@"
+dispatch "$@"

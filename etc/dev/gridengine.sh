@@ -94,10 +94,6 @@ die() {
     exit 1
 }
 
-require_root() {
-    [[ $(id -u) -eq 0 ]] || { log "ERROR: must run as root"; exit 1; }
-}
-
 take_lock() {
     exec 9>>"$LOCK_FILE"
     flock -w 600 9 || die "another gridengine.sh holds $LOCK_FILE"
@@ -528,7 +524,6 @@ $(qstat -f 2>&1)"
 # Commands
 
 cmd_start() {
-    require_root
     take_lock
     install_packages
     ensure_cell
@@ -550,7 +545,6 @@ cmd_start() {
 }
 
 cmd_stop() {
-    require_root
     take_lock
     if [[ -z $(daemon_pids sge_execd) && -z $(daemon_pids sge_qmaster) ]]; then
         log "not running"
@@ -582,17 +576,4 @@ export GLIBC_TUNABLES=$TLS_TUNABLE
 EOF
 }
 
-main() {
-    case ${1:-} in
-        start) cmd_start ;;
-        stop) cmd_stop ;;
-        status) cmd_status ;;
-        env) cmd_env ;;
-        *)
-            echo "usage: $0 start|stop|status|env" >&2
-            exit 2
-            ;;
-    esac
-}
-
-main "$@"
+dispatch "$@"

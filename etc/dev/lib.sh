@@ -55,3 +55,17 @@ _apt() {
     done
     return 1
 }
+
+# dispatch COMMAND: run the script's cmd_start, cmd_stop (both as root), cmd_status or cmd_env.
+dispatch() {
+    case ${1:-} in
+        start | stop)
+            [[ $EUID -eq 0 ]] || { log "$1 must run as root"; exit 1; }
+            "cmd_$1" ;;
+        status | env) "cmd_$1" ;;
+        *)
+            printf 'usage: %s start|stop|status|env\n' "$0" >&2
+            exit 2
+            ;;
+    esac
+}

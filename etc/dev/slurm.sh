@@ -474,13 +474,4 @@ cmd_status() {
 
 cmd_env() { printf 'export SLURM_CONF=%q\n' "$CONF"; }
 
-case "${1:-}" in
-    start) cmd_start ;;
-    stop) cmd_stop ;;
-    status) cmd_status ;;
-    env) cmd_env ;;
-    *)
-        printf 'usage: %s start|stop|status|env\n' "$0" >&2
-        exit 2
-        ;;
-esac
+dispatch "$@"
