@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from schedulers.script import quote, quote_argv
+from schedulers.script import quote, quote_argv, stoppable
 
 #: Runs one executor: `sh -c WRAP sh WORKDIR STDIN STDOUT STDERR N NAME=VALUE... COMMAND...`.
 WRAP = (
@@ -218,15 +218,7 @@ def render(task_id: str, tes_dir: str, root: str, folders: Sequence[str], inputs
         redirect += f' >"$jp_tes/exec/{index}.stdout"' if step.stdout else ""
         redirect += f' 2>"$jp_tes/exec/{index}.stderr"' if step.stderr else ""
         if step.on_stop:
-            stop = quote_argv(step.on_stop) + ' >/dev/null 2>&1; kill -TERM "$jp_child" 2>/dev/null'
-            lines += [
-                f"{command}{redirect} &",
-                "jp_child=$!",
-                f"trap {quote(stop)} TERM INT HUP",
-                'wait "$jp_child"; jp_rc=$?',
-                'while kill -0 "$jp_child" 2>/dev/null; do wait "$jp_child"; jp_rc=$?; done',
-                "trap - TERM INT HUP",
-            ]
+            lines += [*stoppable(command + redirect, step.on_stop, "jp_child", "jp_rc"), "trap - TERM INT HUP"]
         else:
             lines += [f"{command}{redirect}", "jp_rc=$?"]
         lines += [*step.after, f'jp_end {index} "$jp_rc"']

@@ -58,6 +58,19 @@ class Command:
     after: Sequence[str] = field(default_factory=tuple)
 
 
+def stoppable(command_line: str, on_stop: Sequence[str], child: str, status: str) -> list[str]:
+    """Bash lines that run `command_line` in the background, run `on_stop` and pass SIGTERM on
+    when the job is told to stop, and leave the command's exit status in `$status`."""
+    stop = quote_argv(on_stop) + f' >/dev/null 2>&1; kill -TERM "${child}" 2>/dev/null'
+    return [
+        f"{command_line} &",
+        f"{child}=$!",
+        f"trap {quote(stop)} TERM INT HUP",
+        f'wait "${child}"; {status}=$?',
+        f'while kill -0 "${child}" 2>/dev/null; do wait "${child}"; {status}=$?; done',
+    ]
+
+
 def run_block(task: Task, command: Command | Sequence[str]) -> str:
     """The common body of every job script (see the module docstring)."""
     if not isinstance(command, Command):
@@ -74,14 +87,7 @@ def run_block(task: Task, command: Command | Sequence[str]) -> str:
             f'ulimit -S -t $(( jobproxy_hard < {soft} ? jobproxy_hard : {soft} )) && ulimit -H -t "$jobproxy_hard" || exit 1',
         ]
     if command.on_stop:
-        stop = quote_argv(command.on_stop) + ' >/dev/null 2>&1; kill -TERM "$jobproxy_child" 2>/dev/null'
-        lines += [
-            f"{quote_argv(command.argv)} &",
-            "jobproxy_child=$!",
-            f"trap {quote(stop)} TERM INT HUP",
-            'wait "$jobproxy_child"; jobproxy_status=$?',
-            'while kill -0 "$jobproxy_child" 2>/dev/null; do wait "$jobproxy_child"; jobproxy_status=$?; done',
-        ]
+        lines += stoppable(quote_argv(command.argv), command.on_stop, "jobproxy_child", "jobproxy_status")
     else:
         lines += [quote_argv(command.argv), "jobproxy_status=$?"]
     done = exit_file(task)

@@ -128,23 +128,8 @@ ensure_packages() {
 build_image() {
     [[ -z $(missing_packages busybox-static) ]] || { mkdir -p "${STATE}"; apt_install "${STATE}/apt.log" busybox-static; } \
         || die "could not install busybox-static (log: ${STATE}/apt.log)"
-    local busybox=/bin/busybox
-    [[ -x "${busybox}" ]] || die "${busybox} missing although busybox-static is installed"
     local rootfs="${STATE}/build/rootfs"
-    rm -rf "${STATE}/build"
-    mkdir -p "${rootfs}"/{bin,sbin,usr/bin,usr/sbin,etc,root,proc,sys,dev,data,var/tmp}
-    mkdir -m 1777 "${rootfs}/tmp"
-    cp "${busybox}" "${rootfs}/bin/busybox"
-    # Symlinks for every applet at its usual place (/bin/sh, /bin/sleep, /usr/bin/nc, ...).
-    chroot "${rootfs}" /bin/busybox --install -s
-    [[ -L "${rootfs}/bin/sh" ]] || die "busybox --install -s did not create /bin/sh"
-    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' \
-        >"${rootfs}/etc/passwd"
-    printf 'root:x:0:\nnogroup:x:65534:\n' >"${rootfs}/etc/group"
-    # Docker bind-mounts these three over the image's; they only have to exist.
-    : >"${rootfs}/etc/hosts"
-    : >"${rootfs}/etc/hostname"
-    : >"${rootfs}/etc/resolv.conf"
+    busybox_rootfs "${rootfs}"
     log "importing ${IMAGE}"
     tar --numeric-owner --owner=0 --group=0 -C "${rootfs}" -cf - . \
         | timeout 120 docker import \

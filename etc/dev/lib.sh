@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Shared helpers of the dev-cluster scripts in etc/dev (sourced, not run). The caller defines
-# `log MESSAGE` before sourcing. Written for Debian 12 as root, without systemd as PID 1.
+# `log MESSAGE` and `die MESSAGE` before sourcing. Written for Debian 12 as root, without systemd as PID 1.
 
 # alive PID: PID is a live process. PID 1 reaps slowly here, so a dead daemon can linger as a
 # zombie for a while and `kill -0` alone would still succeed: read its state from /proc.
@@ -68,4 +68,23 @@ dispatch() {
             exit 2
             ;;
     esac
+}
+
+# busybox_rootfs DIR: a minimal root file system in DIR (emptied first) for the test image:
+# busybox-static with a symlink for every applet at its usual place (/bin/sh, /usr/bin/nc, ...),
+# /tmp, a passwd and group file with root and nobody, and the files engines bind-mount over.
+busybox_rootfs() {
+    local rootfs=$1 busybox=/bin/busybox
+    [[ -x $busybox ]] || die "$busybox missing although busybox-static is installed"
+    rm -rf "$rootfs"
+    mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,root,proc,sys,dev,data,var/tmp}
+    mkdir -m 1777 "$rootfs/tmp"
+    cp "$busybox" "$rootfs/bin/busybox"
+    chroot "$rootfs" /bin/busybox --install -s
+    [[ -L $rootfs/bin/sh ]] || die "busybox --install -s did not create /bin/sh"
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$rootfs/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+    : >"$rootfs/etc/hosts"
+    : >"$rootfs/etc/hostname"
+    : >"$rootfs/etc/resolv.conf"
 }
