@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import enum
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
 
 class TaskState(str, enum.Enum):
@@ -31,6 +32,17 @@ class TaskState(str, enum.Enum):
 
 TERMINAL = frozenset({TaskState.COMPLETE, TaskState.EXECUTOR_ERROR, TaskState.SYSTEM_ERROR, TaskState.CANCELED})
 ACTIVE = frozenset(s for s in TaskState if s not in TERMINAL)
+
+
+def path_within(path: str, roots: Iterable[str]) -> bool:
+    """Whether `path`, with `..` and symbolic links resolved, lies in or under one of `roots`
+    (themselves resolved): the one check behind every confined path."""
+    real = os.path.realpath(path)
+    for root in roots:
+        top = os.path.realpath(root)
+        if real == top or real.startswith(top.rstrip("/") + "/"):
+            return True
+    return False
 
 
 def new_task_id() -> str:

@@ -9,7 +9,7 @@ import stat
 from typing import Iterable
 
 from .config import Config
-from .model import Task
+from .model import Task, path_within
 from .responses import ApiError
 
 UNITS = {"cores": "cores", "memory": "MiB", "cputime": "CPU seconds"}
@@ -47,13 +47,14 @@ def check_run_as(config: Config, user: str) -> None:
                       f"(root, system users below uid {minimum} and denied users are refused)")
 
 
-def _allowed(path: str, roots: Iterable[str]) -> bool:
-    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+def user_roots(roots: Iterable[str], user: str) -> list[str]:
+    """The `[paths] roots` of `user` ({user} filled in), resolved."""
+    return [os.path.realpath(root.replace("{user}", user)) for root in roots]
 
 
 def check_paths(roots: Iterable[str], task: Task) -> None:
     """Output files and volume hosts must resolve (`..` and symlinks followed) under the user's roots."""
-    allowed = [os.path.realpath(root.replace("{user}", task.user)) for root in roots]
+    allowed = user_roots(roots, task.user)
     shown = ", ".join(allowed) or "none"
     places = [("$.stdout", task.stdout), ("$.stderr", task.stderr)]
     if task.container:
@@ -61,8 +62,8 @@ def check_paths(roots: Iterable[str], task: Task) -> None:
     for where, path in places:
         if where in ("$.stdout", "$.stderr") and path.startswith(task.workdir + "/"):
             continue  # the gateway's own default, in the task's folder
-        real = os.path.realpath(path)
-        if not _allowed(real, allowed):
+        if not path_within(path, allowed):
             raise _refuse(400, where, f"{path!r} is outside the folders this site allows for {task.user} ({shown})")
+        real = os.path.realpath(path)
         if where in ("$.stdout", "$.stderr") and os.path.lexists(real) and not stat.S_ISREG(os.stat(real).st_mode):
             raise _refuse(400, where, f"{path!r} exists and is not a regular file")

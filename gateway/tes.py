@@ -47,7 +47,8 @@ from schedulers.script import command_argv
 from . import service, tes_steps
 from .auth import Identity
 from .keys import CONFIG, SCHEDULER
-from .model import Container, Mount, Task
+from .model import Container, Mount, Task, path_within
+from .policy import user_roots
 from .responses import ApiError
 
 TES_VERSION = "1.1.0"
@@ -160,9 +161,8 @@ class _Builder:
             raise refuse(where, f"{url!r} is not a file:// URL of this machine (file:///absolute/path)")
         roots = self.app[CONFIG].path_roots
         if roots is not None:
-            allowed = [os.path.realpath(r.replace("{user}", self.user)) for r in roots]
-            real = os.path.realpath(path)
-            if not any(real == r or real.startswith(r.rstrip("/") + "/") for r in allowed):
+            allowed = user_roots(roots, self.user)
+            if not path_within(path, allowed):
                 raise refuse(where, f"{path!r} is outside the folders this site allows for {self.user} "
                                     f"({', '.join(allowed) or 'none'})")
         return path

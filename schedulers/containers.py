@@ -24,7 +24,7 @@ import re
 from dataclasses import replace
 from typing import Any, ClassVar, Mapping
 
-from gateway.model import Task
+from gateway.model import Task, path_within
 
 from .base import TaskRefused
 from .script import Command, OOM_FILE, quote, quote_argv
@@ -81,8 +81,7 @@ class ContainerRuntime(abc.ABC):
             for field, path in (("host", mount.host), ("container", mount.container)):
                 if any(c in path for c in ":,"):
                     raise TaskRefused(f"{where}.{field}: {path!r} must not contain ':' or ','")
-            real = os.path.realpath(mount.host)
-            if not any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.allowed_mounts):
+            if not path_within(mount.host, self.allowed_mounts):
                 roots = ", ".join(self.allowed_mounts) or "none: this site allows no volumes"
                 raise TaskRefused(f"{where}.host: {mount.host!r} is outside the folders that may be mounted ({roots})")
 
