@@ -153,23 +153,14 @@ launch() {
 install_packages() {
     [[ -n $(missing_packages "${PACKAGES[@]}") ]] || return 0
     log "installing ${PACKAGES[*]}"
-    local host
+    local host pkg
     host=$(hostname)
     # Answers for the packages' debconf questions: create cell "default" with this host as master.
-    debconf-set-selections <<EOF
-gridengine-common shared/gridengineconfig boolean true
-gridengine-common shared/gridenginecell string $SGE_CELL
-gridengine-common shared/gridenginemaster string $host
-gridengine-client shared/gridengineconfig boolean true
-gridengine-client shared/gridenginecell string $SGE_CELL
-gridengine-client shared/gridenginemaster string $host
-gridengine-master shared/gridengineconfig boolean true
-gridengine-master shared/gridenginecell string $SGE_CELL
-gridengine-master shared/gridenginemaster string $host
-gridengine-exec shared/gridengineconfig boolean true
-gridengine-exec shared/gridenginecell string $SGE_CELL
-gridengine-exec shared/gridenginemaster string $host
-EOF
+    for pkg in gridengine-common gridengine-client gridengine-master gridengine-exec; do
+        printf '%s shared/gridengineconfig boolean true\n' "$pkg"
+        printf '%s shared/gridenginecell string %s\n' "$pkg" "$SGE_CELL"
+        printf '%s shared/gridenginemaster string %s\n' "$pkg" "$host"
+    done | debconf-set-selections
     # apt_install keeps maintainer scripts from starting daemons (Grid Engine's own and the mail
     # transport that bsd-mailx pulls in): we start Grid Engine ourselves, with our environment.
     work_dir

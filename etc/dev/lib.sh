@@ -1,6 +1,12 @@
 # shellcheck shell=bash
 # Shared helpers of the dev-cluster scripts in etc/dev (sourced, not run). The caller defines
-# `log MESSAGE` and `die MESSAGE` before sourcing. Written for Debian 12 as root, without systemd as PID 1.
+# `log MESSAGE` before sourcing, and may redefine `die` after it (e.g. to show a daemon's log). Written for Debian 12 as root, without systemd as PID 1.
+
+# die MESSAGE: say what went wrong and exit 1.
+die() {
+    log "ERROR: $*"
+    exit 1
+}
 
 # alive PID: PID is a live process. PID 1 reaps slowly here, so a dead daemon can linger as a
 # zombie for a while and `kill -0` alone would still succeed: read its state from /proc.

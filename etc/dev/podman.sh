@@ -52,11 +52,6 @@ log() { printf 'podman.sh: %s\n' "$*" >&2; }
 # shellcheck source=etc/dev/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-die() {
-    log "ERROR: $*"
-    exit 1
-}
-
 # podman, bounded in time, without the lock's file descriptor (conmon outlives the command).
 pm() {
     timeout "${TIMEOUT}" podman "$@" 9>&-

@@ -50,11 +50,6 @@ log() { printf 'slurm.sh: %s\n' "$*" >&2; }
 # shellcheck source=etc/dev/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-die() {
-    log "ERROR: $*"
-    exit 1
-}
-
 # Print the last lines of the daemons' logs (for failure diagnosis).
 dump_logs() {
     local f
@@ -77,6 +72,16 @@ fail() {
 # proc_alive PID NAME: true if PID runs (not a zombie) and its command is NAME.
 proc_alive() {
     alive "$1" && [[ $(cat "/proc/$1/comm" 2>/dev/null) == "$2" ]]
+}
+
+# gone_within TENTHS PID NAME: wait up to TENTHS tenths of a second for PID to end.
+gone_within() {
+    local i
+    for ((i = 0; i < $1; i++)); do
+        proc_alive "$2" "$3" || return 0
+        sleep 0.1
+    done
+    ! proc_alive "$2" "$3"
 }
 
 # ours PID NAME: PID is NAME started by this script with this root (`NAME -f $CONF`).
@@ -118,24 +123,17 @@ other_pids() {
 
 # stop_daemon NAME PIDFILE: SIGTERM, wait up to 20 s, then SIGKILL.
 stop_daemon() {
-    local name=$1 file=$2 pid i
+    local name=$1 file=$2 pid
     if ! pid=$(daemon_pid "$name" "$file"); then
         rm -f "$file"
         return 0
     fi
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 200; i++)); do
-        proc_alive "$pid" "$name" || break
-        sleep 0.1
-    done
-    if proc_alive "$pid" "$name"; then
+    if ! gone_within 200 "$pid" "$name"; then
         log "$name did not stop within 20 s; killing it"
         kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            proc_alive "$pid" "$name" || break
-            sleep 0.1
-        done
+        gone_within 50 "$pid" "$name" || true
     fi
     proc_alive "$pid" "$name" && die "could not stop $name (pid $pid)"
     rm -f "$file"
