@@ -26,7 +26,8 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model import Task, new_task_id  # noqa: E402
+from schedulers.base import Task
+from gateway.model import new_task_id  # noqa: E402, task_from_document
 from gateway.store import Store  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
@@ -54,7 +55,7 @@ def seed(store_path: Path, count: int) -> None:
     store = Store(store_path)
     for _ in range(count):
         task_id = new_task_id()
-        store.add(Task.from_document({"user": "bench", "cmd": "true"}, task_id, f"/nonexistent/{task_id}"), "other")
+        store.add(task_from_document({"user": "bench", "cmd": "true"}, task_id, f"/nonexistent/{task_id}"), "other")
     store.close()
 
 

@@ -8,7 +8,7 @@ import schemas
 
 from . import auth, codec, service
 from .keys import CONFIG, SCHEDULER, STORE, TASK_VALIDATOR
-from .model import TaskState
+from schedulers.base import TaskState
 from .responses import ApiError, answer
 from .store import Record
 

@@ -9,7 +9,8 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_tes, api_v1, auth, plugins, responses
+from . import api_v1, auth, plugins, responses
+from .tes import api as tes_api
 from .config import Config
 from .keys import CONFIG, POLLER, SCHEDULER, STORE, TASK_VALIDATOR
 from .poller import Poller
@@ -29,7 +30,7 @@ def create_app(config: Config) -> web.Application:
     app[SCHEDULER] = plugins.create_scheduler(config)
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
-    app.add_routes(api_tes.routes)
+    app.add_routes(tes_api.routes)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -9,7 +9,7 @@ import stat
 from typing import Iterable
 
 from .config import Config
-from .model import Task, path_within
+from schedulers.base import Task, path_within
 from .responses import ApiError
 
 UNITS = {"cores": "cores", "memory": "MiB", "cputime": "CPU seconds"}

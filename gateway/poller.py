@@ -10,7 +10,8 @@ import logging
 
 from schedulers.base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable
 
-from .model import TaskState, now
+from schedulers.base import TaskState
+from .model import now
 from .store import Change, Record, Store
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy
 from .keys import CONFIG, POLLER, SCHEDULER, STORE
-from .model import Task, TaskState, new_task_id, now
+from schedulers.base import Task, TaskState
+from .model import new_task_id, now, task_from_document
 from .responses import ApiError
 from .store import Change, Record
 
@@ -35,7 +36,7 @@ def visible(request: web.Request, task_id: str) -> Record:
 def new_task(app: web.Application, document: dict[str, Any]) -> Task:
     """A Task with a fresh id and its own folder under the task root, from a validated document."""
     task_id = new_task_id()
-    return Task.from_document(document, task_id, str(Path(app[CONFIG].task_root).resolve() / task_id))
+    return task_from_document(document, task_id, str(Path(app[CONFIG].task_root).resolve() / task_id))
 
 
 async def accept(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None = None) -> None:

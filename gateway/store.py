@@ -12,7 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .model import ACTIVE, Task, TaskState, now, parse_rfc3339, rfc3339
+from schedulers.base import ACTIVE, Task, TaskState
+from .model import now, parse_rfc3339, rfc3339
 
 # Each entry moves the database from version i to i+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (

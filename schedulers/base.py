@@ -25,12 +25,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
-from gateway.model import Task, TaskState
+from .task import ACTIVE, TERMINAL, Container, Mount, Port, Task, TaskState, path_within
 
 from .script import Command, command_argv
 
 if TYPE_CHECKING:
     from .containers import ContainerRuntime
+
+__all__ = [
+    "ACTIVE", "TERMINAL", "Container", "Mount", "Port", "Task", "TaskState", "path_within",
+    "JobRef", "JobStatus", "Scheduler", "SchedulerError", "SchedulerUnavailable", "TaskRefused",
+]
 
 NO_CONTAINER_RUNTIME = (
     "$.container: this gateway has no container runtime configured, so it cannot run a task in a "

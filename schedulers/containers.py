@@ -24,7 +24,7 @@ import re
 from dataclasses import replace
 from typing import Any, ClassVar, Mapping
 
-from gateway.model import Task, path_within
+from .task import Task, path_within
 
 from .base import TaskRefused
 from .script import Command, OOM_FILE, quote, quote_argv

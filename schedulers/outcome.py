@@ -5,7 +5,7 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
-from gateway.model import Task, TaskState
+from .task import Task, TaskState
 
 from .base import JobStatus
 from .script import OOM_FILE

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gateway.model import Task
+from .task import Task
 
 from .units import cpu_rlimit
 
@@ -106,11 +106,13 @@ def describe_request(task: Task) -> str:
     return f"cores {task.cores or 1}, memory {memory}, CPU time {cputime}"
 
 
-def load_template(scheduler: str, override: str | None = None) -> str:
-    """The admin's template file if given, else the built-in one for `scheduler`."""
+def load_template(package: str, override: str | None = None) -> str:
+    """The admin's template file if given, else the built-in one beside the scheduler's module:
+    `<name>.sh` in the package `package` (e.g. `schedulers.slurm`)."""
     if override:
         return Path(override).read_text(encoding="utf-8")
-    return (resources.files(__package__) / "templates" / f"{scheduler}.sh").read_text(encoding="utf-8")
+    name = package.rsplit(".", 1)[-1]
+    return (resources.files(package) / f"{name}.sh").read_text(encoding="utf-8")
 
 
 def placeholders(template: str) -> set[str]:

@@ -3,6 +3,7 @@ against the OpenAPI document."""
 from __future__ import annotations
 
 import json
+from gateway.model import task_from_document
 import shutil
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,7 @@ async def test_task_recorded_but_never_submitted_is_recovered(aiohttp_client: An
     store = Store(config.store_path)
     workdir = Path(config.task_root).resolve() / "orphan"
     workdir.mkdir(parents=True)
-    store.add(Task.from_document({"user": "a", "cmd": "echo recovered"}, "orphan", str(workdir)), "local")
+    store.add(task_from_document({"user": "a", "cmd": "echo recovered"}, "orphan", str(workdir)), "local")
     store.close()
     client = await aiohttp_client(create_app(config))
     state = await wait_state(client, "orphan", final)

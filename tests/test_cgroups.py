@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from schedulers import cgroups
+from schedulers.local import cgroups
 
 
 def _fake_v2(root: Path) -> Path:
@@ -78,7 +78,7 @@ def test_real_hierarchy_enforces_memory(tmp_path: Path) -> None:
         hog = "import time; b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
         job = tmp_path / "job.sh"
         job.write_text(f'exec {sys.executable} -c "{hog}"\n')
-        launcher = [sys.executable, "-I", str(Path(cgroups.__file__).with_name("launch.py"))]
+        launcher = [sys.executable, "-I", str(Path(cgroups.__file__).with_name("launcher.py"))]
         args = [arg for p in procs for arg in ("--join", str(p))]
         result = subprocess.run([*launcher, *args, "--stdout", str(tmp_path / "out"), "--stderr", str(tmp_path / "err"),
                                  "--script", str(job)], capture_output=True, timeout=60)

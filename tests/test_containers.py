@@ -3,6 +3,7 @@ through a bubblewrap stand-in (the real runtime cannot be installed on these mac
 from __future__ import annotations
 
 import json
+from gateway.model import task_from_document
 import shutil
 import subprocess
 from dataclasses import replace
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from gateway import config as configuration
-from gateway.model import Task
+from schedulers.base import Task
 from gateway.plugins import create_scheduler
 from schedulers import script
 from schedulers.base import TaskRefused
@@ -25,7 +26,7 @@ STANDIN = Path(__file__).parent / "standin" / "apptainer"
 
 def _task(tmp_path: Path, **fields: Any) -> Task:
     document = {"user": "u", "cmd": "echo hi", "container": {"image": "busybox"}, **fields}
-    return Task.from_document(document, "t1", str(tmp_path / "t1"))
+    return task_from_document(document, "t1", str(tmp_path / "t1"))
 
 
 def test_docker_command_line(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from typing import Any, AsyncIterator
 import pytest
 
 from gateway import config as configuration
-from gateway.model import Task, TaskState, new_task_id
+from schedulers.base import Task, TaskState
+from gateway.model import new_task_id, task_from_document
 from gateway.plugins import create_scheduler
 from schedulers.base import JobRef, JobStatus, Scheduler
 
@@ -34,7 +35,7 @@ def make_task(tmp_path: Path, **fields: Any) -> Task:
     task_id = new_task_id()
     workdir = tmp_path / "tasks" / task_id
     workdir.mkdir(parents=True)
-    return Task.from_document({"user": "tester", **fields}, task_id, str(workdir))
+    return task_from_document({"user": "tester", **fields}, task_id, str(workdir))
 
 
 async def submitted(scheduler: Scheduler, task: Task) -> JobRef:

@@ -4,6 +4,7 @@ captured from Grid Engine 8.1.9 (tests/captured/)."""
 from __future__ import annotations
 
 import doctest
+from gateway.model import task_from_document
 import logging
 import subprocess
 from collections import namedtuple
@@ -12,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from gateway.model import Task, TaskState
-from schedulers import drmaa_map, gridengine
-from schedulers.drmaa_map import Ending, conclude
+from schedulers.base import Task, TaskState
+from schedulers.drmaa import gridengine, mapping as drmaa_map
+from schedulers.drmaa.mapping import Ending, conclude
 from schedulers.script import Command, check_template, load_template, placeholders
 
 CAPTURED = Path(__file__).parent / "captured"
@@ -24,7 +25,7 @@ JobInfo = namedtuple("JobInfo", "jobId hasExited hasSignal terminatedSignal hasC
 
 
 def task(**fields: Any) -> Task:
-    return Task.from_document({"user": "u", "cmd": "true", **fields}, "1a21e6e3e7b18ca1a41", "/shared/tasks/1a21e6e3e7b18ca1a41")
+    return task_from_document({"user": "u", "cmd": "true", **fields}, "1a21e6e3e7b18ca1a41", "/shared/tasks/1a21e6e3e7b18ca1a41")
 
 
 def spec(pe: str = "smp", queue: str | None = None, pieces: tuple[str, ...] = drmaa_map.GRID_ENGINE_SPEC, **fields: Any) -> str:
@@ -123,8 +124,8 @@ def test_one_file_for_both_streams_is_joined() -> None:
 def test_job_script_quotes_every_value_and_runs(tmp_path: Path) -> None:
     workdir = tmp_path / "it's a $dir"
     workdir.mkdir()
-    t = Task.from_document({"user": "u", "cmd": ["printf", "%s|", "a b", "$HOME", "`id`"], "cputime": 30}, "tid", str(workdir))
-    text = drmaa_map.job_script(load_template("drmaa"), t, Command(["printf", "%s|", "a b", "$HOME", "`id`"]))
+    t = task_from_document({"user": "u", "cmd": ["printf", "%s|", "a b", "$HOME", "`id`"], "cputime": 30}, "tid", str(workdir))
+    text = drmaa_map.job_script(load_template("schedulers.drmaa"), t, Command(["printf", "%s|", "a b", "$HOME", "`id`"]))
     assert text.startswith("#!/bin/bash\n# JobProxy task tid, DRMAA scheduler (job name jobproxy-tid)\n")
     assert "jobproxy_hard=35" in text and "? jobproxy_hard : 30 ))" in text
     (tmp_path / "job.sh").write_text(text)
@@ -134,8 +135,8 @@ def test_job_script_quotes_every_value_and_runs(tmp_path: Path) -> None:
 
 
 def test_built_in_template_uses_known_placeholders() -> None:
-    assert placeholders(load_template("drmaa")) == {"task_id", "job_name", "resources", "run"}
-    check_template(load_template("drmaa"), drmaa_map.SCRIPT_PLACEHOLDERS, "drmaa.sh")
+    assert placeholders(load_template("schedulers.drmaa")) == {"task_id", "job_name", "resources", "run"}
+    check_template(load_template("schedulers.drmaa"), drmaa_map.SCRIPT_PLACEHOLDERS, "drmaa.sh")
     with pytest.raises(ValueError, match="unknown placeholder"):
         check_template("{{run}} {{nodes}}", drmaa_map.SCRIPT_PLACEHOLDERS, "site.sh")
 

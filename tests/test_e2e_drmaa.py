@@ -11,7 +11,8 @@ from typing import Callable
 
 import pytest
 
-from schedulers import gridengine, proc
+from schedulers.drmaa import gridengine
+from schedulers.local import proc
 
 from . import backend_drmaa
 from .conftest import ROOT, Gateway

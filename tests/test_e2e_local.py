@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 
-from schedulers import proc
+from schedulers.local import proc
 
 from .conftest import Gateway
 

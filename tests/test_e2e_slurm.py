@@ -24,11 +24,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from gateway.model import Task, TaskState, new_task_id
+from schedulers.base import Task, TaskState
+from gateway.model import new_task_id, task_from_document
 from gateway.store import Store
 from schedulers.base import JobRef
 from schedulers.script import quote
-from schedulers.slurm import COMMANDS, JOB_ID_FILE, SlurmScheduler
+from schedulers.slurm.plugin import COMMANDS, JOB_ID_FILE, SlurmScheduler
 
 from . import backend_slurm
 from .conftest import ROOT, Gateway
@@ -339,7 +340,7 @@ async def test_jobs_squeue_no_longer_lists_are_resolved(cluster: None, tmp_path:
     def task(name: str, cmd: str) -> Task:
         workdir = tmp_path / name
         workdir.mkdir()
-        return Task.from_document({"user": "a", "cmd": cmd}, new_task_id(), str(workdir))
+        return task_from_document({"user": "a", "cmd": cmd}, new_task_id(), str(workdir))
 
     ran = task("ran", "exit 5")
     real = JobRef(ran, await scheduler.submit(ran))

@@ -3,13 +3,14 @@ ones fail with exactly the expected problems and JSON paths."""
 from __future__ import annotations
 
 import json
+from gateway.model import task_from_document
 from pathlib import Path
 
 import pytest
 
 import schemas
 from gateway import codec
-from gateway.model import Task
+from schedulers.base import Task
 from gateway.validation import SchemaValidator
 
 CASES = Path(__file__).parent / "cases"
@@ -26,7 +27,7 @@ def _load(path: Path):  # noqa: ANN202 - any JSON value
 def test_valid_case(path: Path) -> None:
     document = _load(path)
     assert VALIDATOR.problems(document) == []
-    task = Task.from_document(document, "t1", "/work/t1")
+    task = task_from_document(document, "t1", "/work/t1")
     assert task.user
     assert Task.from_json(task.to_json()) == task
 
@@ -48,7 +49,7 @@ def test_every_invalid_case_has_expectations() -> None:
 def test_xml_and_json_forms_build_the_same_task() -> None:
     xml = _load(CASES / "valid" / "full.xml")
     assert xml["cores"] == 2 and xml["memory"] == 1024 and xml["cputime"] == 60
-    task = Task.from_document(xml, "t", "/w")
+    task = task_from_document(xml, "t", "/w")
     assert task.cmd == ("/bin/echo", "hello world")
     assert task.container is not None
     assert [(p.host, p.container) for p in task.container.ports] == [(8080, 80)]
@@ -56,8 +57,8 @@ def test_xml_and_json_forms_build_the_same_task() -> None:
 
 
 def test_seed_shapes_and_pairs_normalise_alike() -> None:
-    seed = Task.from_document(_load(CASES / "valid" / "container-seed-shapes.json"), "t", "/w")
-    lists = Task.from_document(_load(CASES / "valid" / "container-lists.json"), "t", "/w")
+    seed = task_from_document(_load(CASES / "valid" / "container-seed-shapes.json"), "t", "/w")
+    lists = task_from_document(_load(CASES / "valid" / "container-lists.json"), "t", "/w")
     assert seed.container and lists.container
     assert [(p.host, p.container) for p in seed.container.ports] == [(8080, 80)]
     assert [(p.host, p.container) for p in lists.container.ports] == [(18080, 8080), (18081, 8081)]

@@ -3,6 +3,7 @@ property test that no value can change the structure of a job script."""
 from __future__ import annotations
 
 import json
+from gateway.model import task_from_document
 import os
 import pwd
 import shutil
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from gateway import config as configuration
 from gateway.app import create_app
 from gateway.plugins import create_scheduler
-from gateway.model import Task
+from schedulers.base import Task
 from schedulers import script
 
 from .conftest import Gateway, free_port, make_config
@@ -248,9 +249,9 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 def test_no_value_changes_the_script_structure(tmp_path: Path, argv: list[str], shell: str, folder: str) -> None:
     workdir = tmp_path / folder
     workdir.mkdir(exist_ok=True)
-    task = Task.from_document({"user": "u", "cmd": ["python3", "-c", "import json,sys; print(json.dumps(sys.argv[1:]))", *argv],
+    task = task_from_document({"user": "u", "cmd": ["python3", "-c", "import json,sys; print(json.dumps(sys.argv[1:]))", *argv],
                                "cputime": 60}, "t1", str(workdir))
-    text = script.render(script.load_template("local"), {"task_id": script.quote(task.id), "workdir": script.quote(task.workdir),
+    text = script.render(script.load_template("schedulers.local"), {"task_id": script.quote(task.id), "workdir": script.quote(task.workdir),
                                                           "resources": script.describe_request(task),
                                                           "run": script.run_block(task, script.command_argv(task))})
     job = tmp_path / "job.sh"
@@ -259,7 +260,7 @@ def test_no_value_changes_the_script_structure(tmp_path: Path, argv: list[str], 
     result = subprocess.run(["bash", str(job)], capture_output=True, timeout=30)
     assert json.loads(result.stdout) == argv
     assert (workdir / script.EXIT_FILE).read_text() == "0\n"
-    shell_task = Task.from_document({"user": "u", "cmd": shell}, "t2", str(workdir))
+    shell_task = task_from_document({"user": "u", "cmd": shell}, "t2", str(workdir))
     body = script.run_block(shell_task, script.command_argv(shell_task))
     job.write_text(f"{body}\n")
     assert subprocess.run(["bash", "-n", str(job)], capture_output=True).returncode == 0

@@ -3,6 +3,7 @@ reading of squeue / scontrol / sbatch output captured from Slurm 22.05 (etc/dev/
 from __future__ import annotations
 
 import doctest
+from gateway.model import task_from_document
 import json
 import subprocess
 from pathlib import Path
@@ -12,13 +13,13 @@ import pytest
 
 from gateway import config as configuration
 from gateway.config import ConfigError
-from gateway.model import Task, TaskState
+from schedulers.base import Task, TaskState
 from gateway.plugins import create_scheduler
-from schedulers import slurm_parse
+from schedulers.slurm import parse as slurm_parse
 from schedulers.base import SchedulerError, TaskRefused
 from schedulers.script import EXIT_FILE
-from schedulers.slurm import JOB_ID_FILE, SlurmScheduler
-from schedulers.slurm_parse import SlurmJob, job_status, parse_scontrol, parse_squeue
+from schedulers.slurm.plugin import JOB_ID_FILE, SlurmScheduler
+from schedulers.slurm.parse import SlurmJob, job_status, parse_scontrol, parse_squeue
 
 # ---- job scripts ---------------------------------------------------------------------------------
 
@@ -29,7 +30,7 @@ def scheduler(tmp_path: Path, **options: Any) -> SlurmScheduler:
 
 def task(workdir: Path, **fields: Any) -> Task:
     workdir.mkdir(parents=True, exist_ok=True)
-    return Task.from_document({"user": "u", "cmd": "true", **fields}, "18c1b2e4d5f6a7b8c9d", str(workdir))
+    return task_from_document({"user": "u", "cmd": "true", **fields}, "18c1b2e4d5f6a7b8c9d", str(workdir))
 
 
 def sbatch_lines(script: str) -> list[str]:

@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import sqlite3
+from gateway.model import task_from_document
 from pathlib import Path
 
 import pytest
 
 from gateway import config as configuration
-from gateway.model import Task, TaskState
+from schedulers.base import Task, TaskState
 from gateway.plugins import create_scheduler
 from gateway.store import MIGRATIONS, Change, Store
 
 
 def _task(n: int, user: str = "u") -> Task:
-    return Task.from_document({"user": user, "cmd": "true"}, f"t{n:03d}", f"/w/t{n}")
+    return task_from_document({"user": user, "cmd": "true"}, f"t{n:03d}", f"/w/t{n}")
 
 
 def test_store_round_trip_and_changes(tmp_path: Path) -> None:

@@ -250,7 +250,7 @@ async def test_backend_parameters(tes_client: Any) -> None:
     assert full["state"] == "COMPLETE"
     assert full["logs"][0]["system_logs"] == ["backend parameter 'gpu' ignored: not supported here"]
     task = tes_client.server.app[STORE].get(task_id).task
-    assert task.cputime == 30 and task.extra["tes"]["backend_parameters"] == {"partition": "long"}
+    assert task.cputime == 30 and task.backend_parameters == {"partition": "long"}
 
 
 async def test_cancel_running_and_ended_tasks(tes_client: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway import config as configuration
-from gateway import tes, tes_steps
+from gateway.tes import request as tes, steps as tes_steps
 from gateway.app import create_app
 
 from .conftest import cluster_env

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import doctest
+from gateway.model import task_from_document
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from gateway.model import Task
+from schedulers.base import Task
 from schedulers import outcome, script, units
 from schedulers.base import JobStatus
 
@@ -32,7 +33,7 @@ def test_huge_memory_in_bytes() -> None:
 
 
 def _task(tmp_path: Path, **fields: object) -> Task:
-    return Task.from_document({"user": "u", **fields}, "t1", str(tmp_path))
+    return task_from_document({"user": "u", **fields}, "t1", str(tmp_path))
 
 
 ODD = ["", "it's", '"double"', "$HOME", "`id`", "$(id)", "a\nb", "back\\slash", "; rm -rf /", "*", "ü é", "-n"]
@@ -80,7 +81,7 @@ def test_cputime_never_raises_a_lower_hard_limit(tmp_path: Path, inherited: str,
 def test_odd_workdir_is_quoted(tmp_path: Path) -> None:
     odd = tmp_path / "dir with 'quote' and $x"
     odd.mkdir()
-    task = Task.from_document({"user": "u", "cmd": "pwd"}, "t1", str(odd))
+    task = task_from_document({"user": "u", "cmd": "pwd"}, "t1", str(odd))
     result = _run(script.run_block(task, script.command_argv(task)), tmp_path)
     assert result.stdout == f"{odd}\n"
     assert (odd / script.EXIT_FILE).read_text() == "0\n"
@@ -94,7 +95,7 @@ def test_template_placeholders_are_checked() -> None:
 
 def test_builtin_local_template_renders(tmp_path: Path) -> None:
     task = _task(tmp_path, cmd="echo hi", cores=2, memory=1, cputime=1)
-    text = script.render(script.load_template("local"), {
+    text = script.render(script.load_template("schedulers.local"), {
         "task_id": "t1", "workdir": str(tmp_path), "resources": script.describe_request(task),
         "run": script.run_block(task, script.command_argv(task))})
     assert text.startswith("#!/bin/bash\n") and "cores 2, memory 1 MiB, CPU time 1 s" in text

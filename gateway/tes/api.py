@@ -23,12 +23,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import auth, codec, service, tes, tes_views
-from .keys import CONFIG, STORE
-from .model import TaskState
-from .responses import ApiError
-from .store import Record
-from .validation import SchemaValidator
+from .. import auth, codec, service
+from . import documents, request as tes
+from ..keys import CONFIG, STORE
+from schedulers.base import TaskState
+from ..responses import ApiError
+from ..store import Record
+from ..validation import SchemaValidator
 
 PREFIXES = ("/ga4gh/tes/v1", "/v1")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 256, 2047
@@ -123,16 +124,16 @@ async def list_tasks(request: web.Request) -> web.Response:
         user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
         before=before, spec_entries=entries,
         spec_prefix=("$.extra.tes.request.name", query["name_prefix"]) if query.get("name_prefix") else None)
-    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", tes_views.DEFAULT_TAIL))
-    body: dict[str, Any] = {"tasks": [tes_views.document(r, view, tail) for r in records[:size]]}
+    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
+    body: dict[str, Any] = {"tasks": [documents.document(r, view, tail) for r in records[:size]]}
     if len(records) > size:
         body["next_page_token"] = _encode_token(records[size - 1].seq)
     return web.json_response(body)
 
 
 async def get_task(request: web.Request) -> web.Response:
-    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", tes_views.DEFAULT_TAIL))
-    return web.json_response(tes_views.document(_record(request), _view(request), tail))
+    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
+    return web.json_response(documents.document(_record(request), _view(request), tail))
 
 
 async def cancel_task(request: web.Request) -> web.Response:
@@ -155,8 +156,8 @@ def _record(request: web.Request) -> Record:
 
 def _view(request: web.Request) -> str:
     view = request.query.get("view") or "MINIMAL"
-    if view not in tes_views.VIEWS:
-        raise tes.refuse("view", f"must be one of {', '.join(tes_views.VIEWS)}, not {view!r}")
+    if view not in documents.VIEWS:
+        raise tes.refuse("view", f"must be one of {', '.join(documents.VIEWS)}, not {view!r}")
     return view
 
 

@@ -4,7 +4,7 @@ A TES task is an ordinary Task: the same store, the same scheduler, the same sta
 it is visible through both APIs. What is TES-only lives in `Task.extra["tes"]` (persisted with the
 task): the request as received (with the owner in `tags["user"]`), notes for `system_logs`, and
 the backend parameters passed on to the scheduler plugin. The task's command runs the steps
-script of `gateway.tes_steps`, written into its folder when it is accepted.
+script of `gateway.tes.steps`, written into its folder when it is accepted.
 
 Decisions:
 - Owner: with auth on, the caller (an admin may name another user in `tags["user"]`); with auth
@@ -12,7 +12,7 @@ Decisions:
 - Resources: `cpu_cores` -> cores; `ram_gb` is decimal gigabytes (10^9 bytes, as the TES spec
   says), rounded up to whole MiB of memory; `disk_gb`, `preemptible` and `zones` are recorded.
   `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; other keys the
-  admin allows (`[tes] backend_parameters`) are recorded in `extra["tes"]["backend_parameters"]`
+  admin allows (`[tes] backend_parameters`) are recorded in `Task.backend_parameters`
   for the scheduler plugin; other keys answer 400 under `backend_parameters_strict`, else they
   are ignored with a note in `system_logs`.
 - Images: `[tes] images` rules, first match wins: `run = "host"` runs the executor on the host in
@@ -44,12 +44,13 @@ from aiohttp import web
 from schedulers.base import SchedulerError
 from schedulers.script import command_argv
 
-from . import service, tes_steps
-from .auth import Identity
-from .keys import CONFIG, SCHEDULER
-from .model import Container, Mount, Task, path_within
-from .policy import user_roots
-from .responses import ApiError
+from .. import service
+from . import steps as tes_steps
+from ..auth import Identity
+from ..keys import CONFIG, SCHEDULER
+from schedulers.base import Container, Mount, Task, path_within
+from ..policy import user_roots
+from ..responses import ApiError
 
 TES_VERSION = "1.1.0"
 DEFAULT_USER = "anonymous"
@@ -107,8 +108,8 @@ class _Builder:
             self.private.append(volume)
             self.folders.append(volume)
         targets = tes_steps.cover(self.private)
-        task = dataclasses.replace(base, cmd=("/bin/bash", f"{tes_dir}/steps.sh"), extra={"tes": {
-            "request": self.request, "notes": self.notes, "backend_parameters": passed}})
+        task = dataclasses.replace(base, cmd=("/bin/bash", f"{tes_dir}/steps.sh"), backend_parameters=passed,
+                                   extra={"tes": {"request": self.request, "notes": self.notes}})
         steps = [self._step(task, index, executor, root, targets)
                  for index, executor in enumerate(self.request["executors"])]
         self.files["tes/steps.sh"] = tes_steps.render(task.id, tes_dir, root, sorted(set(self.folders)),

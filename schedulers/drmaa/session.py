@@ -22,8 +22,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import drmaa_map
-from .base import SchedulerError, SchedulerUnavailable
+from . import mapping
+from ..base import SchedulerError, SchedulerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class DrmaaSession:
             except errors.DrmaaException as exc:
                 answers[job_id] = ("error", str(exc))
                 continue
-            answers[job_id] = ("ended", self._reap(job_id)) if state in drmaa_map.ENDED_STATES else (state, None)
+            answers[job_id] = ("ended", self._reap(job_id)) if state in mapping.ENDED_STATES else (state, None)
         return answers
 
     def _reap(self, job_id: str) -> Any:

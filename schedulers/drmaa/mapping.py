@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
-from gateway.model import Task, TaskState
+from ..task import Task, TaskState
 
-from . import outcome
-from .base import JobStatus
-from .script import Command, describe_request, quote, render, run_block
-from .units import bytes_to_mib, cpu_rlimit, mib_to_bytes, share
+from .. import outcome
+from ..base import JobStatus
+from ..script import Command, describe_request, quote, render, run_block
+from ..units import bytes_to_mib, cpu_rlimit, mib_to_bytes, share
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _signal_number(name: str) -> int | None:
 # ---- the job template ------------------------------------------------------------------------
 
 
-#: The placeholders of the job-script template (templates/drmaa.sh).
+#: The placeholders of the job-script template (drmaa.sh).
 SCRIPT_PLACEHOLDERS = ("task_id", "job_name", "workdir", "resources", "run")
 
 

@@ -16,7 +16,7 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
-from .drmaa_map import Ending
+from .mapping import Ending
 
 log = logging.getLogger(__name__)
 

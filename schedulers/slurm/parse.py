@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterable, Sequence
 
-from gateway.model import Task, TaskState
+from ..task import Task, TaskState
 
-from . import outcome
-from .base import JobStatus, TaskRefused
-from .script import quote
-from .units import walltime_for_cputime, whole_minutes
+from .. import outcome
+from ..base import JobStatus, TaskRefused
+from ..script import quote
+from ..units import walltime_for_cputime, whole_minutes
 
 #: squeue `--Format` fields, in output order: width 0 = untruncated, `|` separates. The job name
 #: comes last because it is the only free text a user chooses (it may itself contain `|`).

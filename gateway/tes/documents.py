@@ -23,9 +23,10 @@ from typing import Any
 
 from schedulers.script import EXIT_FILE
 
-from .model import Task, TaskState, rfc3339
-from .store import Record
-from .tes import local_path, request_of, task_folder
+from schedulers.base import Task, TaskState
+from ..model import rfc3339
+from ..store import Record
+from .request import local_path, request_of, task_folder
 
 VIEWS = ("MINIMAL", "BASIC", "FULL")
 DEFAULT_TAIL = 64 * 1024

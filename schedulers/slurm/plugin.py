@@ -1,6 +1,6 @@
 """The Slurm scheduler: each task becomes one Slurm batch job, driven through Slurm's own commands.
 
-- submit: the job script (templates/slurm.sh, or the admin's `template`) carries the task's name,
+- submit: the job script (slurm.sh, or the admin's `template`) carries the task's name,
   files and limits as `#SBATCH` lines, then the common body (`run_block`: CPU-time ulimit, the
   command, the exit-code file); `sbatch --parsable` answers the job id. The job name is the task
   id, so `find` recovers a job by name after a crash; the script also writes its job id to the
@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Coroutine, Iterable, Mapping, Sequence
 
-from gateway.model import Task, TaskState
+from ..task import Task, TaskState
 
-from . import outcome
-from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from .script import EXIT_FILE, check_template, describe_request, load_template, placeholders, quote, render, run_block
-from .slurm_parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
+from .. import outcome
+from ..base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
+from ..script import EXIT_FILE, check_template, describe_request, load_template, placeholders, quote, render, run_block
+from .parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
                           parse_scontrol, parse_squeue, parse_submit, squeue_argv, time_limit_minutes, unavailable)
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class SlurmScheduler(Scheduler):
         self.timeout = float(self.options.get("command_timeout", 30))
         self.bin_dir: str | None = self.options.get("bin_dir")
         origin = self.options.get("template", "slurm.sh")
-        self.template = load_template("slurm", self.options.get("template"))
+        self.template = load_template(__package__ or "", self.options.get("template"))
         check_template(self.template, PLACEHOLDERS, origin)
         lacking = {"directives", "run"} - placeholders(self.template)
         if lacking:

@@ -1,11 +1,11 @@
 """The DRMAA scheduler: every task becomes a DRMAA v1 job (the `drmaa` package over the site's
 libdrmaa), tested against Grid Engine.
 
-Job. The task's job script (templates/drmaa.sh, written into the task's folder, which compute
+Job. The task's job script (drmaa.sh, written into the task's folder, which compute
 hosts must see) is the remote command: it sets the CPU-time rlimit, runs the command and writes
 the exit-code file, like every scheduler's. The job is named after the task id and carries it in
 its environment; cores, memory and CPU time go in the native specification, rendered from the
-admin's template (drmaa_map.py). DRMAA calls run in the process's one session and worker thread
+admin's template (mapping.py). DRMAA calls run in the process's one session and worker thread
 (drmaa_session.py); its errors become TaskRefused (the DRM refuses the job: 400) or
 SchedulerUnavailable (it cannot be reached or did not answer: 503).
 
@@ -43,12 +43,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from gateway.model import Task, TaskState
+from ..task import Task, TaskState
 
-from . import drmaa_map, gridengine, outcome
-from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from .drmaa_session import shared
-from .script import EXIT_FILE, check_template, load_template
+from .. import outcome
+from . import gridengine, mapping
+from ..base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
+from .session import shared
+from ..script import EXIT_FILE, check_template, load_template
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class DrmaaScheduler(Scheduler):
             "sge_cell": {"type": "string", "minLength": 1, "description": "Grid Engine cell (default: $SGE_CELL, else default)"},
             "contact": {"type": "string", "description": "DRMAA contact string (default: the DRM's default)"},
             "native_spec": {"type": "array", "items": {"type": "string"},
-                            "description": "native-specification pieces with placeholders; see drmaa_map.NATIVE_FIELDS"},
+                            "description": "native-specification pieces with placeholders; see mapping.NATIVE_FIELDS"},
             "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},
             "queue": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR},
             "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
@@ -112,10 +113,10 @@ class DrmaaScheduler(Scheduler):
             if problem:
                 raise SchedulerError(problem)
             self.env.update(SGE_ROOT=root, SGE_CELL=cell)
-        self.pieces = tuple(o.get("native_spec", drmaa_map.GRID_ENGINE_SPEC))
-        drmaa_map.check_native_spec(self.pieces)
-        self.template = load_template("drmaa", o.get("template"))
-        check_template(self.template, drmaa_map.SCRIPT_PLACEHOLDERS, o.get("template", "drmaa.sh"))
+        self.pieces = tuple(o.get("native_spec", mapping.GRID_ENGINE_SPEC))
+        mapping.check_native_spec(self.pieces)
+        self.template = load_template(__package__ or "", o.get("template"))
+        check_template(self.template, mapping.SCRIPT_PLACEHOLDERS, o.get("template", "drmaa.sh"))
         self.timeout = float(o.get("call_timeout", 30))
         self._missing: dict[str, float] = {}  # task id -> when its job was first found gone without a record
 
@@ -149,7 +150,7 @@ class DrmaaScheduler(Scheduler):
 
     async def submit(self, task: Task) -> str:
         script = Path(task.workdir) / SCRIPT_NAME
-        text = drmaa_map.job_script(self.template, task, self.job_command(task))
+        text = mapping.job_script(self.template, task, self.job_command(task))
         try:
             self._spool(task.id).mkdir(parents=True, exist_ok=True)
             partial = script.with_name(SCRIPT_NAME + ".part")
@@ -159,9 +160,9 @@ class DrmaaScheduler(Scheduler):
         except OSError as exc:
             raise SchedulerUnavailable(f"the DRMAA scheduler cannot write the job script: {exc.strerror}") from None
         runtime_limits_memory = task.container is not None and self.runtime is not None and self.runtime.limits_memory
-        values = drmaa_map.native_values(task, self.options.get("parallel_environment", "smp"), self.options.get("queue"),
+        values = mapping.native_values(task, self.options.get("parallel_environment", "smp"), self.options.get("queue"),
                                          job_memory=not runtime_limits_memory)
-        fields = drmaa_map.job_template(task, str(script), drmaa_map.native_spec(self.pieces, values),
+        fields = mapping.job_template(task, str(script), mapping.native_spec(self.pieces, values),
                                         self.options.get("environment", {}))
         abandoned = threading.Event()
         try:
@@ -200,7 +201,7 @@ class DrmaaScheduler(Scheduler):
         while active and time.monotonic() < deadline:  # until the DRM has really ended it
             await asyncio.sleep(0.5)
             probe = await self._call(shared().probe, [job.native_id], doing="report the job's state")
-            active = probe[job.native_id][0] in drmaa_map.ACTIVE_STATES
+            active = probe[job.native_id][0] in mapping.ACTIVE_STATES
         if active:
             log.warning("task %s: DRMAA job %s is still active after terminate", job.task_id, job.native_id)
         else:
@@ -243,17 +244,17 @@ class DrmaaScheduler(Scheduler):
         if kind == "error":
             log.warning("task %s: DRMAA job %s: %s", job.task_id, job.native_id, data)
             return None
-        if kind in drmaa_map.ACTIVE_STATES:
+        if kind in mapping.ACTIVE_STATES:
             settled = exit_time is not None and (kind == "undetermined" or time.time() - exit_time.timestamp() > _SETTLE)
             if not settled:
-                return JobStatus(TaskState.CANCELING, "terminating") if cancelled else drmaa_map.active_status(job.native_id, kind)
+                return JobStatus(TaskState.CANCELING, "terminating") if cancelled else mapping.active_status(job.native_id, kind)
             data = None  # libdrmaa is behind: the job script has ended
         if cancelled:
             return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=exit_time)
-        ending = drmaa_map.ending_from_jobinfo(data) if data is not None else None
+        ending = mapping.ending_from_jobinfo(data) if data is not None else None
         wants_record = (ending is None and exit_code is None) or (ending is not None and ending.aborted)
         if self.grid_engine and wants_record:
-            recorded = await gridengine.accounting(job.native_id, drmaa_map.job_name(task.id))
+            recorded = await gridengine.accounting(job.native_id, mapping.job_name(task.id))
             ending = recorded or ending
         if exit_code is None and ending is None:
             first = self._missing.setdefault(job.task_id, time.monotonic())
@@ -261,7 +262,7 @@ class DrmaaScheduler(Scheduler):
                 return None  # the exit file or the accounting record may still be on its way
         self._missing.pop(job.task_id, None)
         tail = _tail(task.stderr) if task.memory and exit_code not in (None, 0) else ""
-        return drmaa_map.conclude(task, job.native_id, exit_code=exit_code, ending=ending, stderr_tail=tail,
+        return mapping.conclude(task, job.native_id, exit_code=exit_code, ending=ending, stderr_tail=tail,
                                   exit_time=exit_time)
 
 

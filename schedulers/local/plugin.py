@@ -1,6 +1,6 @@
 """The local scheduler: runs tasks on the gateway's own machine, with their limits enforced.
 
-Each task becomes a job script (templates/local.sh) run by `launch.py` in its own session: the
+Each task becomes a job script (local.sh) run by `launch.py` in its own session: the
 launcher joins the task's cgroups (memory limit, CPU quota, cpuset) where a hierarchy is writable,
 pins the task to its CPUs, falls back to an address-space rlimit for memory where no cgroup is,
 and executes the script; the script sets the CPU-time rlimit and records the exit status.
@@ -23,12 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from gateway.model import Task, TaskState
+from ..task import Task, TaskState
 
-from . import cgroups, launch, outcome, proc
-from .base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from .script import EXIT_FILE, check_template, describe_request, load_template, quote, render, run_block
-from .units import mib_to_bytes
+from .. import outcome
+from . import cgroups, launcher, proc
+from ..base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
+from ..script import EXIT_FILE, check_template, describe_request, load_template, quote, render, run_block
+from ..units import mib_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class LocalScheduler(Scheduler):
         self.cpu_pool = tuple(usable[: self.cores])
         self.memory = int(self.options.get("memory", _machine_memory_mib() * 9 // 10))
         self.kill_grace = float(self.options.get("kill_grace", 5))
-        self.template = load_template("local", self.options.get("template"))
+        self.template = load_template(__package__ or "", self.options.get("template"))
         check_template(self.template, ("task_id", "workdir", "run", "resources"), self.options.get("template", "local.sh"))
         self.cgroups = cgroups.detect() if self.options.get("cgroups", "auto") == "auto" else None
         self._slots: dict[str, _Slot] = {}
@@ -216,7 +217,7 @@ class LocalScheduler(Scheduler):
 
     def _spawn(self, task: Task, cpus: tuple[int, ...]) -> _Slot:
         spool = self._spool(task.id)
-        argv = [sys.executable, "-I", launch.__file__, "--cpus", ",".join(map(str, cpus))]
+        argv = [sys.executable, "-I", launcher.__file__, "--cpus", ",".join(map(str, cpus))]
         how = [f"pinned to CPUs {_cpus(cpus)}"]
         memory_bytes = mib_to_bytes(task.memory) if task.memory else None
         if self.cgroups:
