@@ -50,9 +50,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = Store(config.store_path)
     app[STORE] = store
     _prepare_task_root(config)
-    await scheduler.start()
     poller = Poller(store, scheduler, config.poll_interval)
     app[POLLER] = poller
+    await scheduler.start(poller.report)
     await poller.poll_once()  # reconcile what happened while the gateway was down, before serving
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
     log.info("gateway ready: scheduler %s, store %s (%d tasks)", scheduler.name, config.store_path, store.count())

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
-from schedulers.base import Scheduler, SchedulerError
+from schedulers.base import Scheduler, SchedulerConfigError
 from schedulers.containers import ContainerRuntime
 
 from .config import Config, ConfigError
@@ -34,28 +34,32 @@ def plugin_class(group: str, name: str, base: type[P], where: str) -> type[P]:
     return cls
 
 
-def _check_options(schema: dict[str, Any], options: Mapping[str, Any], where: str, source: str) -> None:
-    problems = SchemaValidator(schema).problems(dict(options))
+def _checked_options(schema: dict[str, Any], options: Mapping[str, Any], where: str, source: str) -> dict[str, Any]:
+    """`options` checked against the plugin's schema, with the schema's defaults filled in."""
+    validator = SchemaValidator(schema)
+    problems = validator.problems(dict(options))
     if problems:
         raise ConfigError(f"{source}: {summary(problems).replace('$', where, 1)}")
+    return validator.with_defaults(dict(options))
 
 
 def create_scheduler(config: Config) -> Scheduler:
     """Instantiate the configured scheduler (and container runtime), options checked against their
     own schemas."""
     cls = plugin_class(SCHEDULERS, config.scheduler, Scheduler, f"{config.source}: $.scheduler.type")
-    _check_options(cls.options_schema, config.scheduler_options, "$.scheduler.options", config.source)
-    if config.run_as.get("enabled") and not cls.supports_run_as:
+    options = _checked_options(cls.options_schema, config.scheduler_options, "$.scheduler.options", config.source)
+    run_as_user = bool(config.run_as.get("enabled"))
+    if run_as_user and not cls.supports_run_as:
         raise ConfigError(f"{config.source}: $.run_as.enabled: the {config.scheduler} scheduler cannot run "
                           "jobs as their users; turn run_as off or choose another scheduler")
-    try:
-        scheduler = cls(config.scheduler, config.scheduler_options, Path(config.state_dir) / "schedulers" / config.scheduler)
-    except (SchedulerError, ValueError, OSError) as exc:
-        raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None
-    scheduler.run_as_user = bool(config.run_as.get("enabled"))
+    runtime = None
     if config.container is not None:
-        runtime = plugin_class(CONTAINERS, config.container["runtime"], ContainerRuntime,
-                               f"{config.source}: $.scheduler.container.runtime")
-        _check_options(runtime.options_schema, config.container, "$.scheduler.container", config.source)
-        scheduler.runtime = runtime(config.container)
-    return scheduler
+        runtime_class = plugin_class(CONTAINERS, config.container["runtime"], ContainerRuntime,
+                                     f"{config.source}: $.scheduler.container.runtime")
+        runtime = runtime_class(_checked_options(runtime_class.options_schema, config.container,
+                                                 "$.scheduler.container", config.source))
+    try:
+        return cls(config.scheduler, options, Path(config.state_dir) / "schedulers" / config.scheduler,
+                   runtime=runtime, run_as_user=run_as_user)
+    except SchedulerConfigError as exc:
+        raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None

@@ -30,6 +30,13 @@ class Poller:
         self.status_calls = 0
         self._wake = asyncio.Event()
 
+    def report(self, task_id: str, status: JobStatus) -> None:
+        """A change the scheduler saw by itself (the plugin contract's `report`)."""
+        record = self.store.get(task_id)
+        change = _change(record, status) if record is not None and not record.state.terminal else None
+        if change is not None:
+            self.store.apply([change])
+
     def wake(self) -> None:
         """Poll now rather than at the end of the interval (e.g. after a submit)."""
         self._wake.set()

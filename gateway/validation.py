@@ -45,10 +45,27 @@ class SchemaValidator:
     def named(cls, name: str) -> "SchemaValidator":
         return cls(schemas.load(name))
 
+    def with_defaults(self, document: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a valid `document` with the schema's `default`s filled in where a property
+        is absent, in nested objects too: each default is written once, in the schema."""
+        return _filled(self.schema, document)
+
     def problems(self, document: Any) -> list[Problem]:
         """All problems with `document`, sorted by path; empty when it is valid."""
         found = {(p.path, p.message): p for p in _flatten(self._validator.iter_errors(document))}
         return sorted(found.values(), key=lambda p: (p.path, p.message))
+
+
+def _filled(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+    filled = dict(document)
+    for key, sub in schema.get("properties", {}).items():
+        if not isinstance(sub, dict):
+            continue
+        if key not in filled and "default" in sub:
+            filled[key] = sub["default"]
+        if isinstance(filled.get(key), dict) and "properties" in sub:
+            filled[key] = _filled(sub, filled[key])
+    return filled
 
 
 def _flatten(errors: Iterable[ValidationError]) -> Iterator[Problem]:

@@ -1,21 +1,28 @@
 """The scheduler plugin contract.
 
-A plugin turns tasks into jobs of one batch system. The gateway calls it in this order:
+A plugin turns tasks into jobs of one batch system. The gateway creates it with the site's
+options (already checked against `options_schema`, defaults filled in), then calls:
 
-1. `admit(task)` at submit time, before anything is stored: refuse (`TaskRefused`) what this
+1. `start(report)` once, before anything else. `report(task_id, status)` is how a plugin that
+   learns of changes by itself (`reports_changes = True`, e.g. a local child's exit) tells the
+   gateway at once, from the event loop's thread.
+2. `admit(task)` at submit time, before anything is stored: refuse (`TaskRefused`) what this
    scheduler can never run, e.g. more cores than any node has.
-2. The gateway records the task, then calls `submit(task)`, which answers the scheduler's own id
+3. The gateway records the task, then calls `submit(task)`, which answers the scheduler's own id
    for the job (the "native id"). The job must carry the gateway's task id (job name, comment or
-   environment), so that `find(task_id)` can recover it after a crash between the two steps.
-3. A poller calls `status(jobs)` once per interval with every active job of this scheduler:
-   one batched query, never one call per job. It answers the jobs whose state it knows.
-4. `cancel(job)` stops a job and everything it started; `release(job)` frees what the plugin
+   environment), so that `find(task)` can recover it after a crash between the two steps.
+4. `status(jobs)`: one batched query about many jobs, never one call per job. A poller calls it
+   once per interval with every active job of this scheduler; for a plugin that
+   `reports_changes`, only once at start-up, to reconcile what happened while the gateway was
+   down. It answers the jobs whose state it knows.
+5. `cancel(job)` stops a job and everything it started; `release(job)` frees what the plugin
    keeps for a job once the gateway has forgotten the task.
 
 Plugins are found through the entry-point group `jobproxy.schedulers`; the site config names the
-one to run and gives its options, validated against the plugin's `options_schema` at start-up.
-Errors a user should read are raised as `TaskRefused` (answered 400) or `SchedulerUnavailable`
-(answered 503, the task is not kept); their message is shown as it is.
+one to run and gives its options. Errors a user should read: `SchedulerConfigError` from the
+constructor or `start` (the gateway does not start; the message says which option is wrong),
+`TaskRefused` (answered 400, with the JSON path of what is refused in `path`) and
+`SchedulerUnavailable` (answered 503, the task is not kept); their message is shown as it is.
 """
 from __future__ import annotations
 
@@ -23,19 +30,26 @@ import abc
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from .task import ACTIVE, TERMINAL, Container, Mount, Port, Task, TaskState, path_within
 
-from .script import Command, command_argv
+from .script import Command, check_template, command_argv, load_template, placeholders
 
 if TYPE_CHECKING:
     from .containers import ContainerRuntime
 
 __all__ = [
     "ACTIVE", "TERMINAL", "Container", "Mount", "Port", "Task", "TaskState", "path_within",
-    "JobRef", "JobStatus", "Scheduler", "SchedulerError", "SchedulerUnavailable", "TaskRefused",
+    "JobRef", "JobStatus", "Report", "Scheduler", "SchedulerConfigError", "SchedulerError",
+    "SchedulerUnavailable", "TaskRefused", "TEMPLATE_OPTION",
 ]
+
+#: The `template` option every plugin with a job-script template takes.
+TEMPLATE_OPTION: dict[str, Any] = {
+    "type": "string", "minLength": 1,
+    "description": "path of a job-script template replacing the built-in one",
+}
 
 NO_CONTAINER_RUNTIME = (
     "$.container: this gateway has no container runtime configured, so it cannot run a task in a "
@@ -47,8 +61,17 @@ class SchedulerError(Exception):
     """An error whose message is fit for the end user."""
 
 
+class SchedulerConfigError(SchedulerError):
+    """The plugin's options (or the machine) cannot work: the gateway refuses to start."""
+
+
 class TaskRefused(SchedulerError):
-    """This scheduler will never run the task as asked (HTTP 400)."""
+    """This scheduler will never run the task as asked (HTTP 400). `path` is the JSON path of the
+    refused part of the task (e.g. `$.cores`), `$` for the task as a whole."""
+
+    def __init__(self, message: str, path: str = "$") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class SchedulerUnavailable(SchedulerError):
@@ -78,6 +101,14 @@ class JobStatus:
     finished: datetime | None = None
 
 
+#: How a plugin tells the gateway of a change it saw by itself: `report(task_id, status)`.
+Report = Callable[[str, JobStatus], None]
+
+
+def _ignore(task_id: str, status: JobStatus) -> None:
+    """The report sink until `start` is given the gateway's."""
+
+
 class Scheduler(abc.ABC):
     """Base class of every scheduler plugin."""
 
@@ -85,23 +116,55 @@ class Scheduler(abc.ABC):
     options_schema: ClassVar[dict[str, Any]] = {"type": "object", "additionalProperties": False}
     #: Whether the plugin can run each job as the task's Unix user (`[run_as] enabled`).
     supports_run_as: ClassVar[bool] = False
+    #: Whether the plugin reports every change of its jobs through `report` as it happens, so
+    #: the gateway polls it only at start-up.
+    reports_changes: ClassVar[bool] = False
 
-    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
-        """`name` is the instance name recorded with each task; `state_dir` is the plugin's own."""
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, *,
+                 runtime: ContainerRuntime | None = None, run_as_user: bool = False) -> None:
+        """`name` is the instance name recorded with each task; `options` the site's, checked
+        against `options_schema` with its defaults filled in; `state_dir` is the plugin's own
+        folder; `runtime` the container runtime the site enabled for it, if any; `run_as_user`
+        asks to run each job as the Unix user named by `task.user`.
+        Raise SchedulerConfigError for options that cannot work here."""
         self.name = name
         self.options = dict(options)
         self.state_dir = state_dir
-        #: The container runtime the site enabled for this scheduler, set by the gateway.
-        self.runtime: ContainerRuntime | None = None
-        #: Run each job as the Unix user named by `task.user` (set by the gateway, if enabled).
-        self.run_as_user = False
+        self.runtime = runtime
+        self.run_as_user = run_as_user
+        self.report: Report = _ignore
+
+    def job_template(self, known: Iterable[str], required: Iterable[str] = ("run",)) -> str:
+        """The job-script template: the admin's `template` option, else `<name>.sh` beside the
+        plugin's module; checked to use only the `known` placeholders and all `required` ones."""
+        override = self.options.get("template")
+        package = type(self).__module__.rpartition(".")[0]
+        origin = override or f"{package.rpartition('.')[2]}.sh"
+        try:
+            template = load_template(package, override)
+        except OSError as exc:
+            raise SchedulerConfigError(f"cannot read the job-script template {origin}: {exc.strerror}") from None
+        try:
+            check_template(template, known, origin)
+        except ValueError as exc:
+            raise SchedulerConfigError(str(exc)) from None
+        lacking = set(required) - placeholders(template)
+        if lacking:
+            raise SchedulerConfigError(f"job-script template {origin}: lacks "
+                                       + ", ".join("{{" + n + "}}" for n in sorted(lacking)))
+        return template
 
     def admit_task(self, task: Task) -> None:
-        """The gateway's admission check: the container policy, then the plugin's own `admit`."""
+        """The gateway's admission check: the container policy, the output folders, then the
+        plugin's own `admit`."""
         if task.container is not None:
             if self.runtime is None:
-                raise TaskRefused(NO_CONTAINER_RUNTIME)
+                raise TaskRefused(NO_CONTAINER_RUNTIME, "$.container")
             self.runtime.admit(task)
+        for key, path in (("stdout", task.stdout), ("stderr", task.stderr)):
+            parent = Path(path).parent
+            if not path.startswith(task.workdir + "/") and not parent.is_dir():
+                raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist", f"$.{key}")
         self.admit(task)
 
     def job_command(self, task: Task) -> Command:
@@ -110,11 +173,14 @@ class Scheduler(abc.ABC):
         if task.container is None:
             return Command(argv)
         if self.runtime is None:
-            raise TaskRefused(NO_CONTAINER_RUNTIME)
+            raise TaskRefused(NO_CONTAINER_RUNTIME, "$.container")
         return self.runtime.job_command(task, argv)
 
-    async def start(self) -> None:
-        """Prepare for work (check commands, open sessions). Raise SchedulerError to stop start-up."""
+    async def start(self, report: Report) -> None:
+        """Prepare for work (check commands, open sessions); keep `report`. Raise SchedulerError
+        (SchedulerConfigError for a mistake of the site's) to stop start-up. Overrides call
+        `super().start(report)` first."""
+        self.report = report
 
     async def close(self) -> None:
         """Release what `start` acquired. Running jobs keep running."""
@@ -135,7 +201,8 @@ class Scheduler(abc.ABC):
         """Stop `job` and all its processes. A job that already ended is not an error."""
 
     async def find(self, task: Task) -> str | None:
-        """The native id of a job that carries `task.id`, or None: recovery after a crash."""
+        """The native id of a job that carries `task.id`, or None: recovery after a crash
+        between the gateway recording the task and `submit` answering."""
         return None
 
     async def release(self, job: JobRef) -> None:

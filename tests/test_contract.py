@@ -26,7 +26,7 @@ async def scheduler(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     document = {"gateway": {"state_dir": str(tmp_path / "state")},
                 "scheduler": {"type": kind, "poll_interval": 0.5, "options": options}}
     instance = create_scheduler(configuration.from_document(document, tmp_path, "contract test"))
-    await instance.start()
+    await instance.start(lambda *_: None)
     yield instance
     await instance.close()
 

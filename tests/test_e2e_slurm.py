@@ -335,7 +335,7 @@ def test_unreachable_slurm_answers_503_and_states_catch_up(gateway_factory: Call
 async def test_jobs_squeue_no_longer_lists_are_resolved(cluster: None, tmp_path: Path) -> None:
     """The exit-code file decides; else scontrol, which must name the task; else the job is lost."""
     scheduler = SlurmScheduler("slurm", {}, tmp_path / "state")
-    await scheduler.start()
+    await scheduler.start(lambda *_: None)
 
     def task(name: str, cmd: str) -> Task:
         workdir = tmp_path / name

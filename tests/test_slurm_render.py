@@ -124,8 +124,9 @@ def test_paths_sbatch_cannot_carry_are_refused(tmp_path: Path, field: str, value
 
 
 def test_missing_output_folder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(TaskRefused, match="does not exist"):
-        scheduler(tmp_path).admit(task(tmp_path / "w", stdout=str(tmp_path / "nowhere" / "out")))
+    with pytest.raises(TaskRefused, match="does not exist") as refused:
+        scheduler(tmp_path).admit_task(task(tmp_path / "w", stdout=str(tmp_path / "nowhere" / "out")))
+    assert refused.value.path == "$.stdout"
 
 
 ODD_ARGS = ["", "it's", '"double"', "$HOME", "`id`", "$(id)", "a\nb", "back\\slash", "; rm -rf /", "*", "ü é",
@@ -190,7 +191,7 @@ async def test_missing_commands_are_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
     with pytest.raises(SchedulerError, match=r"the Slurm command 'sbatch' was not found in .*/bin: install Slurm's client"):
-        await scheduler(tmp_path, bin_dir=str(empty)).start()
+        await scheduler(tmp_path, bin_dir=str(empty)).start(lambda *_: None)
 
 
 # ---- command lines -------------------------------------------------------------------------------

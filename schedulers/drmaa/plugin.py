@@ -47,9 +47,9 @@ from ..task import Task, TaskState
 
 from .. import outcome
 from . import gridengine, mapping
-from ..base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
+from ..base import JobRef, Report, JobStatus, Scheduler, SchedulerConfigError, SchedulerError, SchedulerUnavailable, TaskRefused, TEMPLATE_OPTION
 from .session import shared
-from ..script import EXIT_FILE, check_template, load_template
+from ..script import EXIT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class DrmaaScheduler(Scheduler):
                             "description": "native-specification pieces with placeholders; see mapping.NATIVE_FIELDS"},
             "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},
             "queue": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR},
-            "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
+            "template": TEMPLATE_OPTION,
             "environment": {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "x-error": {
                                 "pattern": "must be a variable name: letters, digits and '_', not starting with a digit"}},
                             "additionalProperties": {"type": "string"}, "description": "variables added to every job's environment"},
@@ -93,34 +93,34 @@ class DrmaaScheduler(Scheduler):
         "then": {"required": ["native_spec"]},
     }
 
-    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
-        super().__init__(name, options, state_dir)
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
+        super().__init__(name, options, state_dir, **contract)
         o = self.options
         self.grid_engine = o.get("drm", "gridengine") == "gridengine"
         self.drm_name = "Grid Engine" if self.grid_engine else "the DRM"
         self.library = o.get("library_path") or os.environ.get("DRMAA_LIBRARY_PATH", "")
         if not self.library:
-            raise SchedulerError("DRMAA_LIBRARY_PATH is not set: set it in the gateway's environment or set "
+            raise SchedulerConfigError("DRMAA_LIBRARY_PATH is not set: set it in the gateway's environment or set "
                                  "scheduler.options.library_path to the site's libdrmaa "
                                  "(Grid Engine on Debian: /usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0)")
         if not Path(self.library).is_file():
-            raise SchedulerError(f"libdrmaa {self.library} does not exist (DRMAA_LIBRARY_PATH or scheduler.options.library_path)")
+            raise SchedulerConfigError(f"libdrmaa {self.library} does not exist (DRMAA_LIBRARY_PATH or scheduler.options.library_path)")
         self.env = {"DRMAA_LIBRARY_PATH": self.library}
         if self.grid_engine:
             root = o.get("sge_root") or os.environ.get("SGE_ROOT", "")
             cell = o.get("sge_cell") or os.environ.get("SGE_CELL") or "default"
             problem = gridengine.environment_problem(root, cell)
             if problem:
-                raise SchedulerError(problem)
+                raise SchedulerConfigError(problem)
             self.env.update(SGE_ROOT=root, SGE_CELL=cell)
         self.pieces = tuple(o.get("native_spec", mapping.GRID_ENGINE_SPEC))
         mapping.check_native_spec(self.pieces)
-        self.template = load_template(__package__ or "", o.get("template"))
-        check_template(self.template, mapping.SCRIPT_PLACEHOLDERS, o.get("template", "drmaa.sh"))
+        self.template = self.job_template(mapping.SCRIPT_PLACEHOLDERS, required=())
         self.timeout = float(o.get("call_timeout", 30))
         self._missing: dict[str, float] = {}  # task id -> when its job was first found gone without a record
 
-    async def start(self) -> None:
+    async def start(self, report: Report) -> None:
+        await super().start(report)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.environ.update(self.env)  # libdrmaa reads them when it loads and when the session opens
         drm = shared()

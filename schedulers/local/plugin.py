@@ -27,8 +27,8 @@ from ..task import Task, TaskState
 
 from .. import outcome
 from . import cgroups, launcher, proc
-from ..base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from ..script import EXIT_FILE, check_template, describe_request, load_template, quote, render, run_block
+from ..base import JobRef, Report, JobStatus, Scheduler, SchedulerConfigError, SchedulerError, SchedulerUnavailable, TaskRefused, TEMPLATE_OPTION
+from ..script import EXIT_FILE, describe_request, quote, render, run_block
 from ..units import mib_to_bytes
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _machine_memory_mib() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) // 1024
-    raise SchedulerError("cannot read MemTotal from /proc/meminfo")
+    raise SchedulerConfigError("cannot read MemTotal from /proc/meminfo")
 
 
 class LocalScheduler(Scheduler):
@@ -62,30 +62,30 @@ class LocalScheduler(Scheduler):
         "properties": {
             "cores": {"type": "integer", "minimum": 1, "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
             "memory": {"type": "integer", "minimum": 1, "description": "MiB tasks may use in all (default: 90% of the machine's)"},
-            "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
+            "template": TEMPLATE_OPTION,
             "cgroups": {"enum": ["auto", "off"], "default": "auto", "description": "use a writable cgroup hierarchy for memory and CPU limits"},
             "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5, "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
         },
     }
 
-    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
-        super().__init__(name, options, state_dir)
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
+        super().__init__(name, options, state_dir, **contract)
         usable = sorted(os.sched_getaffinity(0))
         self.cores = int(self.options.get("cores", len(usable)))
         if self.cores > len(usable):
-            raise SchedulerError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway use {len(usable)} CPUs")
+            raise SchedulerConfigError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway use {len(usable)} CPUs")
         self.cpu_pool = tuple(usable[: self.cores])
         self.memory = int(self.options.get("memory", _machine_memory_mib() * 9 // 10))
         self.kill_grace = float(self.options.get("kill_grace", 5))
-        self.template = load_template(__package__ or "", self.options.get("template"))
-        check_template(self.template, ("task_id", "workdir", "run", "resources"), self.options.get("template", "local.sh"))
+        self.template = self.job_template(("task_id", "workdir", "run", "resources"), required=())
         self.cgroups = cgroups.detect() if self.options.get("cgroups", "auto") == "auto" else None
         self._slots: dict[str, _Slot] = {}
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._seen: set[str] = set()  # tasks whose spool this process has already reconciled
         self._waiting: set[str] = set()  # queued tasks known not to have started: no files to read
 
-    async def start(self) -> None:
+    async def start(self, report: Report) -> None:
+        await super().start(report)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         memory_how = f"cgroup {self.cgroups.version}" if self.cgroups else "RLIMIT_AS (no writable cgroup)"
         cpu_how = f"CPU pinning + cgroup {self.cgroups.version} CPU quota" if self.cgroups else "CPU pinning"
@@ -100,10 +100,6 @@ class LocalScheduler(Scheduler):
             raise TaskRefused(f"the task asks for {cores} cores; this scheduler has {self.cores} in all")
         if task.memory and task.memory > self.memory:
             raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB in all")
-        for path in (task.stdout, task.stderr):
-            parent = Path(path).parent
-            if not parent.is_dir() and not path.startswith(task.workdir + "/"):
-                raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist")
 
     async def submit(self, task: Task) -> str:
         spool = self._spool(task.id)

@@ -29,8 +29,8 @@ from typing import Any, Coroutine, Iterable, Mapping, Sequence
 from ..task import Task, TaskState
 
 from .. import outcome
-from ..base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused
-from ..script import EXIT_FILE, check_template, describe_request, load_template, placeholders, quote, render, run_block
+from ..base import JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused, TEMPLATE_OPTION
+from ..script import EXIT_FILE, describe_request, quote, render, run_block
 from .parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
                           parse_scontrol, parse_squeue, parse_submit, squeue_argv, time_limit_minutes, unavailable)
 
@@ -73,7 +73,7 @@ class SlurmScheduler(Scheduler):
                                             "(default: the partition's)"},
             "time_factor": {"type": "number", "minimum": 1, "maximum": 1000, "default": 2,
                             "description": "with cputime: --time = cputime × time_factor + 5 s, in whole minutes"},
-            "template": {"type": "string", "minLength": 1, "description": "path of a job-script template replacing the built-in one"},
+            "template": TEMPLATE_OPTION,
             "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 30,
                                 "description": "seconds a Slurm command may take before Slurm counts as unreachable"},
             "bin_dir": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
@@ -81,8 +81,8 @@ class SlurmScheduler(Scheduler):
         },
     }
 
-    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path) -> None:
-        super().__init__(name, options, state_dir)
+    def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
+        super().__init__(name, options, state_dir, **contract)
         self.partition: str | None = self.options.get("partition")
         self.account: str | None = self.options.get("account")
         self.qos: str | None = self.options.get("qos")
@@ -91,17 +91,13 @@ class SlurmScheduler(Scheduler):
         self.time_factor = float(self.options.get("time_factor", 2))
         self.timeout = float(self.options.get("command_timeout", 30))
         self.bin_dir: str | None = self.options.get("bin_dir")
-        origin = self.options.get("template", "slurm.sh")
-        self.template = load_template(__package__ or "", self.options.get("template"))
-        check_template(self.template, PLACEHOLDERS, origin)
-        lacking = {"directives", "run"} - placeholders(self.template)
-        if lacking:
-            raise ValueError(f"job-script template {origin}: lacks " + ", ".join("{{" + n + "}}" for n in sorted(lacking)))
+        self.template = self.job_template(PLACEHOLDERS, required=("directives", "run"))
         self.commands: dict[str, str] = {}
         self._unknown_seen: set[tuple[str, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
+    async def start(self, report: Report) -> None:
+        await super().start(report)
         where = self.bin_dir or "PATH"
         for command in COMMANDS:
             found = shutil.which(command, path=self.bin_dir or os.environ.get("PATH", os.defpath))
@@ -123,10 +119,6 @@ class SlurmScheduler(Scheduler):
 
     def admit(self, task: Task) -> None:
         check_task_paths(task)
-        for path in (task.stdout, task.stderr):
-            parent = Path(path).parent
-            if not parent.is_dir() and not path.startswith(task.workdir + "/"):
-                raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist")
 
     def job_script(self, task: Task) -> str:
         """The job script of `task`: the template filled with its directives and the common body."""
