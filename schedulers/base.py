@@ -121,18 +121,26 @@ class Scheduler(abc.ABC):
     reports_changes: ClassVar[bool] = False
 
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, *,
-                 runtime: ContainerRuntime | None = None, run_as_user: bool = False) -> None:
+                 runtime: ContainerRuntime | None = None, run_as_user: bool = False,
+                 account: str | None = None) -> None:
         """`name` is the instance name recorded with each task; `options` the site's, checked
         against `options_schema` with its defaults filled in; `state_dir` is the plugin's own
         folder; `runtime` the container runtime the site enabled for it, if any; `run_as_user`
-        asks to run each job as the Unix user named by `task.user`.
+        asks to run each job as the Unix user named by `task.user`; otherwise `account`, if
+        given, is the one Unix account every job runs as instead of the gateway's own.
         Raise SchedulerConfigError for options that cannot work here."""
         self.name = name
         self.options = dict(options)
         self.state_dir = state_dir
         self.runtime = runtime
         self.run_as_user = run_as_user
+        self.account = account
         self.report: Report = _ignore
+
+    def job_account(self, task: Task) -> str | None:
+        """The Unix account `task`'s job runs as: the task's user (`run_as_user`), else the fixed
+        `account`, else None: the gateway's own. Plugins that `supports_run_as` honour it."""
+        return task.user if self.run_as_user else self.account
 
     def job_template(self, known: Iterable[str], required: Iterable[str] = ("run",)) -> str:
         """The job-script template: the admin's `template` option, else `<name>.sh` beside the
