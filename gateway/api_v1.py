@@ -8,6 +8,7 @@ import schemas
 
 from . import auth, codec, service
 from .keys import CONFIG, SCHEDULER, STORE, TASK_VALIDATOR
+from .model import rfc3339
 from schedulers.base import TaskState
 from .responses import ApiError, answer
 from .store import Record
@@ -46,8 +47,8 @@ async def states(request: web.Request) -> web.Response:
     caller, user = auth.identity(request), query.get("user")
     if not caller.admin:
         user = caller.user  # users see only their own tasks
-    records = request.app[STORE].page(user=user, states=wanted, after=after, limit=size + 1)
-    body: dict[str, object] = {"state": [r.as_state() for r in records[:size]]}
+    records = await service.page(request.app, user=user, states=wanted, after=after, limit=size + 1)
+    body: dict[str, object] = {"state": [state_document(r) for r in records[:size]]}
     if len(records) > size:
         body["next_page_token"] = str(records[size - 1].seq)
     return answer(request, body, xml_root="states")
@@ -55,7 +56,7 @@ async def states(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobproxy/state/{id}")
 async def state(request: web.Request) -> web.Response:
-    return answer(request, _record(request).as_state(), xml_root="state")
+    return answer(request, state_document(_record(request)), xml_root="state")
 
 
 @routes.delete("/v1/jobproxy/delete/{id}")
@@ -73,6 +74,23 @@ async def ping(request: web.Request) -> web.Response:
 @routes.get("/v1/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(schemas.load("openapi"))
+
+
+def state_document(record: Record) -> dict[str, object]:
+    """The public State document of a task (schemas/state.schema.json)."""
+    return {
+        "id": record.task.id,
+        "code": record.state.value,
+        "description": record.description,
+        "stdout": record.task.stdout,
+        "stderr": record.task.stderr,
+        "exit_code": record.exit_code,
+        "user": record.task.user,
+        "scheduler": record.scheduler,
+        "created": rfc3339(record.created),
+        "started": rfc3339(record.started),
+        "finished": rfc3339(record.finished),
+    }
 
 
 def _record(request: web.Request) -> Record:

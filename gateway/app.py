@@ -12,7 +12,8 @@ from aiohttp import web
 from . import api_v1, auth, plugins, responses
 from .tes import api as tes_api
 from .config import Config
-from .keys import CONFIG, POLLER, SCHEDULER, STORE, TASK_VALIDATOR
+from .active import ActiveSet
+from .keys import ACTIVE, CONFIG, POLLER, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .poller import Poller
 from .store import Store
 from .validation import SchemaValidator
@@ -50,15 +51,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     store = Store(config.store_path)
     app[STORE] = store
     _prepare_task_root(config)
-    poller = Poller(store, scheduler, config.poll_interval)
+    app[TASK_ROOT] = Path(config.task_root).resolve()
+    app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
+    poller = Poller(store, scheduler, active, config.poll_interval)
     app[POLLER] = poller
     await scheduler.start(poller.report)
-    await poller.poll_once()  # reconcile what happened while the gateway was down, before serving
+    await poller.reconcile()  # what happened while the gateway was down, before serving
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
-    log.info("gateway ready: scheduler %s, store %s (%d tasks)", scheduler.name, config.store_path, store.count())
+    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name, config.store_path,
+             store.count(), len(active))
     yield
     runner.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await runner
     await scheduler.close()
+    await store.flush()
     store.close()

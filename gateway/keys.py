@@ -1,10 +1,13 @@
 """Typed keys of what the application holds (aiohttp AppKeys instead of module globals)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
 from schedulers.base import Scheduler
 
+from .active import ActiveSet
 from .config import Config
 from .poller import Poller
 from .store import Store
@@ -12,6 +15,8 @@ from .validation import SchemaValidator
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
+ACTIVE = web.AppKey("active", ActiveSet)
+TASK_ROOT = web.AppKey("task_root", Path)  # resolved once
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 POLLER = web.AppKey("poller", Poller)
 TASK_VALIDATOR = web.AppKey("task_validator", SchemaValidator)

@@ -1,4 +1,10 @@
-"""One poller per scheduler instance: one batched status query per interval, changes to the store.
+"""One poller per scheduler instance: the one place where a task's state changes.
+
+It applies each change to the active set at once and queues it for the store (written in groups),
+whether the change comes from a scheduler's `report` (e.g. a local job's end, as it happens), from
+the one batched status query per interval that remote schedulers get, or from a cancel. A
+scheduler that `reports_changes` is asked about its jobs only at start-up, to reconcile what
+happened while the gateway was down.
 
 It also finishes what a crash interrupted: a task recorded but never handed to its scheduler is
 found again by its id (`Scheduler.find`) or submitted now, so nothing accepted is lost.
@@ -6,11 +12,14 @@ found again by its id (`Scheduler.find`) or submitted now, so nothing accepted i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from concurrent.futures import Future
+from typing import Any, AsyncIterator, Iterable
 
-from schedulers.base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable
+from schedulers.base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskState
 
-from schedulers.base import TaskState
+from .active import ActiveSet
 from .model import now
 from .store import Change, Record, Store
 
@@ -18,48 +27,96 @@ log = logging.getLogger(__name__)
 
 
 class Poller:
-    #: Seconds between two rounds at least, however often a submit wakes the poller: many submits
-    #: in a burst then cost one round, not one each.
-    MIN_GAP = 0.1
-
-    def __init__(self, store: Store, scheduler: Scheduler, interval: float) -> None:
+    def __init__(self, store: Store, scheduler: Scheduler, active: ActiveSet, interval: float) -> None:
         self.store = store
         self.scheduler = scheduler
+        self.active = active
         self.interval = interval
-        self.inflight: set[str] = set()  # tasks whose submit call is running right now
         self.status_calls = 0
-        self._wake = asyncio.Event()
+        self._submitting: set[str] = set()  # tasks whose submit call is running right now
+        self._unsubmitted: set[str] = set()  # recorded, never handed to the scheduler (a crash)
+
+    # ---- changes ----
 
     def report(self, task_id: str, status: JobStatus) -> None:
         """A change the scheduler saw by itself (the plugin contract's `report`)."""
-        record = self.store.get(task_id)
-        change = _change(record, status) if record is not None and not record.state.terminal else None
+        record = self.active.get(task_id)
+        if record is None:  # final already (e.g. canceled), or not ours
+            return
+        change = _change(record, status)
         if change is not None:
-            self.store.apply([change])
+            self.apply([change])
 
-    def wake(self) -> None:
-        """Poll now rather than at the end of the interval (e.g. after a submit)."""
-        self._wake.set()
+    def apply(self, changes: Iterable[Change]) -> Future[Any]:
+        """Apply state changes to the active set now and queue them for the store; a task that
+        became final leaves the active set once its state is on disk."""
+        changes = list(changes)
+        final = []
+        for c in changes:
+            record = self.active.get(c.task_id)
+            if record is None:
+                continue
+            self.active.update(c.task_id, state=c.state, description=c.description, exit_code=c.exit_code,
+                               started=record.started or c.started, finished=record.finished or c.finished)
+            if c.state.terminal:
+                final.append(c.task_id)
+        written = self.store.apply(changes)
+        if final:
+            loop = asyncio.get_running_loop()
+            written.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(self._forget, final))
+        return written
+
+    def _forget(self, task_ids: list[str]) -> None:
+        for task_id in task_ids:
+            record = self.active.get(task_id)
+            if record is not None and record.state.terminal:
+                self.active.discard(task_id)
+
+    # ---- submitting ----
+
+    @contextlib.asynccontextmanager
+    async def submitting(self, record: Record) -> AsyncIterator[None]:
+        """Around a submit call: the task is active, and no round recovers it meanwhile."""
+        self._submitting.add(record.id)
+        self.active.put(record)
+        try:
+            yield
+        finally:
+            self._submitting.discard(record.id)
+
+    def submitted(self, task_id: str, native_id: str) -> None:
+        """The scheduler took the task as job `native_id`."""
+        self.active.update(task_id, native_id=native_id)
+        self.store.set_native_id(task_id, native_id)
+
+    def withdrawn(self, task_id: str) -> None:
+        """The submit failed: the task is no longer active (its record is being deleted)."""
+        self.active.discard(task_id)
+
+    # ---- rounds ----
+
+    async def reconcile(self) -> None:
+        """At start-up, before serving: submit what a crash left unsubmitted, and ask the
+        scheduler once about every active job."""
+        self._unsubmitted = {r.id for r in self.active.of(self.scheduler.name) if r.native_id is None}
+        await self._recover_unsubmitted()
+        await self._ask()
 
     async def run(self) -> None:
+        """One round per interval: recovery of unsubmitted tasks (rare) and, for a scheduler that
+        does not report its changes, one batched status query."""
         while True:
+            await asyncio.sleep(self.interval)
             try:
-                await self.poll_once()
+                await self._recover_unsubmitted()
+                if not self.scheduler.reports_changes:
+                    await self._ask()
             except Exception:  # the poller must outlive any one bad round
                 log.exception("poller of scheduler %s: round failed", self.scheduler.name)
-            await asyncio.sleep(min(self.MIN_GAP, self.interval))
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.0, self.interval - self.MIN_GAP))
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
 
-    async def poll_once(self) -> None:
-        records = self.store.active(self.scheduler.name)
-        submitted = [r for r in records if r.native_id is not None]
-        for record in records:
-            if record.native_id is None and record.id not in self.inflight:
-                await self._recover(record)
+    async def _ask(self) -> None:
+        submitted = [r for r in self.active.of(self.scheduler.name)
+                     if r.native_id is not None and r.id not in self._submitting]
         if not submitted:
             return
         jobs = [JobRef(r.task, r.native_id or "") for r in submitted]
@@ -69,9 +126,23 @@ class Poller:
         except SchedulerError as exc:
             log.warning("scheduler %s: status query failed, will retry: %s", self.scheduler.name, exc)
             return
-        changes = [c for r in submitted if (c := _change(r, answers.get(r.id))) is not None]
+        changes = []
+        for job in submitted:
+            current = self.active.get(job.id)  # a report may have changed it meanwhile
+            if current is not None and not current.state.terminal:
+                change = _change(current, answers.get(job.id))
+                if change is not None:
+                    changes.append(change)
         if changes:
-            self.store.apply(changes)
+            self.apply(changes)
+
+    async def _recover_unsubmitted(self) -> None:
+        for task_id in sorted(self._unsubmitted):
+            record = self.active.get(task_id)
+            if record is None or record.native_id is not None:
+                self._unsubmitted.discard(task_id)
+            elif task_id not in self._submitting:
+                await self._recover(record)
 
     async def _recover(self, record: Record) -> None:
         try:
@@ -85,9 +156,11 @@ class Poller:
             log.warning("task %s: not yet submitted, will retry: %s", record.id, exc)
             return
         except SchedulerError as exc:
-            self.store.apply([Change(record.id, TaskState.SYSTEM_ERROR, f"could not submit: {exc}", finished=now())])
+            self._unsubmitted.discard(record.id)
+            self.apply([Change(record.id, TaskState.SYSTEM_ERROR, f"could not submit: {exc}", finished=now())])
             return
-        self.store.set_native_id(record.id, native)
+        self._unsubmitted.discard(record.id)
+        self.submitted(record.id, native)
 
 
 def _change(record: Record, status: JobStatus | None) -> Change | None:

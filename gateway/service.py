@@ -2,6 +2,7 @@
 parse, authorise and answer; they call these for the work."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pwd
@@ -11,12 +12,11 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
-from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable
+from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable, Task, TaskRefused, TaskState
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy
-from .keys import CONFIG, POLLER, SCHEDULER, STORE
-from schedulers.base import Task, TaskState
+from .keys import ACTIVE, CONFIG, POLLER, SCHEDULER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
 from .store import Change, Record
@@ -25,9 +25,21 @@ log = logging.getLogger(__name__)
 RETRY = {"Retry-After": "30"}
 
 
+def current(app: web.Application, task_id: str) -> Record | None:
+    """The task's freshest record: from the active set while it is active, else from the store."""
+    return app[ACTIVE].get(task_id) or app[STORE].get(task_id)
+
+
+async def page(app: web.Application, **query: Any) -> list[Record]:
+    """A page of tasks from the store (`Store.page`, off the event loop), each active one as the
+    active set has it now."""
+    active = app[ACTIVE]
+    return [active.get(r.id) or r for r in await app[STORE].page_async(**query)]
+
+
 def visible(request: web.Request, task_id: str) -> Record:
     """The task `task_id` if the caller may see it; 404 otherwise, the same as for an unknown id."""
-    record = request.app[STORE].get(task_id)
+    record = current(request.app, task_id)
     if record is None or not auth.identity(request).may_see(record.task.user):
         raise ApiError(404, f"no task with id {task_id!r}")
     return record
@@ -36,7 +48,7 @@ def visible(request: web.Request, task_id: str) -> Record:
 def new_task(app: web.Application, document: dict[str, Any]) -> Task:
     """A Task with a fresh id and its own folder under the task root, from a validated document."""
     task_id = new_task_id()
-    return task_from_document(document, task_id, str(Path(app[CONFIG].task_root).resolve() / task_id))
+    return task_from_document(document, task_id, str(app[TASK_ROOT] / task_id))
 
 
 async def accept(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None = None) -> None:
@@ -48,6 +60,8 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     policy.check(app[CONFIG], task)
     try:
         scheduler.admit_task(task)
+    except TaskRefused as exc:
+        raise refused(exc) from None
     except SchedulerError as exc:
         raise ApiError(400, str(exc)) from None
     try:
@@ -56,27 +70,31 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
             target = Path(task.workdir) / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
-        if scheduler.run_as_user:
-            _give_to(task.user, Path(task.workdir))
+        account = scheduler.job_account(task)
+        if account is not None:
+            _give_to(account, Path(task.workdir))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}", headers=RETRY) from None
-    store.add(task, scheduler.name)
-    poller.inflight.add(task.id)
-    try:
-        native_id = await scheduler.submit(task)
-    except SchedulerError as exc:
-        store.delete(task.id)
-        shutil.rmtree(task.workdir, ignore_errors=True)
-        if isinstance(exc, SchedulerUnavailable):
-            raise ApiError(503, str(exc), headers=RETRY) from None
-        raise ApiError(400, str(exc)) from None
-    finally:
-        poller.inflight.discard(task.id)
-    store.set_native_id(task.id, native_id)
-    poller.wake()
+    record = await store.add(task, scheduler.name)  # on disk before the scheduler hears of it
+    async with poller.submitting(record):
+        try:
+            native_id = await scheduler.submit(task)
+        except SchedulerError as exc:
+            poller.withdrawn(task.id)
+            await store.delete(task.id)
+            shutil.rmtree(task.workdir, ignore_errors=True)
+            if isinstance(exc, SchedulerUnavailable):
+                raise ApiError(503, str(exc), headers=RETRY) from None
+            raise refused(exc) if isinstance(exc, TaskRefused) else ApiError(400, str(exc)) from None
+        poller.submitted(task.id, native_id)
     log.info("task %s submitted for %s as %s job %s", task.id, task.user, scheduler.name, native_id)
+
+
+def refused(exc: TaskRefused) -> ApiError:
+    """A scheduler's refusal as a 400 answer whose details name the refused part of the task."""
+    return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
 def _give_to(user: str, folder: Path) -> None:
@@ -98,7 +116,8 @@ async def cancel(app: web.Application, record: Record) -> None:
             raise ApiError(503, f"could not stop task {record.id}: {exc}", headers=RETRY) from None
         if record.task.container is not None and scheduler.runtime is not None:
             await scheduler.runtime.stop(record.task)
-    app[STORE].apply([Change(record.id, TaskState.CANCELED, CANCELED_ON_REQUEST, record.exit_code, finished=now())])
+    await asyncio.wrap_future(app[POLLER].apply(
+        [Change(record.id, TaskState.CANCELED, CANCELED_ON_REQUEST, record.exit_code, finished=now())]))
     log.info("task %s canceled", record.id)
 
 
@@ -110,7 +129,8 @@ async def delete(app: web.Application, record: Record) -> None:
             await app[SCHEDULER].release(JobRef(record.task, record.native_id))
         except SchedulerError as exc:
             raise ApiError(503, f"could not remove task {record.id}: {exc}", headers=RETRY) from None
-    app[STORE].delete(record.id)
-    if Path(record.task.workdir).parent == Path(app[CONFIG].task_root).resolve():
+    app[ACTIVE].discard(record.id)
+    await app[STORE].delete(record.id)
+    if Path(record.task.workdir).parent == app[TASK_ROOT]:
         shutil.rmtree(record.task.workdir, ignore_errors=True)
     log.info("task %s deleted", record.id)

@@ -1,19 +1,35 @@
-"""The task store: SQLite in WAL mode, with versioned schema migrations.
+"""The task store: SQLite in WAL mode, with versioned schema migrations and group commit.
 
-A task is written here before it is handed to a scheduler, so that nothing accepted is lost; the
-states answered by the HTTP API are read from here only, and the poller writes the changes it sees.
+A task is written here before it is handed to a scheduler, so that nothing accepted is lost. All
+writes go to one writer thread, which commits whatever arrived together (up to `max_batch`
+writes) in one transaction and one fsync (`synchronous=FULL`), then resolves each waiter: an
+awaited write is on disk, surviving power loss, when the await returns. Reads use their own
+connection: WAL readers never block the writer, nor it them. Point reads (`get`) are cheap and run
+on the caller's thread; scans (`page`, `active`) run on a reader thread when awaited through
+`page_async`.
+
+The store answers records; each API renders its own documents from them.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import queue
 import sqlite3
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from schedulers.base import ACTIVE, Task, TaskState
+
 from .model import now, parse_rfc3339, rfc3339
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Each entry moves the database from version i to i+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -37,6 +53,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_by_user ON tasks (user, seq);
     CREATE INDEX tasks_by_state ON tasks (state, seq);
     """,
+    # the TES name and tags become the task's own `name` and `tags`
+    """
+    UPDATE tasks SET spec = json_set(spec,
+        '$.name', json_extract(spec, '$.extra.tes.request.name'),
+        '$.tags', json(COALESCE(json_extract(spec, '$.extra.tes.request.tags'), '{}')))
+    WHERE json_extract(spec, '$.extra.tes.request') IS NOT NULL;
+    """,
 )
 
 
@@ -59,22 +82,6 @@ class Record:
     def id(self) -> str:
         return self.task.id
 
-    def as_state(self) -> dict[str, object]:
-        """The public State document (schemas/state.schema.json)."""
-        return {
-            "id": self.task.id,
-            "code": self.state.value,
-            "description": self.description,
-            "stdout": self.task.stdout,
-            "stderr": self.task.stderr,
-            "exit_code": self.exit_code,
-            "user": self.task.user,
-            "scheduler": self.scheduler,
-            "created": rfc3339(self.created),
-            "started": rfc3339(self.started),
-            "finished": rfc3339(self.finished),
-        }
-
 
 @dataclass(frozen=True)
 class Change:
@@ -88,68 +95,153 @@ class Change:
     finished: datetime | None = None
 
 
-class Store:
-    """All reads and writes of task records. One instance per process; not thread-safe."""
+_Write = Callable[[sqlite3.Connection], Any]
+_STOP = object()
 
-    def __init__(self, path: str | Path) -> None:
+
+class Store:
+    """All reads and writes of task records. One instance per process."""
+
+    def __init__(self, path: str | Path, *, max_batch: int = 1000) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+        self.max_batch = max_batch
+        self.commits = 0  # transactions the writer committed (each one fsync)
+        writer = self._connect()
+        self._migrate(writer)
+        self._db = self._connect()  # reads on the caller's thread
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, args=(writer,), name="store-writer", daemon=True)
+        self._writer.start()
+        self._readers = ThreadPoolExecutor(1, thread_name_prefix="store-reader", initializer=self._open_reader)
+        self._reader_db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def _open_reader(self) -> None:
+        self._reader_db = self._connect()
 
     def close(self) -> None:
+        """Finish the writes already queued, then close every connection."""
+        self._queue.put(_STOP)
+        self._writer.join()
+        self._readers.shutdown(wait=True)
+        if self._reader_db is not None:
+            self._reader_db.close()
         self._db.close()
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > len(MIGRATIONS):
             raise RuntimeError(
                 f"the task store {self.path} has schema version {version}, newer than this "
                 f"JobProxy knows ({len(MIGRATIONS)}): upgrade JobProxy"
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self._db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
 
     @property
     def schema_version(self) -> int:
         return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
-    # ---- writes ----
+    # ---- writes: queued to the writer thread, committed in groups ----
 
-    def add(self, task: Task, scheduler: str) -> Record:
-        """Record a new task, QUEUED and not yet handed to its scheduler."""
+    def _submit(self, write: _Write) -> Future[Any]:
+        done: Future[Any] = Future()
+        self._queue.put((write, done))
+        return done
+
+    async def _write(self, write: _Write) -> Any:
+        return await asyncio.wrap_future(self._submit(write))
+
+    def _write_loop(self, db: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if _STOP in batch:
+                stopping = True
+                batch = [item for item in batch if item is not _STOP]
+            if batch:
+                self._commit(db, batch)
+        db.close()
+
+    def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:
+        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for write, done in batch:
+                db.execute("SAVEPOINT one")
+                try:
+                    results.append((done, write(db), None))
+                    db.execute("RELEASE one")
+                except sqlite3.Error as exc:  # this write fails alone; the others still commit
+                    db.execute("ROLLBACK TO one")
+                    db.execute("RELEASE one")
+                    results.append((done, None, exc))
+            db.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            log.error("task store: a transaction of %d writes failed: %s", len(batch), exc)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            results = [(done, None, exc) for _, done in batch]
+        for done, value, error in results:
+            if error is None:
+                done.set_result(value)
+            else:
+                log.error("task store: a write failed: %s", error)
+                done.set_exception(error)
+
+    async def add(self, task: Task, scheduler: str) -> Record:
+        """Record a new task, QUEUED and not yet handed to its scheduler; on disk when it returns."""
         created = now()
-        cur = self._db.execute(
-            "INSERT INTO tasks (id, user, scheduler, spec, state, stdout, stderr, created)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (task.id, task.user, scheduler, json.dumps(task.to_json()), TaskState.QUEUED.value,
-             task.stdout, task.stderr, rfc3339(created)),
-        )
-        return Record(int(cur.lastrowid or 0), task, scheduler, None, TaskState.QUEUED, "", None, created, None, None)
+        row = (task.id, task.user, scheduler, json.dumps(task.to_json()), TaskState.QUEUED.value,
+               task.stdout, task.stderr, rfc3339(created))
 
-    def set_native_id(self, task_id: str, native_id: str) -> None:
-        self._db.execute("UPDATE tasks SET native_id = ? WHERE id = ?", (native_id, task_id))
+        def insert(db: sqlite3.Connection) -> int:
+            cur = db.execute("INSERT INTO tasks (id, user, scheduler, spec, state, stdout, stderr, created)"
+                             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            return int(cur.lastrowid or 0)
 
-    def apply(self, changes: Iterable[Change]) -> int:
-        """Write state changes in one transaction; answers how many tasks changed."""
-        count = 0
-        with self._transaction():
-            for c in changes:
-                cur = self._db.execute(
-                    "UPDATE tasks SET state = ?, description = ?, exit_code = ?,"
-                    " started = COALESCE(started, ?), finished = COALESCE(finished, ?) WHERE id = ?",
-                    (c.state.value, c.description, c.exit_code, rfc3339(c.started), rfc3339(c.finished), c.task_id),
-                )
-                count += cur.rowcount
-        return count
+        seq = await self._write(insert)
+        self._count += 1
+        return Record(seq, task, scheduler, None, TaskState.QUEUED, "", None, created, None, None)
 
-    def delete(self, task_id: str) -> bool:
-        return self._db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount > 0
+    def set_native_id(self, task_id: str, native_id: str) -> Future[Any]:
+        """Record the scheduler's id of the task's job (committed with the next group)."""
+        return self._submit(lambda db: db.execute("UPDATE tasks SET native_id = ? WHERE id = ?",
+                                                  (native_id, task_id)).rowcount)
+
+    def apply(self, changes: Iterable[Change]) -> Future[Any]:
+        """Write state changes (committed with the next group); the future answers how many
+        tasks changed."""
+        rows = [(c.state.value, c.description, c.exit_code, rfc3339(c.started), rfc3339(c.finished), c.task_id)
+                for c in changes]
+        return self._submit(lambda db: db.executemany(
+            "UPDATE tasks SET state = ?, description = ?, exit_code = ?,"
+            " started = COALESCE(started, ?), finished = COALESCE(finished, ?) WHERE id = ?", rows).rowcount)
+
+    async def delete(self, task_id: str) -> bool:
+        deleted = await self._write(lambda db: db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount)
+        self._count -= int(deleted)
+        return bool(deleted)
+
+    async def flush(self) -> None:
+        """Wait until every write queued before this call is on disk."""
+        await self._write(lambda db: None)
 
     # ---- reads ----
 
@@ -166,16 +258,15 @@ class Store:
         limit: int = 1000,
         newest_first: bool = False,
         before: int | None = None,
-        spec_prefix: tuple[str, str] | None = None,
-        spec_entries: Sequence[tuple[str, str, str | None]] = (),
+        name_prefix: str | None = None,
+        tags: Sequence[tuple[str, str | None]] = (),
+        db: sqlite3.Connection | None = None,
     ) -> list[Record]:
         """Tasks in submission order, after the cursor `after` (a `seq`), at most `limit`.
 
-        `newest_first` reverses the order; `before` (a `seq`) is then the cursor. Filters on the
-        task's stored spec (JSON paths such as `$.extra.tes.name`): `spec_prefix = (path, prefix)`
-        keeps tasks whose string at `path` starts with `prefix` (case-sensitive); each
-        `(path, key, value)` of `spec_entries` keeps tasks whose object at `path` has `key`, with
-        that `value` unless it is None.
+        `newest_first` reverses the order; `before` (a `seq`) is then the cursor. `name_prefix`
+        keeps tasks whose name starts with it (case-sensitive, no wildcards); each `(key, value)`
+        of `tags` keeps tasks with that tag, with that value unless it is None.
         """
         sql = ["SELECT * FROM tasks WHERE seq > ?"]
         args: list[object] = [after]
@@ -188,43 +279,40 @@ class Store:
         if states:
             sql.append(f"AND state IN ({','.join('?' * len(states))})")
             args.extend(s.value for s in states)
-        if spec_prefix is not None:
-            path, prefix = spec_prefix
-            sql.append("AND substr(json_extract(spec, ?), 1, ?) = ?")
-            args.extend([path, len(prefix), prefix])
-        for path, key, value in spec_entries:
-            sql.append("AND EXISTS (SELECT 1 FROM json_each(spec, ?) AS e WHERE e.key = ?"
+        if name_prefix is not None:
+            sql.append("AND substr(json_extract(spec, '$.name'), 1, ?) = ?")
+            args.extend([len(name_prefix), name_prefix])
+        for key, value in tags:
+            sql.append("AND EXISTS (SELECT 1 FROM json_each(spec, '$.tags') AS e WHERE e.key = ?"
                        + (" AND e.type = 'text' AND e.value = ?)" if value is not None else ")"))
-            args.extend([path, key] + ([value] if value is not None else []))
+            args.extend([key] + ([value] if value is not None else []))
         sql.append(f"ORDER BY seq {'DESC' if newest_first else ''} LIMIT ?")
         args.append(limit)
-        return [_record(r) for r in self._db.execute(" ".join(sql), args)]
+        return [_record(r) for r in (db or self._db).execute(" ".join(sql), args)]
 
-    def active(self, scheduler: str) -> list[Record]:
-        """Every task of `scheduler` that has not reached a final state, oldest first."""
+    async def page_async(self, **query: Any) -> list[Record]:
+        """`page`, run on the reader thread so that a long scan never holds the event loop."""
+        return await self._on_reader(lambda db: self.page(db=db, **query))
+
+    async def _on_reader(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            assert self._reader_db is not None
+            return read(self._reader_db)
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    def active(self, scheduler: str | None = None) -> list[Record]:
+        """Every task (of `scheduler`) that has not reached a final state, oldest first."""
         marks = ",".join("?" * len(ACTIVE))
-        rows = self._db.execute(
-            f"SELECT * FROM tasks WHERE scheduler = ? AND state IN ({marks}) ORDER BY seq",
-            (scheduler, *(s.value for s in ACTIVE)),
-        )
-        return [_record(r) for r in rows]
+        sql = f"SELECT * FROM tasks WHERE state IN ({marks})"
+        args: list[object] = [s.value for s in ACTIVE]
+        if scheduler is not None:
+            sql += " AND scheduler = ?"
+            args.append(scheduler)
+        return [_record(r) for r in self._db.execute(sql + " ORDER BY seq", args)]
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
-
-    def _transaction(self) -> "_Tx":
-        return _Tx(self._db)
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        """How many tasks the store holds (kept in memory: no scan)."""
+        return self._count
 
 
 def _record(row: sqlite3.Row) -> Record:
@@ -240,4 +328,3 @@ def _record(row: sqlite3.Row) -> Record:
         started=parse_rfc3339(row["started"]),
         finished=parse_rfc3339(row["finished"]),
     )
-

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable
 
 
@@ -78,8 +78,9 @@ class Task:
     """A validated task. Units: `memory` in MiB, `cputime` in CPU seconds, `cores` in CPU cores.
 
     `backend_parameters` are scheduler-specific requests a client made by name (TES
-    `resources.backend_parameters`); a plugin applies the ones it knows. `extra` is the API's
-    own data kept with the task (e.g. the TES request); plugins do not read it.
+    `resources.backend_parameters`); a plugin applies the ones it knows. `name` and `tags` are
+    the client's own labels. `extra` is the API's own data kept with the task (e.g. the TES
+    request); plugins do not read it.
     """
 
     id: str
@@ -93,10 +94,18 @@ class Task:
     cputime: int | None = None
     container: Container | None = None
     backend_parameters: dict[str, str] = field(default_factory=dict)
+    name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The task as plain JSON data (what `from_json` reads back)."""
+        data = {name: getattr(self, name) for name in _FIELDS}
+        if isinstance(self.cmd, tuple):
+            data["cmd"] = list(self.cmd)
+        if self.container is not None:
+            data["container"] = asdict(self.container)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Task:
@@ -111,3 +120,6 @@ class Task:
                 volumes=tuple(Mount(**m) for m in c.get("volumes", ())),
             )
         return cls(**data)
+
+
+_FIELDS = tuple(f.name for f in fields(Task))

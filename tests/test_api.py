@@ -235,13 +235,12 @@ async def test_scheduler_that_cannot_take_the_task_leaves_nothing(client: Any, c
 
 async def test_task_recorded_but_never_submitted_is_recovered(aiohttp_client: Any, config: Any) -> None:
     """A crash between recording a task and handing it to the scheduler: the next start submits it."""
-    from gateway.model import Task
     from gateway.store import Store
 
     store = Store(config.store_path)
     workdir = Path(config.task_root).resolve() / "orphan"
     workdir.mkdir(parents=True)
-    store.add(task_from_document({"user": "a", "cmd": "echo recovered"}, "orphan", str(workdir)), "local")
+    await store.add(task_from_document({"user": "a", "cmd": "echo recovered"}, "orphan", str(workdir)), "local")
     store.close()
     client = await aiohttp_client(create_app(config))
     state = await wait_state(client, "orphan", final)

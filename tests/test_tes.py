@@ -383,28 +383,29 @@ async def test_outputs_never_follow_links_out_of_the_task(tes_client: Any, tmp_p
     assert (tmp_path / "leakdir" / "link").is_symlink()  # copied as the link it is, not its target's content
 
 
-def test_store_spec_filters_are_exact(tmp_path: Path) -> None:
+async def test_store_name_and_tag_filters_are_exact(tmp_path: Path) -> None:
     """name_prefix is a plain, case-sensitive prefix (no LIKE wildcards); tags match key and value."""
-    from gateway.model import Task
+    from schedulers.base import Task
     from gateway.store import Store
 
     store = Store(tmp_path / "s.db")
     names = ["a%b", "abc", "a_c", "Ä-x", "b"]
     for n, name in enumerate(names):
-        store.add(Task(id=f"t{n}", user="u", workdir="/w", stdout="/o", stderr="/e",
-                       extra={"tes": {"request": {"name": name, "tags": {"k": name}}}}), "local")
-    store.add(Task(id="v1", user="u", workdir="/w", stdout="/o", stderr="/e"), "local")
+        await store.add(Task(id=f"t{n}", user="u", workdir="/w", stdout="/o", stderr="/e", name=name,
+                             tags={"k": name}), "local")
+    await store.add(Task(id="v1", user="u", workdir="/w", stdout="/o", stderr="/e"), "local")
 
     def ids(**filters: Any) -> list[str]:
         return [r.id for r in store.page(newest_first=True, **filters)]
 
-    assert ids(spec_prefix=("$.extra.tes.request.name", "a%")) == ["t0"]
-    assert ids(spec_prefix=("$.extra.tes.request.name", "a_")) == ["t2"]
-    assert ids(spec_prefix=("$.extra.tes.request.name", "Ä")) == ["t3"]
-    assert ids(spec_entries=[("$.extra.tes.request.tags", "k", "abc")]) == ["t1"]
-    assert ids(spec_entries=[("$.extra.tes.request.tags", "k", None)]) == ["t4", "t3", "t2", "t1", "t0"]
+    assert ids(name_prefix="a%") == ["t0"]
+    assert ids(name_prefix="a_") == ["t2"]
+    assert ids(name_prefix="Ä") == ["t3"]
+    assert ids(tags=[("k", "abc")]) == ["t1"]
+    assert ids(tags=[("k", None)]) == ["t4", "t3", "t2", "t1", "t0"]
     assert ids(before=store.get("t2").seq) == ["t1", "t0"]  # type: ignore[union-attr]
     assert [r.id for r in store.page()] == ["t0", "t1", "t2", "t3", "t4", "v1"]  # the default order is unchanged
+    store.close()
 
 
 def test_host_rules_need_bubblewrap_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -117,13 +117,11 @@ async def list_tasks(request: web.Request) -> web.Response:
     keys, values = query.getall("tag_key", []), query.getall("tag_value", [])
     if len(values) > len(keys):
         raise tes.refuse("tag_value", "every tag_value needs a tag_key before it")
-    entries = [("$.extra.tes.request.tags", key, (values[i] or None) if i < len(values) else None)
-               for i, key in enumerate(keys)]
+    tags = [(key, (values[i] or None) if i < len(values) else None) for i, key in enumerate(keys)]
     caller = auth.identity(request)
-    records = request.app[STORE].page(
-        user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
-        before=before, spec_entries=entries,
-        spec_prefix=("$.extra.tes.request.name", query["name_prefix"]) if query.get("name_prefix") else None)
+    records = await service.page(
+        request.app, user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
+        before=before, tags=tags, name_prefix=query.get("name_prefix") or None)
     tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
     body: dict[str, Any] = {"tasks": [documents.document(r, view, tail) for r in records[:size]]}
     if len(records) > size:

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from schedulers.files import tail
 from schedulers.script import EXIT_FILE
 
 from schedulers.base import Task, TaskState
@@ -67,18 +68,6 @@ def _read(path: Path) -> str | None:
         return path.read_text(encoding="utf-8", errors="replace").strip()
     except OSError:
         return None
-
-
-def tail(path: Path | str, limit: int) -> str:
-    """The last `limit` bytes of a file as text ('' if it cannot be read)."""
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(0, os.SEEK_END)
-            size = stream.tell()
-            stream.seek(max(0, size - limit))
-            return stream.read(limit).decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 def _executor_logs(record: Record, count: int, full: bool, tail_bytes: int) -> list[dict[str, Any]]:

@@ -109,6 +109,7 @@ class _Builder:
             self.folders.append(volume)
         targets = tes_steps.cover(self.private)
         task = dataclasses.replace(base, cmd=("/bin/bash", f"{tes_dir}/steps.sh"), backend_parameters=passed,
+                                   name=self.request.get("name"), tags=dict(self.request.get("tags", {})),
                                    extra={"tes": {"request": self.request, "notes": self.notes}})
         steps = [self._step(task, index, executor, root, targets)
                  for index, executor in enumerate(self.request["executors"])]

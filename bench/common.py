@@ -1,0 +1,94 @@
+"""What the benchmarks share: a server process they start and stop by its pid, and the readings
+they take of it (CPU, memory) and of their own samples."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid`, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process `pid` has used so far."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def percentile(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if ordered else float("nan")
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie counts: PID 1 may reap it late)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return text[text.rindex(")") + 2:].split()[0] in ("Z", "X")
+
+
+class Server:
+    """A process serving HTTP at `base`, started on entry and stopped by its pid on exit."""
+
+    def __init__(self, argv: list[str], cwd: Path, base: str, env: dict[str, str] | None = None) -> None:
+        self.argv, self.cwd, self.base, self.env = argv, cwd, base, env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def __enter__(self) -> Server:
+        self.log = open(self.cwd / f"server-{len(os.listdir(self.cwd))}.log", "wb")
+        self.process = subprocess.Popen(self.argv, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=self.env, start_new_session=True)
+        return self
+
+    async def ready(self, timeout: float = 60) -> None:
+        """Wait until the server answers HTTP at all."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                assert self.process is not None and self.process.poll() is None, f"{self.argv[0]} exited"
+                try:
+                    async with session.get(f"{self.base}/v1/jobproxy/ping") as response:
+                        await response.read()
+                        return
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.argv} did not answer within {timeout} s")
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
