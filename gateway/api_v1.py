@@ -6,8 +6,8 @@ from multidict import MultiDictProxy
 
 import schemas
 
-from . import auth, codec, service
-from .keys import CONFIG, SCHEDULER, STORE, TASK_VALIDATOR
+from . import auth, codec, idempotency, service
+from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import rfc3339
 from schedulers.base import TaskState
 from .responses import ApiError, answer
@@ -27,9 +27,15 @@ async def submit(request: web.Request) -> web.Response:
     if problems:
         raise ApiError(400, f"invalid task: {len(problems)} problem(s)", [p.as_dict() for p in problems])
     auth.identity(request).submitter(document["user"])
-    task = service.new_task(request.app, document)
-    await service.accept(request.app, task)
-    return answer(request, {"id": task.id}, xml_root="task", text=task.id)
+    key = idempotency.key_of(request, document["user"], document)
+
+    async def make() -> str:
+        task = service.new_task(request.app, document)
+        await service.accept(request.app, task, key=key)
+        return task.id
+
+    task_id, _ = await request.app[KEYS].once(key, make)
+    return answer(request, {"id": task_id}, xml_root="task", text=task_id)
 
 
 @routes.get("/v1/jobproxy/state")

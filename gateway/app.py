@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -13,12 +14,15 @@ from . import api_v1, auth, plugins, responses
 from .tes import api as tes_api
 from .config import Config
 from .active import ActiveSet
-from .keys import ACTIVE, CONFIG, POLLER, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
+from .idempotency import Keys
+from .keys import ACTIVE, CONFIG, KEYS, POLLER, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
+from .model import now
 from .poller import Poller
 from .store import Store
 from .validation import SchemaValidator
 
 log = logging.getLogger(__name__)
+KEY_RETENTION = timedelta(hours=24)
 
 
 def create_app(config: Config) -> web.Application:
@@ -46,6 +50,18 @@ def _prepare_task_root(config: Config) -> None:
             folder.chmod(folder.stat().st_mode | 0o111)
 
 
+async def _expire_keys(store: Store, retention: timedelta) -> None:
+    """Forget idempotency keys older than `retention`, now and then once an hour."""
+    while True:
+        try:
+            expired = await store.expire_keys(now() - retention)
+            if expired:
+                log.info("forgot %d idempotency keys older than %s", expired, retention)
+        except Exception:  # the next hour tries again
+            log.exception("could not expire idempotency keys")
+        await asyncio.sleep(3600)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, scheduler = app[CONFIG], app[SCHEDULER]
     store = Store(config.store_path)
@@ -57,13 +73,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[POLLER] = poller
     await scheduler.start(poller.report)
     await poller.reconcile()  # what happened while the gateway was down, before serving
+    app[KEYS] = Keys(store)
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
+    expiry = asyncio.create_task(_expire_keys(store, KEY_RETENTION), name="idempotency-expiry")
     log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name, config.store_path,
              store.count(), len(active))
     yield
-    runner.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await runner
+    for background in (runner, expiry):
+        background.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await background
     await scheduler.close()
     await store.flush()
     store.close()

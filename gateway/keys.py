@@ -9,6 +9,7 @@ from schedulers.base import Scheduler
 
 from .active import ActiveSet
 from .config import Config
+from .idempotency import Keys
 from .poller import Poller
 from .store import Store
 from .validation import SchemaValidator
@@ -16,6 +17,7 @@ from .validation import SchemaValidator
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 ACTIVE = web.AppKey("active", ActiveSet)
+KEYS = web.AppKey("idempotency_keys", Keys)
 TASK_ROOT = web.AppKey("task_root", Path)  # resolved once
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 POLLER = web.AppKey("poller", Poller)

@@ -8,25 +8,16 @@ from typing import Any, Awaitable, Callable, Mapping
 from aiohttp import web
 
 from . import codec
+from .errors import ApiError
 from .keys import CONFIG
+
+__all__ = ["ApiError", "answer", "error_body", "errors"]
 
 log = logging.getLogger(__name__)
 
 #: How lists are named in XML: a list under key K becomes <K><item/>...</K> with item = ITEMS[K];
 #: other lists become repeated <K> elements (e.g. <states><state/><state/></states>).
 ITEMS = {"details": "detail"}
-
-
-class ApiError(Exception):
-    """An error answered to the client: status, a one-line message and optional per-path details."""
-
-    def __init__(self, status: int, message: str, details: list[dict[str, str]] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.details = details or []
-        self.headers = dict(headers or {})
 
 
 def answer(request: web.Request, body: Mapping[str, Any], *, xml_root: str, status: int = 200,

@@ -19,7 +19,7 @@ from . import auth, policy
 from .keys import ACTIVE, CONFIG, POLLER, SCHEDULER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
-from .store import Change, Record
+from .store import Change, IdempotencyKey, Record
 
 log = logging.getLogger(__name__)
 RETRY = {"Retry-After": "30"}
@@ -51,10 +51,12 @@ def new_task(app: web.Application, document: dict[str, Any]) -> Task:
     return task_from_document(document, task_id, str(app[TASK_ROOT] / task_id))
 
 
-async def accept(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None = None) -> None:
+async def accept(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None = None,
+                 key: IdempotencyKey | None = None) -> None:
     """Admit `task`, record it, hand it to the scheduler. On refusal nothing is kept (400 / 503).
 
-    `files` (relative path -> content) are written into the task's folder before the job starts.
+    `files` (relative path -> content) are written into the task's folder before the job starts;
+    `key`, the request's idempotency key, is recorded with the task.
     """
     store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
     policy.check(app[CONFIG], task)
@@ -65,19 +67,14 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     except SchedulerError as exc:
         raise ApiError(400, str(exc)) from None
     try:
-        Path(task.workdir).mkdir(mode=0o700, parents=True)
-        for relative, content in (files or {}).items():
-            target = Path(task.workdir) / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(content.encode() if isinstance(content, str) else content)
-        account = scheduler.job_account(task)
-        if account is not None:
-            _give_to(account, Path(task.workdir))
+        # file-system calls are slow on some disks: off the event loop, like the store's writes
+        await asyncio.get_running_loop().run_in_executor(None, _make_folder, task, files or {},
+                                                         scheduler.job_account(task))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}", headers=RETRY) from None
-    record = await store.add(task, scheduler.name)  # on disk before the scheduler hears of it
+    record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
     async with poller.submitting(record):
         try:
             native_id = await scheduler.submit(task)
@@ -90,6 +87,17 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
             raise refused(exc) if isinstance(exc, TaskRefused) else ApiError(400, str(exc)) from None
         poller.submitted(task.id, native_id)
     log.info("task %s submitted for %s as %s job %s", task.id, task.user, scheduler.name, native_id)
+
+
+def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | None) -> None:
+    """The task's own folder with the files it brings, owned by the account its job runs as."""
+    Path(task.workdir).mkdir(mode=0o700, parents=True)
+    for relative, content in files.items():
+        target = Path(task.workdir) / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
+    if account is not None:
+        _give_to(account, Path(task.workdir))
 
 
 def refused(exc: TaskRefused) -> ApiError:

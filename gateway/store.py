@@ -60,6 +60,18 @@ MIGRATIONS: tuple[str, ...] = (
         '$.tags', json(COALESCE(json_extract(spec, '$.extra.tes.request.tags'), '{}')))
     WHERE json_extract(spec, '$.extra.tes.request') IS NOT NULL;
     """,
+    # idempotency keys: which task a user's key made, and a digest of the request that made it
+    """
+    CREATE TABLE idempotency (
+        user        TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        digest      TEXT NOT NULL,
+        task_id     TEXT NOT NULL,
+        created     TEXT NOT NULL,
+        PRIMARY KEY (user, key)
+    );
+    CREATE INDEX idempotency_by_created ON idempotency (created);
+    """,
 )
 
 
@@ -93,6 +105,15 @@ class Change:
     exit_code: int | None = None
     started: datetime | None = None
     finished: datetime | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """A client's `Idempotency-Key` for one request: its user, the key, a digest of the request."""
+
+    user: str
+    key: str
+    digest: str
 
 
 _Write = Callable[[sqlite3.Connection], Any]
@@ -179,7 +200,7 @@ class Store:
         db.close()
 
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:
-        results: list[tuple[Future[Any], Any, BaseException | None]] = []
+        results: list[tuple[Future[Any], Any, Exception | None]] = []
         try:
             db.execute("BEGIN IMMEDIATE")
             for write, done in batch:
@@ -187,7 +208,7 @@ class Store:
                 try:
                     results.append((done, write(db), None))
                     db.execute("RELEASE one")
-                except sqlite3.Error as exc:  # this write fails alone; the others still commit
+                except Exception as exc:  # this write fails alone; the others still commit
                     db.execute("ROLLBACK TO one")
                     db.execute("RELEASE one")
                     results.append((done, None, exc))
@@ -199,14 +220,18 @@ class Store:
                 db.execute("ROLLBACK")
             results = [(done, None, exc) for _, done in batch]
         for done, value, error in results:
+            if error is not None:
+                log.error("task store: a write failed: %s", error)
+            if done.cancelled():  # its waiter gave up (e.g. at shutdown); the write stands
+                continue
             if error is None:
                 done.set_result(value)
             else:
-                log.error("task store: a write failed: %s", error)
                 done.set_exception(error)
 
-    async def add(self, task: Task, scheduler: str) -> Record:
-        """Record a new task, QUEUED and not yet handed to its scheduler; on disk when it returns."""
+    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None) -> Record:
+        """Record a new task, QUEUED and not yet handed to its scheduler; on disk when it returns.
+        With `key`, the key is recorded in the same transaction: both or neither."""
         created = now()
         row = (task.id, task.user, scheduler, json.dumps(task.to_json()), TaskState.QUEUED.value,
                task.stdout, task.stderr, rfc3339(created))
@@ -214,6 +239,9 @@ class Store:
         def insert(db: sqlite3.Connection) -> int:
             cur = db.execute("INSERT INTO tasks (id, user, scheduler, spec, state, stdout, stderr, created)"
                              " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+            if key is not None:
+                db.execute("INSERT INTO idempotency (user, key, digest, task_id, created) VALUES (?, ?, ?, ?, ?)",
+                           (key.user, key.key, key.digest, task.id, row[-1]))
             return int(cur.lastrowid or 0)
 
         seq = await self._write(insert)
@@ -238,6 +266,17 @@ class Store:
         deleted = await self._write(lambda db: db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount)
         self._count -= int(deleted)
         return bool(deleted)
+
+    def keyed(self, user: str, key: str) -> tuple[str, str] | None:
+        """The (digest, task id) recorded for `user`'s idempotency `key`, or None."""
+        row = self._db.execute("SELECT digest, task_id FROM idempotency WHERE user = ? AND key = ?",
+                               (user, key)).fetchone()
+        return (row["digest"], row["task_id"]) if row else None
+
+    async def expire_keys(self, before: datetime) -> int:
+        """Forget the idempotency keys recorded before `before`; answers how many."""
+        return int(await self._write(lambda db: db.execute("DELETE FROM idempotency WHERE created < ?",
+                                                           (rfc3339(before),)).rowcount))
 
     async def flush(self) -> None:
         """Wait until every write queued before this call is on disk."""

@@ -126,3 +126,21 @@ def test_plugin_options_are_validated(tmp_path: Path) -> None:
     too_many = {"scheduler": {"options": {"cores": 4096}}}
     with pytest.raises(configuration.ConfigError, match="lets the gateway use"):
         create_scheduler(configuration.from_document(too_many, tmp_path, "t"))
+
+
+async def test_a_waiter_that_gives_up_leaves_the_writer_working(tmp_path: Path) -> None:
+    """A write whose waiter was cancelled (e.g. at shutdown) still commits, and the writer goes on."""
+    import threading
+
+    store = Store(tmp_path / "s.db")
+    hold = threading.Event()
+    store._submit(lambda db: hold.wait(10))  # keeps the writer busy while the next write is queued
+    adding = asyncio.ensure_future(store.add(_task(1), "local"))
+    await asyncio.sleep(0.05)
+    adding.cancel()
+    hold.set()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    await asyncio.wait_for(store.add(_task(2), "local"), 10)
+    assert store.get("t001") is not None and store.get("t002") is not None
+    store.close()

@@ -23,9 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import auth, codec, service
+from .. import auth, codec, idempotency, service
 from . import documents, request as tes
-from ..keys import CONFIG, STORE
+from ..keys import CONFIG, KEYS, STORE
 from schedulers.base import TaskState
 from ..responses import ApiError
 from ..store import Record
@@ -82,11 +82,17 @@ async def create_task(request: web.Request) -> web.Response:
     if problems:
         raise ApiError(400, f"invalid TES task: {len(problems)} problem(s)", [p.as_dict() for p in problems])
     task, files = tes.to_task(request.app, document, auth.identity(request))
-    try:
-        await service.accept(request.app, task, files=files)
-    except ApiError as err:
-        raise _in_tes_terms(err) from None
-    return web.json_response({"id": task.id})
+    key = idempotency.key_of(request, task.user, document)
+
+    async def make() -> str:
+        try:
+            await service.accept(request.app, task, files=files, key=key)
+        except ApiError as err:
+            raise _in_tes_terms(err) from None
+        return task.id
+
+    task_id, _ = await request.app[KEYS].once(key, make)
+    return web.json_response({"id": task_id})
 
 
 #: Where the fields of a Task (named in the site policy's refusals) came from in a TES request.
