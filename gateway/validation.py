@@ -6,6 +6,7 @@ keyword in an `x-error` annotation, e.g. `"x-error": {"pattern": "must be an abs
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -57,15 +58,33 @@ class SchemaValidator:
 
 
 def _filled(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the `default` of each absent property of `schema`, recursively: into present
+    (or just filled) objects, the objects of arrays (`items`) and of maps (`additionalProperties`).
+    Defaults are copied, so a filled document never shares a list or table with the schema."""
     filled = dict(document)
-    for key, sub in schema.get("properties", {}).items():
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
         if not isinstance(sub, dict):
             continue
         if key not in filled and "default" in sub:
-            filled[key] = sub["default"]
-        if isinstance(filled.get(key), dict) and "properties" in sub:
-            filled[key] = _filled(sub, filled[key])
+            filled[key] = copy.deepcopy(sub["default"])
+        if key in filled:
+            filled[key] = _filled_value(sub, filled[key])
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in filled.keys() - properties.keys():
+            filled[key] = _filled_value(extra, filled[key])
     return filled
+
+
+def _filled_value(schema: dict[str, Any], value: Any) -> Any:
+    """`value` (of a property, an array item or a map entry) with the defaults of `schema` filled in."""
+    if isinstance(value, dict):
+        return _filled(schema, value)
+    items = schema.get("items")
+    if isinstance(value, list) and isinstance(items, dict):
+        return [_filled_value(items, item) for item in value]
+    return value
 
 
 def _flatten(errors: Iterable[ValidationError]) -> Iterator[Problem]:

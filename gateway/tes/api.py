@@ -55,9 +55,9 @@ def service_info(request: web.Request) -> dict[str, Any]:
         "organization": {"name": "JobProxy", "url": str(request.url.origin())},
         "version": _version(),
         "storage": [f"file://{root}" for root in roots],
-        "tesResources_backend_parameters": list(config.tes.get("backend_parameters", ["cputime"])),
+        "tesResources_backend_parameters": list(config.sections.tes.backend_parameters),
     }
-    body.update(config.tes.get("service_info", {}))
+    body.update(config.sections.tes.service_info)
     return body
 
 
@@ -124,7 +124,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
         before=before, spec_entries=entries,
         spec_prefix=("$.extra.tes.request.name", query["name_prefix"]) if query.get("name_prefix") else None)
-    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
+    tail = request.app[CONFIG].sections.tes.log_tail_bytes
     body: dict[str, Any] = {"tasks": [documents.document(r, view, tail) for r in records[:size]]}
     if len(records) > size:
         body["next_page_token"] = _encode_token(records[size - 1].seq)
@@ -132,7 +132,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
+    tail = request.app[CONFIG].sections.tes.log_tail_bytes
     return web.json_response(documents.document(_record(request), _view(request), tail))
 
 
