@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import auth, codec, service
+from .. import auth, codec, paging, service
 from . import documents, request as tes
 from ..keys import CONFIG, STORE
 from schedulers.base import TaskState
@@ -162,11 +162,11 @@ def _view(request: web.Request) -> str:
 
 
 def _page_size(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return DEFAULT_PAGE_SIZE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
-        raise tes.refuse("page_size", f"must be a whole number from 1 to {MAX_PAGE_SIZE}, not {raw!r}")
-    return int(raw)
+    """The TES `page_size`: 1 to MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE when not given."""
+    try:
+        return paging.page_size(raw, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    except paging.OutOfRange as exc:
+        raise tes.refuse("page_size", f"{exc.rule}, not {raw!r}") from None
 
 
 def _encode_token(seq: int) -> str:
