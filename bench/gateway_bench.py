@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -31,9 +32,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.model import new_task_id, task_from_document  # noqa: E402
-from gateway.store import Store  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from gateway.model import new_task_id, task_from_document
+from gateway.store import Store
+from tests.conftest import free_port
 
 
 async def rate(session: aiohttp.ClientSession, method: str, url: str, count: int, body: bytes | None = None,
@@ -94,10 +95,8 @@ def dead(pid: int) -> bool:
 def stop(pids: list[int], timeout: float = 30) -> None:
     """SIGKILL each of `pids` and wait until all have ended."""
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + timeout
     while not all(dead(pid) for pid in pids):
         if time.monotonic() > deadline:
@@ -177,7 +176,8 @@ async def main() -> None:
     print(f"baseline ping:   {ping:8.0f} requests/s")
     print(f"submit:          {submit:8.0f} tasks/s      ratio to ping {submit / ping:.2f}")
     print(f"list walk:       {walked:8d} tasks in {http_walk:.2f} s ({walked / http_walk:.0f} tasks/s)")
-    print(f"baseline store:  {direct:8d} tasks in {store_walk:.2f} s      ratio HTTP/store time {http_walk / store_walk:.2f}")
+    print(f"baseline store:  {direct:8d} tasks in {store_walk:.2f} s      "
+          f"ratio HTTP/store time {http_walk / store_walk:.2f}")
     print(f"server memory:   {memory:8.1f} MiB resident after the walk")
 
 

@@ -326,10 +326,10 @@ def _overridden(document: dict[str, Any], schema: dict[str, Any], overrides: Map
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise TypeError(f"not [gateway] settings: {', '.join(unknown)}")
-    table = document["gateway"] if "gateway" in document else {}
-    if not given or not isinstance(table, dict):
+    table = document.get("gateway")
+    if not given or not isinstance(table, dict | None):
         return document  # nothing to override, or a [gateway] that is no table: the schema check says so
-    return {**document, "gateway": {**table, **given}}
+    return {**document, "gateway": {**(table or {}), **given}}
 
 
 def sections(filled: Mapping[str, Any], base: Path) -> Sections:

@@ -3,8 +3,9 @@ runtimes in `jobproxy.containers`. The built-in ones are registered the same way
 ones; the site config chooses one of each by name and gives its options."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib.metadata import entry_points
-from typing import Any, Mapping, TypeVar
+from typing import Any
 
 from schedulers.base import Scheduler, SchedulerConfigError
 from schedulers.containers import ContainerRuntime
@@ -14,14 +15,13 @@ from .validation import SchemaValidator, summary
 
 SCHEDULERS = "jobproxy.schedulers"
 CONTAINERS = "jobproxy.containers"
-P = TypeVar("P")
 
 
 def installed(group: str) -> list[str]:
     return sorted(ep.name for ep in entry_points(group=group))
 
 
-def plugin_class(group: str, name: str, base: type[P], where: str) -> type[P]:
+def plugin_class(group: str, name: str, base: type[Any], where: str) -> type[Any]:
     """The class registered as `name` in `group`; a ConfigError naming the installed ones if none."""
     found = {ep.name: ep for ep in entry_points(group=group)}
     if name not in found:
@@ -47,7 +47,7 @@ def create_scheduler(config: Config) -> Scheduler:
     own schemas."""
     site, source = config.sections, config.source
     name = site.scheduler.type
-    cls = plugin_class(SCHEDULERS, name, Scheduler, f"{source}: $.scheduler.type")
+    cls: type[Scheduler] = plugin_class(SCHEDULERS, name, Scheduler, f"{source}: $.scheduler.type")
     options = _checked_options(cls.options_schema, site.scheduler.options, "$.scheduler.options", source)
     if site.run_as.enabled and not cls.supports_run_as:
         raise ConfigError(f"{source}: $.run_as.enabled: the {name} scheduler cannot run "
@@ -55,8 +55,8 @@ def create_scheduler(config: Config) -> Scheduler:
     runtime = None
     container = site.scheduler.container
     if container is not None:
-        runtime_class = plugin_class(CONTAINERS, container["runtime"], ContainerRuntime,
-                                     f"{source}: $.scheduler.container.runtime")
+        runtime_class: type[ContainerRuntime] = plugin_class(CONTAINERS, container["runtime"], ContainerRuntime,
+                                                             f"{source}: $.scheduler.container.runtime")
         runtime = runtime_class(_checked_options(runtime_class.options_schema, container,
                                                  "$.scheduler.container", source))
     try:

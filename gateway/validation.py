@@ -7,8 +7,9 @@ keyword in an `x-error` annotation, e.g. `"x-error": {"pattern": "must be an abs
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
@@ -29,9 +30,13 @@ class Problem:
         return {"path": self.path, "message": self.message}
 
 
-def _registry() -> Registry:
-    resources = [Resource.from_contents(schemas.load(name)) for name in ("task", "state", "config")]
-    return Registry().with_resources((res.id(), res) for res in resources)
+def _registry() -> Registry[Any]:
+    """The schemas of `schemas/`, by their `$id`, for `$ref`s between them."""
+    registry: Registry[Any] = Registry()
+    for name in ("task", "state", "config"):
+        resource: Resource[Any] = Resource.from_contents(schemas.load(name))
+        registry = registry.with_resource(str(resource.id()), resource)
+    return registry
 
 
 class SchemaValidator:
@@ -43,7 +48,7 @@ class SchemaValidator:
         self._validator = Draft202012Validator(schema, registry=_registry())
 
     @classmethod
-    def named(cls, name: str) -> "SchemaValidator":
+    def named(cls, name: str) -> SchemaValidator:
         return cls(schemas.load(name))
 
     def with_defaults(self, document: dict[str, Any]) -> dict[str, Any]:
@@ -113,13 +118,18 @@ def _closest_branch(context: list[ValidationError]) -> list[ValidationError]:
         return fitting[0]
     if not fitting:
         wanted = [e.validator_value for errors in branches.values() for e in errors if e.validator == "type"]
-        names = sorted({name for value in wanted for name in ([value] if isinstance(value, str) else value)})
+        names = sorted({name for value in wanted for name in _names(value)})
         first = context[0]
         return [ValidationError(
             f"must be of type {' or '.join(names)}, not {type(first.instance).__name__}",
             validator="x-type", path=list(first.absolute_path), schema={},
         )]
     return [best_match(context)]
+
+
+def _names(value: Any) -> list[str]:
+    """The type name(s) of a `type` keyword's value: one name or a list of them."""
+    return [value] if isinstance(value, str) else [str(name) for name in value]
 
 
 def _json_path(error: ValidationError) -> str:
@@ -132,7 +142,9 @@ def _json_path(error: ValidationError) -> str:
 def _message(error: ValidationError) -> str:
     """The validator's message, without repeating a possibly huge instance."""
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        schema = error.schema if isinstance(error.schema, Mapping) else {}
+        instance = error.instance if isinstance(error.instance, Mapping) else {}
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
         return "unknown field(s): " + ", ".join(repr(name) for name in extra)
     if error.validator == "required":
         return error.message.replace(" is a required property", " is required")
@@ -142,15 +154,15 @@ def _message(error: ValidationError) -> str:
         relation = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
         return f"must be {relation[str(error.validator)]} {error.validator_value} (got {error.instance!r})"
     if error.validator == "enum":
-        return "must be one of " + ", ".join(repr(v) for v in error.validator_value)
+        values = error.validator_value if isinstance(error.validator_value, list) else []
+        return "must be one of " + ", ".join(repr(v) for v in values)
     if error.validator in ("minLength", "maxLength", "minItems", "maxItems"):
         return _size_message(error)
     return error.message
 
 
 def _types(value: Any) -> str:
-    names = [value] if isinstance(value, str) else list(value)
-    return " or ".join(names)
+    return " or ".join(_names(value))
 
 
 def _size_message(error: ValidationError) -> str:

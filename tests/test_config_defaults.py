@@ -129,7 +129,7 @@ def test_overrides_are_checked_like_the_file(tmp_path: Path) -> None:
 
 
 def test_flat_names_delegate_to_the_sections(tmp_path: Path) -> None:
-    document = {"gateway": {"page_size": 7, "https": {"port": 8443, "cert": "c.pem", "key": "k.pem"}},
+    document: dict[str, Any] = {"gateway": {"page_size": 7, "https": {"port": 8443, "cert": "c.pem", "key": "k.pem"}},
                 "scheduler": {"type": "local", "poll_interval": 2, "options": {"cores": 1}},
                 "run_as": {"deny": ["x"]}, "paths": {"roots": ["/home/{user}"]}, "limits": {"memory": 5},
                 "tes": {"images": [{"match": "*", "image": "i"}], "url_schemes": {"https": {"get": ["curl"]}}},
@@ -191,6 +191,7 @@ def test_the_example_config_shows_the_defaults() -> None:
             sub = TABLES[table]["properties"][key]
             if (table, key) == ("gateway", "state_dir") or "default" not in sub or isinstance(value, dict):
                 continue
-            assert value == sub["default"], f"etc/jobproxy.toml [{table}] {key} = {value!r}, the default is {sub['default']!r}"
+            assert value == sub["default"], \
+                f"etc/jobproxy.toml [{table}] {key} = {value!r}, the default is {sub['default']!r}"
             checked += 1
     assert checked >= 10

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from gateway import config as configuration, paging
+from gateway import config as configuration
+from gateway import paging
 from gateway.app import create_app
 from gateway.tes import api as tes_api
 

@@ -40,7 +40,8 @@ def capability_table() -> str:
              "| --- | --- | --- | --- | --- |"]
     for name, where, cls in _plugins(SCHEDULERS):
         run_as = "yes" if cls.supports_run_as else "no: the gateway refuses to start with it"
-        changes = "reported as they happen (polled at start-up)" if cls.reports_changes else "polled every `poll_interval`"
+        changes = ("reported as they happen (polled at start-up)" if cls.reports_changes
+                   else "polled every `poll_interval`")
         lines.append(f"| `{name}` | `{where}` | {run_as} | {changes} | {_options(cls)} |")
     lines += ["",
               "| `[scheduler.container] runtime` | class | `ports` | memory limit | options |",
@@ -62,7 +63,8 @@ def _block(text: str) -> str:
 def test_readme_capability_table_is_the_plugins() -> None:
     text = README.read_text(encoding="utf-8")
     assert text.count(BEGIN) == 1
-    assert _block(text) == capability_table(), "README.md's capability table is stale: python -m tests.test_readme --write"
+    assert _block(text) == capability_table(), \
+        "README.md's capability table is stale: python -m tests.test_readme --write"
 
 
 def test_the_table_says_what_the_classes_say() -> None:
