@@ -9,13 +9,19 @@ Prints each figure and its ratio to its baseline:
 - list: walking --tasks tasks through GET /v1/jobproxy/state in pages of 1000, against reading the
   same rows straight from the store.
 - memory: the server's resident memory after the walk.
+
+It stops only what it started, by pid: the server it ran, then every process of the tasks it
+submitted (found by the JOBPROXY_TASK_ID the local scheduler gives each job), waiting until each is
+gone or a zombie (whose reaping is up to PID 1).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,15 +32,16 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from schedulers.base import Task
-from gateway.model import new_task_id  # noqa: E402, task_from_document
-from gateway.store import Store  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from gateway.api_v1 import state_document
+from gateway.model import new_task_id, task_from_document
+from gateway.store import Store
+from tests.conftest import free_port
 
 
 async def rate(session: aiohttp.ClientSession, method: str, url: str, count: int, body: bytes | None = None,
-               concurrency: int = 8) -> float:
-    """Requests per second for `count` requests, `concurrency` at a time."""
+               concurrency: int = 8, ids: list[str] | None = None) -> float:
+    """Requests per second for `count` requests, `concurrency` at a time; the `id` of each answer is
+    added to `ids` if given (submits: the tasks to stop at the end)."""
     left = count
     headers = {"Content-Type": "application/json"} if body else {}
 
@@ -43,20 +50,71 @@ async def rate(session: aiohttp.ClientSession, method: str, url: str, count: int
         while left > 0:
             left -= 1
             async with session.request(method, url, data=body, headers=headers) as response:
-                await response.read()
+                answer = await response.read()
                 assert response.status == 200, response.status
+                if ids is not None:
+                    ids.append(json.loads(answer)["id"])
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return count / (time.perf_counter() - start)
 
 
-def seed(store_path: Path, count: int) -> None:
+async def seed(store_path: Path, count: int) -> None:
     store = Store(store_path)
-    for _ in range(count):
-        task_id = new_task_id()
-        store.add(task_from_document({"user": "bench", "cmd": "true"}, task_id, f"/nonexistent/{task_id}"), "other")
+    for start in range(0, count, 1000):
+        ids = [f"{new_task_id()}{n:06d}" for n in range(start, min(count, start + 1000))]
+        await asyncio.gather(*(store.add(task_from_document({"user": "bench", "cmd": "true"}, i, f"/nonexistent/{i}"),
+                                         "other") for i in ids))
     store.close()
+
+
+def task_processes(task_ids: set[str]) -> list[int]:
+    """Pids of the processes whose environment names one of `task_ids` (JOBPROXY_TASK_ID)."""
+    wanted = {f"JOBPROXY_TASK_ID={task_id}".encode() for task_id in task_ids}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if wanted.intersection(environ):
+            found.append(int(entry.name))
+    return found
+
+
+def dead(pid: int) -> bool:
+    """Whether `pid` has ended: gone, or a zombie waiting for its parent (or PID 1) to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"  # the state follows the command in parentheses
+
+
+def stop(pids: list[int], timeout: float = 30) -> None:
+    """SIGKILL each of `pids` and wait until all have ended."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(dead(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes still alive {timeout:.0f} s after SIGKILL: "
+                               f"{[pid for pid in pids if not dead(pid)]}")
+        time.sleep(0.05)
+
+
+def stop_server(server: subprocess.Popen[bytes]) -> None:
+    """Terminate the gateway this run started (SIGKILL after 30 s) and reap it."""
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=30)
 
 
 def rss_mib(pid: int) -> float:
@@ -73,7 +131,7 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        seed(root / "state" / "jobproxy.db", args.tasks)
+        await seed(root / "state" / "jobproxy.db", args.tasks)
         (root / "jobproxy.toml").write_text(
             '[gateway]\nstate_dir = "state"\n[scheduler]\npoll_interval = 5\n'
             '[scheduler.options]\ncores = 1\n[log]\nlevel = "WARNING"\n')
@@ -82,6 +140,7 @@ async def main() -> None:
                    "--port", str(port)]
         server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/v1/jobproxy"
+        submitted: list[str] = []
         try:
             async with aiohttp.ClientSession() as session:
                 for _ in range(300):
@@ -92,10 +151,10 @@ async def main() -> None:
                     except aiohttp.ClientError:
                         await asyncio.sleep(0.1)
                 blocker = json.dumps({"user": "bench", "cmd": "sleep 600"}).encode()
-                await rate(session, "POST", f"{url}/submit", 1, blocker, concurrency=1)  # holds the one core
+                await rate(session, "POST", f"{url}/submit", 1, blocker, concurrency=1, ids=submitted)  # holds the core
                 ping = await rate(session, "GET", f"{url}/ping", args.submits)
                 task = json.dumps({"user": "bench", "cmd": ["/bin/true"], "cores": 1, "memory": 10}).encode()
-                submit = await rate(session, "POST", f"{url}/submit", args.submits, task)
+                submit = await rate(session, "POST", f"{url}/submit", args.submits, task, ids=submitted)
 
                 start, token, walked = time.perf_counter(), "", 0
                 while True:
@@ -109,18 +168,18 @@ async def main() -> None:
                 start = time.perf_counter()
                 store, after, direct = Store(root / "state" / "jobproxy.db"), 0, 0
                 while rows := store.page(after=after, limit=1000):
-                    direct += len([r.as_state() for r in rows])
+                    direct += len([state_document(r) for r in rows])
                     after = rows[-1].seq
                 store_walk = time.perf_counter() - start
                 memory = rss_mib(server.pid)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
-            subprocess.run(["pkill", "-f", "sleep 600"], check=False)
+            stop_server(server)  # first, so that no queued task starts meanwhile
+            stop(task_processes(set(submitted)))
     print(f"baseline ping:   {ping:8.0f} requests/s")
     print(f"submit:          {submit:8.0f} tasks/s      ratio to ping {submit / ping:.2f}")
     print(f"list walk:       {walked:8d} tasks in {http_walk:.2f} s ({walked / http_walk:.0f} tasks/s)")
-    print(f"baseline store:  {direct:8d} tasks in {store_walk:.2f} s      ratio HTTP/store time {http_walk / store_walk:.2f}")
+    print(f"baseline store:  {direct:8d} tasks in {store_walk:.2f} s      "
+          f"ratio HTTP/store time {http_walk / store_walk:.2f}")
     print(f"server memory:   {memory:8.1f} MiB resident after the walk")
 
 

@@ -6,7 +6,7 @@ from multidict import MultiDictProxy
 
 import schemas
 
-from . import auth, codec, idempotency, service
+from . import auth, codec, idempotency, paging, service
 from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import rfc3339
 from schedulers.base import TaskState
@@ -104,10 +104,7 @@ def _record(request: web.Request) -> Record:
 
 
 def _int_param(query: MultiDictProxy[str], name: str, default: int, low: int, high: int) -> int:
-    raw = query.get(name)
-    if raw is None or raw == "":
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise ApiError(400, f"{name}: must be a whole number from {low} to {high}, not {raw!r}",
-                       [{"path": name, "message": f"must be a whole number from {low} to {high}"}])
-    return int(raw)
+    try:
+        return paging.whole_number(query.get(name), name, default, low, high)
+    except paging.OutOfRange as exc:
+        raise ApiError(400, str(exc), [{"path": name, "message": exc.rule}]) from None

@@ -1,19 +1,33 @@
 """Site configuration: a TOML file validated against schemas/config.schema.json at start-up.
 
-No file at all means the embedded default: the local scheduler, state in ./jobproxy-state,
-listening on 127.0.0.1:8080. Relative paths in a file are taken relative to that file's folder.
+Every default is written once, in the schema (`default` keywords): the document is validated, the
+schema's defaults are filled in (`SchemaValidator.with_defaults`), and the typed sections below are
+built from the filled document. The sections have no defaults of their own, and no code downstream
+repeats one: what a site leaves out is what the schema says.
+
+No file at all means the schema's defaults: the local scheduler, state in ./jobproxy-state,
+listening on 127.0.0.1:8080. Relative paths in a file are taken relative to that file's folder;
+`{state_dir}` in `[gateway] task_root` and `[store] path` stands for the state folder.
+
+`Config` keeps the flat attributes (`config.page_size`, `config.run_as`, `config.tes`...) that the
+rest of the gateway reads, each delegating to its section.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import shutil
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .validation import SchemaValidator, summary
+
+#: The placeholder for the state folder in path settings (their defaults use it).
+STATE_DIR = "{state_dir}"
 
 
 class ConfigError(Exception):
@@ -21,35 +35,260 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class Https:
+    """`[gateway.https]`: the TLS listener; file paths absolute."""
+
+    port: int
+    cert: str
+    key: str
+    client_ca: str | None
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """`[gateway]`: where and how the gateway listens, and its state folders."""
+
+    host: str
+    port: int
+    max_body_bytes: int
+    state_dir: Path
+    task_root: Path
+    page_size: int
+    max_page_size: int
+    http: bool
+    https: Https | None
+    umask: int
+    allow_remote_without_auth: bool
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """`[store]`: the SQLite database."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """`[scheduler]`: the plugin, how often it is polled, its options and its container runtime."""
+
+    type: str
+    poll_interval: float
+    options: Mapping[str, Any]
+    container: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Token:
+    """One `[auth] tokens` entry: only the SHA-256 hash of the token is configured."""
+
+    user: str
+    sha256: str
+    admin: bool
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """`[auth]`: whether requests need a token, and the tokens."""
+
+    enabled: bool
+    tokens: tuple[Token, ...]
+
+
+@dataclass(frozen=True)
+class RunAsSettings:
+    """`[run_as]`: jobs run as the Unix users their tasks name."""
+
+    enabled: bool
+    min_uid: int
+    deny: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PathsSettings:
+    """`[paths]`: the folders a task's files may lie in; None: no confinement."""
+
+    roots: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """`[limits]`: the most one task may ask for; None: no limit."""
+
+    cores: int | None
+    memory: int | None
+    cputime: int | None
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """`[log]`."""
+
+    level: str
+
+
+@dataclass(frozen=True)
+class ImageRule:
+    """One `[tes] images` rule: a requested image matching `match` runs on the host (`run`) or as
+    the local `image`."""
+
+    match: str
+    run: str | None
+    image: str | None
+
+
+@dataclass(frozen=True)
+class TesSettings:
+    """`[tes]`: how TES executors run and what TES clients may send."""
+
+    images: tuple[ImageRule, ...]
+    host_readable: tuple[str, ...]
+    host_writable: tuple[str, ...]
+    url_schemes: Mapping[str, Mapping[str, tuple[str, ...]]]
+    backend_parameters: tuple[str, ...]
+    log_tail_bytes: int
+    service_info: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Sections:
+    """The typed sections of one site configuration, one per table of the schema."""
+
+    gateway: GatewaySettings
+    store: StoreSettings
+    scheduler: SchedulerSettings
+    auth: AuthSettings
+    run_as: RunAsSettings
+    paths: PathsSettings
+    limits: LimitsSettings
+    log: LogSettings
+    tes: TesSettings
+
+
+@dataclass(frozen=True)
 class Config:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_body_bytes: int = 1024 * 1024
-    state_dir: Path = Path("jobproxy-state")
-    task_root: Path = Path("jobproxy-state/tasks")
-    store_path: Path = Path("jobproxy-state/jobproxy.db")
-    page_size: int = 1000
-    max_page_size: int = 10000
-    scheduler: str = "local"
-    poll_interval: float = 1.0
-    scheduler_options: dict[str, Any] = field(default_factory=dict)
-    container: dict[str, Any] | None = None
-    log_level: str = "INFO"
-    auth_enabled: bool = False
-    tokens: tuple[dict[str, Any], ...] = ()
-    allow_remote_without_auth: bool = False
-    http: bool = True
-    https: dict[str, Any] | None = None
-    umask: int = 0o077
-    limits: dict[str, int] = field(default_factory=dict)
-    run_as: dict[str, Any] = field(default_factory=dict)
-    path_roots: tuple[str, ...] | None = None
-    tes: dict[str, Any] = field(default_factory=dict)
-    source: str = "built-in defaults"
+    """A validated site configuration: its typed `sections`, and where it came from."""
+
+    sections: Sections
+    source: str
+
+    # ---- the flat names the rest of the gateway reads: each one delegates to its section ----
+
+    @property
+    def host(self) -> str:
+        return self.sections.gateway.host
+
+    @property
+    def port(self) -> int:
+        return self.sections.gateway.port
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.sections.gateway.max_body_bytes
+
+    @property
+    def state_dir(self) -> Path:
+        return self.sections.gateway.state_dir
+
+    @property
+    def task_root(self) -> Path:
+        return self.sections.gateway.task_root
+
+    @property
+    def page_size(self) -> int:
+        return self.sections.gateway.page_size
+
+    @property
+    def max_page_size(self) -> int:
+        return self.sections.gateway.max_page_size
+
+    @property
+    def http(self) -> bool:
+        return self.sections.gateway.http
+
+    @property
+    def https(self) -> dict[str, Any] | None:
+        """`[gateway.https]` as a table (`client_ca` only when set), paths absolute."""
+        https = self.sections.gateway.https
+        if https is None:
+            return None
+        return {k: v for k, v in dataclasses.asdict(https).items() if v is not None}
+
+    @property
+    def umask(self) -> int:
+        return self.sections.gateway.umask
+
+    @property
+    def allow_remote_without_auth(self) -> bool:
+        return self.sections.gateway.allow_remote_without_auth
+
+    @property
+    def store_path(self) -> Path:
+        return self.sections.store.path
+
+    @property
+    def scheduler(self) -> str:
+        """The name of the scheduler plugin (`[scheduler] type`)."""
+        return self.sections.scheduler.type
+
+    @property
+    def poll_interval(self) -> float:
+        return self.sections.scheduler.poll_interval
+
+    @property
+    def scheduler_options(self) -> dict[str, Any]:
+        return dict(self.sections.scheduler.options)
+
+    @property
+    def container(self) -> dict[str, Any] | None:
+        container = self.sections.scheduler.container
+        return None if container is None else dict(container)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.sections.auth.enabled
+
+    @property
+    def tokens(self) -> tuple[dict[str, Any], ...]:
+        return tuple(dataclasses.asdict(token) for token in self.sections.auth.tokens)
+
+    @property
+    def run_as(self) -> dict[str, Any]:
+        """`[run_as]` as a table, every key present."""
+        run_as = self.sections.run_as
+        return {"enabled": run_as.enabled, "min_uid": run_as.min_uid, "deny": list(run_as.deny)}
+
+    @property
+    def path_roots(self) -> tuple[str, ...] | None:
+        return self.sections.paths.roots
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """The limits that are set, by field name."""
+        return {k: v for k, v in dataclasses.asdict(self.sections.limits).items() if v is not None}
+
+    @property
+    def log_level(self) -> str:
+        return self.sections.log.level
+
+    @property
+    def tes(self) -> dict[str, Any]:
+        """`[tes]` as a table, every key present (image rules with only the keys they set)."""
+        tes = self.sections.tes
+        return {
+            "images": [{k: v for k, v in dataclasses.asdict(rule).items() if v is not None} for rule in tes.images],
+            "host_readable": list(tes.host_readable),
+            "host_writable": list(tes.host_writable),
+            "url_schemes": {name: {d: list(argv) for d, argv in c.items()} for name, c in tes.url_schemes.items()},
+            "backend_parameters": list(tes.backend_parameters),
+            "log_tail_bytes": tes.log_tail_bytes,
+            "service_info": dict(tes.service_info),
+        }
 
 
 def load(path: str | Path | None = None, **overrides: Any) -> Config:
-    """Read and validate the config file (or the defaults), then apply `overrides` (e.g. host)."""
+    """Read and validate the config file (or the defaults), then apply `overrides` of `[gateway]`
+    keys (e.g. host, port; None: not overridden)."""
     if path is None:
         document: dict[str, Any] = {}
         base, source = Path.cwd(), "built-in defaults"
@@ -66,75 +305,109 @@ def load(path: str | Path | None = None, **overrides: Any) -> Config:
 
 
 def from_document(document: dict[str, Any], base: Path, source: str, **overrides: Any) -> Config:
-    problems = SchemaValidator.named("config").problems(document)
+    """The Config of a parsed TOML `document` whose relative paths are relative to `base`.
+
+    `overrides` replace keys of `[gateway]` before validation (so they are checked like the file);
+    a None override is ignored."""
+    validator = SchemaValidator.named("config")
+    document = _overridden(document, validator.schema, overrides)
+    problems = validator.problems(document)
     if problems:
         raise ConfigError(f"{source}: {summary(problems)}")
-    gateway = document.get("gateway", {})
-    scheduler = document.get("scheduler", {})
-    state_dir = base / gateway.get("state_dir", "jobproxy-state")
-    values: dict[str, Any] = {
-        "host": gateway.get("host", "127.0.0.1"),
-        "port": gateway.get("port", 8080),
-        "max_body_bytes": gateway.get("max_body_bytes", 1024 * 1024),
-        "state_dir": state_dir,
-        "task_root": base / gateway["task_root"] if "task_root" in gateway else state_dir / "tasks",
-        "store_path": base / document["store"]["path"] if "path" in document.get("store", {}) else state_dir / "jobproxy.db",
-        "page_size": gateway.get("page_size", 1000),
-        "max_page_size": gateway.get("max_page_size", 10000),
-        "scheduler": scheduler.get("type", "local"),
-        "poll_interval": float(scheduler.get("poll_interval", 1.0)),
-        "scheduler_options": scheduler.get("options", {}),
-        "container": scheduler.get("container"),
-        "log_level": document.get("log", {}).get("level", "INFO"),
-        "auth_enabled": document.get("auth", {}).get("enabled", False),
-        "tokens": tuple(document.get("auth", {}).get("tokens", ())),
-        "allow_remote_without_auth": gateway.get("allow_remote_without_auth", False),
-        "http": gateway.get("http", True),
-        "https": _https(gateway.get("https"), base),
-        "umask": int(gateway.get("umask", "077"), 8),
-        "limits": document.get("limits", {}),
-        "run_as": document.get("run_as", {}),
-        "path_roots": tuple(document["paths"]["roots"]) if "roots" in document.get("paths", {}) else None,
-        "tes": document.get("tes", {}),
-        "source": source,
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if not values["auth_enabled"] and not values["allow_remote_without_auth"] and not _loopback(values["host"]):
+    filled = validator.with_defaults(document)
+    config = Config(sections=sections(filled, base), source=source)
+    _check(config)
+    return config
+
+
+def _overridden(document: dict[str, Any], schema: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    given = {key: value for key, value in overrides.items() if value is not None}
+    known = schema["properties"]["gateway"]["properties"]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise TypeError(f"not [gateway] settings: {', '.join(unknown)}")
+    table = document.get("gateway")
+    if not given or not isinstance(table, dict | None):
+        return document  # nothing to override, or a [gateway] that is no table: the schema check says so
+    return {**document, "gateway": {**(table or {}), **given}}
+
+
+def sections(filled: Mapping[str, Any], base: Path) -> Sections:
+    """The typed sections of a valid document with the schema's defaults filled in.
+
+    Keys with a default are indexed (a missing one is a bug in the schema, not a silent default);
+    keys the schema leaves unset read as None."""
+    gateway, scheduler, tes = filled["gateway"], filled["scheduler"], filled["tes"]
+    state_dir = base / gateway["state_dir"]
+    https = gateway.get("https")
+    return Sections(
+        gateway=GatewaySettings(
+            host=gateway["host"], port=gateway["port"], max_body_bytes=gateway["max_body_bytes"],
+            state_dir=state_dir, task_root=_state_path(base, state_dir, gateway["task_root"]),
+            page_size=gateway["page_size"], max_page_size=gateway["max_page_size"], http=gateway["http"],
+            https=None if https is None else Https(
+                port=https["port"], cert=str(base / https["cert"]), key=str(base / https["key"]),
+                client_ca=str(base / https["client_ca"]) if "client_ca" in https else None),
+            umask=int(gateway["umask"], 8), allow_remote_without_auth=gateway["allow_remote_without_auth"]),
+        store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"])),
+        scheduler=SchedulerSettings(type=scheduler["type"], poll_interval=float(scheduler["poll_interval"]),
+                                    options=scheduler["options"], container=scheduler.get("container")),
+        auth=AuthSettings(enabled=filled["auth"]["enabled"], tokens=tuple(
+            Token(user=t["user"], sha256=t["sha256"], admin=t["admin"]) for t in filled["auth"]["tokens"])),
+        run_as=RunAsSettings(enabled=filled["run_as"]["enabled"], min_uid=filled["run_as"]["min_uid"],
+                             deny=tuple(filled["run_as"]["deny"])),
+        paths=PathsSettings(roots=tuple(filled["paths"]["roots"]) if "roots" in filled["paths"] else None),
+        limits=LimitsSettings(**{name: filled["limits"].get(name) for name in ("cores", "memory", "cputime")}),
+        log=LogSettings(level=filled["log"]["level"]),
+        tes=TesSettings(
+            images=tuple(ImageRule(match=r["match"], run=r.get("run"), image=r.get("image")) for r in tes["images"]),
+            host_readable=tuple(tes["host_readable"]), host_writable=tuple(tes["host_writable"]),
+            url_schemes={name: {direction: tuple(argv) for direction, argv in commands.items()}
+                         for name, commands in tes["url_schemes"].items()},
+            backend_parameters=tuple(tes["backend_parameters"]), log_tail_bytes=tes["log_tail_bytes"],
+            service_info=tes["service_info"]),
+    )
+
+
+def _state_path(base: Path, state_dir: Path, value: str) -> Path:
+    """A path setting, relative to `base`, with `{state_dir}` standing for the state folder."""
+    return base / value.replace(STATE_DIR, str(state_dir))
+
+
+def _check(config: Config) -> None:
+    """What the schema cannot say: settings that contradict each other or this machine."""
+    source, site = config.source, config.sections
+    gateway = site.gateway
+    if not site.auth.enabled and not gateway.allow_remote_without_auth and not _loopback(gateway.host):
         raise ConfigError(
-            f"{source}: refusing to listen on {values['host']} with auth off: anyone who reaches it could run "
+            f"{source}: refusing to listen on {gateway.host} with auth off: anyone who reaches it could run "
             "commands. Turn auth on ([auth] enabled = true), listen on 127.0.0.1, or set "
             "[gateway] allow_remote_without_auth = true")
-    if values["page_size"] > values["max_page_size"]:
-        raise ConfigError(f"{source}: $.gateway.page_size ({values['page_size']}) exceeds max_page_size ({values['max_page_size']})")
-    if values["run_as"].get("enabled") and os.geteuid() != 0:
+    if gateway.page_size > gateway.max_page_size:
+        raise ConfigError(f"{source}: $.gateway.page_size ({gateway.page_size}) exceeds max_page_size "
+                          f"({gateway.max_page_size})")
+    if site.run_as.enabled and os.geteuid() != 0:
         raise ConfigError(f"{source}: $.run_as.enabled: running jobs as their users needs the gateway to run as root")
-    if not values["http"] and not values["https"]:
+    if not gateway.http and gateway.https is None:
         raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] must be configured")
-    _check_tes(values["tes"], values["container"], source)
-    return Config(**values)
+    _check_tes(site.tes, site.scheduler.container, source)
 
 
-def _https(table: dict[str, Any] | None, base: Path) -> dict[str, Any] | None:
-    """The [gateway.https] table with its file paths made absolute."""
-    if table is None:
-        return None
-    return {key: (str(base / value) if key != "port" else value) for key, value in table.items()}
-
-
-def _check_tes(tes: dict[str, Any], container: dict[str, Any] | None, source: str) -> None:
+def _check_tes(tes: TesSettings, container: Mapping[str, Any] | None, source: str) -> None:
     """[tes] images: each rule either runs on the host (bubblewrap must be installed) or names a
     local image (a container runtime must be configured)."""
-    for index, rule in enumerate(tes.get("images", [])):
+    for index, rule in enumerate(tes.images):
         where = f"{source}: $.tes.images[{index}]"
-        if ("run" in rule) == ("image" in rule):
+        if (rule.run is None) == (rule.image is None):
             raise ConfigError(f"{where}: give exactly one of run = \"host\" or image = \"...\"")
-        if "run" in rule and shutil.which("bwrap") is None:
+        if rule.run is not None and shutil.which("bwrap") is None:
             raise ConfigError(f"{where}: running images on the host needs bubblewrap (bwrap), which is not installed")
-        if "image" in rule and container is None:
+        if rule.image is not None and container is None:
             raise ConfigError(f"{where}: image rules need a container runtime ([scheduler.container])")
 
 
 def _loopback(host: str) -> bool:
+    """Whether `host` names only this machine."""
     if host == "localhost":
         return True
     try:

@@ -3,9 +3,9 @@ runtimes in `jobproxy.containers`. The built-in ones are registered the same way
 ones; the site config chooses one of each by name and gives its options."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib.metadata import entry_points
-from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any
 
 from schedulers.base import Scheduler, SchedulerConfigError
 from schedulers.containers import ContainerRuntime
@@ -15,14 +15,13 @@ from .validation import SchemaValidator, summary
 
 SCHEDULERS = "jobproxy.schedulers"
 CONTAINERS = "jobproxy.containers"
-P = TypeVar("P")
 
 
 def installed(group: str) -> list[str]:
     return sorted(ep.name for ep in entry_points(group=group))
 
 
-def plugin_class(group: str, name: str, base: type[P], where: str) -> type[P]:
+def plugin_class(group: str, name: str, base: type[Any], where: str) -> type[Any]:
     """The class registered as `name` in `group`; a ConfigError naming the installed ones if none."""
     found = {ep.name: ep for ep in entry_points(group=group)}
     if name not in found:
@@ -46,20 +45,22 @@ def _checked_options(schema: dict[str, Any], options: Mapping[str, Any], where: 
 def create_scheduler(config: Config) -> Scheduler:
     """Instantiate the configured scheduler (and container runtime), options checked against their
     own schemas."""
-    cls = plugin_class(SCHEDULERS, config.scheduler, Scheduler, f"{config.source}: $.scheduler.type")
-    options = _checked_options(cls.options_schema, config.scheduler_options, "$.scheduler.options", config.source)
-    run_as_user = bool(config.run_as.get("enabled"))
-    if run_as_user and not cls.supports_run_as:
-        raise ConfigError(f"{config.source}: $.run_as.enabled: the {config.scheduler} scheduler cannot run "
+    site, source = config.sections, config.source
+    name = site.scheduler.type
+    cls: type[Scheduler] = plugin_class(SCHEDULERS, name, Scheduler, f"{source}: $.scheduler.type")
+    options = _checked_options(cls.options_schema, site.scheduler.options, "$.scheduler.options", source)
+    if site.run_as.enabled and not cls.supports_run_as:
+        raise ConfigError(f"{source}: $.run_as.enabled: the {name} scheduler cannot run "
                           "jobs as their users; turn run_as off or choose another scheduler")
     runtime = None
-    if config.container is not None:
-        runtime_class = plugin_class(CONTAINERS, config.container["runtime"], ContainerRuntime,
-                                     f"{config.source}: $.scheduler.container.runtime")
-        runtime = runtime_class(_checked_options(runtime_class.options_schema, config.container,
-                                                 "$.scheduler.container", config.source))
+    container = site.scheduler.container
+    if container is not None:
+        runtime_class: type[ContainerRuntime] = plugin_class(CONTAINERS, container["runtime"], ContainerRuntime,
+                                                             f"{source}: $.scheduler.container.runtime")
+        runtime = runtime_class(_checked_options(runtime_class.options_schema, container,
+                                                 "$.scheduler.container", source))
     try:
-        return cls(config.scheduler, options, Path(config.state_dir) / "schedulers" / config.scheduler,
-                   runtime=runtime, run_as_user=run_as_user)
+        return cls(name, options, site.gateway.state_dir / "schedulers" / name,
+                   runtime=runtime, run_as_user=site.run_as.enabled)
     except SchedulerConfigError as exc:
-        raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None
+        raise ConfigError(f"{source}: scheduler {name!r}: {exc}") from None

@@ -41,8 +41,8 @@ def check_run_as(config: Config, user: str) -> None:
         entry = pwd.getpwnam(user)
     except KeyError:
         raise _refuse(400, "$.user", f"there is no Unix user named {user!r} on this gateway") from None
-    minimum = int(config.run_as.get("min_uid", 1000))
-    if entry.pw_uid < minimum or user in config.run_as.get("deny", []):
+    minimum = config.sections.run_as.min_uid
+    if entry.pw_uid < minimum or user in config.sections.run_as.deny:
         raise _refuse(403, "$.user", f"tasks may not run as {user!r} on this site "
                       f"(root, system users below uid {minimum} and denied users are refused)")
 

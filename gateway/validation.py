@@ -6,8 +6,10 @@ keyword in an `x-error` annotation, e.g. `"x-error": {"pattern": "must be an abs
 """
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
@@ -28,9 +30,13 @@ class Problem:
         return {"path": self.path, "message": self.message}
 
 
-def _registry() -> Registry:
-    resources = [Resource.from_contents(schemas.load(name)) for name in ("task", "state", "config")]
-    return Registry().with_resources((res.id(), res) for res in resources)
+def _registry() -> Registry[Any]:
+    """The schemas of `schemas/`, by their `$id`, for `$ref`s between them."""
+    registry: Registry[Any] = Registry()
+    for name in ("task", "state", "config"):
+        resource: Resource[Any] = Resource.from_contents(schemas.load(name))
+        registry = registry.with_resource(str(resource.id()), resource)
+    return registry
 
 
 class SchemaValidator:
@@ -42,7 +48,7 @@ class SchemaValidator:
         self._validator = Draft202012Validator(schema, registry=_registry())
 
     @classmethod
-    def named(cls, name: str) -> "SchemaValidator":
+    def named(cls, name: str) -> SchemaValidator:
         return cls(schemas.load(name))
 
     def with_defaults(self, document: dict[str, Any]) -> dict[str, Any]:
@@ -57,15 +63,33 @@ class SchemaValidator:
 
 
 def _filled(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+    """`document` with the `default` of each absent property of `schema`, recursively: into present
+    (or just filled) objects, the objects of arrays (`items`) and of maps (`additionalProperties`).
+    Defaults are copied, so a filled document never shares a list or table with the schema."""
     filled = dict(document)
-    for key, sub in schema.get("properties", {}).items():
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
         if not isinstance(sub, dict):
             continue
         if key not in filled and "default" in sub:
-            filled[key] = sub["default"]
-        if isinstance(filled.get(key), dict) and "properties" in sub:
-            filled[key] = _filled(sub, filled[key])
+            filled[key] = copy.deepcopy(sub["default"])
+        if key in filled:
+            filled[key] = _filled_value(sub, filled[key])
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in filled.keys() - properties.keys():
+            filled[key] = _filled_value(extra, filled[key])
     return filled
+
+
+def _filled_value(schema: dict[str, Any], value: Any) -> Any:
+    """`value` (of a property, an array item or a map entry) with the defaults of `schema` filled in."""
+    if isinstance(value, dict):
+        return _filled(schema, value)
+    items = schema.get("items")
+    if isinstance(value, list) and isinstance(items, dict):
+        return [_filled_value(items, item) for item in value]
+    return value
 
 
 def _flatten(errors: Iterable[ValidationError]) -> Iterator[Problem]:
@@ -94,13 +118,18 @@ def _closest_branch(context: list[ValidationError]) -> list[ValidationError]:
         return fitting[0]
     if not fitting:
         wanted = [e.validator_value for errors in branches.values() for e in errors if e.validator == "type"]
-        names = sorted({name for value in wanted for name in ([value] if isinstance(value, str) else value)})
+        names = sorted({name for value in wanted for name in _names(value)})
         first = context[0]
         return [ValidationError(
             f"must be of type {' or '.join(names)}, not {type(first.instance).__name__}",
             validator="x-type", path=list(first.absolute_path), schema={},
         )]
     return [best_match(context)]
+
+
+def _names(value: Any) -> list[str]:
+    """The type name(s) of a `type` keyword's value: one name or a list of them."""
+    return [value] if isinstance(value, str) else [str(name) for name in value]
 
 
 def _json_path(error: ValidationError) -> str:
@@ -113,7 +142,9 @@ def _json_path(error: ValidationError) -> str:
 def _message(error: ValidationError) -> str:
     """The validator's message, without repeating a possibly huge instance."""
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        schema = error.schema if isinstance(error.schema, Mapping) else {}
+        instance = error.instance if isinstance(error.instance, Mapping) else {}
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
         return "unknown field(s): " + ", ".join(repr(name) for name in extra)
     if error.validator == "required":
         return error.message.replace(" is a required property", " is required")
@@ -123,15 +154,15 @@ def _message(error: ValidationError) -> str:
         relation = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
         return f"must be {relation[str(error.validator)]} {error.validator_value} (got {error.instance!r})"
     if error.validator == "enum":
-        return "must be one of " + ", ".join(repr(v) for v in error.validator_value)
+        values = error.validator_value if isinstance(error.validator_value, list) else []
+        return "must be one of " + ", ".join(repr(v) for v in values)
     if error.validator in ("minLength", "maxLength", "minItems", "maxItems"):
         return _size_message(error)
     return error.message
 
 
 def _types(value: Any) -> str:
-    names = [value] if isinstance(value, str) else list(value)
-    return " or ".join(names)
+    return " or ".join(_names(value))
 
 
 def _size_message(error: ValidationError) -> str:

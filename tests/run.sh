@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite on a fresh machine:
-#   1. a virtualenv (.venv) with JobProxy and its test extras;
+#   1. a virtualenv (.venv) with JobProxy and its test extras, and what the TES client tests need
+#      fetched once ($JOBPROXY_TEST_DEPS, default .venv/test-deps), so that no test reaches the package index;
 #   2. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker, Podman), where
 #      this machine can run them (root on Debian); their environment is exported before pytest
 #      starts, since libdrmaa must see it at load time;
@@ -18,6 +19,35 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 log "installing JobProxy and its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# What tests/test_tes_clients.py would otherwise fetch from the package index while it runs, fetched
+# once here (no test reaches the index): the wheels of the storage plugins that each Snakemake TES job
+# pip-installs (its pip then runs with PIP_NO_INDEX and PIP_FIND_LINKS), and py-tes 1.1 in a virtualenv
+# of its own (ours has the py-tes 0.4 that the Snakemake plugin pins).
+export JOBPROXY_TEST_DEPS="${JOBPROXY_TEST_DEPS:-$PWD/.venv/test-deps}"
+plugins="$(.venv/bin/python - <<'PY'
+from importlib.metadata import version
+from snakemake_interface_storage_plugins.registry import StoragePluginRegistry
+registry = StoragePluginRegistry()  # the same list Snakemake's job pre-command installs
+names = sorted({registry.get_plugin_package_name(name) for name in registry.get_registered_plugins()})
+print(" ".join(f"{name}=={version(name)}" for name in names))
+PY
+)"
+wheels="$JOBPROXY_TEST_DEPS/wheels"
+if [ "$(cat "$wheels/.requirements" 2>/dev/null)" != "$plugins" ]; then
+    log "fetching wheels for Snakemake's jobs into $wheels: $plugins"
+    rm -rf "$wheels"
+    # shellcheck disable=SC2086 # one argument per requirement
+    .venv/bin/python -m pip wheel -q --disable-pip-version-check -w "$wheels" $plugins
+    printf '%s\n' "$plugins" >"$wheels/.requirements"
+fi
+py_tes="$JOBPROXY_TEST_DEPS/py-tes-1.1"
+if ! "$py_tes/bin/python" -c 'from importlib.metadata import version; assert version("py-tes").startswith("1.1.")' 2>/dev/null; then
+    log "installing py-tes 1.1 into $py_tes"
+    rm -rf "$py_tes"
+    .venv/bin/python -m venv "$py_tes"
+    "$py_tes/bin/python" -m pip install -q --disable-pip-version-check 'py-tes>=1.1,<1.2'
+fi
 
 # Tools the tests use: bubblewrap (the Apptainer stand-in, TES host executors), busybox (their root
 # file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates).

@@ -11,6 +11,10 @@ inputs/outputs. Here that is snakemake-storage-plugin-fs (rsync) on a folder of 
 the gateway's `[tes] host_writable` lets the sandboxed executors write; the job script arrives as
 a TES `content` input, and the job installs the storage plugin with pip, as the plugin's job
 script always does.
+
+No test reaches the package index: tests/run.sh fetches once, into $JOBPROXY_TEST_DEPS (default
+.venv/test-deps), the wheels of the storage plugins Snakemake's jobs install (`wheels/`; the jobs'
+pip runs with PIP_NO_INDEX and PIP_FIND_LINKS) and a virtualenv with py-tes 1.1 (`py-tes-1.1/`).
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -33,6 +37,17 @@ tes = pytest.importorskip("tes", reason="py-tes is a test dependency: pip instal
 # py-tes 0.4 passes user=None/password=None to requests when it has no credentials
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:Non-string:DeprecationWarning")]
 VENV_BIN = str(Path(sys.executable).parent)
+TEST_DEPS = Path(os.environ.get("JOBPROXY_TEST_DEPS", str(Path(sys.prefix) / "test-deps")))
+
+
+def need_deps(path: Path, what: str) -> Path:
+    """`path` under TEST_DEPS, which tests/run.sh fills; skip (fail in CI) when it is not there."""
+    if not path.exists():
+        reason = f"needs {what} in {path} (tests/run.sh fetches it once, so that no test reaches the package index)"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
 
 
 def need(*tools: str) -> None:
@@ -44,7 +59,7 @@ def need(*tools: str) -> None:
         pytest.skip(reason)
 
 
-def start(gateway_factory: Callable[..., Gateway], tes_table: str) -> Gateway:
+def start(gateway_factory: Callable[..., Gateway], tes_table: str, env: dict[str, str] | None = None) -> Gateway:
     need("bwrap")
     config = f"""
 [scheduler]
@@ -54,7 +69,8 @@ poll_interval = 0.2
 {tes_table}
 """
     # executors run on the host: they find the site's software (here: this virtualenv) on PATH
-    return gateway_factory(config, env={"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}).start()
+    path = {"PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    return gateway_factory(config, env={**path, **(env or {})}).start()
 
 
 def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
@@ -68,7 +84,8 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
         inputs=[tes.Input(path="/tmp/in.txt", content="hello from py-tes\n")],
         outputs=[tes.Output(url=f"file://{tmp_path}/copy.txt", path="/tmp/out/copy.txt")],
         resources=tes.Resources(cpu_cores=1, ram_gb=0.5),
-        executors=[tes.Executor(image="ubuntu:22.04", command=["/bin/sh", "-c", "cat /tmp/in.txt; cp /tmp/in.txt /tmp/out/copy.txt"]),
+        executors=[tes.Executor(image="ubuntu:22.04",
+                                command=["/bin/sh", "-c", "cat /tmp/in.txt; cp /tmp/in.txt /tmp/out/copy.txt"]),
                    tes.Executor(image="ubuntu:22.04", command=["/bin/sh", "-c", "echo failing >&2; exit 7"])])
     task_id = long.create_task(task)
     assert short.wait(task_id, timeout=60).state == "EXECUTOR_ERROR"
@@ -135,10 +152,15 @@ rule third:
 
 def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     need("rsync", "bwrap")
+    wheels = need_deps(TEST_DEPS / "wheels", "the wheels of Snakemake's storage plugins")
     storage = tmp_path / "storage"  # the shared folder: the nodes see it at the same path
     (storage / "data").mkdir(parents=True)
     (storage / "data" / "in.txt").write_text("input\n")
-    gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\nhost_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}"]')
+    # each job pip-installs the storage plugin: from the wheels fetched once, never from the index
+    offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\n'
+                                     f'host_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}", "{wheels}"]',
+                    env=offline)
     project = tmp_path / "project"
     project.mkdir()
     (project / "Snakefile").write_text(SNAKEFILE)
@@ -154,11 +176,16 @@ def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: P
 
     status, _, body = gateway.request("GET", "/ga4gh/tes/v1/tasks?view=BASIC")
     tasks = json.loads(body)["tasks"]
-    assert status == 200 and [t["name"] for t in tasks] == ["snakejob.third.1.sh", "snakejob.second.2.sh", "snakejob.first.3.sh"]
+    assert status == 200
+    assert [t["name"] for t in tasks] == ["snakejob.third.1.sh", "snakejob.second.2.sh", "snakejob.first.3.sh"]
     for task in tasks:
         assert task["state"] == "COMPLETE" and task["logs"][0]["logs"][0]["exit_code"] == 0
         assert task["inputs"][0]["path"] == "/tmp/run_snakemake.sh"
         assert gateway.state(task["id"])["code"] == "COMPLETE"
+        _, _, body = gateway.request("GET", f"/ga4gh/tes/v1/tasks/{task['id']}?view=FULL")
+        log = json.loads(body)["logs"][0]["logs"][0]
+        output = log.get("stdout", "") + log.get("stderr", "")
+        assert f"Looking in links: {wheels}" in output and "Successfully installed" in output, output[-3000:]
     print(f"snakemake: 3 rules through TES in {time.monotonic() - began:.0f} s")
 
 
@@ -186,24 +213,22 @@ print("py-tes", tes.__version__ if hasattr(tes, "__version__") else "?", "ok")
 
 
 @pytest.fixture(scope="module")
-def py_tes_1_1(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """py-tes 1.1 in a virtualenv of its own: the Snakemake plugin pins py-tes <0.5 in ours."""
-    venv = tmp_path_factory.mktemp("py-tes-1.1")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "py-tes>=1.1,<1.2"],
-                               capture_output=True, text=True, timeout=600)
-    if installed.returncode != 0:
-        reason = f"could not install py-tes 1.1 from the package index: {installed.stderr[-500:]}"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return venv / "bin" / "python"
+def py_tes_1_1() -> Path:
+    """py-tes 1.1 in a virtualenv of its own (tests/run.sh makes it): the Snakemake plugin pins
+    py-tes <0.5 in ours."""
+    python = need_deps(TEST_DEPS / "py-tes-1.1" / "bin" / "python", "a virtualenv with py-tes 1.1")
+    found = subprocess.run([str(python), "-c", "from importlib.metadata import version; print(version('py-tes'))"],
+                           capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0 and found.stdout.startswith("1.1."), found.stdout + found.stderr
+    return python
 
 
 def test_py_tes_1_1(gateway_factory: Callable[..., Gateway], py_tes_1_1: Path) -> None:
     gateway = start(gateway_factory, 'images = [{ match = "ubuntu*", run = "host" }]')
-    result = subprocess.run([str(py_tes_1_1), "-c", PY_TES_1_1, gateway.url], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr + gateway.log.read_text()[-2000:]
+    result = subprocess.run([str(py_tes_1_1), "-c", PY_TES_1_1, gateway.url],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, \
+        result.stdout + result.stderr + gateway.log.read_text()[-2000:]
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import auth, codec, idempotency, service
+from .. import auth, codec, idempotency, paging, service
 from . import documents, request as tes
 from ..keys import CONFIG, KEYS, STORE
 from schedulers.base import TaskState
@@ -55,9 +55,9 @@ def service_info(request: web.Request) -> dict[str, Any]:
         "organization": {"name": "JobProxy", "url": str(request.url.origin())},
         "version": _version(),
         "storage": [f"file://{root}" for root in roots],
-        "tesResources_backend_parameters": list(config.tes.get("backend_parameters", ["cputime"])),
+        "tesResources_backend_parameters": list(config.sections.tes.backend_parameters),
     }
-    body.update(config.tes.get("service_info", {}))
+    body.update(config.sections.tes.service_info)
     return body
 
 
@@ -128,7 +128,7 @@ async def list_tasks(request: web.Request) -> web.Response:
     records = await service.page(
         request.app, user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
         before=before, tags=tags, name_prefix=query.get("name_prefix") or None)
-    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
+    tail = request.app[CONFIG].sections.tes.log_tail_bytes
     body: dict[str, Any] = {"tasks": [documents.document(r, view, tail) for r in records[:size]]}
     if len(records) > size:
         body["next_page_token"] = _encode_token(records[size - 1].seq)
@@ -136,7 +136,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    tail = int(request.app[CONFIG].tes.get("log_tail_bytes", documents.DEFAULT_TAIL))
+    tail = request.app[CONFIG].sections.tes.log_tail_bytes
     return web.json_response(documents.document(_record(request), _view(request), tail))
 
 
@@ -166,11 +166,11 @@ def _view(request: web.Request) -> str:
 
 
 def _page_size(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return DEFAULT_PAGE_SIZE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE_SIZE:
-        raise tes.refuse("page_size", f"must be a whole number from 1 to {MAX_PAGE_SIZE}, not {raw!r}")
-    return int(raw)
+    """The TES `page_size`: 1 to MAX_PAGE_SIZE, DEFAULT_PAGE_SIZE when not given."""
+    try:
+        return paging.page_size(raw, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    except paging.OutOfRange as exc:
+        raise tes.refuse("page_size", f"{exc.rule}, not {raw!r}") from None
 
 
 def _encode_token(seq: int) -> str:

@@ -6,7 +6,7 @@
   exit code), each ended executor's start/end times and `exit_code`, and the outputs copied back
   with their sizes.
 - FULL: BASIC plus `inputs[].content`, the tail of each executor's stdout/stderr
-  (`[tes] log_tail_bytes`, default 64 KiB: the end is what explains a failure) and `system_logs`
+  (`[tes] log_tail_bytes`: the end is what explains a failure) and `system_logs`
   (notes from submission, the steps script's `tes/system.log`, and the description of a
   SYSTEM_ERROR).
 
@@ -30,11 +30,10 @@ from ..store import Record
 from .request import local_path, request_of, task_folder
 
 VIEWS = ("MINIMAL", "BASIC", "FULL")
-DEFAULT_TAIL = 64 * 1024
 
 
-def document(record: Record, view: str, tail_bytes: int = DEFAULT_TAIL) -> dict[str, Any]:
-    """`record` as a TES task in `view`."""
+def document(record: Record, view: str, tail_bytes: int) -> dict[str, Any]:
+    """`record` as a TES task in `view`; FULL shows the last `tail_bytes` of each output."""
     if view == "MINIMAL":
         return {"id": record.id, "state": record.state.value}
     full = view == "FULL"

@@ -47,6 +47,7 @@ from schedulers.script import command_argv
 from .. import service
 from . import steps as tes_steps
 from ..auth import Identity
+from ..config import ImageRule, TesSettings
 from ..keys import CONFIG, SCHEDULER
 from schedulers.base import Container, Mount, Task, path_within
 from ..policy import user_roots
@@ -87,7 +88,7 @@ class _Builder:
 
     def __init__(self, app: web.Application, request: dict[str, Any], user: str) -> None:
         self.app, self.request, self.user = app, request, user
-        self.tes_config: dict[str, Any] = app[CONFIG].tes
+        self.tes_config: TesSettings = app[CONFIG].sections.tes
         self.notes: list[str] = []
         self.private: list[str] = ["/tmp"]  # private paths to mount (covered later)
         self.folders: list[str] = ["/tmp"]  # private folders to create
@@ -115,14 +116,13 @@ class _Builder:
                  for index, executor in enumerate(self.request["executors"])]
         self.files["tes/steps.sh"] = tes_steps.render(task.id, tes_dir, root, sorted(set(self.folders)),
                                                       inputs, steps, outputs, targets,
-                                                      self.tes_config.get("host_writable", []),
-                                                      self.tes_config.get("host_readable", []))
+                                                      self.tes_config.host_writable, self.tes_config.host_readable)
         return task, self.files
 
     # ---- resources ----
 
     def _backend_parameters(self, resources: Mapping[str, Any]) -> tuple[int | None, dict[str, str]]:
-        allowed = list(self.tes_config.get("backend_parameters", ["cputime"]))
+        allowed = list(self.tes_config.backend_parameters)
         strict = resources.get("backend_parameters_strict", False)
         cputime, passed = None, {}
         for key, value in resources.get("backend_parameters", {}).items():
@@ -148,7 +148,7 @@ class _Builder:
 
     def _scheme_command(self, where: str, url: str, direction: str, private: str) -> list[str]:
         """The admin's command (`[tes] url_schemes`) that gets or puts `url` from or to `private`."""
-        schemes = self.tes_config.get("url_schemes", {})
+        schemes = self.tes_config.url_schemes
         template = schemes.get(urlsplit(url).scheme, {}).get(direction)
         if template is None:
             enabled = ["file"] + sorted(name for name, commands in schemes.items() if direction in commands)
@@ -232,7 +232,7 @@ class _Builder:
                                                     "or output's folder: the task's own, writable paths")
                 self.folders.append(os.path.dirname(executor[name]))
         rule = self._rule(f"{where}.image", executor["image"])
-        on_host = rule.get("run") == "host"
+        on_host = rule.run == "host"
         argv = tes_steps.wrapper_argv(executor["command"], executor.get("workdir", "/tmp" if on_host else None),
                                       executor.get("stdin"), executor.get("stdout"), executor.get("stderr"),
                                       executor.get("env", {}))
@@ -243,7 +243,7 @@ class _Builder:
         runtime = self.app[SCHEDULER].runtime
         if runtime is None:  # the config check makes sure there is one
             raise refuse(f"{where}.image", "this gateway has no container runtime")
-        image = str(rule["image"])
+        image = str(rule.image)
         inner = dataclasses.replace(task, id=f"{task.id}-{index}", cmd=None, extra={},
                                     container=Container(image))
         try:
@@ -255,12 +255,12 @@ class _Builder:
         return tes_steps.Step(f"image {executor['image']!r} as {image!r}", command.argv, False,
                               on_stop=command.on_stop, after=command.after, **common)
 
-    def _rule(self, where: str, image: str) -> dict[str, Any]:
-        rules = self.tes_config.get("images", [])
+    def _rule(self, where: str, image: str) -> ImageRule:
+        rules = self.tes_config.images
         for rule in rules:
-            if fnmatch.fnmatchcase(image, rule["match"]):
-                return dict(rule)
-        patterns = ", ".join(r["match"] for r in rules) or "none: this site runs no TES images"
+            if fnmatch.fnmatchcase(image, rule.match):
+                return rule
+        patterns = ", ".join(r.match for r in rules) or "none: this site runs no TES images"
         raise refuse(where, f"the image {image!r} is not allowed here (allowed: {patterns})")
 
 
