@@ -22,7 +22,6 @@ from .store import Store
 from .validation import SchemaValidator
 
 log = logging.getLogger(__name__)
-KEY_RETENTION = timedelta(hours=24)
 
 
 def create_app(config: Config) -> web.Application:
@@ -75,7 +74,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await poller.reconcile()  # what happened while the gateway was down, before serving
     app[KEYS] = Keys(store)
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
-    expiry = asyncio.create_task(_expire_keys(store, KEY_RETENTION), name="idempotency-expiry")
+    retention = timedelta(hours=config.sections.store.idempotency_hours)
+    expiry = asyncio.create_task(_expire_keys(store, retention), name="idempotency-expiry")
     log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name, config.store_path,
              store.count(), len(active))
     yield

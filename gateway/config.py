@@ -66,6 +66,7 @@ class StoreSettings:
     """`[store]`: the SQLite database."""
 
     path: Path
+    idempotency_hours: float
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,8 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
                 port=https["port"], cert=str(base / https["cert"]), key=str(base / https["key"]),
                 client_ca=str(base / https["client_ca"]) if "client_ca" in https else None),
             umask=int(gateway["umask"], 8), allow_remote_without_auth=gateway["allow_remote_without_auth"]),
-        store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"])),
+        store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"]),
+                            idempotency_hours=float(filled["store"]["idempotency_hours"])),
         scheduler=SchedulerSettings(type=scheduler["type"], poll_interval=float(scheduler["poll_interval"]),
                                     options=scheduler["options"], container=scheduler.get("container")),
         auth=AuthSettings(enabled=filled["auth"]["enabled"], tokens=tuple(
