@@ -29,10 +29,10 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Server, cpu_seconds, free_port, percentile, rss_mib  # noqa: E402
-from gateway.model import new_task_id, now, task_from_document  # noqa: E402
-from gateway.store import Change, Store  # noqa: E402
-from schedulers.base import TaskState  # noqa: E402
+from bench.common import Server, cpu_seconds, free_port, percentile, rss_mib
+from gateway.model import new_task_id, now, task_from_document
+from gateway.store import Change, Store
+from schedulers.base import TaskState
 
 TRIVIAL = textwrap.dedent("""
     import sys
@@ -65,7 +65,8 @@ async def seed(path: Path, count: int) -> None:
     store.close()
 
 
-async def submits(session: aiohttp.ClientSession, url: str, count: int, concurrency: int = 32) -> tuple[float, list[str]]:
+async def submits(session: aiohttp.ClientSession, url: str, count: int,
+                  concurrency: int = 32) -> tuple[float, list[str]]:
     """Submits per second for `count` submits, `concurrency` at a time; the ids answered."""
     left, ids = count, []
 
@@ -125,15 +126,16 @@ async def main() -> None:
                                             '[scheduler.options]\ncores = 1\n[log]\nlevel = "WARNING"\n')
         trivial_port, port = free_port(), free_port()
         trivial = Server([sys.executable, "-c", TRIVIAL, str(trivial_port)], root, f"http://127.0.0.1:{trivial_port}")
-        gateway = Server([str(Path(sys.executable).parent / "jobproxy"), "serve", "--config", str(root / "jobproxy.toml"),
-                          "--port", str(port)], root, f"http://127.0.0.1:{port}")
+        jobproxy = str(Path(sys.executable).parent / "jobproxy")
+        gateway = Server([jobproxy, "serve", "--config", str(root / "jobproxy.toml"), "--port", str(port)], root,
+                         f"http://127.0.0.1:{port}")
         with trivial, gateway:
             await trivial.ready()
             await gateway.ready()
             v1 = f"{gateway.base}/v1/jobproxy"
-            async with aiohttp.ClientSession() as session:
-                async with session.post(f"{v1}/submit", data=json.dumps({"user": "bench", "cmd": ["sleep", "3600"]}),
-                                        headers=JSON) as response:
+            blocking = json.dumps({"user": "bench", "cmd": ["sleep", "3600"]})
+            async with aiohttp.ClientSession() as session, \
+                    session.post(f"{v1}/submit", data=blocking, headers=JSON) as response:
                     blocker = (await response.json())["id"]
             fill, filled, _ = await measure(v1, args.queued, None)
             memory_full = rss_mib(gateway.pid)
@@ -157,13 +159,14 @@ async def main() -> None:
     print(f"fill: {args.queued} submits at {fill:.0f}/s while the queue grew from 0 to {args.queued}")
     print(f"1. submit with {args.queued}+ queued: {rate:8.0f}/s   trivial endpoint: {base_rate:8.0f}/s   "
           f"ratio {rate / base_rate:.2f} (target >= 0.5)")
-    print(f"   acknowledged {len(acknowledged)} tasks, {len(acknowledged - found)} of them missing from the database; "
-          f"{stored} tasks stored")
+    print(f"   acknowledged {len(acknowledged)} tasks, {len(acknowledged - found)} of them missing from the "
+          f"database; {stored} tasks stored")
     print(f"2. GET state/{{id}} p99 {state_p99 * 1000:6.1f} ms (p50 {percentile(lat['state'], 50) * 1000:.1f}, "
           f"{len(lat['state'])} samples)   /ping p99 under the same load {ping_p99 * 1000:6.1f} ms "
           f"(trivial endpoint's ping p99 {percentile(base_lat['ping'], 99) * 1000:.1f} ms)   "
           f"ratio {state_p99 / ping_p99:.2f} (target <= 2)")
-    print(f"3. idle CPU with {args.queued + args.submits} queued: {idle * 100:.2f}% of one core over 10 s (target <= 2%)")
+    print(f"3. idle CPU with {args.queued + args.submits} queued: {idle * 100:.2f}% of one core over 10 s "
+          "(target <= 2%)")
     print(f"4. resident memory: {memory_full:.0f} MiB with {args.stored} stored and {args.queued} active "
           f"(target <= 200 MB); {memory_end:.0f} MiB at the end with {args.queued + args.submits} active")
 

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from aiohttp import web
-from multidict import MultiDictProxy
+from multidict import MultiMapping
 
 import schemas
+from schedulers.base import TaskState
 
 from . import auth, codec, idempotency, paging, service
 from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import rfc3339
-from schedulers.base import TaskState
 from .responses import ApiError, answer
 from .store import Record
 
@@ -103,7 +103,7 @@ def _record(request: web.Request) -> Record:
     return service.visible(request, request.match_info["id"])
 
 
-def _int_param(query: MultiDictProxy[str], name: str, default: int, low: int, high: int) -> int:
+def _int_param(query: MultiMapping[str], name: str, default: int, low: int, high: int) -> int:
     try:
         return paging.whole_number(query.get(name), name, default, low, high)
     except paging.OutOfRange as exc:

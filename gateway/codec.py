@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+from xml.parsers.expat import ExpatError
 
 import xmltodict
-from xml.parsers.expat import ExpatError
 
 JSON = "application/json"
 XML = "application/xml"
@@ -130,7 +131,7 @@ def _shape_alternatives(value: Any, branches: Sequence[Mapping[str, Any]], root:
 
 
 def _item_name(branch: Mapping[str, Any]) -> str:
-    return branch.get("items", {}).get("xml", {}).get("name", "item")
+    return str(branch.get("items", {}).get("xml", {}).get("name", "item"))
 
 
 def _shape_array(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
@@ -179,7 +180,7 @@ def negotiate(accept: str | None, offers: Sequence[str]) -> str:
     if not accept:
         return offers[0]
     best, best_q = offers[0], -1.0
-    for rank, part in enumerate(accept.split(",")):
+    for part in accept.split(","):
         fields = part.strip().split(";")
         kind = fields[0].strip().lower()
         q = 1.0
@@ -213,7 +214,7 @@ def to_xml(root: str, value: Any, item_names: Mapping[str, str] | None = None) -
     None becomes an empty element.
     """
     names = dict(item_names or {})
-    return xmltodict.unparse({root: _xml_value(value, names)}, pretty=False)
+    return str(xmltodict.unparse({root: _xml_value(value, names)}, pretty=False))
 
 
 def _xml_value(value: Any, names: dict[str, str]) -> Any:

@@ -1,7 +1,7 @@
 """The one exception every handler raises for an answer that is not a success."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class ApiError(Exception):

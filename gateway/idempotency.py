@@ -12,7 +12,8 @@ import asyncio
 import hashlib
 import json
 import re
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator, Iterable
 from concurrent.futures import Future
-from typing import Any, AsyncIterator, Iterable
+from typing import Any
 
 from schedulers.base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskState
 

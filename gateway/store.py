@@ -18,11 +18,12 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from schedulers.base import ACTIVE, Task, TaskState
 

@@ -27,22 +27,36 @@ constructor or `start` (the gateway does not start; the message says which optio
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
-
-from .task import ACTIVE, TERMINAL, Container, Mount, Port, Task, TaskState, path_within
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .script import Command, check_template, command_argv, load_template, placeholders
+from .task import ACTIVE, TERMINAL, Container, Mount, Port, Task, TaskState, path_within
 
 if TYPE_CHECKING:
     from .containers import ContainerRuntime
 
 __all__ = [
-    "ACTIVE", "TERMINAL", "Container", "Mount", "Port", "Task", "TaskState", "path_within",
-    "JobRef", "JobStatus", "Report", "Scheduler", "SchedulerConfigError", "SchedulerError",
-    "SchedulerUnavailable", "TaskRefused", "TEMPLATE_OPTION",
+    "ACTIVE",
+    "TEMPLATE_OPTION",
+    "TERMINAL",
+    "Container",
+    "JobRef",
+    "JobStatus",
+    "Mount",
+    "Port",
+    "Report",
+    "Scheduler",
+    "SchedulerConfigError",
+    "SchedulerError",
+    "SchedulerUnavailable",
+    "Task",
+    "TaskRefused",
+    "TaskState",
+    "path_within",
 ]
 
 #: The `template` option every plugin with a job-script template takes.

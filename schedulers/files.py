@@ -5,7 +5,7 @@ One home for each, used by every scheduler and by the APIs that show a task's ou
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from .script import EXIT_FILE
@@ -15,7 +15,7 @@ from .task import Task
 def mtime(path: Path | str) -> datetime | None:
     """When `path` was last written (UTC), or None if it does not exist."""
     try:
-        return datetime.fromtimestamp(os.stat(path).st_mtime, timezone.utc)
+        return datetime.fromtimestamp(os.stat(path).st_mtime, UTC)
     except OSError:
         return None
 

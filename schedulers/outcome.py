@@ -5,11 +5,9 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
-from .task import Task, TaskState
-
 from .base import JobStatus
 from .script import OOM_FILE
-
+from .task import Task, TaskState
 
 #: The description of a task stopped through the API.
 CANCELED_ON_REQUEST = "canceled on request"

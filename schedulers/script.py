@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from .task import Task
-
 from .units import cpu_rlimit
 
 EXIT_FILE = "exit_code"
@@ -83,8 +82,10 @@ def run_block(task: Task, command: Command | Sequence[str]) -> str:
         soft, hard = cpu_rlimit(task.cputime)
         # never raise a hard limit the scheduler already set lower (Grid Engine's h_cpu does)
         lines += [
-            f'jobproxy_hard=$(ulimit -H -t); [ "$jobproxy_hard" = unlimited ] || [ "$jobproxy_hard" -gt {hard} ] && jobproxy_hard={hard}',
-            f'ulimit -S -t $(( jobproxy_hard < {soft} ? jobproxy_hard : {soft} )) && ulimit -H -t "$jobproxy_hard" || exit 1',
+            'jobproxy_hard=$(ulimit -H -t); '
+            f'[ "$jobproxy_hard" = unlimited ] || [ "$jobproxy_hard" -gt {hard} ] && jobproxy_hard={hard}',
+            f'ulimit -S -t $(( jobproxy_hard < {soft} ? jobproxy_hard : {soft} )) && '
+            'ulimit -H -t "$jobproxy_hard" || exit 1',
         ]
     if command.on_stop:
         lines += stoppable(quote_argv(command.argv), command.on_stop, "jobproxy_child", "jobproxy_status")

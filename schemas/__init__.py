@@ -14,5 +14,6 @@ def load(name: str) -> dict[str, Any]:
     for candidate in (f"{name}.schema.json", f"{name}.json"):
         path = folder / candidate
         if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
+            loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            return loaded
     raise FileNotFoundError(f"no schema named {name!r}")

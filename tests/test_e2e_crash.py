@@ -6,9 +6,9 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -99,7 +99,7 @@ def test_slurm(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
     listed = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%j|%Z"], capture_output=True,
                             text=True, timeout=60, check=True).stdout.split()
     ours = [line.split("|")[0] for line in listed if line.split("|")[-1].startswith(task_root)]
-    status, _, body = gateway.request("GET", "/v1/jobproxy/state?page_size=1000")
+    _, _, body = gateway.request("GET", "/v1/jobproxy/state?page_size=1000")
     ids = {s["id"] for s in json.loads(body)["state"]}
     orphans = [name for name in ours if name not in ids]
     assert orphans == [], f"Slurm jobs without a task: {orphans}"

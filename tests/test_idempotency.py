@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gateway.app import create_app
 from gateway.keys import STORE
@@ -106,9 +107,8 @@ async def test_tes_create_takes_a_key(aiohttp_client: Callable[..., Any], tmp_pa
 
 
 async def test_keys_expire(tmp_path: Path) -> None:
-    from schedulers.base import Task
-
     from gateway.store import IdempotencyKey
+    from schedulers.base import Task
 
     store = Store(tmp_path / "s.db")
     await store.add(Task(id="t1", user="u", workdir="/w", stdout="/o", stderr="/e"), "local",

@@ -23,13 +23,15 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import auth, codec, idempotency, paging, service
-from . import documents, request as tes
-from ..keys import CONFIG, KEYS, STORE
 from schedulers.base import TaskState
+
+from .. import auth, codec, idempotency, paging, service
+from ..keys import CONFIG, KEYS
 from ..responses import ApiError
 from ..store import Record
 from ..validation import SchemaValidator
+from . import documents
+from . import request as tes
 
 PREFIXES = ("/ga4gh/tes/v1", "/v1")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 256, 2047

@@ -21,10 +21,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from schedulers.base import Task, TaskState
 from schedulers.files import tail
 from schedulers.script import EXIT_FILE
 
-from schedulers.base import Task, TaskState
 from ..model import rfc3339
 from ..store import Record
 from .request import local_path, request_of, task_folder

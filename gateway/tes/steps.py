@@ -32,8 +32,8 @@ Every value enters the script through `schedulers.script.quote`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from schedulers.script import quote, quote_argv, stoppable
 
@@ -129,7 +129,8 @@ class Transfer:
                     f'|| {{ jp_log {quote(self.where + ": fetching " + self.host + " failed")}; exit 1; }}')
         return (f'if [ -e "$jp_root"{quote(self.private)} ]; then {quote_argv(self.command)} '
                 f'|| {{ jp_log {quote(self.where + ": sending to " + self.host + " failed")}; jp_failed; }}; '
-                f'elif [ "$required" = 1 ]; then jp_log {quote(self.where + ": " + self.private + " does not exist")}; jp_failed; fi')
+                f'elif [ "$required" = 1 ]; then jp_log {quote(f"{self.where}: {self.private} does not exist")}; '
+                'jp_failed; fi')
 
 
 @dataclass(frozen=True)
