@@ -89,7 +89,7 @@ class LauncherClient:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", launcher.__file__, "--serve", stdin=asyncio.subprocess.PIPE,
+            sys.executable, "-I", "-S", launcher.__file__, "--serve", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, start_new_session=True, close_fds=True, limit=1 << 20)
         log.info("local job launcher started as pid %d", process.pid)
         self._process = process

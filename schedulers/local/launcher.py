@@ -19,7 +19,7 @@ exits; its jobs live on in their own sessions.
 """
 from __future__ import annotations
 
-import argparse
+import gc
 import json
 import os
 import pwd
@@ -27,7 +27,6 @@ import resource
 import selectors
 import signal
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 SCRIPT_FD = 3
@@ -95,30 +94,38 @@ def _child(request: dict[str, Any], errors: int, launcher: int) -> None:
             os._exit(CANNOT_START)
 
 
-@dataclass
 class _Job:
-    task_id: str
-    pid: int
-    start_time: int | None
-    errors: int | None  # the read end of the child's error pipe until the exec is known
-    told: bool = False  # "started" or "error" has been sent
-    error: bytes = b""
+    """A forked child, until it is reaped."""
+
+    __slots__ = ("task_id", "pid", "start_time", "errors", "error")
+
+    def __init__(self, task_id: str, pid: int, start_time: int | None, errors: int) -> None:
+        self.task_id = task_id
+        self.pid = pid
+        self.start_time = start_time
+        self.errors: int | None = errors  # the read end of the child's error pipe until the exec is known
+        self.error = b""
 
 
-@dataclass
 class Launcher:
     """The serving loop: requests in, jobs forked, answers and exit notices out."""
 
-    requests: int
-    answers: int
-    jobs: dict[int, _Job] = field(default_factory=dict)
-    selector: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
-    pending: bytes = b""
+    def __init__(self, requests: int, answers: int) -> None:
+        self.requests = requests
+        self.answers = answers
+        self.jobs: dict[int, _Job] = {}
+        self.selector = selectors.DefaultSelector()
+        self.pending = b""
+        self.out: list[bytes] = []  # answers of this round, written together after it
 
-    def send(self, message: dict[str, Any]) -> None:
-        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+    def flush(self) -> None:
+        data = b"".join(self.out)
+        self.out.clear()
         while data:
             data = data[os.write(self.answers, data):]
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.out.append((json.dumps(message, separators=(",", ":")) + "\n").encode())
 
     def run(self, request: dict[str, Any]) -> None:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -153,7 +160,6 @@ class Launcher:
         self.selector.unregister(job.errors)
         os.close(job.errors)
         job.errors = None
-        job.told = True
         if job.error:
             self.send({"op": "error", "id": job.task_id, "error": job.error.decode("utf-8", "replace")})
         else:
@@ -206,6 +212,7 @@ class Launcher:
         self.selector.register(wake_read, selectors.EVENT_READ, "wake")
         self.selector.register(self.requests, selectors.EVENT_READ, "requests")
         self.reap()
+        self.flush()
         while True:
             for key, _ in self.selector.select():
                 if key.data == "wake":
@@ -217,16 +224,18 @@ class Launcher:
                     self.reap()
                 elif key.data == "requests":
                     if not self.read_requests():
+                        self.flush()
                         return
                 elif isinstance(key.data, _Job) and key.data.errors is not None:
                     self.exec_known(key.data)
+            self.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve job requests on stdin until it closes."""
-    parser = argparse.ArgumentParser(prog="launcher.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--serve", action="store_true", required=True, help="serve JSON-line requests on stdin")
-    parser.parse_args(argv)
+    """Serve job requests on stdin until it closes (`--serve`, the only mode)."""
+    if (sys.argv[1:] if argv is None else argv) != ["--serve"]:
+        print("usage: launcher.py --serve  (JSON-line job requests on stdin; see the module docstring)", file=sys.stderr)
+        sys.exit(2)
     # keep the protocol off fds 0 and 1, so that a child holds neither before it opens its own
     requests, answers = os.dup(0), os.dup(1)
     null = os.open("/dev/null", os.O_RDONLY)
@@ -234,6 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     os.close(null)
     os.dup2(2, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the gateway; stdin's end stops us
+    # every fork copies this process's page tables, and each page either side writes afterwards:
+    # no garbage collector walking (and writing) the whole heap between forks
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     try:
         Launcher(requests, answers).serve()
     except BrokenPipeError:

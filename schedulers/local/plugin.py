@@ -334,12 +334,12 @@ class LocalScheduler(Scheduler):
         if status is None:
             started = slot.status.started if slot.status is not None else None
             status = self._outcome(slot.task, wait_status, canceled=slot.canceling, started=started)
-        self._remove_cgroup(task_id)
         self.admission.free(task_id)
         slot.launched.set()
         slot.ended.set()
         self._conclude(task_id, status)
         self._dispatch()
+        self._remove_cgroup(task_id)  # after the next start is on its way: it is not in the way of that
 
     def _outcome(self, task: Task, wait_status: int | None, *, canceled: bool = False,
                  started: datetime | None = None) -> JobStatus:
