@@ -31,6 +31,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
+JSON = {"Content-Type": "application/json"}
 
 
 def free_port() -> int:
@@ -87,7 +88,7 @@ async def submit_all(session: aiohttp.ClientSession, url: str, count: int, concu
         nonlocal left
         while left > 0:
             left -= 1
-            async with session.post(f"{url}/submit", data=body, headers={"Content-Type": "application/json"}) as response:
+            async with session.post(f"{url}/submit", data=body, headers=JSON) as response:
                 answer = await response.json()
                 if response.status != 200:
                     raise RuntimeError(f"submit answered {response.status}: {answer}")
@@ -135,7 +136,8 @@ async def run_gateway(root: Path, args: argparse.Namespace) -> tuple[float, floa
         '[log]\nlevel = "WARNING"\n')
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(root / "jobproxy.toml"), "--port", str(port)]
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(root / "jobproxy.toml"),
+               "--port", str(port)]
     with open(root / "gateway.log", "wb") as log:
         server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/v1/jobproxy"
@@ -170,7 +172,8 @@ async def main() -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--cores", type=int, default=2)
-    parser.add_argument("--cgroups", choices=("auto", "off"), default="auto", help="the local scheduler's cgroups option")
+    parser.add_argument("--cgroups", choices=("auto", "off"), default="auto",
+                        help="the local scheduler's cgroups option")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the gateway's scheduler.poll_interval")
     args = parser.parse_args()
     before = await baseline(args.tasks, args.cores)

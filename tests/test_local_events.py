@@ -116,13 +116,14 @@ async def test_a_job_that_cannot_start_says_why(local: Factory, tmp_path: Path) 
     await _ended(reports, job)
     status = reports.latest[job.task_id]
     assert status.state == TaskState.SYSTEM_ERROR
-    assert status.description.startswith("could not start the job: FileNotFoundError") and "nowhere" in status.description
+    assert status.description.startswith("could not start the job: FileNotFoundError")
+    assert "nowhere" in status.description
 
 
 async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: Path) -> None:
     scheduler, reports = await local(cores=2)
     flag = tmp_path / "go"
-    job = await _submit(scheduler, make_task(tmp_path, cmd=f"while [ ! -e {flag} ]; do sleep 0.05; done; echo survived"))
+    job = await _submit(scheduler, make_task(tmp_path, cmd=f"until [ -e {flag} ]; do sleep 0.05; done; echo survived"))
     await reports.wait(lambda: reports.state(job.task_id) == TaskState.RUNNING, 30)
     old = scheduler.launcher.pid
     assert old is not None
@@ -164,10 +165,12 @@ async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_pa
     assert second.launcher.pid is not None and pid not in (second.launcher.pid,)
     flag.touch()
     await _ended(reports, running, queued)
-    assert (reports.latest[running.task_id].state, reports.latest[running.task_id].exit_code) == (TaskState.EXECUTOR_ERROR, 5)
+    ended = reports.latest[running.task_id]
+    assert (ended.state, ended.exit_code) == (TaskState.EXECUTOR_ERROR, 5)
     assert reports.latest[queued.task_id].state == TaskState.COMPLETE
     assert Path(queued.task.stdout).read_text() == "late\n"
-    assert reports.position(running.task_id, TaskState.EXECUTOR_ERROR) < reports.position(queued.task_id, TaskState.RUNNING)
+    assert reports.position(running.task_id, TaskState.EXECUTOR_ERROR) < reports.position(queued.task_id,
+                                                                                           TaskState.RUNNING)
     again = await second.status([running, queued, done])
-    assert {i: s.state for i, s in again.items()} == {running.task_id: TaskState.EXECUTOR_ERROR,
-                                                      queued.task_id: TaskState.COMPLETE, done.task_id: TaskState.CANCELED}
+    assert {i: s.state for i, s in again.items()} == {
+        running.task_id: TaskState.EXECUTOR_ERROR, queued.task_id: TaskState.COMPLETE, done.task_id: TaskState.CANCELED}

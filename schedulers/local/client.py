@@ -111,13 +111,18 @@ class LauncherClient:
             if loop.time() - born < self.RESTART_DELAY:
                 await asyncio.sleep(self.RESTART_DELAY)
             lost, self._unanswered = sorted(self._unanswered), set()
-            while True:
+            while not self._closing:
                 try:
                     process = await self._spawn()
                     break
                 except OSError as exc:
                     log.error("cannot start the local job launcher, will retry: %s", exc)
                     await asyncio.sleep(self.RESTART_DELAY)
+            if self._closing:  # close() came while there was no launcher to tell
+                if self._process is not None and self._process.stdin is not None:
+                    self._process.stdin.close()
+                else:
+                    return
             self.events.launcher_lost(lost)
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:

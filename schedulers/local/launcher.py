@@ -234,7 +234,7 @@ class Launcher:
 def main(argv: list[str] | None = None) -> None:
     """Serve job requests on stdin until it closes (`--serve`, the only mode)."""
     if (sys.argv[1:] if argv is None else argv) != ["--serve"]:
-        print("usage: launcher.py --serve  (JSON-line job requests on stdin; see the module docstring)", file=sys.stderr)
+        print("usage: launcher.py --serve  (JSON-line job requests on stdin; see its docstring)", file=sys.stderr)
         sys.exit(2)
     # keep the protocol off fds 0 and 1, so that a child holds neither before it opens its own
     requests, answers = os.dup(0), os.dup(1)

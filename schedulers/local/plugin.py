@@ -18,9 +18,8 @@ import asyncio
 import collections
 import logging
 import os
-import pwd
 import signal
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +29,7 @@ from ..base import (JobRef, JobStatus, Report, Scheduler, SchedulerConfigError, 
 from ..files import recorded_exit
 from ..script import describe_request, quote, render, run_block
 from ..units import mib_to_bytes
-from . import cgroups, proc
+from . import cgroups, lifecycle, proc
 from .admission import Admission, Slot, waiting
 from .client import LauncherClient
 from .spool import PidRecord, Spool
@@ -43,7 +42,6 @@ FINAL_CACHE = 10_000
 #: Seconds a cancel waits for the launcher to answer a start, or for the exit notice of a job it
 #: killed, before it goes on without.
 CANCEL_WAIT = 10.0
-NO_EXIT_STATUS = "it was killed, or ended without recording an exit status"
 
 
 def _machine_memory_mib() -> int:
@@ -63,11 +61,15 @@ class LocalScheduler(Scheduler):
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "cores": {"type": "integer", "minimum": 1, "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
-            "memory": {"type": "integer", "minimum": 1, "description": "MiB tasks may use in all (default: 90% of the machine's)"},
+            "cores": {"type": "integer", "minimum": 1,
+                      "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
+            "memory": {"type": "integer", "minimum": 1,
+                       "description": "MiB tasks may use in all (default: 90% of the machine's)"},
             "template": TEMPLATE_OPTION,
-            "cgroups": {"enum": ["auto", "off"], "default": "auto", "description": "use a writable cgroup hierarchy for memory and CPU limits"},
-            "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5, "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
+            "cgroups": {"enum": ["auto", "off"], "default": "auto",
+                        "description": "use a writable cgroup hierarchy for memory and CPU limits"},
+            "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5,
+                           "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
         },
     }
 
@@ -77,7 +79,8 @@ class LocalScheduler(Scheduler):
         # cores and memory default to what the machine has: computed here, so no schema default
         self.cores = int(self.options.get("cores", len(usable)))
         if self.cores > len(usable):
-            raise SchedulerConfigError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway use {len(usable)} CPUs")
+            raise SchedulerConfigError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway "
+                                       f"use {len(usable)} CPUs")
         self.memory = int(self.options.get("memory", _machine_memory_mib() * 9 // 10))
         self.kill_grace = float(self.options["kill_grace"])
         self.template = self.job_template(("task_id", "workdir", "run", "resources"), required=())
@@ -114,8 +117,8 @@ class LocalScheduler(Scheduler):
         if cores > self.cores:
             raise TaskRefused(f"the task asks for {cores} cores; this scheduler has {self.cores} in all", "$.cores")
         if task.memory and task.memory > self.memory:
-            raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB in all",
-                              "$.memory")
+            raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB "
+                              "in all", "$.memory")
 
     async def submit(self, task: Task) -> str:
         script = render(self.template, {
@@ -165,7 +168,7 @@ class LocalScheduler(Scheduler):
     async def cancel(self, job: JobRef) -> None:
         task_id = job.task_id
         self.spool.mark_cancelled(task_id)
-        canceled = JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=_now())
+        canceled = JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=lifecycle.now())
         if self.admission.queue.pop(task_id, None) is not None:
             self._conclude(task_id, canceled)
             return
@@ -174,7 +177,7 @@ class LocalScheduler(Scheduler):
             if task_id not in self._final:  # not adopted yet: whatever its pid file names
                 record = self.spool.read_pid(task_id)
                 if record is not None:
-                    await self._terminate(task_id, record.pid, record.started_at)
+                    await lifecycle.terminate(task_id, record.pid, record.started_at, self.kill_grace, self.cgroups)
                 self._remove_cgroup(task_id)
                 self._conclude(task_id, canceled)
             return
@@ -182,7 +185,7 @@ class LocalScheduler(Scheduler):
         if slot.pid is None:
             await _wait(slot.launched, CANCEL_WAIT)
         if slot.pid is not None:
-            await self._terminate(task_id, slot.pid, slot.started_at)
+            await lifecycle.terminate(task_id, slot.pid, slot.started_at, self.kill_grace, self.cgroups)
             await _wait(slot.ended, CANCEL_WAIT)
         if not slot.ended.is_set():
             self._ended(slot, None)
@@ -200,8 +203,15 @@ class LocalScheduler(Scheduler):
     def launched(self, task_id: str, pid: int, start_time: int | None) -> None:
         """The launcher started the job: record its pid, report RUNNING."""
         slot = self.admission.slots.get(task_id)
-        if slot is None or slot.pid is not None:
-            log.warning("task %s: the launcher started a job (pid %d) nobody waits for", task_id, pid)
+        if slot is None:  # canceled while the launcher did not answer: stop what it started late
+            log.warning("task %s: the launcher started a job (pid %d) nobody waits for; killing it", task_id, pid)
+            if proc.alive(pid, start_time):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        if slot.pid is not None:
             return
         slot.pid, slot.started_at = pid, start_time
         slot.launched.set()
@@ -209,9 +219,10 @@ class LocalScheduler(Scheduler):
             self.spool.write_pid(task_id, PidRecord(pid, start_time, slot.cpus, slot.memory))
         except OSError as exc:
             log.warning("task %s: cannot write its pid file: %s", task_id, exc)
-        slot.status = JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {_cpus(slot.cpus)}", started=_now())
+        slot.status = _running(pid, slot.cpus, lifecycle.now())
         if log.isEnabledFor(logging.INFO):
-            log.info("task %s started as pid %d: %s", task_id, pid, self._how(slot))
+            how = lifecycle.how_limited(slot, self.cgroups, self.job_account(slot.task))
+            log.info("task %s started as pid %d: %s", task_id, pid, how)
         self._emit(task_id, slot.status)
 
     def launch_failed(self, task_id: str, error: str) -> None:
@@ -221,7 +232,7 @@ class LocalScheduler(Scheduler):
             return
         slot.launched.set()
         log.warning("task %s: could not start its job: %s", task_id, error)
-        self._ended(slot, None, JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {error}", finished=_now()))
+        self._ended(slot, None, _not_started(error))
 
     def exited(self, task_id: str, pid: int, status: int) -> None:
         """A job the launcher started ended."""
@@ -278,9 +289,9 @@ class LocalScheduler(Scheduler):
             if self.cgroups:
                 join = [str(p) for p in self.cgroups.create(task.id, memory_bytes=memory_bytes or None, cpus=slot.cpus)]
             account = self.job_account(task)
-            env = _clean_environment(account) if account else dict(os.environ)
+            env = lifecycle.clean_environment(account) if account else dict(os.environ)
         except (OSError, KeyError) as exc:
-            self._ended(slot, None, JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {exc}", finished=_now()))
+            self._ended(slot, None, _not_started(str(exc)))
             return
         env["JOBPROXY_TASK_ID"] = task.id
         self.launcher.send({
@@ -289,22 +300,6 @@ class LocalScheduler(Scheduler):
             "stdout": task.stdout, "stderr": task.stderr, "script": str(self.spool.script(task.id)),
             "env": env, "cwd": task.workdir,
         })
-
-    def _how(self, slot: Slot) -> str:
-        """How the job's limits are enforced, in words for the log."""
-        task = slot.task
-        how = [f"pinned to CPUs {_cpus(slot.cpus)}"]
-        if self.cgroups:
-            how.append(f"cgroup {self.cgroups.version} ({len(slot.cpus)} CPU quota"
-                       + (f", memory {task.memory} MiB)" if task.memory else ")"))
-        elif task.memory:
-            how.append(f"RLIMIT_AS {task.memory} MiB")
-        if task.cputime:
-            how.append(f"RLIMIT_CPU {task.cputime} s")
-        account = self.job_account(task)
-        if account:
-            how.append(f"as user {account}")
-        return ", ".join(how)
 
     def _watch(self, slot: Slot) -> None:
         """Watch a job that is not the launcher's child through a pidfd."""
@@ -331,31 +326,16 @@ class LocalScheduler(Scheduler):
             asyncio.get_running_loop().remove_reader(slot.pidfd)
             os.close(slot.pidfd)
             slot.pidfd = None
-        if status is None:
+        if status is None or slot.canceling:
             started = slot.status.started if slot.status is not None else None
-            status = self._outcome(slot.task, wait_status, canceled=slot.canceling, started=started)
+            status = lifecycle.final_status(slot.task, wait_status, self.cgroups, self.spool, canceled=slot.canceling,
+                                       started=started)
         self.admission.free(task_id)
         slot.launched.set()
         slot.ended.set()
         self._conclude(task_id, status)
         self._dispatch()
         self._remove_cgroup(task_id)  # after the next start is on its way: it is not in the way of that
-
-    def _outcome(self, task: Task, wait_status: int | None, *, canceled: bool = False,
-                 started: datetime | None = None) -> JobStatus:
-        """The final status of a job that ended, from its exit-code file and its cgroup. File times
-        come from the kernel's coarse clock: never before `started`, when the job is known to have."""
-        if canceled:
-            return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=self.spool.cancelled(task.id) or _now())
-        oom = bool(self.cgroups and self.cgroups.oom_kills(task.id))
-        code, when = recorded_exit(task)
-        if when is not None and started is not None and when < started:
-            when = started
-        if code is not None:
-            return outcome.from_exit_code(task, code, oom=oom, finished=when)
-        if oom:
-            return JobStatus(TaskState.EXECUTOR_ERROR, outcome.memory_exceeded(task), finished=_now())
-        return JobStatus(TaskState.SYSTEM_ERROR, f"the job did not finish normally: {_why(wait_status)}", finished=_now())
 
     def _reconcile(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
         """Adopt jobs this process does not know (a restart): what their spool and files say."""
@@ -365,24 +345,24 @@ class LocalScheduler(Scheduler):
             task, task_id = job.task, job.task_id
             record = self.spool.read_pid(task_id)
             if self.spool.cancelled(task_id) or recorded_exit(task)[0] is not None:
-                status = self._outcome(task, None, canceled=self.spool.cancelled(task_id) is not None)
+                status = lifecycle.final_status(task, None, self.cgroups, self.spool,
+                                           canceled=self.spool.cancelled(task_id) is not None)
             elif record is not None and proc.alive(record.pid, record.started_at):
                 slot = self.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at))
-                slot.status = JobStatus(TaskState.RUNNING, f"running as pid {record.pid} on CPUs {_cpus(record.cpus)}",
-                                        started=self.spool.pid_written(task_id))
+                slot.status = _running(record.pid, record.cpus, self.spool.pid_written(task_id))
                 slot.launched.set()
                 self._watch(slot)
                 answers[task_id] = slot.status
                 continue
             elif record is not None:
-                status = self._outcome(task, None)
+                status = lifecycle.final_status(task, None, self.cgroups, self.spool)
             elif self.spool.script(task_id).exists():
                 self.admission.enqueue(task)
                 answers[task_id] = waiting(task)
                 continue
             else:
                 status = JobStatus(TaskState.SYSTEM_ERROR, "the local scheduler has no job script for this task",
-                                   finished=_now())
+                                   finished=lifecycle.now())
             self._remove_cgroup(task_id)
             self._remember(task_id, status)
             answers[task_id] = status
@@ -405,32 +385,6 @@ class LocalScheduler(Scheduler):
         if self.cgroups:
             self.cgroups.remove(task_id)
 
-    async def _terminate(self, task_id: str, pid: int, started_at: int | None) -> None:
-        """SIGTERM the job's process group (and whatever carries its task id), then SIGKILL what is
-        left after the grace time, the cgroup included."""
-        stragglers = proc.by_task().get(task_id, set())
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if proc.alive(pid, started_at):
-                try:
-                    os.killpg(pid, sig)
-                except ProcessLookupError:
-                    pass
-            for straggler in stragglers:
-                try:
-                    os.kill(straggler, sig)
-                except ProcessLookupError:
-                    pass
-            if sig == signal.SIGKILL and self.cgroups:
-                self.cgroups.kill(task_id)
-            deadline = loop.time() + (self.kill_grace if sig == signal.SIGTERM else 5)
-            while loop.time() < deadline:
-                stragglers = proc.by_task().get(task_id, set())
-                if not proc.alive(pid, started_at) and not stragglers:
-                    log.info("task %s: job stopped (%s)", task_id, sig.name)
-                    return
-                await asyncio.sleep(0.05)
-        log.warning("task %s: processes %s survived SIGKILL", task_id, sorted(stragglers))
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
@@ -440,26 +394,9 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
-def _why(wait_status: int | None) -> str:
-    """Why a job script ended without recording an exit status, from its wait status if known."""
-    if wait_status is None:
-        return NO_EXIT_STATUS
-    code = os.waitstatus_to_exitcode(wait_status)
-    if code < 0:
-        return f"its job script was killed by {outcome.signal_name(-code)}"
-    return f"its job script exited with {code} without recording an exit status"
+def _running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatus:
+    return JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {lifecycle.cpu_list(cpus)}", started=started)
 
 
-def _clean_environment(user: str) -> dict[str, str]:
-    """The environment of a job run as `user`: nothing of the gateway's, as a login would set."""
-    entry = pwd.getpwnam(user)
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": entry.pw_name,
-            "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh", "LANG": "C.UTF-8"}
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _cpus(cpus: Sequence[int]) -> str:
-    return ",".join(map(str, cpus)) or "-"
+def _not_started(why: str) -> JobStatus:
+    return JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {why}", finished=lifecycle.now())
