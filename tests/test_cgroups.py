@@ -1,6 +1,7 @@
 """cgroup file writes, against fake hierarchies (v2 and v1) and, where writable, the real one."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,17 +75,27 @@ def test_real_hierarchy_enforces_memory(tmp_path: Path) -> None:
         pytest.skip("no writable cgroup hierarchy on this machine")
     name = f"test-{os.getpid()}"
     procs = found.create(name, memory_bytes=64 * 2**20, cpus=[0])
+    launcher = subprocess.Popen([sys.executable, "-I", str(Path(cgroups.__file__).with_name("launcher.py")), "--serve"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert launcher.stdin is not None and launcher.stdout is not None
     try:
         hog = "import time; b = bytearray(200 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])"
         job = tmp_path / "job.sh"
         job.write_text(f'exec {sys.executable} -c "{hog}"\n')
-        launcher = [sys.executable, "-I", str(Path(cgroups.__file__).with_name("launcher.py"))]
-        args = [arg for p in procs for arg in ("--join", str(p))]
-        result = subprocess.run([*launcher, *args, "--stdout", str(tmp_path / "out"), "--stderr", str(tmp_path / "err"),
-                                 "--script", str(job)], capture_output=True, timeout=60)
-        assert result.returncode == -9, (tmp_path / "err").read_text()
+        request = {"op": "run", "id": name, "join": [str(p) for p in procs], "cpus": [0], "rlimit_as": 0, "user": None,
+                   "stdout": str(tmp_path / "out"), "stderr": str(tmp_path / "err"), "script": str(job),
+                   "env": dict(os.environ), "cwd": str(tmp_path)}
+        launcher.stdin.write(json.dumps(request).encode() + b"\n")
+        launcher.stdin.flush()
+        started = json.loads(launcher.stdout.readline())
+        assert (started["op"], started["id"]) == ("started", name), started
+        ended = json.loads(launcher.stdout.readline())
+        assert (ended["op"], ended["pid"]) == ("exit", started["pid"])
+        assert os.waitstatus_to_exitcode(ended["status"]) == -9, (tmp_path / "err").read_text()
         assert found.oom_kills(name) >= 1
     finally:
+        launcher.stdin.close()
+        launcher.wait(timeout=30)
         found.kill(name)
         time.sleep(0.1)
         found.remove(name)

@@ -1,6 +1,8 @@
 """The scheduler contract, run against every scheduler that is available here.
 
 Backends other than `local` need their dev cluster (etc/dev/); without one they skip, except in CI.
+A plugin that `reports_changes` is waited on through its reports, never polled; one that does not
+is polled with one status call per round.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from gateway.plugins import create_scheduler
 from schedulers.base import JobRef, JobStatus, Scheduler
 
 from . import backends
+from .reporting import Reports
 
 
 @pytest.fixture(params=backends.NAMES)
@@ -26,7 +29,7 @@ async def scheduler(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     document = {"gateway": {"state_dir": str(tmp_path / "state")},
                 "scheduler": {"type": kind, "poll_interval": 0.5, "options": options}}
     instance = create_scheduler(configuration.from_document(document, tmp_path, "contract test"))
-    await instance.start(lambda *_: None)
+    await instance.start(Reports())
     yield instance
     await instance.close()
 
@@ -45,7 +48,18 @@ async def submitted(scheduler: Scheduler, task: Task) -> JobRef:
 
 async def wait_for(scheduler: Scheduler, jobs: list[JobRef], done: Any = lambda s: s.state.terminal,
                    timeout: float = 120) -> dict[str, JobStatus]:
-    """Poll all `jobs` with one status call per round until each satisfies `done`."""
+    """Until each of `jobs` satisfies `done`: from the reports of a plugin that `reports_changes`
+    (then one status call must answer the same), else polling all with one status call per round."""
+    if scheduler.reports_changes:
+        reports = scheduler.report
+        assert isinstance(reports, Reports)
+        await reports.wait(lambda: all(j.task_id in reports.latest and done(reports.latest[j.task_id]) for j in jobs),
+                           timeout)
+        reported = {j.task_id: reports.latest[j.task_id] for j in jobs}
+        again = await scheduler.status(jobs)
+        assert {i: (s.state, s.description, s.exit_code) for i, s in again.items()} == \
+            {i: (s.state, s.description, s.exit_code) for i, s in reported.items()}
+        return reported
     deadline = time.monotonic() + timeout
     latest: dict[str, JobStatus] = {}
     while time.monotonic() < deadline:

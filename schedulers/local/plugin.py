@@ -1,47 +1,47 @@
 """The local scheduler: runs tasks on the gateway's own machine, with their limits enforced.
 
-Each task becomes a job script (local.sh) run by `launch.py` in its own session: the
-launcher joins the task's cgroups (memory limit, CPU quota, cpuset) where a hierarchy is writable,
-pins the task to its CPUs, falls back to an address-space rlimit for memory where no cgroup is,
-and executes the script; the script sets the CPU-time rlimit and records the exit status.
+Each task becomes a job script (local.sh) that one long-lived launcher process (launcher.py, see
+client.py) forks and executes in its own session: it joins the task's cgroups (memory limit, CPU
+quota, cpuset) where a hierarchy is writable, pins the job to its CPUs, falls back to an
+address-space rlimit for memory where no cgroup is, and becomes the task's user; the script sets
+the CPU-time rlimit and records the exit status.
 
-A task waits QUEUED until its cores and memory fit into what is free. The plugin's spool
-(`<state_dir>/<task id>/`: job.sh, pid, cancelled) lives on disk, so a restarted gateway finds its
-running jobs again and starts the queued ones.
+Everything is driven by events, not polls: a task starts at submit time if its cores and memory
+are free, else it waits in an in-memory queue (admission.py); when the launcher says a job ended,
+its outcome is read from its own files, reported at once, and the next task that fits starts.
+Jobs that outlive the gateway (or the launcher) are watched through a pidfd. The spool (spool.py)
+lets a restarted gateway find its jobs again when it reconciles with `status`.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
-import pwd
 import signal
-import subprocess
-import sys
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..task import Task, TaskState
-
 from .. import outcome
-from . import cgroups, launcher, proc
-from ..base import JobRef, Report, JobStatus, Scheduler, SchedulerConfigError, SchedulerError, SchedulerUnavailable, TaskRefused, TEMPLATE_OPTION
-from ..script import EXIT_FILE, describe_request, quote, render, run_block
+from ..base import (JobRef, JobStatus, Report, Scheduler, SchedulerConfigError, SchedulerUnavailable, Task,
+                    TaskRefused, TaskState, TEMPLATE_OPTION)
+from ..files import recorded_exit
+from ..script import describe_request, quote, render, run_block
 from ..units import mib_to_bytes
+from . import cgroups, lifecycle, proc
+from .admission import Admission, Slot, waiting
+from .client import LauncherClient
+from .spool import PidRecord, Spool
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _Slot:
-    """What a running job holds."""
-
-    pid: int
-    started_at: int | None
-    cpus: tuple[int, ...]
-    memory: int
+#: How many final states are kept in memory for repeated `status` calls; older ones are read again
+#: from the task's files.
+FINAL_CACHE = 10_000
+#: Seconds a cancel waits for the launcher to answer a start, or for the exit notice of a job it
+#: killed, before it goes on without.
+CANCEL_WAIT = 10.0
 
 
 def _machine_memory_mib() -> int:
@@ -55,54 +55,72 @@ class LocalScheduler(Scheduler):
     """Runs each task as a local process tree with its cores, memory and CPU time enforced."""
 
     supports_run_as = True
+    reports_changes = True
 
     options_schema = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "cores": {"type": "integer", "minimum": 1, "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
-            "memory": {"type": "integer", "minimum": 1, "description": "MiB tasks may use in all (default: 90% of the machine's)"},
+            "cores": {"type": "integer", "minimum": 1,
+                      "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
+            "memory": {"type": "integer", "minimum": 1,
+                       "description": "MiB tasks may use in all (default: 90% of the machine's)"},
             "template": TEMPLATE_OPTION,
-            "cgroups": {"enum": ["auto", "off"], "default": "auto", "description": "use a writable cgroup hierarchy for memory and CPU limits"},
-            "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5, "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
+            "cgroups": {"enum": ["auto", "off"], "default": "auto",
+                        "description": "use a writable cgroup hierarchy for memory and CPU limits"},
+            "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5,
+                           "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
         },
     }
 
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
         super().__init__(name, options, state_dir, **contract)
         usable = sorted(os.sched_getaffinity(0))
+        # cores and memory default to what the machine has: computed here, so no schema default
         self.cores = int(self.options.get("cores", len(usable)))
         if self.cores > len(usable):
-            raise SchedulerConfigError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway use {len(usable)} CPUs")
-        self.cpu_pool = tuple(usable[: self.cores])
+            raise SchedulerConfigError(f"scheduler.options.cores = {self.cores}, but this machine lets the gateway "
+                                       f"use {len(usable)} CPUs")
         self.memory = int(self.options.get("memory", _machine_memory_mib() * 9 // 10))
-        self.kill_grace = float(self.options.get("kill_grace", 5))
+        self.kill_grace = float(self.options["kill_grace"])
         self.template = self.job_template(("task_id", "workdir", "run", "resources"), required=())
-        self.cgroups = cgroups.detect() if self.options.get("cgroups", "auto") == "auto" else None
-        self._slots: dict[str, _Slot] = {}
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
-        self._seen: set[str] = set()  # tasks whose spool this process has already reconciled
-        self._waiting: set[str] = set()  # queued tasks known not to have started: no files to read
+        self.cgroups = cgroups.detect() if self.options["cgroups"] == "auto" else None
+        self.spool = Spool(state_dir)
+        self.admission = Admission(tuple(usable[: self.cores]), self.memory)
+        self.launcher = LauncherClient(self)
+        self._final: collections.OrderedDict[str, JobStatus] = collections.OrderedDict()
+        self._dispatching = False
+        self._dispatch_again = False
 
     async def start(self, report: Report) -> None:
         await super().start(report)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.launcher.start()
         memory_how = f"cgroup {self.cgroups.version}" if self.cgroups else "RLIMIT_AS (no writable cgroup)"
         cpu_how = f"CPU pinning + cgroup {self.cgroups.version} CPU quota" if self.cgroups else "CPU pinning"
         log.info("local scheduler %s: %d cores %s, %d MiB; memory limits by %s, cores by %s, CPU time by RLIMIT_CPU",
-                 self.name, self.cores, list(self.cpu_pool), self.memory, memory_how, cpu_how)
+                 self.name, self.cores, list(self.admission.cpu_pool), self.memory, memory_how, cpu_how)
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for slot in self.admission.slots.values():
+            if slot.pidfd is not None:
+                loop.remove_reader(slot.pidfd)
+                os.close(slot.pidfd)
+                slot.pidfd = None
+        await self.launcher.close()
 
     # ---- the contract ----
 
     def admit(self, task: Task) -> None:
         cores = task.cores or 1
         if cores > self.cores:
-            raise TaskRefused(f"the task asks for {cores} cores; this scheduler has {self.cores} in all")
+            raise TaskRefused(f"the task asks for {cores} cores; this scheduler has {self.cores} in all", "$.cores")
         if task.memory and task.memory > self.memory:
-            raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB in all")
+            raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB "
+                              "in all", "$.memory")
 
     async def submit(self, task: Task) -> str:
-        spool = self._spool(task.id)
         script = render(self.template, {
             "task_id": quote(task.id),
             "workdir": quote(task.workdir),
@@ -110,250 +128,275 @@ class LocalScheduler(Scheduler):
             "run": run_block(task, self.job_command(task)),
         })
         try:
-            spool.mkdir(parents=True, exist_ok=True)
-            partial = spool / "job.sh.part"
-            partial.write_text(script, encoding="utf-8")
-            partial.replace(spool / "job.sh")
+            self.spool.write_script(task.id, script)
         except OSError as exc:
             raise SchedulerUnavailable(f"the local scheduler cannot write the job script: {exc.strerror}") from None
-        self._seen.add(task.id)
-        self._waiting.add(task.id)
+        self.admission.enqueue(task)
+        self._dispatch()
+        if task.id in self.admission.queue:
+            self._emit(task.id, waiting(task))
         return task.id
 
     async def find(self, task: Task) -> str | None:
-        return task.id if (self._spool(task.id) / "job.sh").exists() else None
+        return task.id if self.spool.script(task.id).exists() else None
 
     async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        """What is known of `jobs`, from memory; a job not known yet (after a restart) is adopted from
+        its spool and files. A job whose start is under way is left out: its RUNNING is reported."""
         answers: dict[str, JobStatus] = {}
-        queued: list[JobRef] = []
-        self._adopt([job for job in jobs if job.task_id not in self._seen])
+        unknown: list[JobRef] = []
         for job in jobs:
-            found = None if job.task_id in self._waiting else self._inspect(job)
-            if found is None:
-                queued.append(job)
+            task_id = job.task_id
+            if task_id in self.admission.queue:
+                answers[task_id] = waiting(job.task)
+            elif task_id in self.admission.slots:
+                status = self.admission.slots[task_id].status
+                if status is not None:
+                    answers[task_id] = status
+            elif task_id in self._final:
+                answers[task_id] = self._final[task_id]
             else:
-                answers[job.task_id] = found
-        for job in queued:
-            answers[job.task_id] = self._try_start(job)
-            if answers[job.task_id].state == TaskState.QUEUED:
-                self._waiting.add(job.task_id)
+                unknown.append(job)
+        if unknown:
+            answers.update(self._reconcile(unknown))
+            self._dispatch()
+            for job in unknown:
+                if job.task_id in self.admission.slots and self.admission.slots[job.task_id].status is None:
+                    answers.pop(job.task_id, None)  # started just now: its RUNNING is reported
         return answers
 
     async def cancel(self, job: JobRef) -> None:
-        spool = self._spool(job.task_id)
-        if spool.is_dir():
-            (spool / "cancelled").touch()
-        slot = self._slots.get(job.task_id) or self._read_pidfile(job.task_id)
-        if slot is not None:
-            await self._terminate(job.task_id, slot)
-        self._finish(job.task_id)
+        task_id = job.task_id
+        self.spool.mark_cancelled(task_id)
+        canceled = JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=lifecycle.now())
+        if self.admission.queue.pop(task_id, None) is not None:
+            self._conclude(task_id, canceled)
+            return
+        slot = self.admission.slots.get(task_id)
+        if slot is None:
+            if task_id not in self._final:  # not adopted yet: whatever its pid file names
+                record = self.spool.read_pid(task_id)
+                if record is not None:
+                    await lifecycle.terminate(task_id, record.pid, record.started_at, self.kill_grace, self.cgroups)
+                self._remove_cgroup(task_id)
+                self._conclude(task_id, canceled)
+            return
+        slot.canceling = True
+        if slot.pid is None:
+            await _wait(slot.launched, CANCEL_WAIT)
+        if slot.pid is not None:
+            await lifecycle.terminate(task_id, slot.pid, slot.started_at, self.kill_grace, self.cgroups)
+            await _wait(slot.ended, CANCEL_WAIT)
+        if not slot.ended.is_set():
+            self._ended(slot, None)
 
     async def release(self, job: JobRef) -> None:
-        self._finish(job.task_id)
-        spool = self._spool(job.task_id)
-        for name in ("job.sh", "pid", "cancelled", "job.sh.part", "pid.part", "launch.log"):
-            (spool / name).unlink(missing_ok=True)
-        if spool.is_dir():
-            spool.rmdir()
+        task_id = job.task_id
+        self.admission.queue.pop(task_id, None)
+        self._final.pop(task_id, None)
+        if task_id not in self.admission.slots:
+            self._remove_cgroup(task_id)
+        self.spool.remove(task_id)
+
+    # ---- launcher events (client.Events) ----
+
+    def launched(self, task_id: str, pid: int, start_time: int | None) -> None:
+        """The launcher started the job: record its pid, report RUNNING."""
+        slot = self.admission.slots.get(task_id)
+        if slot is None:  # canceled while the launcher did not answer: stop what it started late
+            log.warning("task %s: the launcher started a job (pid %d) nobody waits for; killing it", task_id, pid)
+            if proc.alive(pid, start_time):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        if slot.pid is not None:
+            return
+        slot.pid, slot.started_at = pid, start_time
+        slot.launched.set()
+        try:
+            self.spool.write_pid(task_id, PidRecord(pid, start_time, slot.cpus, slot.memory))
+        except OSError as exc:
+            log.warning("task %s: cannot write its pid file: %s", task_id, exc)
+        slot.status = _running(pid, slot.cpus, lifecycle.now())
+        if log.isEnabledFor(logging.INFO):
+            how = lifecycle.how_limited(slot, self.cgroups, self.job_account(slot.task))
+            log.info("task %s started as pid %d: %s", task_id, pid, how)
+        self._emit(task_id, slot.status)
+
+    def launch_failed(self, task_id: str, error: str) -> None:
+        """The launcher could not start the job: it ends as a SYSTEM_ERROR."""
+        slot = self.admission.slots.get(task_id)
+        if slot is None or slot.pid is not None:
+            return
+        slot.launched.set()
+        log.warning("task %s: could not start its job: %s", task_id, error)
+        self._ended(slot, None, _not_started(error))
+
+    def exited(self, task_id: str, pid: int, status: int) -> None:
+        """A job the launcher started ended."""
+        slot = self.admission.slots.get(task_id)
+        if slot is not None and slot.pid == pid:
+            self._ended(slot, status)
+
+    def launcher_lost(self, unanswered: list[str]) -> None:
+        """A new launcher replaced one that died: watch its jobs by pidfd; find the ones it may have
+        started without saying so, and put the others back at the front of the queue."""
+        for slot in list(self.admission.slots.values()):
+            if slot.pid is not None and slot.pidfd is None:
+                self._watch(slot)
+        lost = [self.admission.slots[task_id] for task_id in unanswered
+                if task_id in self.admission.slots and self.admission.slots[task_id].pid is None]
+        self.spool.adopt([slot.task_id for slot in lost], {slot.task_id: slot.memory for slot in lost})
+        for slot in reversed(lost):
+            record = self.spool.read_pid(slot.task_id)
+            if record is not None:
+                self.launched(slot.task_id, record.pid, record.started_at)
+                self._watch(slot)
+            elif recorded_exit(slot.task)[0] is not None:
+                self._ended(slot, None)
+            else:
+                self._remove_cgroup(slot.task_id)
+                self.admission.free(slot.task_id)
+                self.admission.enqueue(slot.task, front=True)
+        self._dispatch()
 
     # ---- inside ----
 
-    def _spool(self, task_id: str) -> Path:
-        return self.state_dir / task_id
-
-    def _inspect(self, job: JobRef) -> JobStatus | None:
-        """The job's state from its spool and process, or None if it has not started."""
-        task_id, spool = job.task_id, self._spool(job.task_id)
-        if (spool / "cancelled").exists():
-            self._finish(task_id)
-            return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=_mtime(spool / "cancelled"))
-        exit_path = Path(job.task.workdir) / EXIT_FILE
-        slot = self._slots.get(task_id) or self._read_pidfile(task_id)
-        if exit_path.exists():
-            oom = self._oom(task_id)
-            self._finish(task_id)
-            try:
-                code = int(exit_path.read_text().strip())
-            except ValueError:
-                return JobStatus(TaskState.SYSTEM_ERROR, f"unreadable exit-code file {exit_path}")
-            return outcome.from_exit_code(job.task, code, oom=oom, finished=_mtime(exit_path))
-        if slot is None:
-            return None
-        child = self._children.get(task_id)
-        if child is not None:
-            child.poll()
-        if proc.alive(slot.pid, slot.started_at):
-            self._slots[task_id] = slot
-            return JobStatus(TaskState.RUNNING, f"running as pid {slot.pid} on CPUs {_cpus(slot.cpus)}",
-                             started=_mtime(spool / "pid"))
-        oom = self._oom(task_id)
-        self._finish(task_id)
-        if oom:
-            return JobStatus(TaskState.EXECUTOR_ERROR, outcome.memory_exceeded(job.task), finished=_mtime(spool / "pid"))
-        reason = _tail(spool / "launch.log") or "it was killed, or ended without recording an exit status"
-        return JobStatus(TaskState.SYSTEM_ERROR, f"the job did not finish normally: {reason}")
-
-    def _try_start(self, job: JobRef) -> JobStatus:
-        task = job.task
-        busy = {cpu for slot in self._slots.values() for cpu in slot.cpus}
-        free = [cpu for cpu in self.cpu_pool if cpu not in busy]
-        cores, memory = task.cores or 1, task.memory or 0
-        used_memory = sum(slot.memory for slot in self._slots.values())
-        if cores > len(free) or used_memory + memory > self.memory:
-            return JobStatus(TaskState.QUEUED, f"waiting for {cores} free cores and {memory} MiB")
+    def _dispatch(self) -> None:
+        """Start every queued task that fits now. A start that fails at once frees its slot and asks
+        for another round, which the running one makes (no recursion)."""
+        if self._dispatching:
+            self._dispatch_again = True
+            return
+        self._dispatching = True
         try:
-            slot = self._spawn(task, tuple(free[:cores]))
-        except OSError as exc:
-            self._finish(task.id)
-            return JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {exc}")
-        self._slots[task.id] = slot
-        self._waiting.discard(task.id)
-        return JobStatus(TaskState.RUNNING, f"running as pid {slot.pid} on CPUs {_cpus(slot.cpus)}",
-                         started=_mtime(self._spool(task.id) / "pid"))
+            again = True
+            while again:
+                self._dispatch_again = False
+                for slot in self.admission.admissible():
+                    self._launch(slot)
+                again = self._dispatch_again
+        finally:
+            self._dispatching = False
 
-    def _spawn(self, task: Task, cpus: tuple[int, ...]) -> _Slot:
-        spool = self._spool(task.id)
-        argv = [sys.executable, "-I", launcher.__file__, "--cpus", ",".join(map(str, cpus))]
-        how = [f"pinned to CPUs {_cpus(cpus)}"]
-        memory_bytes = mib_to_bytes(task.memory) if task.memory else None
-        if self.cgroups:
-            for procs in self.cgroups.create(task.id, memory_bytes=memory_bytes, cpus=cpus):
-                argv += ["--join", str(procs)]
-            how.append(f"cgroup {self.cgroups.version} ({len(cpus)} CPU quota"
-                       + (f", memory {task.memory} MiB)" if task.memory else ")"))
-        elif memory_bytes:
-            argv += ["--rlimit-as", str(memory_bytes)]
-            how.append(f"RLIMIT_AS {task.memory} MiB")
-        if task.cputime:
-            how.append(f"RLIMIT_CPU {task.cputime} s")
-        env = dict(os.environ)
-        if self.run_as_user:
-            argv += ["--user", task.user]
-            how.append(f"as user {task.user}")
-            env = _clean_environment(task.user)
+    def _launch(self, slot: Slot) -> None:
+        task = slot.task
+        memory_bytes = mib_to_bytes(task.memory) if task.memory else 0
+        join: list[str] = []
+        try:
+            if self.cgroups:
+                join = [str(p) for p in self.cgroups.create(task.id, memory_bytes=memory_bytes or None, cpus=slot.cpus)]
+            account = self.job_account(task)
+            env = lifecycle.clean_environment(account) if account else dict(os.environ)
+        except (OSError, KeyError) as exc:
+            self._ended(slot, None, _not_started(str(exc)))
+            return
         env["JOBPROXY_TASK_ID"] = task.id
-        argv += ["--stdout", task.stdout, "--stderr", task.stderr, "--script", str(spool / "job.sh")]
-        with open(spool / "launch.log", "wb") as launch_log:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=launch_log, stderr=launch_log, env=env,
-                                     cwd=task.workdir, start_new_session=True, close_fds=True)
-        slot = _Slot(child.pid, proc.start_time(child.pid), cpus, task.memory or 0)
-        self._children[task.id] = child
-        partial = spool / "pid.part"
-        partial.write_text(f"{slot.pid} {slot.started_at} {_cpus(cpus)} {slot.memory}\n")
-        partial.replace(spool / "pid")
-        log.info("task %s started as pid %d: %s", task.id, child.pid, ", ".join(how))
-        return slot
+        self.launcher.send({
+            "op": "run", "id": task.id, "join": join, "cpus": list(slot.cpus),
+            "rlimit_as": 0 if self.cgroups else memory_bytes, "user": account,
+            "stdout": task.stdout, "stderr": task.stderr, "script": str(self.spool.script(task.id)),
+            "env": env, "cwd": task.workdir,
+        })
 
-    def _read_pidfile(self, task_id: str) -> _Slot | None:
+    def _watch(self, slot: Slot) -> None:
+        """Watch a job that is not the launcher's child through a pidfd."""
+        assert slot.pid is not None
         try:
-            pid, started, cpus, memory = (self._spool(task_id) / "pid").read_text().split()
-        except (OSError, ValueError):
-            return None
-        return _Slot(int(pid), None if started == "None" else int(started),
-                     tuple(int(c) for c in cpus.split(",") if c.isdigit()), int(memory))
+            fd = os.pidfd_open(slot.pid)
+        except ProcessLookupError:
+            asyncio.get_running_loop().call_soon(self._ended_if_watched, slot)
+            return
+        slot.pidfd = fd
+        if not proc.alive(slot.pid, slot.started_at):  # ended, or the pid was reused
+            asyncio.get_running_loop().call_soon(self._ended_if_watched, slot)
+            return
+        asyncio.get_running_loop().add_reader(fd, self._ended_if_watched, slot)
 
-    def _adopt(self, jobs: Sequence[JobRef]) -> None:
-        """Once per task and process: a job spawned just before a crash, whose pid was never
-        recorded, is found by the task id in its environment and its pid file written."""
-        self._seen.update(job.task_id for job in jobs)
-        lost = [job for job in jobs if not (self._spool(job.task_id) / "pid").exists()]
-        running = _task_processes() if lost else {}
-        for job in lost:
-            leaders = [pid for pid in running.get(job.task_id, ()) if pid == _pgid(pid)]
-            if leaders:
-                pid = leaders[0]
-                log.warning("task %s: found its job running as pid %d", job.task_id, pid)
-                (self._spool(job.task_id) / "pid").write_text(f"{pid} {proc.start_time(pid)} - {job.task.memory or 0}\n")
+    def _ended_if_watched(self, slot: Slot) -> None:
+        if self.admission.slots.get(slot.task_id) is slot:
+            self._ended(slot, None)
 
-    def _oom(self, task_id: str) -> bool:
-        return bool(self.cgroups and self.cgroups.oom_kills(task_id))
+    def _ended(self, slot: Slot, wait_status: int | None, status: JobStatus | None = None) -> None:
+        """The job of `slot` is over: read its outcome, free what it held, report, start the next."""
+        task_id = slot.task_id
+        if slot.pidfd is not None:
+            asyncio.get_running_loop().remove_reader(slot.pidfd)
+            os.close(slot.pidfd)
+            slot.pidfd = None
+        if status is None or slot.canceling:
+            started = slot.status.started if slot.status is not None else None
+            status = lifecycle.final_status(slot.task, wait_status, self.cgroups, self.spool, canceled=slot.canceling,
+                                       started=started)
+        self.admission.free(task_id)
+        slot.launched.set()
+        slot.ended.set()
+        self._conclude(task_id, status)
+        self._dispatch()
+        self._remove_cgroup(task_id)  # after the next start is on its way: it is not in the way of that
 
-    def _finish(self, task_id: str) -> None:
-        """Free what a job held once it is over."""
-        self._waiting.discard(task_id)
-        self._slots.pop(task_id, None)
-        child = self._children.pop(task_id, None)
-        if child is not None:
-            child.poll()
+    def _reconcile(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
+        """Adopt jobs this process does not know (a restart): what their spool and files say."""
+        answers: dict[str, JobStatus] = {}
+        self.spool.adopt([job.task_id for job in jobs], {job.task_id: job.task.memory or 0 for job in jobs})
+        for job in jobs:
+            task, task_id = job.task, job.task_id
+            record = self.spool.read_pid(task_id)
+            if self.spool.cancelled(task_id) or recorded_exit(task)[0] is not None:
+                status = lifecycle.final_status(task, None, self.cgroups, self.spool,
+                                           canceled=self.spool.cancelled(task_id) is not None)
+            elif record is not None and proc.alive(record.pid, record.started_at):
+                slot = self.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at))
+                slot.status = _running(record.pid, record.cpus, self.spool.pid_written(task_id))
+                slot.launched.set()
+                self._watch(slot)
+                answers[task_id] = slot.status
+                continue
+            elif record is not None:
+                status = lifecycle.final_status(task, None, self.cgroups, self.spool)
+            elif self.spool.script(task_id).exists():
+                self.admission.enqueue(task)
+                answers[task_id] = waiting(task)
+                continue
+            else:
+                status = JobStatus(TaskState.SYSTEM_ERROR, "the local scheduler has no job script for this task",
+                                   finished=lifecycle.now())
+            self._remove_cgroup(task_id)
+            self._remember(task_id, status)
+            answers[task_id] = status
+        return answers
+
+    def _conclude(self, task_id: str, status: JobStatus) -> None:
+        self._remember(task_id, status)
+        self._emit(task_id, status)
+
+    def _remember(self, task_id: str, status: JobStatus) -> None:
+        self._final[task_id] = status
+        if len(self._final) > FINAL_CACHE:
+            self._final.popitem(last=False)
+
+    def _emit(self, task_id: str, status: JobStatus) -> None:
+        """Report a change, from the event loop, after whatever call is running now."""
+        asyncio.get_running_loop().call_soon(self.report, task_id, status)
+
+    def _remove_cgroup(self, task_id: str) -> None:
         if self.cgroups:
             self.cgroups.remove(task_id)
 
-    async def _terminate(self, task_id: str, slot: _Slot) -> None:
-        """SIGTERM the job's process group (and cgroup), then SIGKILL what is left after the grace time."""
-        stragglers = _processes_of(task_id)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            if proc.alive(slot.pid, slot.started_at):
-                try:
-                    os.killpg(slot.pid, sig)
-                except ProcessLookupError:
-                    pass
-            for pid in stragglers:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            if sig == signal.SIGKILL and self.cgroups:
-                self.cgroups.kill(task_id)
-            deadline = asyncio.get_running_loop().time() + (self.kill_grace if sig == signal.SIGTERM else 5)
-            while asyncio.get_running_loop().time() < deadline:
-                child = self._children.get(task_id)
-                if child is not None:
-                    child.poll()
-                stragglers = _processes_of(task_id)
-                if not proc.alive(slot.pid, slot.started_at) and not stragglers:
-                    log.info("task %s: job stopped (%s)", task_id, sig.name)
-                    return
-                await asyncio.sleep(0.05)
-        log.warning("task %s: processes %s survived SIGKILL", task_id, sorted(stragglers))
 
 
-def _task_processes() -> dict[str, set[int]]:
-    """Live processes by the JOBPROXY_TASK_ID in their environment, wherever their session."""
-    found: dict[str, set[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in environ:
-            if item.startswith(b"JOBPROXY_TASK_ID=") and proc.alive(int(entry.name), None):
-                found.setdefault(item[17:].decode(errors="replace"), set()).add(int(entry.name))
-    return found
-
-
-def _processes_of(task_id: str) -> set[int]:
-    return _task_processes().get(task_id, set())
-
-
-def _pgid(pid: int) -> int | None:
+async def _wait(event: asyncio.Event, timeout: float) -> None:
     try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
 
 
-def _clean_environment(user: str) -> dict[str, str]:
-    """The environment of a job run as `user`: nothing of the gateway's, as a login would set."""
-    entry = pwd.getpwnam(user)
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": entry.pw_name,
-            "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh", "LANG": "C.UTF-8"}
+def _running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatus:
+    return JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {lifecycle.cpu_list(cpus)}", started=started)
 
 
-def _tail(path: Path, limit: int = 500) -> str:
-    try:
-        return path.read_text(errors="replace").strip()[-limit:]
-    except OSError:
-        return ""
-
-
-def _mtime(path: Path) -> datetime | None:
-    try:
-        return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-    except OSError:
-        return None
-
-
-def _cpus(cpus: Sequence[int]) -> str:
-    return ",".join(map(str, cpus)) or "-"
+def _not_started(why: str) -> JobStatus:
+    return JobStatus(TaskState.SYSTEM_ERROR, f"could not start the job: {why}", finished=lifecycle.now())

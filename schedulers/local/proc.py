@@ -1,6 +1,7 @@
 """Process facts from /proc, robust against pid reuse and slow reaping of zombies."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -25,3 +26,28 @@ def alive(pid: int, started: int | None) -> bool:
     if not fields or fields[0] in ("Z", "X"):
         return False
     return started is None or int(fields[19]) == started
+
+
+def pgid(pid: int) -> int | None:
+    """The process group of `pid`, or None if there is no such process."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def by_task() -> dict[str, set[int]]:
+    """Live processes by the JOBPROXY_TASK_ID in their environment, wherever their session. Reads
+    every process's environment: for the rare moments that need it (cancel, adoption)."""
+    found: dict[str, set[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"JOBPROXY_TASK_ID=") and alive(int(entry.name), None):
+                found.setdefault(item[17:].decode(errors="replace"), set()).add(int(entry.name))
+    return found

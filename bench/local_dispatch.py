@@ -1,0 +1,194 @@
+"""Local dispatch benchmark: how fast a real gateway on the local scheduler runs many tiny tasks,
+against a baseline measured in the same run on the same machine.
+
+  /work/main/.venv/bin/python bench/local_dispatch.py [--tasks 1000] [--concurrency 32] [--cores 2]
+
+- gateway: `python -m gateway.cli serve` (this tree's code) with the local scheduler on `--cores`
+  cores and its state in a temporary folder; `--tasks` tasks `{"user": "bench", "cmd": ["/bin/true"]}`
+  are submitted to POST /v1/jobproxy/submit, `--concurrency` at a time, and the clock stops when
+  GET /v1/jobproxy/state?state=COMPLETE lists them all;
+- baseline: `/bin/true` spawned straight from asyncio, `--tasks` times, `--cores` at a time, before
+  and after the gateway run (their mean is the baseline).
+
+Prints tasks/s of each, their ratio, and the CPU seconds the gateway and its job launcher used.
+Stops only the gateway process it started, by its pid.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+JSON = {"Content-Type": "application/json"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of process `pid`."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+async def baseline(count: int, parallel: int) -> float:
+    """`/bin/true` spawned from asyncio `count` times, `parallel` at a time: runs per second."""
+    left = count
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            process = await asyncio.create_subprocess_exec("/bin/true")
+            await process.wait()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(parallel)))
+    return count / (time.perf_counter() - start)
+
+
+async def submit_all(session: aiohttp.ClientSession, url: str, count: int, concurrency: int) -> list[str]:
+    """Submit `count` tasks, `concurrency` at a time; answer their ids in submission order."""
+    body = json.dumps({"user": "bench", "cmd": ["/bin/true"]}).encode()
+    ids: list[str] = []
+    left = count
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.post(f"{url}/submit", data=body, headers=JSON) as response:
+                answer = await response.json()
+                if response.status != 200:
+                    raise RuntimeError(f"submit answered {response.status}: {answer}")
+                ids.append(answer["id"])
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ids
+
+
+async def listed(session: aiohttp.ClientSession, url: str, state: str) -> set[str]:
+    """The ids of every task in `state`, walking all pages."""
+    found: set[str] = set()
+    token = ""
+    while True:
+        async with session.get(f"{url}/state?state={state}&page_size=10000&page_token={token}") as response:
+            page = await response.json()
+        found.update(s["id"] for s in page["state"])
+        token = page.get("next_page_token", "")
+        if not token:
+            return found
+
+
+async def wait_complete(session: aiohttp.ClientSession, url: str, ids: list[str], timeout: float) -> None:
+    """Until every task of `ids` is COMPLETE: the last one is watched cheaply, then all are listed."""
+    deadline = time.monotonic() + timeout
+    wanted = set(ids)
+    while time.monotonic() < deadline:
+        async with session.get(f"{url}/state/{ids[-1]}") as response:
+            last = await response.json()
+        if last["code"] in ("EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"):
+            raise RuntimeError(f"task {ids[-1]} ended {last['code']}: {last['description']}")
+        if last["code"] == "COMPLETE" and wanted <= await listed(session, url, "COMPLETE"):
+            return
+        await asyncio.sleep(0.02)
+    raise RuntimeError(f"the tasks did not all complete within {timeout} s")
+
+
+async def run_gateway(root: Path, args: argparse.Namespace) -> tuple[float, float, float, float]:
+    """Start the gateway, run the tasks through it, stop it: (tasks/s, seconds the submits took,
+    gateway CPU s, launcher CPU s)."""
+    (root / "jobproxy.toml").write_text(
+        '[gateway]\nstate_dir = "state"\n'
+        f'[scheduler]\ntype = "local"\npoll_interval = {args.poll_interval}\n'
+        f'[scheduler.options]\ncores = {args.cores}\ncgroups = "{args.cgroups}"\n'
+        '[log]\nlevel = "WARNING"\n')
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(root / "jobproxy.toml"),
+               "--port", str(port)]
+    with open(root / "gateway.log", "wb") as log:
+        server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1/jobproxy"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
+            for _ in range(300):
+                if server.poll() is not None:
+                    raise RuntimeError(f"the gateway exited: {(root / 'gateway.log').read_text()[-2000:]}")
+                try:
+                    async with session.get(f"{url}/ping") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.1)
+            launchers = children(server.pid)
+            cpu_before = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in launchers)
+            start = time.perf_counter()
+            ids = await submit_all(session, url, args.tasks, args.concurrency)
+            submitted = time.perf_counter() - start
+            await wait_complete(session, url, ids, timeout=600)
+            elapsed = time.perf_counter() - start
+            cpu_after = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in launchers)
+    finally:
+        if server.poll() is None:
+            os.kill(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    return args.tasks / elapsed, submitted, cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--cgroups", choices=("auto", "off"), default="auto",
+                        help="the local scheduler's cgroups option")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="the gateway's scheduler.poll_interval")
+    args = parser.parse_args()
+    before = await baseline(args.tasks, args.cores)
+    with tempfile.TemporaryDirectory(prefix="jobproxy-bench-") as folder:
+        rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(Path(folder), args)
+    after = await baseline(args.tasks, args.cores)
+    base = (before + after) / 2
+    print(f"baseline: /bin/true from asyncio, {args.cores} at a time: {before:7.0f} /s before, {after:7.0f} /s after,"
+          f" mean {base:7.0f} /s")
+    print(f"gateway:  {args.tasks} tasks through POST /v1/jobproxy/submit on {args.cores} cores: {rate:7.0f} tasks/s"
+          f" (the submits alone took {submitted:.2f} s)")
+    print(f"ratio:    {rate / base:.2f}x the baseline (target >= 0.5x)")
+    print(f"CPU:      gateway {gateway_cpu:.2f} s ({1000 * gateway_cpu / args.tasks:.2f} ms/task),"
+          f" job launcher {launcher_cpu:.2f} s ({1000 * launcher_cpu / args.tasks:.2f} ms/task)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

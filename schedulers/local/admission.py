@@ -1,0 +1,93 @@
+"""What the local scheduler holds in memory: the queue of waiting tasks and the slots of the jobs
+that are starting or running, with the CPUs and memory each one holds.
+
+Admission is FIFO, except that a smaller task that fits may start before an older one that does
+not. Nothing here reads files or starts processes: the plugin does, when `admissible` says a task
+may start.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..base import JobStatus, Task, TaskState
+
+
+@dataclass
+class Slot:
+    """A job that is starting (no pid yet) or running, and what it holds."""
+
+    task: Task
+    cpus: tuple[int, ...]
+    memory: int
+    pid: int | None = None
+    started_at: int | None = None  # the pid's start time in clock ticks, against pid reuse
+    status: JobStatus | None = None  # RUNNING once the job runs
+    pidfd: int | None = None  # watched with the event loop when the job is not the launcher's child
+    canceling: bool = False
+    launched: asyncio.Event = field(default_factory=asyncio.Event)  # the launcher answered
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def task_id(self) -> str:
+        return self.task.id
+
+
+def waiting(task: Task) -> JobStatus:
+    """The status of a task that waits for its cores and memory."""
+    return JobStatus(TaskState.QUEUED, f"waiting for {task.cores or 1} free cores and {task.memory or 0} MiB")
+
+
+class Admission:
+    """The queue and the slots, against a pool of CPUs and a memory budget (MiB)."""
+
+    def __init__(self, cpu_pool: tuple[int, ...], memory: int) -> None:
+        self.cpu_pool = cpu_pool
+        self.memory = memory
+        self.queue: dict[str, Task] = {}
+        self.slots: dict[str, Slot] = {}
+        self._free = list(cpu_pool)
+        self._used_memory = 0
+
+    def enqueue(self, task: Task, front: bool = False) -> None:
+        """Add `task` at the end of the queue (or, when it lost its place, at the front)."""
+        if front:
+            self.queue = {task.id: task, **self.queue}
+        else:
+            self.queue[task.id] = task
+
+    def admissible(self) -> Iterator[Slot]:
+        """Take the queued tasks that fit now, in queue order, each given its slot."""
+        for task in list(self.queue.values()):
+            if not self._free:
+                return
+            if task.id not in self.queue:  # taken (or canceled) meanwhile
+                continue
+            slot = self.take(task)
+            if slot is not None:
+                del self.queue[task.id]
+                yield slot
+
+    def take(self, task: Task) -> Slot | None:
+        """A slot for `task` with its cores and memory, or None if they are not free."""
+        cores, memory = task.cores or 1, task.memory or 0
+        if cores > len(self._free) or self._used_memory + memory > self.memory:
+            return None
+        cpus, self._free = tuple(self._free[:cores]), self._free[cores:]
+        return self.hold(Slot(task, cpus, memory))
+
+    def hold(self, slot: Slot) -> Slot:
+        """Record `slot` (e.g. a job found running after a restart) with what it holds."""
+        self.slots[slot.task_id] = slot
+        self._free = sorted(set(self._free) - set(slot.cpus))
+        self._used_memory += slot.memory
+        return slot
+
+    def free(self, task_id: str) -> Slot | None:
+        """Give back what the job of `task_id` held; answer its slot if it had one."""
+        slot = self.slots.pop(task_id, None)
+        if slot is not None:
+            self._free = sorted(set(self._free) | (set(slot.cpus) & set(self.cpu_pool)))
+            self._used_memory -= slot.memory
+        return slot

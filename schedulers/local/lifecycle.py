@@ -1,0 +1,112 @@
+"""What the local scheduler does with one job's processes and files: the environment it starts
+with, its limits in words, its final status once it ended, and stopping it."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pwd
+import signal
+from datetime import datetime, timezone
+from typing import Sequence
+
+from .. import outcome
+from ..base import JobStatus, Task, TaskState
+from ..files import recorded_exit
+from .admission import Slot
+from .cgroups import Cgroups
+from .spool import Spool
+from . import proc
+
+log = logging.getLogger(__name__)
+
+NO_EXIT_STATUS = "it was killed, or ended without recording an exit status"
+
+
+def now() -> datetime:
+    """The current time, in UTC."""
+    return datetime.now(timezone.utc)
+
+
+def cpu_list(cpus: Sequence[int]) -> str:
+    """CPUs as `0,1` (`-` for none)."""
+    return ",".join(map(str, cpus)) or "-"
+
+
+def clean_environment(user: str) -> dict[str, str]:
+    """The environment of a job run as `user`: nothing of the gateway's, as a login would set."""
+    entry = pwd.getpwnam(user)
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": entry.pw_name,
+            "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh", "LANG": "C.UTF-8"}
+
+
+def how_limited(slot: Slot, cgroups: Cgroups | None, account: str | None) -> str:
+    """How the job's limits are enforced, in words for the log."""
+    task = slot.task
+    how = [f"pinned to CPUs {cpu_list(slot.cpus)}"]
+    if cgroups:
+        how.append(f"cgroup {cgroups.version} ({len(slot.cpus)} CPU quota"
+                   + (f", memory {task.memory} MiB)" if task.memory else ")"))
+    elif task.memory:
+        how.append(f"RLIMIT_AS {task.memory} MiB")
+    if task.cputime:
+        how.append(f"RLIMIT_CPU {task.cputime} s")
+    if account:
+        how.append(f"as user {account}")
+    return ", ".join(how)
+
+
+def final_status(task: Task, wait_status: int | None, cgroups: Cgroups | None, spool: Spool, *,
+                 canceled: bool = False, started: datetime | None = None) -> JobStatus:
+    """The final status of a job that ended, from its exit-code file and its cgroup (read before
+    the cgroup is removed). File times come from the kernel's coarse clock: never before
+    `started`, when the job is known to have started then."""
+    if canceled:
+        return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=spool.cancelled(task.id) or now())
+    oom = bool(cgroups and cgroups.oom_kills(task.id))
+    code, when = recorded_exit(task)
+    if when is not None and started is not None and when < started:
+        when = started
+    if code is not None:
+        return outcome.from_exit_code(task, code, oom=oom, finished=when)
+    if oom:
+        return JobStatus(TaskState.EXECUTOR_ERROR, outcome.memory_exceeded(task), finished=now())
+    return JobStatus(TaskState.SYSTEM_ERROR, f"the job did not finish normally: {why(wait_status)}", finished=now())
+
+
+def why(wait_status: int | None) -> str:
+    """Why a job script ended without recording an exit status, from its wait status if known."""
+    if wait_status is None:
+        return NO_EXIT_STATUS
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code < 0:
+        return f"its job script was killed by {outcome.signal_name(-code)}"
+    return f"its job script exited with {code} without recording an exit status"
+
+
+async def terminate(task_id: str, pid: int, started_at: int | None, grace: float, cgroups: Cgroups | None) -> None:
+    """SIGTERM the job's process group (and whatever carries its task id), then SIGKILL what is
+    left after `grace` seconds, the cgroup included."""
+    stragglers = proc.by_task().get(task_id, set())
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.alive(pid, started_at):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+        for straggler in stragglers:
+            try:
+                os.kill(straggler, sig)
+            except ProcessLookupError:
+                pass
+        if sig == signal.SIGKILL and cgroups:
+            cgroups.kill(task_id)
+        deadline = loop.time() + (grace if sig == signal.SIGTERM else 5)
+        while loop.time() < deadline:
+            stragglers = proc.by_task().get(task_id, set())
+            if not proc.alive(pid, started_at) and not stragglers:
+                log.info("task %s: job stopped (%s)", task_id, sig.name)
+                return
+            await asyncio.sleep(0.05)
+    log.warning("task %s: processes %s survived SIGKILL", task_id, sorted(stragglers))

@@ -1,0 +1,176 @@
+"""The local scheduler is event-driven: job ends are reported as they happen, the next queued task
+starts at once, the launcher process is replaced when it dies, and a new plugin instance adopts
+the jobs of the one before (a gateway restart). Real processes throughout; no status polling
+except where a test says so."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+
+from gateway import config as configuration
+from gateway.plugins import create_scheduler
+from schedulers.base import JobRef, JobStatus, Scheduler, TaskState
+from schedulers.local import LocalScheduler, proc
+
+from .reporting import Reports
+from .test_contract import make_task
+
+Factory = Callable[..., Any]
+
+
+def _terminal(status: JobStatus) -> bool:
+    return status.state.terminal
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[Factory]:
+    """Start local plugins on one state folder (as a restarted gateway would); all closed after."""
+    started: list[Scheduler] = []
+
+    async def factory(**options: Any) -> tuple[LocalScheduler, Reports]:
+        document = {"gateway": {"state_dir": str(tmp_path / "state")},
+                    "scheduler": {"type": "local", "options": {"kill_grace": 1, **options}}}
+        instance = create_scheduler(configuration.from_document(document, tmp_path, "local events test"))
+        assert isinstance(instance, LocalScheduler)
+        reports = Reports()
+        await instance.start(reports)
+        started.append(instance)
+        return instance, reports
+
+    yield factory
+    for instance in started:
+        await instance.close()
+
+
+async def _submit(scheduler: Scheduler, task: Any) -> JobRef:
+    scheduler.admit_task(task)
+    return JobRef(task, await scheduler.submit(task))
+
+
+async def _ended(reports: Reports, *jobs: JobRef, timeout: float = 60) -> None:
+    await reports.wait(lambda: all(j.task_id in reports.latest and _terminal(reports.latest[j.task_id]) for j in jobs),
+                       timeout)
+
+
+async def test_a_job_end_is_reported_without_any_status_call(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local()
+    ok = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/echo", "reported"]))
+    failed = await _submit(scheduler, make_task(tmp_path, cmd="exit 7"))
+    await _ended(reports, ok, failed)
+    assert [s.state for s in reports.of(ok.task_id)] == [TaskState.RUNNING, TaskState.COMPLETE]
+    assert reports.of(ok.task_id)[0].description.startswith("running as pid ")
+    assert (reports.latest[failed.task_id].exit_code, reports.latest[failed.task_id].description) == (7, "exit code 7")
+    assert Path(ok.task.stdout).read_text() == "reported\n"
+
+
+async def test_queued_tasks_start_one_after_another_as_each_ends(local: Factory, tmp_path: Path) -> None:
+    """20 tasks on 1 core: each one starts when the one before it ends, in submission order, and
+    none waits for a poll (nothing here polls)."""
+    scheduler, reports = await local(cores=1)
+    jobs = [await _submit(scheduler, make_task(tmp_path, cmd=["/bin/true"])) for _ in range(20)]
+    await _ended(reports, *jobs)
+    assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
+    for before, after in zip(jobs, jobs[1:]):
+        assert reports.of(after.task_id)[0].description == "waiting for 1 free cores and 0 MiB"
+        assert reports.position(before.task_id, TaskState.COMPLETE) < reports.position(after.task_id, TaskState.RUNNING)
+
+
+async def test_a_smaller_task_that_fits_starts_first(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local(cores=2)
+    flag = tmp_path / "go"
+    holder = await _submit(scheduler, make_task(tmp_path, cmd=f"while [ ! -e {flag} ]; do sleep 0.05; done", cores=1))
+    big = await _submit(scheduler, make_task(tmp_path, cmd="true", cores=2))
+    small = await _submit(scheduler, make_task(tmp_path, cmd="true", cores=1))
+    await _ended(reports, small)
+    assert reports.latest[big.task_id].state == TaskState.QUEUED
+    assert reports.latest[big.task_id].description == "waiting for 2 free cores and 0 MiB"
+    flag.touch()
+    await _ended(reports, holder, big)
+    assert reports.latest[big.task_id].state == TaskState.COMPLETE
+    assert reports.position(holder.task_id, TaskState.COMPLETE) < reports.position(big.task_id, TaskState.RUNNING)
+
+
+async def test_cancel_a_queued_task_takes_it_off_the_queue(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local(cores=1)
+    running = await _submit(scheduler, make_task(tmp_path, cmd="sleep 300"))
+    queued = await _submit(scheduler, make_task(tmp_path, cmd="echo never"))
+    await reports.wait(lambda: reports.state(running.task_id) == TaskState.RUNNING, 30)
+    await scheduler.cancel(queued)
+    await scheduler.cancel(running)
+    await _ended(reports, running, queued)
+    assert reports.latest[queued.task_id].state == TaskState.CANCELED
+    assert reports.latest[running.task_id].state == TaskState.CANCELED
+    assert not Path(queued.task.stdout).exists(), "the canceled queued task ran"
+    assert scheduler.admission.queue == {} and scheduler.admission.slots == {}
+
+
+async def test_a_job_that_cannot_start_says_why(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local()
+    task = make_task(tmp_path, cmd="true", stdout=str(tmp_path / "tasks" / "nowhere" / "out"))
+    job = JobRef(task, await scheduler.submit(task))  # admission would refuse it: the folder is missing
+    await _ended(reports, job)
+    status = reports.latest[job.task_id]
+    assert status.state == TaskState.SYSTEM_ERROR
+    assert status.description.startswith("could not start the job: FileNotFoundError")
+    assert "nowhere" in status.description
+
+
+async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local(cores=2)
+    flag = tmp_path / "go"
+    job = await _submit(scheduler, make_task(tmp_path, cmd=f"until [ -e {flag} ]; do sleep 0.05; done; echo survived"))
+    await reports.wait(lambda: reports.state(job.task_id) == TaskState.RUNNING, 30)
+    old = scheduler.launcher.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    for _ in range(600):
+        if scheduler.launcher.pid not in (None, old):
+            break
+        await asyncio.sleep(0.05)
+    assert scheduler.launcher.pid not in (None, old), "no new launcher"
+    assert reports.latest[job.task_id].state == TaskState.RUNNING  # the job did not die with its launcher
+    flag.touch()
+    await _ended(reports, job)
+    assert (reports.latest[job.task_id].state, Path(job.task.stdout).read_text()) == (TaskState.COMPLETE, "survived\n")
+    after = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/echo", "new launcher"]))
+    await _ended(reports, after)
+    assert reports.latest[after.task_id].state == TaskState.COMPLETE
+
+
+async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_path: Path) -> None:
+    """A gateway restart: the first plugin's launcher goes away, its job lives on; the next plugin
+    is told about it once through status(), sees it end through its pidfd, and starts the task
+    that was still queued."""
+    first, first_reports = await local(cores=1)
+    flag = tmp_path / "go"
+    running = await _submit(first, make_task(tmp_path, cmd=f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 5"))
+    queued = await _submit(first, make_task(tmp_path, cmd=["/bin/echo", "late"]))
+    done = await _submit(first, make_task(tmp_path, cmd="true"))
+    await first.cancel(done)  # it ends while the first instance runs; the next must not start it
+    await first_reports.wait(lambda: first_reports.state(running.task_id) == TaskState.RUNNING, 30)
+    pid = int(first_reports.latest[running.task_id].description.split()[3])
+    await first.close()
+    assert proc.alive(pid, None), "the job died with its gateway"
+
+    second, reports = await local(cores=1)
+    answers = await second.status([running, queued, done])
+    assert answers[running.task_id].state == TaskState.RUNNING
+    assert answers[queued.task_id] == JobStatus(TaskState.QUEUED, "waiting for 1 free cores and 0 MiB")
+    assert answers[done.task_id].state == TaskState.CANCELED
+    assert second.launcher.pid is not None and pid not in (second.launcher.pid,)
+    flag.touch()
+    await _ended(reports, running, queued)
+    ended = reports.latest[running.task_id]
+    assert (ended.state, ended.exit_code) == (TaskState.EXECUTOR_ERROR, 5)
+    assert reports.latest[queued.task_id].state == TaskState.COMPLETE
+    assert Path(queued.task.stdout).read_text() == "late\n"
+    assert reports.position(running.task_id, TaskState.EXECUTOR_ERROR) < reports.position(queued.task_id,
+                                                                                           TaskState.RUNNING)
+    again = await second.status([running, queued, done])
+    assert {i: s.state for i, s in again.items()} == {
+        running.task_id: TaskState.EXECUTOR_ERROR, queued.task_id: TaskState.COMPLETE, done.task_id: TaskState.CANCELED}
