@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 from referencing import Registry, Resource
@@ -39,6 +40,17 @@ def _registry() -> Registry[Any]:
     return registry
 
 
+def _fast_validator(schema: dict[str, Any]) -> Any:
+    """jsonschema-rs's compiled validator for `schema`: it says whether a document is valid about a
+    hundred times faster, so a valid request costs microseconds; python-jsonschema still explains
+    every invalid one (paths, `x-error` messages). None where it cannot compile the schema."""
+    resources = [(str(schemas.load(name)["$id"]), schemas.load(name)) for name in ("task", "state", "config")]
+    try:
+        return jsonschema_rs.validator_for(schema, registry=jsonschema_rs.Registry(resources))
+    except (ValueError, jsonschema_rs.ReferencingError):
+        return None
+
+
 class SchemaValidator:
     """A compiled validator for one schema of `schemas/` (or any schema dict)."""
 
@@ -46,6 +58,7 @@ class SchemaValidator:
         Draft202012Validator.check_schema(schema)
         self.schema = schema
         self._validator = Draft202012Validator(schema, registry=_registry())
+        self._fast = _fast_validator(schema)
 
     @classmethod
     def named(cls, name: str) -> SchemaValidator:
@@ -58,6 +71,8 @@ class SchemaValidator:
 
     def problems(self, document: Any) -> list[Problem]:
         """All problems with `document`, sorted by path; empty when it is valid."""
+        if self._fast is not None and self._fast.is_valid(document):
+            return []
         found = {(p.path, p.message): p for p in _flatten(self._validator.iter_errors(document))}
         return sorted(found.values(), key=lambda p: (p.path, p.message))
 
