@@ -15,6 +15,7 @@ rest of the gateway reads, each delegating to its section.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import shutil
@@ -207,7 +208,7 @@ class Config:
     def http(self) -> bool:
         return self.sections.gateway.http
 
-    @property
+    @functools.cached_property
     def https(self) -> dict[str, Any] | None:
         """`[gateway.https]` as a table (`client_ca` only when set), paths absolute."""
         https = self.sections.gateway.https
@@ -249,11 +250,11 @@ class Config:
     def auth_enabled(self) -> bool:
         return self.sections.auth.enabled
 
-    @property
+    @functools.cached_property
     def tokens(self) -> tuple[dict[str, Any], ...]:
         return tuple(dataclasses.asdict(token) for token in self.sections.auth.tokens)
 
-    @property
+    @functools.cached_property
     def run_as(self) -> dict[str, Any]:
         """`[run_as]` as a table, every key present."""
         run_as = self.sections.run_as
@@ -263,7 +264,7 @@ class Config:
     def path_roots(self) -> tuple[str, ...] | None:
         return self.sections.paths.roots
 
-    @property
+    @functools.cached_property
     def limits(self) -> dict[str, int]:
         """The limits that are set, by field name."""
         return {k: v for k, v in dataclasses.asdict(self.sections.limits).items() if v is not None}
@@ -272,7 +273,7 @@ class Config:
     def log_level(self) -> str:
         return self.sections.log.level
 
-    @property
+    @functools.cached_property
     def tes(self) -> dict[str, Any]:
         """`[tes]` as a table, every key present (image rules with only the keys they set)."""
         tes = self.sections.tes

@@ -91,7 +91,10 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
 
 def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | None) -> None:
     """The task's own folder with the files it brings, owned by the account its job runs as."""
-    Path(task.workdir).mkdir(mode=0o700, parents=True)
+    try:
+        os.mkdir(task.workdir, 0o700)
+    except FileNotFoundError:  # the task root itself is gone: make it again
+        Path(task.workdir).mkdir(mode=0o700, parents=True)
     for relative, content in files.items():
         target = Path(task.workdir) / relative
         target.parent.mkdir(parents=True, exist_ok=True)

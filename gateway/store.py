@@ -201,34 +201,36 @@ class Store:
         db.close()
 
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:
-        results: list[tuple[Future[Any], Any, Exception | None]] = []
+        """Run `batch` in one transaction. If a write fails, the transaction is rolled back and the
+        writes run again one transaction each, so that the bad one fails alone."""
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for write, done in batch:
-                db.execute("SAVEPOINT one")
+            results = self._transaction(db, [write for write, _ in batch])
+        except Exception:
+            results = []
+            for write, _ in batch:
                 try:
-                    results.append((done, write(db), None))
-                    db.execute("RELEASE one")
-                except Exception as exc:  # this write fails alone; the others still commit
-                    db.execute("ROLLBACK TO one")
-                    db.execute("RELEASE one")
-                    results.append((done, None, exc))
-            db.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
-            log.error("task store: a transaction of %d writes failed: %s", len(batch), exc)
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            results = [(done, None, exc) for _, done in batch]
-        for done, value, error in results:
-            if error is not None:
-                log.error("task store: a write failed: %s", error)
+                    results.append(self._transaction(db, [write])[0])
+                except Exception as exc:
+                    log.error("task store: a write failed: %s", exc)
+                    results.append(exc)
+        for (_, done), result in zip(batch, results):
             if done.cancelled():  # its waiter gave up (e.g. at shutdown); the write stands
                 continue
-            if error is None:
-                done.set_result(value)
+            if isinstance(result, Exception):
+                done.set_exception(result)
             else:
-                done.set_exception(error)
+                done.set_result(result)
+
+    def _transaction(self, db: sqlite3.Connection, writes: list[_Write]) -> list[Any]:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            results = [write(db) for write in writes]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return results
 
     async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None) -> Record:
         """Record a new task, QUEUED and not yet handed to its scheduler; on disk when it returns.

@@ -27,6 +27,7 @@ constructor or `start` (the gateway does not start; the message says which optio
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -184,8 +185,8 @@ class Scheduler(abc.ABC):
                 raise TaskRefused(NO_CONTAINER_RUNTIME, "$.container")
             self.runtime.admit(task)
         for key, path in (("stdout", task.stdout), ("stderr", task.stderr)):
-            parent = Path(path).parent
-            if not path.startswith(task.workdir + "/") and not parent.is_dir():
+            parent = os.path.dirname(path)
+            if not path.startswith(task.workdir + "/") and not os.path.isdir(parent):
                 raise TaskRefused(f"cannot write {path}: the directory {parent} does not exist", f"$.{key}")
         self.admit(task)
 
