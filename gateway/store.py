@@ -213,7 +213,7 @@ class Store:
                 except Exception as exc:
                     log.error("task store: a write failed: %s", exc)
                     results.append(exc)
-        for (_, done), result in zip(batch, results):
+        for (_, done), result in zip(batch, results, strict=True):
             if done.cancelled():  # its waiter gave up (e.g. at shutdown); the write stands
                 continue
             if isinstance(result, Exception):
