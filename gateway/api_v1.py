@@ -7,7 +7,7 @@ from multidict import MultiMapping
 import schemas
 from schedulers.base import TaskState
 
-from . import auth, codec, idempotency, paging, service
+from . import auth, codec, idempotency, openapi as openapi_document, paging, service
 from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import rfc3339
 from .responses import ApiError, answer
@@ -46,7 +46,7 @@ async def states(request: web.Request) -> web.Response:
     wanted = []
     for value in query.getall("state", []):
         for name in filter(None, value.upper().split(",")):
-            if name not in TaskState.__members__:
+            if not name.isascii() or name not in TaskState.__members__:  # "ı".upper() is "I"
                 raise ApiError(400, f"state: unknown state {name!r}; one of " + ", ".join(TaskState.__members__),
                                [{"path": "state", "message": f"unknown state {name!r}"}])
             wanted.append(TaskState[name])
@@ -79,7 +79,8 @@ async def ping(request: web.Request) -> web.Response:
 
 @routes.get("/v1/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(schemas.load("openapi"))
+    """The self-contained OpenAPI document, with this gateway's configured page sizes."""
+    return web.json_response(openapi_document.document(request.app[CONFIG]))
 
 
 def state_document(record: Record) -> dict[str, object]:
