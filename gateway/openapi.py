@@ -10,12 +10,13 @@ that a client generator, Swagger UI or a fuzzer would have to resolve outside th
 
 The document also tells what this gateway accepts as it runs, so that a request valid by the
 document is not refused by the site's configuration: the v1 `page_size` default and maximum come
-from the config (`[gateway] page_size`, `max_page_size`), the TES ones from `gateway.tes.api`, as does the exact form of a TES `page_token`; the
-per-task `[limits]` become maxima of the task's `cores`, `memory` and `cputime` (and of TES
-`cpu_cores` and `ram_gb`); without a container runtime a task has no `container`; TES
-`backend_parameters` name only the keys `[tes] backend_parameters` allows when a request is strict.
-What a schema cannot say (a file:// input must exist, a path must lie under `[paths] roots`, an
-image must match a `[tes] images` rule) is refused with a 400 that names the field.
+from the config (`[gateway] page_size`, `max_page_size`); the TES ones and the exact form of a TES
+`page_token` from `gateway.tes.api`; the per-task `[limits]` become maxima of the task's `cores`,
+`memory` and `cputime` (and of TES `cpu_cores` and `ram_gb`); without a container runtime a task
+has no `container`; TES `backend_parameters` name only the keys `[tes] backend_parameters` allows
+when a request is strict. What a schema cannot say (a file:// input must exist, a path must lie
+under `[paths] roots`, an image must match a `[tes] images` rule) is refused with a 400 that
+names the field.
 """
 from __future__ import annotations
 

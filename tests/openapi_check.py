@@ -1,5 +1,5 @@
-"""Check real responses against the OpenAPI document the gateway serves (gateway/openapi.py): the status and media type must be
-documented, and a JSON body must satisfy the documented schema."""
+"""Check real responses against the OpenAPI document the gateway serves (gateway/openapi.py): the
+status and media type must be documented, and a JSON body must satisfy the documented schema."""
 from __future__ import annotations
 
 import json
