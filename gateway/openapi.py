@@ -107,6 +107,22 @@ def _site_tes(components: dict[str, Any], config: Config) -> None:
     resources["if"] = {"required": ["backend_parameters_strict"],
                        "properties": {"backend_parameters_strict": {"const": True}}}
     resources["then"] = {"properties": {"backend_parameters": {"propertyNames": {"enum": allowed}}}}
+    # inputs: a content or a url; outputs: no wildcards (path_prefix, * ? [ in the path)
+    components["TesTaskRequestInput"]["anyOf"] = [{"required": ["content"]}, {"required": ["url"]}]
+    output = components["TesTaskRequestOutput"]
+    del output["properties"]["path_prefix"]
+    output["properties"]["path"] = {**output["properties"]["path"], "pattern": "^[^*?\\[]*$",
+                                    "description": "no wildcards: this gateway copies one file or folder"}
+    schemes = sorted(name for name, commands in config.sections.tes.url_schemes.items() if "put" in commands)
+    output["properties"]["url"] = {**output["properties"]["url"], "pattern": _url_pattern(["file", *schemes])}
+
+
+def _url_pattern(schemes: list[str]) -> str:
+    """URLs of `schemes` (any case, as urllib reads them); a file:// URL names an absolute path here."""
+    def anycase(name: str) -> str:
+        return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in name)
+    others = "".join(f"|{anycase(name)}:" for name in schemes if name != "file")
+    return f"^(?:{anycase('file')}://(?:localhost)?/{others})"
 
 
 def _inlined(component: str, name: str) -> dict[str, Any]:

@@ -34,8 +34,9 @@ from .conftest import IN_CI, ROOT, Gateway
 
 pytestmark = pytest.mark.e2e
 
-#: Test cases per operation and phase; with the coverage phase this keeps both runs within ~2 minutes.
-MAX_EXAMPLES = 10
+#: Test cases per operation and phase, per API: with the coverage phase (v1 submit's is the largest)
+#: both runs take about 1.5 minutes; TES gets more, so that its stateful phase follows create's links.
+MAX_EXAMPLES = {"v1": 10, "tes": 30}
 
 TEMPLATE = f"""#!/bin/bash
 # JobProxy fuzz test: task {{{{task_id}}}} ({{{{resources}}}}). The generated command is never run.
@@ -141,6 +142,7 @@ def _delete_all(gateway: Gateway) -> None:
 
 
 def _schemathesis(gateway: Gateway, tmp_path: Path, name: str, *selection: str) -> tuple[int, str]:
+    """Run Schemathesis on the `selection` of operations; answers its exit code and output."""
     config = tmp_path / "schemathesis.toml"
     config.write_text(SCHEMATHESIS_CONFIG)
     command = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis"
@@ -148,17 +150,27 @@ def _schemathesis(gateway: Gateway, tmp_path: Path, name: str, *selection: str) 
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     argv = [command, "--config-file", str(config), "run", f"{gateway.url}/v1/openapi.json", *selection,
             "--checks", "all", "--phases", "examples,coverage,fuzzing,stateful",
-            "--max-examples", str(MAX_EXAMPLES), "--generation-deterministic", "--workers", "1",
+            "--max-examples", str(MAX_EXAMPLES[name]), "--generation-deterministic", "--workers", "1",
             "--request-timeout", "30", "--no-color", "--output-truncate", "true",
-            "--report", "junit", "--report-junit-path", str(tmp_path / f"{name}.junit.xml")]
+            "--report", "json,ndjson", "--report-json-path", str(tmp_path / f"{name}.json"),
+            "--report-ndjson-path", str(tmp_path / f"{name}.ndjson")]
     started = time.monotonic()
     run = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     output = run.stdout + run.stderr
     (tmp_path / f"{name}.schemathesis.txt").write_text(output)
-    figures = re.search(r"Operations:\s+(\d+) selected", output), re.search(r"(\d+) generated", output)
-    print(f"schemathesis {name}: {figures[0] and figures[0][1]} operations, {figures[1] and figures[1][1]} "
-          f"test cases, exit {run.returncode}, {time.monotonic() - started:.0f} s")
+    report = json.loads((tmp_path / f"{name}.json").read_text())
+    print(f"schemathesis {name}: {report['operations']['tested']} operations, {report['test_cases']['generated']} "
+          f"test cases, {len(report['failures'])} failures, {len(report['errors'])} errors, exit {run.returncode}, "
+          f"{time.monotonic() - started:.0f} s")
+    assert report["complete"] and report["test_cases"]["with_failures"] == 0, output[-20000:]
+    assert report["failures"] == [] and report["errors"] == [], output[-20000:]
     return run.returncode, output
+
+
+def _followed_links(tmp_path: Path, name: str) -> set[str]:
+    """The documented links (not Schemathesis' inferred ones) the stateful phase followed."""
+    text = (tmp_path / f"{name}.ndjson").read_text()
+    return set(re.findall(r'"transition":\{"id":"([^"]+)","parent_id":"[^"]*","is_inferred":false', text))
 
 
 def _check_run(gateway: Gateway, code: int, output: str) -> None:
@@ -174,9 +186,13 @@ def test_fuzz_v1_api(fuzz_gateway: Gateway, tmp_path: Path) -> None:
     code, output = _schemathesis(fuzz_gateway, tmp_path, "v1", "--include-path-regex", "^/v1/(jobproxy/|openapi)")
     _check_run(fuzz_gateway, code, output)
     assert re.search(r"Operations:\s+6 selected", output), output[:3000]
+    followed = _followed_links(tmp_path, "v1")
+    assert any(link.startswith("POST /v1/jobproxy/submit -> [200] ") for link in followed), followed
 
 
 def test_fuzz_tes_api(fuzz_gateway: Gateway, tmp_path: Path) -> None:
     code, output = _schemathesis(fuzz_gateway, tmp_path, "tes", "--include-tag", "TES")
     _check_run(fuzz_gateway, code, output)
     assert re.search(r"Operations:\s+11 selected", output), output[:3000]
+    followed = _followed_links(tmp_path, "tes")
+    assert any(re.match(r"POST \S+/tasks -> \[200\] (Get|Cancel) ", link) for link in followed), followed
