@@ -8,6 +8,7 @@ import schemas
 from schedulers.base import TaskState
 
 from . import auth, codec, idempotency, paging, service
+from . import openapi as openapi_document
 from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import rfc3339
 from .responses import ApiError, answer
@@ -45,11 +46,11 @@ async def states(request: web.Request) -> web.Response:
     after = _int_param(query, "page_token", 0, 0, 2**63 - 1)
     wanted = []
     for value in query.getall("state", []):
-        for name in filter(None, value.upper().split(",")):
-            if name not in TaskState.__members__:
+        for name in filter(None, value.split(",")):
+            if not name.isascii() or name.upper() not in TaskState.__members__:  # "ı".upper() is "I"
                 raise ApiError(400, f"state: unknown state {name!r}; one of " + ", ".join(TaskState.__members__),
                                [{"path": "state", "message": f"unknown state {name!r}"}])
-            wanted.append(TaskState[name])
+            wanted.append(TaskState[name.upper()])
     caller, user = auth.identity(request), query.get("user")
     if not caller.admin:
         user = caller.user  # users see only their own tasks
@@ -79,7 +80,8 @@ async def ping(request: web.Request) -> web.Response:
 
 @routes.get("/v1/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(schemas.load("openapi"))
+    """The self-contained OpenAPI document, with this gateway's configured page sizes."""
+    return web.json_response(openapi_document.document(request.app[CONFIG]))
 
 
 def state_document(record: Record) -> dict[str, object]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -36,6 +37,21 @@ from . import request as tes
 PREFIXES = ("/ga4gh/tes/v1", "/v1")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 256, 2047
 VALIDATOR = SchemaValidator.named("tes.task")
+
+
+def _page_token_pattern() -> str:
+    """The tokens `_encode_token` gives out, exactly: `tes:<seq>` (seq of 1 to 18 digits) in
+    base64url without padding. "tes" is `dGVz`; `:` and two digits make `Oj` and two characters;
+    three more digits make four characters, fewer digits at the end fewer characters."""
+    first, second, last = "[MN][DTjz]|O[DT]", "[AEIMQUYcgk]", "[w-z0-5]"
+    three = f"(?:{first}){second}{last}"  # the 6 bits of each character of 3 ASCII digits
+    one, two = "(?:[MN][AQgw]|O[AQ])", f"(?:{first}){second}"
+    rest = f"(?:(?:{three}){{0,4}}(?:{one}|{two})?|(?:{three}){{5}}{one}?)"
+    return f"^dGVzOj{second}(?:{last}{rest})?$"
+
+
+#: What `page_token` must be (the OpenAPI document says so too).
+PAGE_TOKEN_PATTERN = _page_token_pattern()
 routes = web.RouteTableDef()
 
 
@@ -180,11 +196,13 @@ def _encode_token(seq: int) -> str:
 
 
 def _decode_token(token: str) -> int:
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
+    text = ""
+    if re.fullmatch(PAGE_TOKEN_PATTERN, token):
+        try:
+            text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            text = ""
     kind, _, seq = text.partition(":")
-    if kind != "tes" or not seq.isdigit():
+    if kind != "tes" or not (seq.isascii() and seq.isdigit()):
         raise tes.refuse("page_token", "is not a page token this gateway gave out")
     return int(seq)

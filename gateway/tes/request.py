@@ -35,6 +35,7 @@ import dataclasses
 import fnmatch
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
@@ -57,6 +58,8 @@ TES_VERSION = "1.1.0"
 DEFAULT_USER = "anonymous"
 OUTPUT_ONLY = ("id", "state", "logs", "creation_time")
 RESERVED = ("/proc", "/dev", "/sys")
+#: `backend_parameters.cputime`: whole CPU seconds, at least 1 (ASCII digits, at most 10 significant).
+CPUTIME_PATTERN = "0*[1-9][0-9]{0,9}"
 
 
 def refuse(path: str, message: str, status: int = 400) -> ApiError:
@@ -132,7 +135,7 @@ class _Builder:
                     raise refuse(where, f"not supported here (supported: {', '.join(allowed) or 'none'})")
                 self.notes.append(f"backend parameter {key!r} ignored: not supported here")
             elif key == "cputime":
-                if not value.isdigit() or int(value) < 1:
+                if not re.fullmatch(CPUTIME_PATTERN, value):
                     raise refuse(where, "must be a whole number of CPU seconds >= 1")
                 cputime = int(value)
             else:
