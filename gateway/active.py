@@ -8,6 +8,7 @@ who misses it here finds it in the store.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import collections
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +21,7 @@ class ActiveSet:
     def __init__(self, records: list[Record]) -> None:
         self._by_id: dict[str, Record] = {}
         self._by_scheduler: dict[str, dict[str, Record]] = {}
+        self._per_user: collections.Counter[str] = collections.Counter()
         for record in records:
             self.put(record)
 
@@ -36,7 +38,13 @@ class ActiveSet:
         """The active tasks of one scheduler instance, oldest first."""
         return iter(list(self._by_scheduler.get(scheduler, {}).values()))
 
+    def count_of(self, user: str) -> int:
+        """How many active tasks `user` has."""
+        return self._per_user[user]
+
     def put(self, record: Record) -> None:
+        if record.id not in self._by_id:
+            self._per_user[record.task.user] += 1
         self._by_id[record.id] = record
         self._by_scheduler.setdefault(record.scheduler, {})[record.id] = record
 
@@ -53,3 +61,6 @@ class ActiveSet:
         record = self._by_id.pop(task_id, None)
         if record is not None:
             self._by_scheduler.get(record.scheduler, {}).pop(task_id, None)
+            self._per_user[record.task.user] -= 1
+            if not self._per_user[record.task.user]:
+                del self._per_user[record.task.user]

@@ -10,12 +10,13 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, plugins, responses
+from . import api_v1, auth, plugins, quota, responses
 from .tes import api as tes_api
 from .config import Config
 from .active import ActiveSet
 from .idempotency import Keys
-from .keys import ACTIVE, CONFIG, KEYS, POLLER, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
+from .quota import Quotas
+from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
 from .poller import Poller
 from .store import Store
@@ -30,6 +31,8 @@ def create_app(config: Config) -> web.Application:
     authenticator = auth.Authenticator(config.tokens) if config.auth_enabled else None
     app = web.Application(client_max_size=config.max_body_bytes,
                           middlewares=[responses.errors, auth.middleware(authenticator)])
+    if config.sections.quotas.requests_per_second:
+        app.middlewares.append(quota.middleware(lambda request: request.app.get(QUOTAS)))
     app[CONFIG] = config
     app[SCHEDULER] = plugins.create_scheduler(config)
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
@@ -73,6 +76,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await scheduler.start(poller.report)
     await poller.reconcile()  # what happened while the gateway was down, before serving
     app[KEYS] = Keys(store)
+    app[QUOTAS] = Quotas(config.sections.quotas, active)
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
     retention = timedelta(hours=config.sections.store.idempotency_hours)
     expiry = asyncio.create_task(_expire_keys(store, retention), name="idempotency-expiry")

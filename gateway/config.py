@@ -123,6 +123,15 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class QuotaSettings:
+    """`[quotas]`: what one user may hold and ask; 0: no limit."""
+
+    active_tasks: int
+    requests_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True)
 class LogSettings:
     """`[log]`."""
 
@@ -163,6 +172,7 @@ class Sections:
     run_as: RunAsSettings
     paths: PathsSettings
     limits: LimitsSettings
+    quotas: QuotaSettings
     log: LogSettings
     tes: TesSettings
 
@@ -361,6 +371,9 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
                              deny=tuple(filled["run_as"]["deny"])),
         paths=PathsSettings(roots=tuple(filled["paths"]["roots"]) if "roots" in filled["paths"] else None),
         limits=LimitsSettings(**{name: filled["limits"].get(name) for name in ("cores", "memory", "cputime")}),
+        quotas=QuotaSettings(active_tasks=filled["quotas"]["active_tasks"],
+                             requests_per_second=float(filled["quotas"]["requests_per_second"]),
+                             burst=filled["quotas"]["burst"]),
         log=LogSettings(level=filled["log"]["level"]),
         tes=TesSettings(
             images=tuple(ImageRule(match=r["match"], run=r.get("run"), image=r.get("image")) for r in tes["images"]),

@@ -10,6 +10,7 @@ from schedulers.base import Scheduler
 from .active import ActiveSet
 from .config import Config
 from .idempotency import Keys
+from .quota import Quotas
 from .poller import Poller
 from .store import Store
 from .validation import SchemaValidator
@@ -18,6 +19,7 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 ACTIVE = web.AppKey("active", ActiveSet)
 KEYS = web.AppKey("idempotency_keys", Keys)
+QUOTAS = web.AppKey("quotas", Quotas)
 TASK_ROOT = web.AppKey("task_root", Path)  # resolved once
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 POLLER = web.AppKey("poller", Poller)

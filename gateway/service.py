@@ -16,7 +16,7 @@ from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable, Task, 
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy
-from .keys import ACTIVE, CONFIG, POLLER, SCHEDULER, STORE, TASK_ROOT
+from .keys import ACTIVE, CONFIG, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
 from .store import Change, IdempotencyKey, Record
@@ -58,7 +58,7 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     `files` (relative path -> content) are written into the task's folder before the job starts;
     `key`, the request's idempotency key, is recorded with the task.
     """
-    store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
+    scheduler = app[SCHEDULER]
     policy.check(app[CONFIG], task)
     try:
         scheduler.admit_task(task)
@@ -66,6 +66,14 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
         raise refused(exc) from None
     except SchedulerError as exc:
         raise ApiError(400, str(exc)) from None
+    with app[QUOTAS].admitting(task.user):
+        await _keep(app, task, files, key)
+
+
+async def _keep(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None,
+                key: IdempotencyKey | None) -> None:
+    """Make the task's folder, record the task, hand it to its scheduler (or keep nothing)."""
+    store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
     try:
         # file-system calls are slow on some disks: off the event loop, like the store's writes
         await asyncio.get_running_loop().run_in_executor(None, _make_folder, task, files or {},
