@@ -8,10 +8,11 @@ may start.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from ..base import JobStatus, Task, TaskState
+from .cgpool import Lease
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Slot:
     status: JobStatus | None = None  # RUNNING once the job runs
     pidfd: int | None = None  # watched with the event loop when the job is not the launcher's child
     canceling: bool = False
+    lease: Lease | None = None  # the pooled cgroup the job runs in
     launched: asyncio.Event = field(default_factory=asyncio.Event)  # the launcher answered
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 

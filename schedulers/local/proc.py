@@ -28,6 +28,15 @@ def alive(pid: int, started: int | None) -> bool:
     return started is None or int(fields[19]) == started
 
 
+def zombie_of_launcher(pid: int, started: int | None) -> bool:
+    """Whether `pid` (started at `started`) ended but is not reaped yet by a parent other than
+    init, e.g. the launcher that ran it, which may still record its exit status."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] != "Z" or (started is not None and int(fields[19]) != started):
+        return False
+    return int(fields[1]) > 1
+
+
 def pgid(pid: int) -> int | None:
     """The process group of `pid`, or None if there is no such process."""
     try:
