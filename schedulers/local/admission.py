@@ -28,6 +28,7 @@ class Slot:
     pidfd: int | None = None  # watched with the event loop when the job is not the launcher's child
     canceling: bool = False
     lease: Lease | None = None  # the pooled cgroup the job runs in
+    recorded: bool = False  # its pid file is written
     launched: asyncio.Event = field(default_factory=asyncio.Event)  # the launcher answered
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -187,9 +187,12 @@ def write_exit_file(path: str, code: int, user: str | None) -> bool:
         os.setegid(entry.pw_gid)
         os.seteuid(entry.pw_uid)
     try:
-        with contextlib.suppress(FileNotFoundError):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(partial, flags, 0o644)
+        except FileExistsError:  # left over, or put there: never written through
             os.unlink(partial)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            fd = os.open(partial, flags, 0o644)
         try:
             os.write(fd, b"%d\n" % code)
         finally:
@@ -205,8 +208,8 @@ def write_exit_file(path: str, code: int, user: str | None) -> bool:
 
 
 class _Home:
-    """Where the launcher itself belongs: its cgroups (by the `cgroup.procs` file of a job's group
-    in the same hierarchy) and its CPUs, to go back to after it spawned a job from inside the job's."""
+    """Where the launcher itself belongs: its cgroups (by the `tasks` file of its group in each v1
+    hierarchy) and its CPUs, to go back to after it spawned a job from inside the job's."""
 
     def __init__(self) -> None:
         self.cpus = os.sched_getaffinity(0)
@@ -220,21 +223,23 @@ class _Home:
                             self.mine[controller] = path
         except (OSError, ValueError):
             pass
-        self.procs: dict[str, str | None] = {}
+        self.tasks: dict[str, str | None] = {}
 
-    def procs_for(self, job_procs: str) -> str | None:
-        """The launcher's own `cgroup.procs` in the v1 hierarchy of `job_procs`
+    def tasks_for(self, job_procs: str) -> str | None:
+        """The launcher's own `tasks` file in the v1 hierarchy of `job_procs`
         (`<mount>/jobproxy/<group>/cgroup.procs`), or None if unknown."""
         root = job_procs.rpartition("/jobproxy/")[0]
-        if root not in self.procs:
+        if root not in self.tasks:
             path = self.mine.get(os.path.basename(root)) if root else None
-            self.procs[root] = f"{root}{path.rstrip('/')}/cgroup.procs" if path is not None else None
-        return self.procs[root]
+            self.tasks[root] = f"{root}{path.rstrip('/')}/tasks" if path is not None else None
+        return self.tasks[root]
 
 
-def _join(procs: str, pid: str) -> None:
-    with open(procs, "w", encoding="ascii") as f:
-        f.write(pid)
+def _enter(tasks: str) -> None:
+    """Move the calling thread into the v1 group of `tasks`. Writing 0 (the thread itself) spares
+    the kernel the process-wide lock a pid written to `cgroup.procs` takes, with its RCU wait."""
+    with open(tasks, "w", encoding="ascii") as f:
+        f.write("0")
 
 
 class _Job:
@@ -265,7 +270,6 @@ class Launcher:
         self.pending = b""
         self.out: list[bytes] = []  # answers of this round, written together after it
         self.home = _Home()
-        self.me = str(os.getpid())
 
     def flush(self) -> None:
         data = b"".join(self.out)
@@ -306,19 +310,21 @@ class Launcher:
         and exec (subprocess), much cheaper than a fork of this interpreter, from inside the job's
         cgroups (v1) and CPUs, which the job inherits; the launcher goes back to its own at once.
         False if it must be forked instead (which also says why a start fails)."""
-        homes = [self.home.procs_for(procs) for procs in request["join"]]
+        homes = [self.home.tasks_for(procs) for procs in request["join"]]
         if None in homes:
             return False
         opened: list[int] = []
         joined = 0
+        pinned = False
         try:
             for path in (request["stdout"], request["stderr"]):
                 opened.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                                       0o666))
             for procs in request["join"]:
-                _join(procs, self.me)
+                _enter(procs.rpartition("/")[0] + "/tasks")
                 joined += 1
-            if request["cpus"]:
+            pinned = bool(request["cpus"]) and not any("/cpuset/" in procs for procs in request["join"])
+            if pinned:  # (a cpuset group pins the launcher, and so the job, by itself)
                 os.sched_setaffinity(0, request["cpus"])
             env = request["env"]
             env = dict(os.environ if env is None else env, JOBPROXY_TASK_ID=request["id"])
@@ -330,8 +336,8 @@ class Launcher:
             try:
                 for home in homes[:joined]:
                     assert home is not None
-                    _join(home, self.me)
-                if request["cpus"]:
+                    _enter(home)
+                if (joined or pinned) and os.sched_getaffinity(0) != self.home.cpus:
                     os.sched_setaffinity(0, self.home.cpus)
             except OSError as exc:
                 print(f"jobproxy launcher: cannot go back to its own cgroups and CPUs: {exc}", file=sys.stderr,

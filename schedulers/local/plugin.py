@@ -60,6 +60,9 @@ FINAL_CACHE = 10_000
 #: Seconds a cancel waits for the launcher to answer a start, or for the exit notice of a job it
 #: killed, before it goes on without.
 CANCEL_WAIT = 10.0
+#: Seconds after its start that a job's pid file is written, unless it ended: most short jobs
+#: never need one. A job a crash catches before is still found (spool.adopt), without its CPUs.
+PID_FILE_DELAY = 0.1
 #: Seconds a watched job that ended may stay a zombie of its launcher, which writes its exit-code
 #: file before it reaps it, before its end is taken as it is.
 REAP_WAIT = 5.0
@@ -127,6 +130,7 @@ class LocalScheduler(Scheduler):
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         for slot in self.admission.slots.values():
+            self._record(slot)
             if slot.pidfd is not None:
                 loop.remove_reader(slot.pidfd)
                 os.close(slot.pidfd)
@@ -235,17 +239,24 @@ class LocalScheduler(Scheduler):
             return
         slot.pid, slot.started_at = pid, start_time
         slot.launched.set()
-        try:
-            lease = slot.lease
-            self.spool.write_pid(task_id, PidRecord(pid, start_time, slot.cpus, slot.memory,
-                                                    lease.name if lease else None, lease.oom_base if lease else 0))
-        except OSError as exc:
-            log.warning("task %s: cannot write its pid file: %s", task_id, exc)
+        asyncio.get_running_loop().call_later(PID_FILE_DELAY, self._record, slot)
         slot.status = _running(pid, slot.cpus, lifecycle.now())
         if log.isEnabledFor(logging.INFO):
             how = lifecycle.how_limited(slot, self.cgroups, self.job_account(slot.task))
             log.info("task %s started as pid %d: %s", task_id, pid, how)
         self._emit(task_id, slot.status)
+
+    def _record(self, slot: Slot) -> None:
+        """Write the pid file of a job that still runs (or is adopted)."""
+        if slot.recorded or slot.pid is None or self.admission.slots.get(slot.task_id) is not slot:
+            return
+        slot.recorded = True
+        lease = slot.lease
+        try:
+            self.spool.write_pid(slot.task_id, PidRecord(slot.pid, slot.started_at, slot.cpus, slot.memory,
+                                                         lease.name if lease else None, lease.oom_base if lease else 0))
+        except OSError as exc:
+            log.warning("task %s: cannot write its pid file: %s", slot.task_id, exc)
 
     def launch_failed(self, task_id: str, error: str) -> None:
         """The launcher could not start the job: it ends as a SYSTEM_ERROR."""
@@ -393,7 +404,8 @@ class LocalScheduler(Scheduler):
                 status = lifecycle.final_status(task, None, self.spool, oom=self._oom(record),
                                                 canceled=self.spool.cancelled(task_id) is not None)
             elif record is not None and proc.alive(record.pid, record.started_at):
-                slot = self.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at))
+                slot = self.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at,
+                                                recorded=True))
                 if self.pool is not None and record.cgroup is not None:
                     slot.lease = self.pool.adopt(record.cgroup, record.oom_base)
                 slot.status = _running(record.pid, record.cpus, self.spool.pid_written(task_id))
