@@ -62,18 +62,24 @@ class CgroupPool:
         free = self._free.get(key)
         name = free.pop() if free else self._new(key)
         try:
-            if self._memory.get(name, _UNKNOWN) != memory_bytes:
-                self._memory[name] = _UNKNOWN
-                self.hierarchy.set_memory(name, memory_bytes)
-                self._memory[name] = memory_bytes
-        except OSError:
-            self._free.setdefault(key, []).append(name)
-            raise
+            self._limit(name, memory_bytes)
+        except OSError as exc:  # e.g. a lower limit than what the group still holds (page cache)
+            log.info("cgroup %s cannot take a memory limit of %s bytes (%s): a new one instead", name, memory_bytes,
+                     exc)
+            self._retired.add(name)
+            name = self._new(key)
+            self._limit(name, memory_bytes)
         base = self._oom.pop(name, None)
         if base is None:
             base = self.hierarchy.oom_kills(name)
         self._taken.add(name)
         return Lease(name, self._procs[name], base)
+
+    def _limit(self, name: str, memory_bytes: int | None) -> None:
+        if self._memory.get(name, _UNKNOWN) != memory_bytes:
+            self._memory[name] = _UNKNOWN
+            self.hierarchy.set_memory(name, memory_bytes)
+            self._memory[name] = memory_bytes
 
     def adopt(self, name: str, oom_base: int) -> Lease:
         """The lease of a running job found after a restart, in group `name`."""
