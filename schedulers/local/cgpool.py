@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cgroups import Cgroups
+from .cgroups import Cgroups, counter
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class CgroupPool:
         self.prefix = prefix
         self._free: dict[tuple[int, ...], list[str]] = {}
         self._procs: dict[str, tuple[str, ...]] = {}
+        self._files: dict[str, tuple[str, str]] = {}  # the oom_kill counter's file, the first cgroup.procs
         self._memory: dict[str, int | None] = {}  # the limit last written, None for none
         self._oom: dict[str, int] = {}  # the oom_kill counter when the last job left
         self._next: dict[tuple[int, ...], int] = {}
@@ -71,7 +72,7 @@ class CgroupPool:
             self._limit(name, memory_bytes)
         base = self._oom.pop(name, None)
         if base is None:
-            base = self.hierarchy.oom_kills(name)
+            base = self._oom_kills(name)
         self._taken.add(name)
         return Lease(name, self._procs[name], base)
 
@@ -93,9 +94,9 @@ class CgroupPool:
         """The job of `lease` (on `cpus`) ended: its group is free again, unless a process is still
         in it. Answers how many processes the memory limit killed in the group since the job took it."""
         name = lease.name
-        kills = self.hierarchy.oom_kills(name)
+        kills = self._oom_kills(name)
         self._taken.discard(name)
-        if self.hierarchy.busy(name):
+        if self._busy(name):
             log.info("cgroup %s still holds processes after its job ended: not reused", name)
             self._retired.add(name)
         else:
@@ -110,6 +111,23 @@ class CgroupPool:
                 self.hierarchy.remove(name)
         self._free.clear()
         self._retired.clear()
+
+    def _paths(self, name: str) -> tuple[str, str]:
+        paths = self._files.get(name)
+        if paths is None:
+            paths = self._files[name] = (str(self.hierarchy.oom_file(name)),
+                                         str(self.hierarchy.groups(name)[0] / "cgroup.procs"))
+        return paths
+
+    def _oom_kills(self, name: str) -> int:
+        return counter(self._paths(name)[0], "oom_kill")
+
+    def _busy(self, name: str) -> bool:
+        try:
+            with open(self._paths(name)[1], "rb") as f:
+                return bool(f.read().strip())
+        except OSError:
+            return False
 
     def _new(self, key: tuple[int, ...]) -> str:
         while True:

@@ -26,11 +26,17 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
-def _read(path: Path) -> str:
+def _read(path: Path | str) -> str:
     try:
-        return path.read_text(encoding="ascii")
+        with open(path, encoding="ascii") as f:
+            return f.read()
     except OSError:
         return ""
+
+
+def counter(path: Path | str, key: str) -> int:
+    """The value of `key N` in the flat-keyed cgroup file at `path` (0 if none)."""
+    return _counter(_read(path), key)
 
 
 def _counter(text: str, key: str) -> int:
@@ -74,9 +80,13 @@ class Cgroups:
     def groups(self, name: str) -> list[Path]:
         raise NotImplementedError
 
+    def oom_file(self, name: str) -> Path:
+        """The group's file with its `oom_kill` counter."""
+        raise NotImplementedError
+
     def oom_kills(self, name: str) -> int:
         """How many processes of the group the memory limit killed, ever."""
-        raise NotImplementedError
+        return counter(self.oom_file(name), "oom_kill")
 
     def exists(self, name: str) -> bool:
         """Whether the group is there."""
@@ -140,8 +150,8 @@ class CgroupsV2(Cgroups):
         _write(group / "memory.max", str(memory_bytes) if memory_bytes else "max")
         _write(group / "memory.swap.max", "0" if memory_bytes else "max")
 
-    def oom_kills(self, name: str) -> int:
-        return _counter(_read(self.parent / name / "memory.events"), "oom_kill")
+    def oom_file(self, name: str) -> Path:
+        return self.parent / name / "memory.events"
 
     def kill(self, name: str) -> None:
         kill_file = self.parent / name / "cgroup.kill"
@@ -198,8 +208,8 @@ class CgroupsV1(Cgroups):
         else:
             _write(memsw, value)
 
-    def oom_kills(self, name: str) -> int:
-        return _counter(_read(self._dir("memory") / name / "memory.oom_control"), "oom_kill")
+    def oom_file(self, name: str) -> Path:
+        return self._dir("memory") / name / "memory.oom_control"
 
 
 def detect(root: Path = Path("/sys/fs/cgroup")) -> Cgroups | None:
