@@ -61,7 +61,18 @@ class Admission:
             self.queue[task.id] = task
 
     def admissible(self) -> Iterator[Slot]:
-        """Take the queued tasks that fit now, in queue order, each given its slot."""
+        """Take the queued tasks that fit now, in queue order, each given its slot. The head of the
+        queue is taken as long as it fits, without looking further (a long queue costs nothing per
+        start); only when it does not fit are the others scanned for smaller ones."""
+        while self._free and self.queue:
+            head = next(iter(self.queue.values()))
+            slot = self.take(head)
+            if slot is None:
+                break
+            del self.queue[head.id]
+            yield slot
+        if not self._free or not self.queue:
+            return
         for task in list(self.queue.values()):
             if not self._free:
                 return
