@@ -6,7 +6,7 @@ library (so it runs from its path) and speaks JSON lines: requests on stdin, ans
 - `{"op": "run", "id": TASK, "join": [cgroup.procs, ...], "cpus": [0, 1], "rlimit_as": BYTES or 0,
   "user": NAME or null, "stdout": PATH, "stderr": PATH, "env": {...} or null, "cwd": PATH}` plus either
   `"script": PATH` (a job script, run by bash) or `"argv": [...], "cputime": [SOFT, HARD] or null,
-  "exit_file": PATH` (direct exec) is answered `{"op": "started", "id": TASK, "pid": PID,
+  "exit_file": PATH, "spawn": BOOL` (direct exec) is answered `{"op": "started", "id": TASK, "pid": PID,
   "start_time": TICKS}` once the job runs, or `{"op": "error", "id": TASK, "error": WHY}` if it
   could not be started. `"env": null` means the launcher's own environment; either way the job gets
   `JOBPROXY_TASK_ID=TASK`.
@@ -24,6 +24,11 @@ the task's folder (failing that, exit status 1), sets RLIMIT_CPU like the script
 that cannot be executed 126, as in bash). Its exit status (128+N for signal N, like bash's `$?`) is
 written to the exit-code file by this process, atomically and as the task's user, before the job is
 reaped, so whoever watches the job through a pidfd finds the file once the zombie is gone.
+A direct job with `"spawn": true` needs nothing of its own process (no rlimit, no other user, no
+memory limit): it is started by vfork and exec (subprocess) rather than a fork of this interpreter,
+several times cheaper, with the launcher inside the job's v1 cgroups and CPUs for that moment (it
+enters them by its own thread id, and goes back to its own at once); the job inherits them. If that
+start fails (no such folder or command), the job is forked instead, which fails as described.
 
 Forking here rather than in the threaded gateway keeps it safe, and saves an interpreter start per
 job. When stdin closes (the gateway stopped or crashed) the launcher takes no more requests but
