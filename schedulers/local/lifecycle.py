@@ -34,6 +34,11 @@ def cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(map(str, cpus)) or "-"
 
 
+def running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatus:
+    """The status of a job that runs."""
+    return JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {cpu_list(cpus)}", started=started)
+
+
 def clean_environment(user: str) -> dict[str, str]:
     """The environment of a job run as `user`: nothing of the gateway's, as a login would set."""
     entry = pwd.getpwnam(user)

@@ -26,7 +26,6 @@ import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from ..base import (
 )
 from ..files import recorded_exit
 from ..units import mib_to_bytes
-from . import cgroups, launch, lifecycle, proc
+from . import cgroups, launch, lifecycle, proc, recovery
 from .admission import Admission, Slot, waiting
 from .cgpool import CgroupPool, prefix_for
 from .client import LauncherClient
@@ -61,7 +60,7 @@ FINAL_CACHE = 10_000
 #: killed, before it goes on without.
 CANCEL_WAIT = 10.0
 #: Seconds after its start that a job's pid file is written, unless it ended: most short jobs
-#: never need one. A job a crash catches before is still found (spool.adopt), without its CPUs.
+#: never need one. A job a crash catches before is still found (spool.adopt).
 PID_FILE_DELAY = 0.1
 #: Seconds a watched job that ended may stay a zombie of its launcher, which writes its exit-code
 #: file before it reaps it, before its end is taken as it is.
@@ -185,7 +184,7 @@ class LocalScheduler(Scheduler):
             else:
                 unknown.append(job)
         if unknown:
-            answers.update(self._reconcile(unknown))
+            answers.update(recovery.reconcile(self, unknown))
             self._dispatch()
             for job in unknown:
                 if job.task_id in self.admission.slots and self.admission.slots[job.task_id].status is None:
@@ -240,7 +239,7 @@ class LocalScheduler(Scheduler):
         slot.pid, slot.started_at = pid, start_time
         slot.launched.set()
         asyncio.get_running_loop().call_later(PID_FILE_DELAY, self._record, slot)
-        slot.status = _running(pid, slot.cpus, lifecycle.now())
+        slot.status = lifecycle.running(pid, slot.cpus, lifecycle.now())
         if log.isEnabledFor(logging.INFO):
             how = lifecycle.how_limited(slot, self.cgroups, self.job_account(slot.task))
             log.info("task %s started as pid %d: %s", task_id, pid, how)
@@ -281,7 +280,7 @@ class LocalScheduler(Scheduler):
                 self._watch(slot)
         lost = [self.admission.slots[task_id] for task_id in unanswered
                 if task_id in self.admission.slots and self.admission.slots[task_id].pid is None]
-        self.spool.adopt([slot.task_id for slot in lost], {slot.task_id: slot.memory for slot in lost})
+        recovery.adopt(self, [slot.task_id for slot in lost], {slot.task_id: slot.memory for slot in lost})
         for slot in reversed(lost):
             record = self.spool.read_pid(slot.task_id)
             if record is not None:
@@ -393,45 +392,6 @@ class LocalScheduler(Scheduler):
             return False
         return self.pool.finish(lease, slot.cpus) > 0
 
-    def _reconcile(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
-        """Adopt jobs this process does not know (a restart): what their spool and files say."""
-        answers: dict[str, JobStatus] = {}
-        self.spool.adopt([job.task_id for job in jobs], {job.task_id: job.task.memory or 0 for job in jobs})
-        for job in jobs:
-            task, task_id = job.task, job.task_id
-            record = self.spool.read_pid(task_id)
-            if self.spool.cancelled(task_id) or recorded_exit(task)[0] is not None:
-                status = lifecycle.final_status(task, None, self.spool, oom=self._oom(record),
-                                                canceled=self.spool.cancelled(task_id) is not None)
-            elif record is not None and proc.alive(record.pid, record.started_at):
-                slot = self.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at,
-                                                recorded=True))
-                if self.pool is not None and record.cgroup is not None:
-                    slot.lease = self.pool.adopt(record.cgroup, record.oom_base)
-                slot.status = _running(record.pid, record.cpus, self.spool.pid_written(task_id))
-                slot.launched.set()
-                self._watch(slot)
-                answers[task_id] = slot.status
-                continue
-            elif record is not None:
-                status = lifecycle.final_status(task, None, self.spool, oom=self._oom(record))
-            elif self.spool.known(task_id):
-                self.admission.enqueue(task)
-                answers[task_id] = waiting(task)
-                continue
-            else:
-                status = JobStatus(TaskState.SYSTEM_ERROR, "the local scheduler has no job script for this task",
-                                   finished=lifecycle.now())
-            self._remember(task_id, status)
-            answers[task_id] = status
-        return answers
-
-    def _oom(self, record: PidRecord | None) -> bool:
-        """Whether the memory limit killed a process of the ended job of `record`."""
-        if record is None or record.cgroup is None or self.cgroups is None:
-            return False
-        return self.cgroups.oom_kills(record.cgroup) > record.oom_base
-
     def _conclude(self, task_id: str, status: JobStatus) -> None:
         self._remember(task_id, status)
         self._emit(task_id, status)
@@ -449,10 +409,6 @@ class LocalScheduler(Scheduler):
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout)
-
-
-def _running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatus:
-    return JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {lifecycle.cpu_list(cpus)}", started=started)
 
 
 def _not_started(why: str) -> JobStatus:

@@ -37,6 +37,20 @@ def zombie_of_launcher(pid: int, started: int | None) -> bool:
     return int(fields[1]) > 1
 
 
+def group_under(pid: int, parent: str) -> str | None:
+    """The name of the cgroup right under `/parent/` that process `pid` is in (its memory group on
+    cgroup v1, its group on v2), or None."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (controllers == "" or "memory" in controllers.split(",")) and path.startswith(f"/{parent}/"):
+            return path[len(parent) + 2:].split("/")[0] or None
+    return None
+
+
 def pgid(pid: int) -> int | None:
     """The process group of `pid`, or None if there is no such process."""
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -132,14 +132,23 @@ class Spool:
                 (folder / name).unlink(missing_ok=True)
             folder.rmdir()
 
-    def adopt(self, task_ids: Sequence[str], memory: dict[str, int]) -> None:
+    def adopt(self, task_ids: Sequence[str], memory: dict[str, int], cgroup: Callable[[int], str | None],
+              oom_kills: Callable[[str], int]) -> None:
         """Jobs started just before a crash, whose pid was never recorded: found by the task id in
-        their environment (one scan of /proc), their pid files written. `memory` gives each task's
-        MiB."""
+        their environment (one scan of /proc), their pid files written with the CPUs they are
+        pinned to, their cgroup (`cgroup(pid)`) and its OOM-kill counter now (`oom_kills`).
+        `memory` gives each task's MiB."""
         lost = [task_id for task_id in task_ids if self.known(task_id) and not self.has_pid(task_id)]
         running = proc.by_task() if lost else {}
         for task_id in lost:
             leaders = sorted(pid for pid in running.get(task_id, ()) if pid == proc.pgid(pid))
             if leaders:
-                log.warning("task %s: found its job running as pid %d", task_id, leaders[0])
-                self.write_pid(task_id, PidRecord(leaders[0], proc.start_time(leaders[0]), (), memory.get(task_id, 0)))
+                pid = leaders[0]
+                log.warning("task %s: found its job running as pid %d", task_id, pid)
+                try:
+                    cpus = tuple(sorted(os.sched_getaffinity(pid)))
+                except OSError:
+                    cpus = ()
+                group = cgroup(pid)
+                self.write_pid(task_id, PidRecord(pid, proc.start_time(pid), cpus, memory.get(task_id, 0), group,
+                                                  oom_kills(group) if group else 0))
