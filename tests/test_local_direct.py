@@ -172,3 +172,26 @@ async def test_a_pooled_cgroup_is_reused_after_an_oom_kill(local: Factory, tmp_p
     assert (await _run(scheduler, reports, fits)).state == TaskState.COMPLETE
     groups = {_memory_group(t.stdout) for t in (killed, free, fits)}
     assert len(groups) == 1 and next(iter(groups)).startswith("/jobproxy/"), groups
+
+
+async def test_a_job_without_a_pid_file_is_adopted_with_its_cpus_and_cgroup(local: Factory, tmp_path: Path) -> None:
+    """A crash before a job's pid file is written (it is written 0.1 s after the start): the next
+    instance finds the job by its environment, with the CPUs it is pinned to and its cgroup."""
+    first, reports = await local(cores=1)
+    task = make_task(tmp_path, cmd=["/bin/sleep", "30"])
+    first.admit_task(task)
+    job = JobRef(task, await first.submit(task))
+    await reports.wait(lambda: reports.state(job.task_id) == TaskState.RUNNING, 30)
+    cpus = first.admission.slots[task.id].cpus
+    lease = first.admission.slots[task.id].lease
+    await first.close()
+    Path(first.spool.root, f"{task.id}.pid").unlink()
+    second, second_reports = await local(cores=1)
+    answers = await second.status([job])
+    assert answers[task.id].state == TaskState.RUNNING
+    record = second.spool.read_pid(task.id)
+    assert record is not None and record.cpus == cpus
+    assert record.cgroup == (lease.name if lease else None)
+    assert second.admission.slots[task.id].cpus == cpus
+    await second.cancel(job)
+    await second_reports.wait(lambda: second_reports.state(job.task_id) == TaskState.CANCELED, 30)
