@@ -29,12 +29,16 @@ def alive(pid: int, started: int | None) -> bool:
 
 
 def zombie_of_launcher(pid: int, started: int | None) -> bool:
-    """Whether `pid` (started at `started`) ended but is not reaped yet by a parent other than
-    init, e.g. the launcher that ran it, which may still record its exit status."""
+    """Whether `pid` (started at `started`) ended but is not reaped yet by the job launcher that
+    ran it, which records a direct job's exit status before it reaps it."""
     fields = _stat_fields(pid)
     if not fields or fields[0] != "Z" or (started is not None and int(fields[19]) != started):
         return False
-    return int(fields[1]) > 1
+    try:
+        command = Path(f"/proc/{fields[1]}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"launcher.py") for arg in command) and b"--serve" in command
 
 
 def group_under(pid: int, parent: str) -> str | None:
