@@ -99,3 +99,36 @@ def test_real_hierarchy_enforces_memory(tmp_path: Path) -> None:
         found.kill(name)
         time.sleep(0.1)
         found.remove(name)
+
+
+def test_pool_reuses_a_group_per_cpu_set_and_counts_oom_kills_per_job(tmp_path: Path) -> None:
+    """Against a fake v1 hierarchy: the same group for the next job on the same CPUs, its memory
+    limit rewritten (or lifted), OOM kills as a difference; a group with a process left is retired."""
+    from schedulers.local.cgpool import CgroupPool
+
+    root = tmp_path / "cg"
+    (root / "unified").mkdir(parents=True)
+    for controller in ("memory", "cpu", "cpuset"):
+        (root / controller).mkdir()
+    (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (root / "cpuset" / "cpuset.cpus").write_text("0-1\n")
+    (root / "cpuset" / "cpuset.mems").write_text("0\n")
+    found = cgroups.detect(root)
+    assert isinstance(found, cgroups.CgroupsV1)
+    pool = CgroupPool(found, "ptest")
+    first = pool.take([1], 1048576)
+    memory = root / "memory" / "jobproxy" / first.name
+    assert first.name == "ptest-1-0" and first.procs[0] == str(memory / "cgroup.procs")
+    assert (memory / "memory.limit_in_bytes").read_text() == "1048576"
+    assert (root / "cpuset" / "jobproxy" / first.name / "cpuset.cpus").read_text() == "1"
+    (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert pool.finish(first, [1]) == 2
+    second = pool.take([1], None)
+    assert second.name == first.name and second.oom_base == 2
+    assert (memory / "memory.limit_in_bytes").read_text() == "-1"
+    other = pool.take([0], None)
+    assert other.name == "ptest-0-0"
+    (memory / "cgroup.procs").write_text("4242\n")  # a process outlived its job
+    assert pool.finish(second, [1]) == 0
+    third = pool.take([1], None)
+    assert third.name == "ptest-1-1"

@@ -15,7 +15,8 @@ import pytest
 from gateway import config as configuration
 from gateway.plugins import create_scheduler
 from schedulers.base import JobRef, JobStatus, Scheduler, TaskState
-from schedulers.local import LocalScheduler, proc
+from schedulers.local import LocalScheduler, lifecycle, proc
+from schedulers.local import plugin as local_plugin
 
 from .reporting import Reports
 from .test_contract import make_task
@@ -120,8 +121,14 @@ async def test_a_job_that_cannot_start_says_why(local: Factory, tmp_path: Path) 
     assert "nowhere" in status.description
 
 
-async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: Path) -> None:
-    scheduler, reports = await local(cores=2)
+@pytest.mark.parametrize("template", [False, True], ids=["direct", "job script"])
+async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: Path, template: bool) -> None:
+    """The job outlives its launcher. A job script records its exit status itself; a direct job's
+    launcher would have, so without it the job ends as one that recorded none (documented)."""
+    options: dict[str, Any] = {"cores": 2}
+    if template:
+        options["template"] = str(Path(local_plugin.__file__).with_name("local.sh"))
+    scheduler, reports = await local(**options)
     flag = tmp_path / "go"
     job = await _submit(scheduler, make_task(tmp_path, cmd=f"until [ -e {flag} ]; do sleep 0.05; done; echo survived"))
     await reports.wait(lambda: reports.state(job.task_id) == TaskState.RUNNING, 30)
@@ -136,7 +143,13 @@ async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: P
     assert reports.latest[job.task_id].state == TaskState.RUNNING  # the job did not die with its launcher
     flag.touch()
     await _ended(reports, job)
-    assert (reports.latest[job.task_id].state, Path(job.task.stdout).read_text()) == (TaskState.COMPLETE, "survived\n")
+    assert Path(job.task.stdout).read_text() == "survived\n"
+    ended = reports.latest[job.task_id]
+    if template:
+        assert ended.state == TaskState.COMPLETE
+    else:
+        assert (ended.state, ended.description) == (TaskState.SYSTEM_ERROR,
+                                                    f"the job did not finish normally: {lifecycle.NO_EXIT_STATUS}")
     after = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/echo", "new launcher"]))
     await _ended(reports, after)
     assert reports.latest[after.task_id].state == TaskState.COMPLETE

@@ -8,10 +8,11 @@ may start.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from ..base import JobStatus, Task, TaskState
+from .cgpool import Lease
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Slot:
     status: JobStatus | None = None  # RUNNING once the job runs
     pidfd: int | None = None  # watched with the event loop when the job is not the launcher's child
     canceling: bool = False
+    lease: Lease | None = None  # the pooled cgroup the job runs in
+    recorded: bool = False  # its pid file is written
     launched: asyncio.Event = field(default_factory=asyncio.Event)  # the launcher answered
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -58,7 +61,18 @@ class Admission:
             self.queue[task.id] = task
 
     def admissible(self) -> Iterator[Slot]:
-        """Take the queued tasks that fit now, in queue order, each given its slot."""
+        """Take the queued tasks that fit now, in queue order, each given its slot. The head of the
+        queue is taken as long as it fits, without looking further (a long queue costs nothing per
+        start); only when it does not fit are the others scanned for smaller ones."""
+        while self._free and self.queue:
+            head = next(iter(self.queue.values()))
+            slot = self.take(head)
+            if slot is None:
+                break
+            del self.queue[head.id]
+            yield slot
+        if not self._free or not self.queue:
+            return
         for task in list(self.queue.values()):
             if not self._free:
                 return

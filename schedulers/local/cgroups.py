@@ -1,16 +1,19 @@
 """Control groups for local jobs: memory, CPU quota and CPU pinning, on cgroup v2 or v1.
 
-`detect()` answers the hierarchy this machine lets the gateway write to, or None. Each local job
-gets one group named after its task id under a `jobproxy` parent; the job's launcher joins it by
-writing its pid to every file `create()` answers, before it executes the job script.
+`detect()` answers the hierarchy this machine lets the gateway write to, or None. Groups live under
+a `jobproxy` parent; `make()` creates one with its CPU limits (quota and cpuset), `set_memory()`
+sets or lifts its memory limit, and the job's launcher joins it by writing its pid to every file
+`make()` answers, before it executes the job. The local scheduler reuses its groups from job to
+job (cgpool.py); `create()` makes a group with all its limits at once.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +26,17 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
-def _read(path: Path) -> str:
+def _read(path: Path | str) -> str:
     try:
-        return path.read_text(encoding="ascii")
+        with open(path, encoding="ascii") as f:
+            return f.read()
     except OSError:
         return ""
+
+
+def counter(path: Path | str, key: str) -> int:
+    """The value of `key N` in the flat-keyed cgroup file at `path` (0 if none)."""
+    return _counter(_read(path), key)
 
 
 def _counter(text: str, key: str) -> int:
@@ -54,13 +63,38 @@ class Cgroups:
 
     def create(self, name: str, *, memory_bytes: int | None, cpus: Sequence[int]) -> list[Path]:
         """Make the group `name` with its limits; answer the `cgroup.procs` files to join."""
+        procs = self.make(name, cpus)
+        if memory_bytes:
+            self.set_memory(name, memory_bytes)
+        return procs
+
+    def make(self, name: str, cpus: Sequence[int]) -> list[Path]:
+        """Make the group `name` (if new) limited to `cpus` (a CPU quota of as many CPUs, and the
+        cpuset; nothing for none); answer the `cgroup.procs` files to join."""
+        raise NotImplementedError
+
+    def set_memory(self, name: str, memory_bytes: int | None) -> None:
+        """Limit the memory of the group (swap included), or lift its limit (None)."""
         raise NotImplementedError
 
     def groups(self, name: str) -> list[Path]:
         raise NotImplementedError
 
-    def oom_kills(self, name: str) -> int:
+    def oom_file(self, name: str) -> Path:
+        """The group's file with its `oom_kill` counter."""
         raise NotImplementedError
+
+    def oom_kills(self, name: str) -> int:
+        """How many processes of the group the memory limit killed, ever."""
+        return counter(self.oom_file(name), "oom_kill")
+
+    def exists(self, name: str) -> bool:
+        """Whether the group is there."""
+        return self.groups(name)[0].is_dir()
+
+    def busy(self, name: str) -> bool:
+        """Whether any process is in the group."""
+        return bool(_read(self.groups(name)[0] / "cgroup.procs").split())
 
     def pids(self, name: str) -> set[int]:
         found: set[int] = set()
@@ -71,10 +105,8 @@ class Cgroups:
     def kill(self, name: str) -> None:
         """SIGKILL every process in the group, including any that left the job's session."""
         for pid in self.pids(name):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def remove(self, name: str) -> None:
         for group in self.groups(name):
@@ -105,19 +137,21 @@ class CgroupsV2(Cgroups):
     def groups(self, name: str) -> list[Path]:
         return [self.parent / name]
 
-    def create(self, name: str, *, memory_bytes: int | None, cpus: Sequence[int]) -> list[Path]:
+    def make(self, name: str, cpus: Sequence[int]) -> list[Path]:
         group = self.parent / name
         group.mkdir(exist_ok=True)
-        if memory_bytes:
-            _write(group / "memory.max", str(memory_bytes))
-            _write(group / "memory.swap.max", "0")
         if cpus:
             _write(group / "cpu.max", f"{len(cpus) * CFS_PERIOD_US} {CFS_PERIOD_US}")
             _write(group / "cpuset.cpus", _cpu_list(cpus))
         return [group / "cgroup.procs"]
 
-    def oom_kills(self, name: str) -> int:
-        return _counter(_read(self.parent / name / "memory.events"), "oom_kill")
+    def set_memory(self, name: str, memory_bytes: int | None) -> None:
+        group = self.parent / name
+        _write(group / "memory.max", str(memory_bytes) if memory_bytes else "max")
+        _write(group / "memory.swap.max", "0" if memory_bytes else "max")
+
+    def oom_file(self, name: str) -> Path:
+        return self.parent / name / "memory.events"
 
     def kill(self, name: str) -> None:
         kill_file = self.parent / name / "cgroup.kill"
@@ -148,14 +182,10 @@ class CgroupsV1(Cgroups):
     def groups(self, name: str) -> list[Path]:
         return [self._dir(c) / name for c in ("memory", "cpu", "cpuset")]
 
-    def create(self, name: str, *, memory_bytes: int | None, cpus: Sequence[int]) -> list[Path]:
+    def make(self, name: str, cpus: Sequence[int]) -> list[Path]:
         memory, cpu, cpuset = self.groups(name)
         for group in (memory, cpu, cpuset):
             group.mkdir(exist_ok=True)
-        if memory_bytes:
-            _write(memory / "memory.limit_in_bytes", str(memory_bytes))
-            if (memory / "memory.memsw.limit_in_bytes").exists():
-                _write(memory / "memory.memsw.limit_in_bytes", str(memory_bytes))
         if cpus:
             _write(cpu / "cpu.cfs_period_us", str(CFS_PERIOD_US))
             _write(cpu / "cpu.cfs_quota_us", str(len(cpus) * CFS_PERIOD_US))
@@ -163,8 +193,23 @@ class CgroupsV1(Cgroups):
             _write(cpuset / "cpuset.mems", _read(self._dir("cpuset") / "cpuset.mems").strip())
         return [g / "cgroup.procs" for g in (memory, cpu, cpuset)]
 
-    def oom_kills(self, name: str) -> int:
-        return _counter(_read(self._dir("memory") / name / "memory.oom_control"), "oom_kill")
+    def set_memory(self, name: str, memory_bytes: int | None) -> None:
+        memory = self._dir("memory") / name
+        value = str(memory_bytes) if memory_bytes else "-1"
+        limit, memsw = memory / "memory.limit_in_bytes", memory / "memory.memsw.limit_in_bytes"
+        if not memsw.exists():
+            _write(limit, value)
+            return
+        try:  # memory.limit_in_bytes may never exceed memory.memsw.limit_in_bytes: lower it first
+            _write(limit, value)
+        except OSError:  # raising it: memsw first
+            _write(memsw, value)
+            _write(limit, value)
+        else:
+            _write(memsw, value)
+
+    def oom_file(self, name: str) -> Path:
+        return self._dir("memory") / name / "memory.oom_control"
 
 
 def detect(root: Path = Path("/sys/fs/cgroup")) -> Cgroups | None:

@@ -4,12 +4,18 @@ its answers to the plugin as they arrive, and start a new one if it dies.
 Requests made while no launcher runs wait in a buffer and go to the next one. When a launcher dies,
 the plugin is told which requests it never answered; the jobs it had started are no longer anyone's
 children, so the plugin watches them by pidfd from then on.
+
+The launcher is a plain child process with two pipes, not an asyncio subprocess (whose transport
+kills its process when closed): `close()` only closes its stdin, and the launcher stays until its
+jobs ended, to write their exit-code files, while the gateway stops or restarts.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import subprocess
 import sys
 from typing import Any, Protocol
 
@@ -28,11 +34,31 @@ class Events(Protocol):
     def launch_failed(self, task_id: str, error: str) -> None:
         """The job of `task_id` could not be started, for the reason `error`."""
 
-    def exited(self, task_id: str, pid: int, status: int) -> None:
-        """The job of `task_id` (`pid`) ended with wait status `status`."""
+    def exited(self, task_id: str, pid: int, status: int, code: int | None) -> None:
+        """The job of `task_id` (`pid`) ended with wait status `status`; `code` is the exit status
+        the launcher wrote to its exit-code file (a direct job), if it did."""
 
     def launcher_lost(self, unanswered: list[str]) -> None:
         """A new launcher replaced one that died without answering the requests of `unanswered`."""
+
+
+#: Launchers of closed clients that still wait for their jobs, kept (and reaped) until they end.
+_LINGERING: list[subprocess.Popen[bytes]] = []
+
+
+class _Process:
+    """A running launcher: the process and the event loop's ends of its pipes."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], reader: asyncio.StreamReader,
+                 writer: asyncio.WriteTransport, reading: asyncio.ReadTransport) -> None:
+        self.popen = popen
+        self.reader = reader
+        self.writer = writer
+        self.reading = reading
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
 
 
 class LauncherClient:
@@ -43,7 +69,7 @@ class LauncherClient:
 
     def __init__(self, events: Events) -> None:
         self.events = events
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: _Process | None = None
         self._buffer: list[tuple[str, bytes]] = []
         self._unanswered: set[str] = set()
         self._supervisor: asyncio.Task[None] | None = None
@@ -67,43 +93,57 @@ class LauncherClient:
         self._write(str(request["id"]), (json.dumps(request, separators=(",", ":")) + "\n").encode())
 
     def _write(self, task_id: str, line: bytes) -> None:
-        if self._process is not None and self._process.stdin is not None and not self._process.stdin.is_closing():
-            self._process.stdin.write(line)
+        if self._process is not None and not self._process.writer.is_closing():
+            self._process.writer.write(line)
             self._unanswered.add(task_id)
         else:
             self._buffer.append((task_id, line))
 
     async def close(self) -> None:
-        """Stop the launcher (its jobs keep running) and stop restarting it."""
+        """Stop talking to the launcher and stop restarting it. It ends once its jobs did (they
+        keep running); it is not waited for."""
         self._closing = True
-        process = self._process
-        if process is not None and process.stdin is not None:
-            process.stdin.close()
+        process, self._process = self._process, None
         if self._supervisor is not None:
-            try:
-                await asyncio.wait_for(self._supervisor, 10)
-            except asyncio.TimeoutError:
-                log.warning("the local job launcher (pid %s) did not stop when told", self.pid)
-                if process is not None and process.returncode is None:
-                    process.kill()
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if process is not None:
+            process.writer.close()
+            process.reading.close()
+            if process.popen.poll() is None:
+                _LINGERING.append(process.popen)
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", launcher.__file__, "--serve", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, start_new_session=True, close_fds=True, limit=1 << 20)
-        log.info("local job launcher started as pid %d", process.pid)
+    async def _spawn(self) -> _Process:
+        for lingering in list(_LINGERING):
+            if lingering.poll() is not None:
+                _LINGERING.remove(lingering)
+        popen = subprocess.Popen([sys.executable, "-I", "-S", launcher.__file__, "--serve"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
+        assert popen.stdin is not None and popen.stdout is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+        reading, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
+                                                  popen.stdout)
+        writer, _ = await loop.connect_write_pipe(asyncio.Protocol, popen.stdin)
+        log.info("local job launcher started as pid %d", popen.pid)
+        process = _Process(popen, reader, writer, reading)
         self._process = process
         buffered, self._buffer = self._buffer, []
         for task_id, line in buffered:
             self._write(task_id, line)
         return process
 
-    async def _supervise(self, process: asyncio.subprocess.Process) -> None:
+    async def _supervise(self, process: _Process) -> None:
         loop = asyncio.get_running_loop()
         while True:
             born = loop.time()
             await self._read(process)
-            code = await process.wait()
+            process.writer.close()
+            process.reading.close()
+            while process.popen.poll() is None:  # it closed its stdout: it is on its way out
+                await asyncio.sleep(0.02)
+            code = process.popen.returncode
             self._process = None
             if self._closing:
                 return
@@ -118,18 +158,14 @@ class LauncherClient:
                 except OSError as exc:
                     log.error("cannot start the local job launcher, will retry: %s", exc)
                     await asyncio.sleep(self.RESTART_DELAY)
-            if self._closing:  # close() came while there was no launcher to tell
-                if self._process is not None and self._process.stdin is not None:
-                    self._process.stdin.close()
-                else:
-                    return
+            if self._closing:
+                return
             self.events.launcher_lost(lost)
 
-    async def _read(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None
+    async def _read(self, process: _Process) -> None:
         while True:
             try:
-                line = await process.stdout.readline()
+                line = await process.reader.readline()
             except (ValueError, asyncio.LimitOverrunError) as exc:
                 log.error("the local job launcher sent an unreadable line: %s", exc)
                 continue
@@ -149,6 +185,8 @@ class LauncherClient:
             self._unanswered.discard(task_id)
             self.events.launch_failed(task_id, str(message["error"]))
         elif op == "exit":
-            self.events.exited(task_id, int(message["pid"]), int(message["status"]))
+            code = message.get("code")
+            self.events.exited(task_id, int(message["pid"]), int(message["status"]),
+                               None if code is None else int(code))
         else:
             log.warning("the local job launcher sent an unknown message %r", message)

@@ -4,21 +4,41 @@ Started once by the plugin as `python -I launcher.py --serve`, it imports nothin
 library (so it runs from its path) and speaks JSON lines: requests on stdin, answers on stdout.
 
 - `{"op": "run", "id": TASK, "join": [cgroup.procs, ...], "cpus": [0, 1], "rlimit_as": BYTES or 0,
-  "user": NAME or null, "stdout": PATH, "stderr": PATH, "script": PATH, "env": {...}, "cwd": PATH}`
-  is answered `{"op": "started", "id": TASK, "pid": PID, "start_time": TICKS}` once the job script
-  runs, or `{"op": "error", "id": TASK, "error": WHY}` if it could not be started.
-- `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS}` says a job ended (it is reaped).
+  "user": NAME or null, "stdout": PATH, "stderr": PATH, "env": {...} or null, "cwd": PATH}` plus either
+  `"script": PATH` (a job script, run by bash) or `"argv": [...], "cputime": [SOFT, HARD] or null,
+  "exit_file": PATH, "spawn": BOOL` (direct exec) is answered `{"op": "started", "id": TASK, "pid": PID,
+  "start_time": TICKS}` once the job runs, or `{"op": "error", "id": TASK, "error": WHY}` if it
+  could not be started. `"env": null` means the launcher's own environment; either way the job gets
+  `JOBPROXY_TASK_ID=TASK`.
+- `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null}` says a job
+  ended (it is reaped); `code` is what the launcher wrote to the exit-code file of a direct job.
 
 The forked child does what a job needs before it execs: a new session, the task's cgroups, CPU
-pinning, an address-space limit where no memory cgroup is; it reads the script (in the gateway's
-private spool) while still privileged, becomes the task's user, copies the script into a memory
-file that user owns and opens the output files with that user's rights, then runs
-`/bin/bash /dev/fd/3`. Forking here rather than in the threaded gateway keeps it safe, and saves
-an interpreter start per job. When stdin closes (the gateway stopped or crashed) the launcher
-exits; its jobs live on in their own sessions.
+pinning, an address-space limit where no memory cgroup is. A job script (in the gateway's private
+spool) is read while still privileged; then the child becomes the task's user, opens the output
+files with that user's rights and runs `/bin/bash /dev/fd/3` on a memory file holding the script.
+
+A direct job does what the built-in job script would, without bash: as the task's user it enters
+the task's folder (failing that, exit status 1), sets RLIMIT_CPU like the script's `ulimit` lines
+(never raising a lower hard limit) and execs the command's argv (a command not found exits 127, one
+that cannot be executed 126, as in bash). Its exit status (128+N for signal N, like bash's `$?`) is
+written to the exit-code file by this process, atomically and as the task's user, before the job is
+reaped, so whoever watches the job through a pidfd finds the file once the zombie is gone.
+A direct job with `"spawn": true` needs nothing of its own process (no rlimit, no other user, no
+memory limit): it is started by vfork and exec (subprocess) rather than a fork of this interpreter,
+several times cheaper, with the launcher inside the job's v1 cgroups and CPUs for that moment (it
+enters them by its own thread id, and goes back to its own at once); the job inherits them. If that
+start fails (no such folder or command), the job is forked instead, which fails as described.
+
+Forking here rather than in the threaded gateway keeps it safe, and saves an interpreter start per
+job. When stdin closes (the gateway stopped or crashed) the launcher takes no more requests but
+stays until its jobs ended, to record their exit statuses; their sessions are their own. If the
+launcher itself is killed, a direct job that ends after it records no exit status.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import json
 import os
@@ -26,12 +46,14 @@ import pwd
 import resource
 import selectors
 import signal
+import subprocess
 import sys
 from typing import Any
 
 SCRIPT_FD = 3
 #: The exit status of a child that could not start its job.
 CANNOT_START = 255
+_QUIET = (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
 
 def _become(user: str) -> None:
@@ -51,12 +73,53 @@ def _start_time(pid: int) -> int | None:
     return int(text[text.rindex(b")") + 2:].split()[19])
 
 
+def cpu_limits(soft: int, hard: int, current_hard: int) -> tuple[int, int]:
+    """The RLIMIT_CPU pair the job script's `ulimit` lines set: `hard`, unless the hard limit in
+    force is lower already (never raised), and the soft one no higher than that."""
+    if current_hard != resource.RLIM_INFINITY and current_hard <= hard:
+        hard = current_hard
+    return min(soft, hard), hard
+
+
+def _job_failed(message: str, code: int) -> None:
+    """A direct job's own failure, as its job script would meet it: a line on its stderr, `code`."""
+    try:
+        os.write(2, f"jobproxy: {message}\n".encode("utf-8", "replace"))
+    finally:
+        os._exit(code)
+
+
+def _exec_direct(request: dict[str, Any], env: dict[str, str]) -> None:
+    """The rest of a direct job's start, once the launcher knows it runs: its folder, its CPU-time
+    limit, its command."""
+    try:
+        os.chdir(request["cwd"])
+    except OSError as exc:
+        _job_failed(f"cd: {request['cwd']}: {exc.strerror}", 1)
+    if request["cputime"]:
+        try:
+            wanted_soft, wanted_hard = request["cputime"]
+            soft, hard = cpu_limits(wanted_soft, wanted_hard, resource.getrlimit(resource.RLIMIT_CPU)[1])
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
+        except (OSError, ValueError) as exc:
+            _job_failed(f"ulimit -t: {exc}", 1)
+    argv = request["argv"]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        if exc.errno == errno.ENOEXEC:  # no #! line: bash runs such a file as a script
+            with contextlib.suppress(OSError):
+                os.execve("/bin/bash", ["/bin/bash", *argv], env)
+        not_found = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+        _job_failed(f"{argv[0]}: {'command not found' if not_found else exc.strerror}", 127 if not_found else 126)
+
+
 def _child(request: dict[str, Any], errors: int, launcher: int) -> None:
-    """In the forked child: prepare the job and exec it. Never returns; any failure is written to
-    `errors` (closed on exec) and ends the child."""
+    """In the forked child: prepare the job and exec it. Never returns; any failure before the job
+    runs is written to `errors` (closed on exec, or before a direct job's own steps) and ends the child."""
     try:
         signal.set_wakeup_fd(-1)
-        for number in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM):
+        for number in _QUIET:
             signal.signal(number, signal.SIG_DFL)
         os.setsid()
         pid = str(os.getpid())
@@ -64,47 +127,141 @@ def _child(request: dict[str, Any], errors: int, launcher: int) -> None:
             with open(procs, "w", encoding="ascii") as f:
                 f.write(pid)
         if request["cpus"]:
-            os.sched_setaffinity(0, set(request["cpus"]))
+            os.sched_setaffinity(0, request["cpus"])
         if request["rlimit_as"]:
             resource.setrlimit(resource.RLIMIT_AS, (request["rlimit_as"], request["rlimit_as"]))
-        os.chdir(request["cwd"])
-        with open(request["script"], "rb") as f:
-            script_text = f.read()
+        direct = "argv" in request
+        script_text = b""
+        if not direct:
+            os.chdir(request["cwd"])
+            with open(request["script"], "rb") as f:
+                script_text = f.read()
         if request["user"]:
             _become(request["user"])
-        script = os.memfd_create("jobproxy-job")  # made after dropping privileges: the job may read it
-        os.write(script, script_text)
-        os.lseek(script, 0, os.SEEK_SET)
+        env = request["env"]
+        if env is None:
+            env = os.environ.copy()
+        env["JOBPROXY_TASK_ID"] = request["id"]
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         for path, target in ((request["stdout"], 1), (request["stderr"], 2)):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
             os.dup2(fd, target)
             os.close(fd)
-        os.dup2(script, SCRIPT_FD)
-        os.set_inheritable(SCRIPT_FD, True)
+        if not direct:
+            script = os.memfd_create("jobproxy-job")  # made after dropping privileges: the job may read it
+            os.write(script, script_text)
+            os.lseek(script, 0, os.SEEK_SET)
+            os.dup2(script, SCRIPT_FD)
+            os.set_inheritable(SCRIPT_FD, True)
         if os.getppid() != launcher:  # the launcher died: the plugin no longer knows of this job
             raise OSError("the launcher stopped before the job started")
-        os.execve("/bin/bash", ["/bin/bash", f"/dev/fd/{SCRIPT_FD}"], request["env"])
-    except BaseException as exc:  # noqa: BLE001 - whatever it is, the child must end here
+        if not direct:
+            os.execve("/bin/bash", ["/bin/bash", f"/dev/fd/{SCRIPT_FD}"], env)
+        os.close(errors)  # the job runs: what fails from here on is the job's own
+    except BaseException as exc:  # whatever it is, the child must end here
         why = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
         try:
             os.write(errors, f"{type(exc).__name__}: {why}".encode("utf-8", "replace")[:4000])
         finally:
             os._exit(CANNOT_START)
+    try:
+        _exec_direct(request, env)
+    finally:
+        os._exit(CANNOT_START)
+
+
+def exit_code(wait_status: int) -> int:
+    """The exit status as bash's `$?` gives it: 128+N for a process killed by signal N."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def write_exit_file(path: str, code: int, user: str | None) -> bool:
+    """Write `code` to `path` atomically (a `.part` file renamed over it), as `user` if given, so
+    that nothing the user put in their folder makes the launcher write elsewhere. False on failure."""
+    partial = path + ".part"
+    identity = None
+    if user and os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            return False
+        identity = os.geteuid(), os.getegid()
+        os.setegid(entry.pw_gid)
+        os.seteuid(entry.pw_uid)
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(partial, flags, 0o644)
+        except FileExistsError:  # left over, or put there: never written through
+            os.unlink(partial)
+            fd = os.open(partial, flags, 0o644)
+        try:
+            os.write(fd, b"%d\n" % code)
+        finally:
+            os.close(fd)
+        os.rename(partial, path)
+        return True
+    except OSError:
+        return False
+    finally:
+        if identity is not None:
+            os.seteuid(identity[0])
+            os.setegid(identity[1])
+
+
+class _Home:
+    """Where the launcher itself belongs: its cgroups (by the `tasks` file of its group in each v1
+    hierarchy) and its CPUs, to go back to after it spawned a job from inside the job's."""
+
+    def __init__(self) -> None:
+        self.cpus = os.sched_getaffinity(0)
+        self.mine: dict[str, str] = {}  # controller (v1) -> the launcher's group path
+        try:
+            with open("/proc/self/cgroup", encoding="ascii") as f:
+                for line in f:
+                    _, controllers, path = line.rstrip("\n").split(":", 2)
+                    for controller in controllers.split(","):
+                        if controller:
+                            self.mine[controller] = path
+        except (OSError, ValueError):
+            pass
+        self.tasks: dict[str, str | None] = {}
+
+    def tasks_for(self, job_procs: str) -> str | None:
+        """The launcher's own `tasks` file in the v1 hierarchy of `job_procs`
+        (`<mount>/jobproxy/<group>/cgroup.procs`), or None if unknown."""
+        root = job_procs.rpartition("/jobproxy/")[0]
+        if root not in self.tasks:
+            path = self.mine.get(os.path.basename(root)) if root else None
+            self.tasks[root] = f"{root}{path.rstrip('/')}/tasks" if path is not None else None
+        return self.tasks[root]
+
+
+def _enter(tasks: str) -> None:
+    """Move the calling thread into the v1 group of `tasks`. Writing 0 (the thread itself) spares
+    the kernel the process-wide lock a pid written to `cgroup.procs` takes, with its RCU wait."""
+    with open(tasks, "w", encoding="ascii") as f:
+        f.write("0")
 
 
 class _Job:
-    """A forked child, until it is reaped."""
+    """A child, until it is reaped."""
 
-    __slots__ = ("task_id", "pid", "start_time", "errors", "error")
+    __slots__ = ("error", "errors", "exit_file", "pid", "popen", "start_time", "task_id", "user")
 
-    def __init__(self, task_id: str, pid: int, start_time: int | None, errors: int) -> None:
-        self.task_id = task_id
+    def __init__(self, request: dict[str, Any], pid: int, errors: int | None,
+                 popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.task_id: str = request["id"]
         self.pid = pid
-        self.start_time = start_time
+        self.start_time = _start_time(pid)
         self.errors: int | None = errors  # the read end of the child's error pipe until the exec is known
         self.error = b""
+        self.exit_file: str | None = request.get("exit_file")
+        self.user: str | None = request["user"]
+        self.popen = popen  # a spawned job: the Popen object, told its returncode when it is reaped
 
 
 class Launcher:
@@ -112,22 +269,29 @@ class Launcher:
 
     def __init__(self, requests: int, answers: int) -> None:
         self.requests = requests
-        self.answers = answers
+        self.answers: int | None = answers  # None once nobody reads them
         self.jobs: dict[int, _Job] = {}
         self.selector = selectors.DefaultSelector()
         self.pending = b""
         self.out: list[bytes] = []  # answers of this round, written together after it
+        self.home = _Home()
 
     def flush(self) -> None:
         data = b"".join(self.out)
         self.out.clear()
-        while data:
-            data = data[os.write(self.answers, data):]
+        while data and self.answers is not None:
+            try:
+                data = data[os.write(self.answers, data):]
+            except BrokenPipeError:  # the gateway is gone: the jobs still get their exit-code files
+                self.answers = None
 
     def send(self, message: dict[str, Any]) -> None:
         self.out.append((json.dumps(message, separators=(",", ":")) + "\n").encode())
 
     def run(self, request: dict[str, Any]) -> None:
+        """Start the job of `request`: spawned if it may be, else forked."""
+        if request.get("spawn") and self.spawn(request):
+            return
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         me = os.getpid()
         try:
@@ -141,10 +305,54 @@ class Launcher:
             os.close(read_end)
             _child(request, write_end, me)
         os.close(write_end)
-        job = _Job(request["id"], pid, _start_time(pid), read_end)
+        job = _Job(request, pid, read_end)
         self.jobs[pid] = job
         os.set_blocking(read_end, False)
         self.selector.register(read_end, selectors.EVENT_READ, job)
+
+    def spawn(self, request: dict[str, Any]) -> bool:
+        """Start a direct job that needs nothing set in its own process but its session: by vfork
+        and exec (subprocess), much cheaper than a fork of this interpreter, from inside the job's
+        cgroups (v1) and CPUs, which the job inherits; the launcher goes back to its own at once.
+        False if it must be forked instead (which also says why a start fails)."""
+        homes = [self.home.tasks_for(procs) for procs in request["join"]]
+        if None in homes:
+            return False
+        opened: list[int] = []
+        joined = 0
+        pinned = False
+        try:
+            for path in (request["stdout"], request["stderr"]):
+                opened.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                      0o666))
+            for procs in request["join"]:
+                _enter(procs.rpartition("/")[0] + "/tasks")
+                joined += 1
+            pinned = bool(request["cpus"]) and not any("/cpuset/" in procs for procs in request["join"])
+            if pinned:  # (a cpuset group pins the launcher, and so the job, by itself)
+                os.sched_setaffinity(0, request["cpus"])
+            env = request["env"]
+            env = dict(os.environ if env is None else env, JOBPROXY_TASK_ID=request["id"])
+            popen = subprocess.Popen(request["argv"], stdin=subprocess.DEVNULL, stdout=opened[0], stderr=opened[1],
+                                     cwd=request["cwd"], env=env, start_new_session=True, close_fds=True)
+        except (OSError, ValueError):
+            return False
+        finally:
+            try:
+                for home in homes[:joined]:
+                    assert home is not None
+                    _enter(home)
+                if (joined or pinned) and os.sched_getaffinity(0) != self.home.cpus:
+                    os.sched_setaffinity(0, self.home.cpus)
+            except OSError as exc:
+                print(f"jobproxy launcher: cannot go back to its own cgroups and CPUs: {exc}", file=sys.stderr,
+                      flush=True)
+            for fd in opened:
+                os.close(fd)
+        job = _Job(request, popen.pid, None, popen)
+        self.jobs[popen.pid] = job
+        self.send({"op": "started", "id": job.task_id, "pid": job.pid, "start_time": job.start_time})
+        return True
 
     def exec_known(self, job: _Job) -> None:
         """Read the child's error pipe; on end of file (exec or exit), say how the start went."""
@@ -161,29 +369,39 @@ class Launcher:
         os.close(job.errors)
         job.errors = None
         if job.error:
+            job.exit_file = None  # it never ran: no exit status of its own
             self.send({"op": "error", "id": job.task_id, "error": job.error.decode("utf-8", "replace")})
         else:
             self.send({"op": "started", "id": job.task_id, "pid": job.pid, "start_time": job.start_time})
 
     def reap(self) -> None:
+        """Every child that ended: a direct job's exit-code file written while it is still a
+        zombie, then reaped and reported."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if ended is None or ended.si_pid == 0:
                 return
-            job = self.jobs.pop(pid, None)
-            if job is None:
-                continue
-            if job.errors is not None:
+            job = self.jobs.get(ended.si_pid)
+            if job is not None and job.errors is not None:
                 os.set_blocking(job.errors, True)  # the child is gone: its pipe holds all it wrote
                 self.exec_known(job)
-            self.send({"op": "exit", "id": job.task_id, "pid": pid, "status": status})
+            code = None
+            if job is not None and job.exit_file is not None:
+                status = ended.si_status if ended.si_code == os.CLD_EXITED else 128 + ended.si_status
+                code = status if write_exit_file(job.exit_file, status, job.user) else None
+            pid, wait_status = os.waitpid(ended.si_pid, 0)
+            job = self.jobs.pop(pid, None)
+            if job is not None and job.popen is not None:
+                job.popen.returncode = os.waitstatus_to_exitcode(wait_status)
+            if job is not None:
+                self.send({"op": "exit", "id": job.task_id, "pid": pid, "status": wait_status, "code": code})
 
     def read_requests(self) -> bool:
         """Handle the complete lines on stdin; False at end of file."""
-        chunk = os.read(self.requests, 65536)
+        chunk = os.read(self.requests, 1 << 20)
         if not chunk:
             return False
         lines = (self.pending + chunk).split(b"\n")
@@ -206,14 +424,16 @@ class Launcher:
             print(f"jobproxy launcher: unknown op {op!r}", file=sys.stderr, flush=True)
 
     def serve(self) -> None:
+        """Until stdin closes and every job ended."""
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.selector.register(wake_read, selectors.EVENT_READ, "wake")
         self.selector.register(self.requests, selectors.EVENT_READ, "requests")
+        reading = True
         self.reap()
         self.flush()
-        while True:
+        while reading or self.jobs:
             for key, _ in self.selector.select():
                 if key.data == "wake":
                     try:
@@ -224,8 +444,8 @@ class Launcher:
                     self.reap()
                 elif key.data == "requests":
                     if not self.read_requests():
-                        self.flush()
-                        return
+                        reading = False
+                        self.selector.unregister(self.requests)
                 elif isinstance(key.data, _Job) and key.data.errors is not None:
                     self.exec_known(key.data)
             self.flush()
@@ -242,16 +462,15 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the gateway; stdin's end stops us
+    # a terminal's ^C is for the gateway; stdin's end stops us. Caught, not ignored: a spawned job
+    # starts with the default action, as a forked one (which resets it) does
+    signal.signal(signal.SIGINT, lambda *_: None)
     # every fork copies this process's page tables, and each page either side writes afterwards:
     # no garbage collector walking (and writing) the whole heap between forks
     gc.collect()
     gc.freeze()
     gc.disable()
-    try:
-        Launcher(requests, answers).serve()
-    except BrokenPipeError:
-        pass
+    Launcher(requests, answers).serve()
 
 
 if __name__ == "__main__":

@@ -3,20 +3,21 @@ with, its limits in words, its final status once it ended, and stopping it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
 import signal
-from datetime import datetime, timezone
-from typing import Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from .. import outcome
 from ..base import JobStatus, Task, TaskState
 from ..files import recorded_exit
+from . import proc
 from .admission import Slot
 from .cgroups import Cgroups
 from .spool import Spool
-from . import proc
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,17 @@ NO_EXIT_STATUS = "it was killed, or ended without recording an exit status"
 
 def now() -> datetime:
     """The current time, in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def cpu_list(cpus: Sequence[int]) -> str:
     """CPUs as `0,1` (`-` for none)."""
     return ",".join(map(str, cpus)) or "-"
+
+
+def running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatus:
+    """The status of a job that runs."""
+    return JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {cpu_list(cpus)}", started=started)
 
 
 def clean_environment(user: str) -> dict[str, str]:
@@ -56,14 +62,16 @@ def how_limited(slot: Slot, cgroups: Cgroups | None, account: str | None) -> str
     return ", ".join(how)
 
 
-def final_status(task: Task, wait_status: int | None, cgroups: Cgroups | None, spool: Spool, *,
+def final_status(task: Task, wait_status: int | None, spool: Spool, *, oom: bool = False, code: int | None = None,
                  canceled: bool = False, started: datetime | None = None) -> JobStatus:
-    """The final status of a job that ended, from its exit-code file and its cgroup (read before
-    the cgroup is removed). File times come from the kernel's coarse clock: never before
-    `started`, when the job is known to have started then."""
+    """The final status of a job that ended: from `code` when the launcher says what it wrote to
+    the exit-code file, else from that file; `oom` says its cgroup saw an OOM kill. File times
+    come from the kernel's coarse clock: never before `started`, when the job is known to have
+    started then."""
     if canceled:
         return JobStatus(TaskState.CANCELED, outcome.CANCELED_ON_REQUEST, finished=spool.cancelled(task.id) or now())
-    oom = bool(cgroups and cgroups.oom_kills(task.id))
+    if code is not None:
+        return outcome.from_exit_code(task, code, oom=oom, finished=now())
     code, when = recorded_exit(task)
     if when is not None and started is not None and when < started:
         when = started
@@ -84,24 +92,21 @@ def why(wait_status: int | None) -> str:
     return f"its job script exited with {code} without recording an exit status"
 
 
-async def terminate(task_id: str, pid: int, started_at: int | None, grace: float, cgroups: Cgroups | None) -> None:
+async def terminate(task_id: str, pid: int, started_at: int | None, grace: float, cgroups: Cgroups | None,
+                    group: str | None) -> None:
     """SIGTERM the job's process group (and whatever carries its task id), then SIGKILL what is
-    left after `grace` seconds, the cgroup included."""
+    left after `grace` seconds, its cgroup `group` included."""
     stragglers = proc.by_task().get(task_id, set())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if proc.alive(pid, started_at):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, sig)
-            except ProcessLookupError:
-                pass
         for straggler in stragglers:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(straggler, sig)
-            except ProcessLookupError:
-                pass
-        if sig == signal.SIGKILL and cgroups:
-            cgroups.kill(task_id)
+        if sig == signal.SIGKILL and cgroups and group:
+            cgroups.kill(group)
         deadline = loop.time() + (grace if sig == signal.SIGTERM else 5)
         while loop.time() < deadline:
             stragglers = proc.by_task().get(task_id, set())

@@ -1,36 +1,53 @@
 """The local scheduler: runs tasks on the gateway's own machine, with their limits enforced.
 
-Each task becomes a job script (local.sh) that one long-lived launcher process (launcher.py, see
-client.py) forks and executes in its own session: it joins the task's cgroups (memory limit, CPU
-quota, cpuset) where a hierarchy is writable, pins the job to its CPUs, falls back to an
-address-space rlimit for memory where no cgroup is, and becomes the task's user; the script sets
-the CPU-time rlimit and records the exit status.
+One long-lived launcher process (launcher.py, see client.py) forks each job in its own session:
+it joins the job's cgroup (memory limit, CPU quota, cpuset) where a hierarchy is writable, pins
+the job to its CPUs, falls back to an address-space rlimit for memory where no cgroup is, and
+becomes the task's user. With the built-in template and a command that needs no bash around it,
+the launcher then execs the command itself, with the CPU-time rlimit the job script would set, and
+writes the exit-code file when it reaps the job (launch.py); else it runs the job script (local.sh),
+which does both. Cgroups are reused from job to job, one pool per CPU set (cgpool.py).
 
 Everything is driven by events, not polls: a task starts at submit time if its cores and memory
 are free, else it waits in an in-memory queue (admission.py); when the launcher says a job ended,
-its outcome is read from its own files, reported at once, and the next task that fits starts.
-Jobs that outlive the gateway (or the launcher) are watched through a pidfd. The spool (spool.py)
-lets a restarted gateway find its jobs again when it reconciles with `status`.
+its outcome comes with the notice (or from the job's files), is reported at once, and the next
+task that fits starts. Jobs that outlive the gateway (or the launcher) are watched through a pidfd;
+the launcher stays until its jobs ended and records their exit statuses. A direct job whose
+launcher was killed before the job ended has no exit status: it ends as a SYSTEM_ERROR ("ended
+without recording an exit status"). The spool (spool.py) lets a restarted gateway find its jobs
+again when it reconciles with `status`.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .. import outcome
-from ..base import (JobRef, JobStatus, Report, Scheduler, SchedulerConfigError, SchedulerUnavailable, Task,
-                    TaskRefused, TaskState, TEMPLATE_OPTION)
+from ..base import (
+    TEMPLATE_OPTION,
+    JobRef,
+    JobStatus,
+    Report,
+    Scheduler,
+    SchedulerConfigError,
+    SchedulerError,
+    SchedulerUnavailable,
+    Task,
+    TaskRefused,
+    TaskState,
+)
 from ..files import recorded_exit
-from ..script import describe_request, quote, render, run_block
 from ..units import mib_to_bytes
-from . import cgroups, lifecycle, proc
+from . import cgroups, launch, lifecycle, proc, recovery
 from .admission import Admission, Slot, waiting
+from .cgpool import CgroupPool, prefix_for
 from .client import LauncherClient
 from .spool import PidRecord, Spool
 
@@ -42,6 +59,12 @@ FINAL_CACHE = 10_000
 #: Seconds a cancel waits for the launcher to answer a start, or for the exit notice of a job it
 #: killed, before it goes on without.
 CANCEL_WAIT = 10.0
+#: Seconds after its start that a job's pid file is written, unless it ended: most short jobs
+#: never need one. A job a crash catches before is still found (spool.adopt).
+PID_FILE_DELAY = 0.1
+#: Seconds a watched job that ended may stay a zombie of its launcher, which writes its exit-code
+#: file before it reaps it, before its end is taken as it is.
+REAP_WAIT = 5.0
 
 
 def _machine_memory_mib() -> int:
@@ -84,7 +107,9 @@ class LocalScheduler(Scheduler):
         self.memory = int(self.options.get("memory", _machine_memory_mib() * 9 // 10))
         self.kill_grace = float(self.options["kill_grace"])
         self.template = self.job_template(("task_id", "workdir", "run", "resources"), required=())
+        self.builtin_template = "template" not in self.options
         self.cgroups = cgroups.detect() if self.options["cgroups"] == "auto" else None
+        self.pool = CgroupPool(self.cgroups, prefix_for(state_dir)) if self.cgroups else None
         self.spool = Spool(state_dir)
         self.admission = Admission(tuple(usable[: self.cores]), self.memory)
         self.launcher = LauncherClient(self)
@@ -104,11 +129,14 @@ class LocalScheduler(Scheduler):
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
         for slot in self.admission.slots.values():
+            self._record(slot)
             if slot.pidfd is not None:
                 loop.remove_reader(slot.pidfd)
                 os.close(slot.pidfd)
                 slot.pidfd = None
         await self.launcher.close()
+        if self.pool is not None:
+            self.pool.close()
 
     # ---- the contract ----
 
@@ -121,14 +149,12 @@ class LocalScheduler(Scheduler):
                               "in all", "$.memory")
 
     async def submit(self, task: Task) -> str:
-        script = render(self.template, {
-            "task_id": quote(task.id),
-            "workdir": quote(task.workdir),
-            "resources": describe_request(task),
-            "run": run_block(task, self.job_command(task)),
-        })
+        command = self.job_command(task)
         try:
-            self.spool.write_script(task.id, script)
+            if launch.is_direct(command, self.builtin_template):
+                self.spool.write_marker(task.id)
+            else:
+                self.spool.write_script(task.id, launch.script(self.template, task, command))
         except OSError as exc:
             raise SchedulerUnavailable(f"the local scheduler cannot write the job script: {exc.strerror}") from None
         self.admission.enqueue(task)
@@ -138,7 +164,7 @@ class LocalScheduler(Scheduler):
         return task.id
 
     async def find(self, task: Task) -> str | None:
-        return task.id if self.spool.script(task.id).exists() else None
+        return task.id if self.spool.known(task.id) else None
 
     async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
         """What is known of `jobs`, from memory; a job not known yet (after a restart) is adopted from
@@ -158,7 +184,7 @@ class LocalScheduler(Scheduler):
             else:
                 unknown.append(job)
         if unknown:
-            answers.update(self._reconcile(unknown))
+            answers.update(recovery.reconcile(self, unknown))
             self._dispatch()
             for job in unknown:
                 if job.task_id in self.admission.slots and self.admission.slots[job.task_id].status is None:
@@ -177,15 +203,16 @@ class LocalScheduler(Scheduler):
             if task_id not in self._final:  # not adopted yet: whatever its pid file names
                 record = self.spool.read_pid(task_id)
                 if record is not None:
-                    await lifecycle.terminate(task_id, record.pid, record.started_at, self.kill_grace, self.cgroups)
-                self._remove_cgroup(task_id)
+                    await lifecycle.terminate(task_id, record.pid, record.started_at, self.kill_grace, self.cgroups,
+                                              record.cgroup)
                 self._conclude(task_id, canceled)
             return
         slot.canceling = True
         if slot.pid is None:
             await _wait(slot.launched, CANCEL_WAIT)
         if slot.pid is not None:
-            await lifecycle.terminate(task_id, slot.pid, slot.started_at, self.kill_grace, self.cgroups)
+            await lifecycle.terminate(task_id, slot.pid, slot.started_at, self.kill_grace, self.cgroups,
+                                      slot.lease.name if slot.lease else None)
             await _wait(slot.ended, CANCEL_WAIT)
         if not slot.ended.is_set():
             self._ended(slot, None)
@@ -194,8 +221,6 @@ class LocalScheduler(Scheduler):
         task_id = job.task_id
         self.admission.queue.pop(task_id, None)
         self._final.pop(task_id, None)
-        if task_id not in self.admission.slots:
-            self._remove_cgroup(task_id)
         self.spool.remove(task_id)
 
     # ---- launcher events (client.Events) ----
@@ -206,24 +231,31 @@ class LocalScheduler(Scheduler):
         if slot is None:  # canceled while the launcher did not answer: stop what it started late
             log.warning("task %s: the launcher started a job (pid %d) nobody waits for; killing it", task_id, pid)
             if proc.alive(pid, start_time):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             return
         if slot.pid is not None:
             return
         slot.pid, slot.started_at = pid, start_time
         slot.launched.set()
-        try:
-            self.spool.write_pid(task_id, PidRecord(pid, start_time, slot.cpus, slot.memory))
-        except OSError as exc:
-            log.warning("task %s: cannot write its pid file: %s", task_id, exc)
-        slot.status = _running(pid, slot.cpus, lifecycle.now())
+        asyncio.get_running_loop().call_later(PID_FILE_DELAY, self._record, slot)
+        slot.status = lifecycle.running(pid, slot.cpus, lifecycle.now())
         if log.isEnabledFor(logging.INFO):
             how = lifecycle.how_limited(slot, self.cgroups, self.job_account(slot.task))
             log.info("task %s started as pid %d: %s", task_id, pid, how)
         self._emit(task_id, slot.status)
+
+    def _record(self, slot: Slot) -> None:
+        """Write the pid file of a job that still runs (or is adopted)."""
+        if slot.recorded or slot.pid is None or self.admission.slots.get(slot.task_id) is not slot:
+            return
+        slot.recorded = True
+        lease = slot.lease
+        try:
+            self.spool.write_pid(slot.task_id, PidRecord(slot.pid, slot.started_at, slot.cpus, slot.memory,
+                                                         lease.name if lease else None, lease.oom_base if lease else 0))
+        except OSError as exc:
+            log.warning("task %s: cannot write its pid file: %s", slot.task_id, exc)
 
     def launch_failed(self, task_id: str, error: str) -> None:
         """The launcher could not start the job: it ends as a SYSTEM_ERROR."""
@@ -234,11 +266,11 @@ class LocalScheduler(Scheduler):
         log.warning("task %s: could not start its job: %s", task_id, error)
         self._ended(slot, None, _not_started(error))
 
-    def exited(self, task_id: str, pid: int, status: int) -> None:
-        """A job the launcher started ended."""
+    def exited(self, task_id: str, pid: int, status: int, code: int | None) -> None:
+        """A job the launcher started ended (`code`: what the launcher recorded as its exit status)."""
         slot = self.admission.slots.get(task_id)
         if slot is not None and slot.pid == pid:
-            self._ended(slot, status)
+            self._ended(slot, status, code=code)
 
     def launcher_lost(self, unanswered: list[str]) -> None:
         """A new launcher replaced one that died: watch its jobs by pidfd; find the ones it may have
@@ -248,7 +280,7 @@ class LocalScheduler(Scheduler):
                 self._watch(slot)
         lost = [self.admission.slots[task_id] for task_id in unanswered
                 if task_id in self.admission.slots and self.admission.slots[task_id].pid is None]
-        self.spool.adopt([slot.task_id for slot in lost], {slot.task_id: slot.memory for slot in lost})
+        recovery.adopt(self, [slot.task_id for slot in lost], {slot.task_id: slot.memory for slot in lost})
         for slot in reversed(lost):
             record = self.spool.read_pid(slot.task_id)
             if record is not None:
@@ -257,7 +289,7 @@ class LocalScheduler(Scheduler):
             elif recorded_exit(slot.task)[0] is not None:
                 self._ended(slot, None)
             else:
-                self._remove_cgroup(slot.task_id)
+                self._give_back(slot)
                 self.admission.free(slot.task_id)
                 self.admission.enqueue(slot.task, front=True)
         self._dispatch()
@@ -283,23 +315,27 @@ class LocalScheduler(Scheduler):
 
     def _launch(self, slot: Slot) -> None:
         task = slot.task
-        memory_bytes = mib_to_bytes(task.memory) if task.memory else 0
-        join: list[str] = []
         try:
-            if self.cgroups:
-                join = [str(p) for p in self.cgroups.create(task.id, memory_bytes=memory_bytes or None, cpus=slot.cpus)]
+            command = self.job_command(task)
+            direct = launch.is_direct(command, self.builtin_template)
+            script = None
+            if not direct:
+                script = self.spool.script(task.id)
+                if not script.exists():  # a legacy spool, or a task queued before the template changed
+                    legacy = self.spool.legacy_script(task.id)
+                    script = legacy if legacy.exists() else script
+                    if not script.exists():
+                        self.spool.write_script(task.id, launch.script(self.template, task, command))
+            if self.pool is not None:
+                slot.lease = self.pool.take(slot.cpus, mib_to_bytes(task.memory) if task.memory else None)
             account = self.job_account(task)
-            env = lifecycle.clean_environment(account) if account else dict(os.environ)
-        except (OSError, KeyError) as exc:
+            env = lifecycle.clean_environment(account) if account else None
+        except (OSError, KeyError, SchedulerError) as exc:
             self._ended(slot, None, _not_started(str(exc)))
             return
-        env["JOBPROXY_TASK_ID"] = task.id
-        self.launcher.send({
-            "op": "run", "id": task.id, "join": join, "cpus": list(slot.cpus),
-            "rlimit_as": 0 if self.cgroups else memory_bytes, "user": account,
-            "stdout": task.stdout, "stderr": task.stderr, "script": str(self.spool.script(task.id)),
-            "env": env, "cwd": task.workdir,
-        })
+        self.launcher.send(launch.run_request(task, slot.cpus, slot.lease, command=command if direct else None,
+                                              script_path=str(script), account=account, env=env,
+                                              can_spawn=self.cgroups is None or self.cgroups.version == "v1"))
 
     def _watch(self, slot: Slot) -> None:
         """Watch a job that is not the launcher's child through a pidfd."""
@@ -315,58 +351,46 @@ class LocalScheduler(Scheduler):
             return
         asyncio.get_running_loop().add_reader(fd, self._ended_if_watched, slot)
 
-    def _ended_if_watched(self, slot: Slot) -> None:
-        if self.admission.slots.get(slot.task_id) is slot:
-            self._ended(slot, None)
+    def _ended_if_watched(self, slot: Slot, since: float | None = None) -> None:
+        """A watched job ended. While it is the zombie of a launcher (not of init), that launcher
+        may still write its exit-code file, which it does before it reaps the job: wait for that."""
+        if self.admission.slots.get(slot.task_id) is not slot:
+            return
+        loop = asyncio.get_running_loop()
+        since = loop.time() if since is None else since
+        if slot.pid is not None and proc.zombie_of_launcher(slot.pid, slot.started_at) \
+                and loop.time() - since < REAP_WAIT:
+            if slot.pidfd is not None:
+                loop.remove_reader(slot.pidfd)
+            loop.call_later(0.02, self._ended_if_watched, slot, since)
+            return
+        self._ended(slot, None)
 
-    def _ended(self, slot: Slot, wait_status: int | None, status: JobStatus | None = None) -> None:
+    def _ended(self, slot: Slot, wait_status: int | None, status: JobStatus | None = None,
+               code: int | None = None) -> None:
         """The job of `slot` is over: read its outcome, free what it held, report, start the next."""
         task_id = slot.task_id
         if slot.pidfd is not None:
             asyncio.get_running_loop().remove_reader(slot.pidfd)
             os.close(slot.pidfd)
             slot.pidfd = None
+        oom = self._give_back(slot)  # before the next start: that one may take the same group
         if status is None or slot.canceling:
             started = slot.status.started if slot.status is not None else None
-            status = lifecycle.final_status(slot.task, wait_status, self.cgroups, self.spool, canceled=slot.canceling,
-                                       started=started)
+            status = lifecycle.final_status(slot.task, wait_status, self.spool, oom=oom, code=code,
+                                            canceled=slot.canceling, started=started)
         self.admission.free(task_id)
         slot.launched.set()
         slot.ended.set()
         self._conclude(task_id, status)
         self._dispatch()
-        self._remove_cgroup(task_id)  # after the next start is on its way: it is not in the way of that
 
-    def _reconcile(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
-        """Adopt jobs this process does not know (a restart): what their spool and files say."""
-        answers: dict[str, JobStatus] = {}
-        self.spool.adopt([job.task_id for job in jobs], {job.task_id: job.task.memory or 0 for job in jobs})
-        for job in jobs:
-            task, task_id = job.task, job.task_id
-            record = self.spool.read_pid(task_id)
-            if self.spool.cancelled(task_id) or recorded_exit(task)[0] is not None:
-                status = lifecycle.final_status(task, None, self.cgroups, self.spool,
-                                           canceled=self.spool.cancelled(task_id) is not None)
-            elif record is not None and proc.alive(record.pid, record.started_at):
-                slot = self.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at))
-                slot.status = _running(record.pid, record.cpus, self.spool.pid_written(task_id))
-                slot.launched.set()
-                self._watch(slot)
-                answers[task_id] = slot.status
-                continue
-            elif record is not None:
-                status = lifecycle.final_status(task, None, self.cgroups, self.spool)
-            elif self.spool.script(task_id).exists():
-                self.admission.enqueue(task)
-                answers[task_id] = waiting(task)
-                continue
-            else:
-                status = JobStatus(TaskState.SYSTEM_ERROR, "the local scheduler has no job script for this task",
-                                   finished=lifecycle.now())
-            self._remove_cgroup(task_id)
-            self._remember(task_id, status)
-            answers[task_id] = status
-        return answers
+    def _give_back(self, slot: Slot) -> bool:
+        """Return the job's cgroup to the pool; whether the memory limit killed a process of it."""
+        lease, slot.lease = slot.lease, None
+        if lease is None or self.pool is None:
+            return False
+        return self.pool.finish(lease, slot.cpus) > 0
 
     def _conclude(self, task_id: str, status: JobStatus) -> None:
         self._remember(task_id, status)
@@ -381,21 +405,10 @@ class LocalScheduler(Scheduler):
         """Report a change, from the event loop, after whatever call is running now."""
         asyncio.get_running_loop().call_soon(self.report, task_id, status)
 
-    def _remove_cgroup(self, task_id: str) -> None:
-        if self.cgroups:
-            self.cgroups.remove(task_id)
-
-
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
-        pass
-
-
-def _running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatus:
-    return JobStatus(TaskState.RUNNING, f"running as pid {pid} on CPUs {lifecycle.cpu_list(cpus)}", started=started)
 
 
 def _not_started(why: str) -> JobStatus:

@@ -28,6 +28,33 @@ def alive(pid: int, started: int | None) -> bool:
     return started is None or int(fields[19]) == started
 
 
+def zombie_of_launcher(pid: int, started: int | None) -> bool:
+    """Whether `pid` (started at `started`) ended but is not reaped yet by the job launcher that
+    ran it, which records a direct job's exit status before it reaps it."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] != "Z" or (started is not None and int(fields[19]) != started):
+        return False
+    try:
+        command = Path(f"/proc/{fields[1]}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"launcher.py") for arg in command) and b"--serve" in command
+
+
+def group_under(pid: int, parent: str) -> str | None:
+    """The name of the cgroup right under `/parent/` that process `pid` is in (its memory group on
+    cgroup v1, its group on v2), or None."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (controllers == "" or "memory" in controllers.split(",")) and path.startswith(f"/{parent}/"):
+            return path[len(parent) + 2:].split("/")[0] or None
+    return None
+
+
 def pgid(pid: int) -> int | None:
     """The process group of `pid`, or None if there is no such process."""
     try:

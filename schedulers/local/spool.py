@@ -1,26 +1,36 @@
-"""The local scheduler's spool: one folder per task under the plugin's state folder, which is how a
-restarted gateway finds its jobs again.
+"""The local scheduler's spool: a few flat files per task in the plugin's state folder, which is
+how a restarted gateway finds its jobs again.
 
-- `job.sh`: the job script, written atomically at submit time;
-- `pid`: `PID START_TIME CPUS MEMORY` once the job runs (start time in clock ticks, against pid
-  reuse; CPUs comma-separated or `-`; memory in MiB);
-- `cancelled`: a cancel was asked (its mtime is when).
+- `<task>.job` (empty) or `<task>.sh` (a job script, written atomically): written at submit time,
+  before the job may start; a direct job (see launcher.py) needs no script, since a task still
+  queued after a restart comes back with its Task and is started again from it;
+- `<task>.pid`: `PID START_TIME CPUS MEMORY CGROUP OOM_BASE` once the job runs (start time in clock
+  ticks, against pid reuse; CPUs comma-separated or `-`; memory in MiB; the cgroup it runs in, or
+  `-`, and that group's OOM-kill counter when the job took it);
+- `<task>.cancelled`: a cancel was asked (its mtime is when).
+
+Older versions kept a folder per task (`<task>/job.sh`, `<task>/pid`, `<task>/cancelled`): it is
+still read, and removed with the task.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 from ..files import mtime
 from . import proc
 
 log = logging.getLogger(__name__)
 
-#: Every file the spool may hold for a task (older versions wrote launch.log).
-FILES = ("job.sh", "pid", "cancelled", "job.sh.part", "pid.part", "launch.log")
+#: The spool's files of a task, by suffix.
+SUFFIXES = (".job", ".sh", ".sh.part", ".pid", ".pid.part", ".cancelled")
+#: Every file an older version's task folder may hold.
+LEGACY_FILES = ("job.sh", "pid", "cancelled", "job.sh.part", "pid.part", "launch.log")
 
 
 @dataclass(frozen=True)
@@ -31,78 +41,114 @@ class PidRecord:
     started_at: int | None
     cpus: tuple[int, ...]
     memory: int
+    cgroup: str | None = None
+    oom_base: int = 0
 
 
 class Spool:
-    """The task folders under `root`."""
+    """The task files under `root`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = str(root) + "/"
 
-    def folder(self, task_id: str) -> Path:
-        """The task's own folder."""
-        return self.root / task_id
+    def _path(self, task_id: str, suffix: str) -> str:
+        return self._prefix + task_id + suffix
 
     def script(self, task_id: str) -> Path:
-        """The task's job script."""
+        """The task's job script (for a job that needs bash)."""
+        return Path(self._path(task_id, ".sh"))
+
+    def legacy_script(self, task_id: str) -> Path:
+        """The job script where older versions wrote it."""
         return self.root / task_id / "job.sh"
 
     def write_script(self, task_id: str, text: str) -> None:
         """Write the job script atomically (OSError if it cannot be written)."""
-        folder = self.folder(task_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / "job.sh.part"
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(folder / "job.sh")
+        partial = self._path(task_id, ".sh.part")
+        with open(partial, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(partial, self._path(task_id, ".sh"))
+
+    def write_marker(self, task_id: str) -> None:
+        """Say that a job for the task may start (one that needs no script; OSError on failure)."""
+        os.close(os.open(self._path(task_id, ".job"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+    def known(self, task_id: str) -> bool:
+        """Whether a job for the task was submitted here: it may have started."""
+        return (os.path.exists(self._path(task_id, ".job")) or os.path.exists(self._path(task_id, ".sh"))
+                or self.legacy_script(task_id).exists())
 
     def write_pid(self, task_id: str, record: PidRecord) -> None:
         """Record the running job's pid atomically."""
-        folder = self.folder(task_id)
-        partial = folder / "pid.part"
-        partial.write_text(f"{record.pid} {record.started_at} {','.join(map(str, record.cpus)) or '-'} "
-                           f"{record.memory}\n")
-        partial.replace(folder / "pid")
+        partial = self._path(task_id, ".pid.part")
+        with open(partial, "w", encoding="ascii") as f:
+            f.write(f"{record.pid} {record.started_at} {','.join(map(str, record.cpus)) or '-'} {record.memory} "
+                    f"{record.cgroup or '-'} {record.oom_base}\n")
+        os.replace(partial, self._path(task_id, ".pid"))
 
     def read_pid(self, task_id: str) -> PidRecord | None:
         """The pid file's record, or None if there is none (or it cannot be read)."""
-        try:
-            pid, started, cpus, memory = (self.folder(task_id) / "pid").read_text().split()
-            return PidRecord(int(pid), None if started == "None" else int(started),
-                             tuple(int(c) for c in cpus.split(",") if c.isdigit()), int(memory))
-        except (OSError, ValueError):
-            return None
+        for path in (self._path(task_id, ".pid"), self.root / task_id / "pid"):
+            try:
+                with open(path, encoding="ascii") as f:
+                    fields = f.read().split()
+            except OSError:
+                continue
+            try:
+                pid, started, cpus, memory = fields[:4]
+                cgroup, oom_base = fields[4:6] if len(fields) >= 6 else (task_id, "0")  # older: one group per task
+                return PidRecord(int(pid), None if started == "None" else int(started),
+                                 tuple(int(c) for c in cpus.split(",") if c.isdigit()), int(memory),
+                                 None if cgroup == "-" else cgroup, int(oom_base))
+            except ValueError:
+                return None
+        return None
+
+    def has_pid(self, task_id: str) -> bool:
+        return os.path.exists(self._path(task_id, ".pid")) or (self.root / task_id / "pid").exists()
 
     def pid_written(self, task_id: str) -> datetime | None:
         """When the pid file was written: when the job started."""
-        return mtime(self.folder(task_id) / "pid")
+        return mtime(self._path(task_id, ".pid")) or mtime(self.root / task_id / "pid")
 
     def mark_cancelled(self, task_id: str) -> None:
         """Remember that a cancel was asked, for a gateway that restarts before it is recorded."""
-        folder = self.folder(task_id)
-        if folder.is_dir():
-            (folder / "cancelled").touch()
+        if self.known(task_id):
+            Path(self._path(task_id, ".cancelled")).touch()
 
     def cancelled(self, task_id: str) -> datetime | None:
         """When a cancel was asked, or None."""
-        return mtime(self.folder(task_id) / "cancelled")
+        return mtime(self._path(task_id, ".cancelled")) or mtime(self.root / task_id / "cancelled")
 
     def remove(self, task_id: str) -> None:
-        """Remove the task's folder and what the spool put in it."""
-        folder = self.folder(task_id)
-        for name in FILES:
-            (folder / name).unlink(missing_ok=True)
+        """Remove what the spool holds for the task."""
+        for suffix in SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(task_id, suffix))
+        folder = self.root / task_id
         if folder.is_dir():
+            for name in LEGACY_FILES:
+                (folder / name).unlink(missing_ok=True)
             folder.rmdir()
 
-    def adopt(self, task_ids: Sequence[str], memory: dict[str, int]) -> None:
+    def adopt(self, task_ids: Sequence[str], memory: dict[str, int], cgroup: Callable[[int], str | None],
+              oom_kills: Callable[[str], int]) -> None:
         """Jobs started just before a crash, whose pid was never recorded: found by the task id in
-        their environment (one scan of /proc), their pid files written. `memory` gives each task's
-        MiB."""
-        lost = [task_id for task_id in task_ids
-                if self.script(task_id).exists() and not (self.folder(task_id) / "pid").exists()]
+        their environment (one scan of /proc), their pid files written with the CPUs they are
+        pinned to, their cgroup (`cgroup(pid)`) and its OOM-kill counter now (`oom_kills`).
+        `memory` gives each task's MiB."""
+        lost = [task_id for task_id in task_ids if self.known(task_id) and not self.has_pid(task_id)]
         running = proc.by_task() if lost else {}
         for task_id in lost:
             leaders = sorted(pid for pid in running.get(task_id, ()) if pid == proc.pgid(pid))
             if leaders:
-                log.warning("task %s: found its job running as pid %d", task_id, leaders[0])
-                self.write_pid(task_id, PidRecord(leaders[0], proc.start_time(leaders[0]), (), memory.get(task_id, 0)))
+                pid = leaders[0]
+                log.warning("task %s: found its job running as pid %d", task_id, pid)
+                try:
+                    cpus = tuple(sorted(os.sched_getaffinity(pid)))
+                except OSError:
+                    cpus = ()
+                group = cgroup(pid)
+                self.write_pid(task_id, PidRecord(pid, proc.start_time(pid), cpus, memory.get(task_id, 0), group,
+                                                  oom_kills(group) if group else 0))
