@@ -75,9 +75,7 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
     """Make the task's folder, record the task, hand it to its scheduler (or keep nothing)."""
     store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
     try:
-        # file-system calls are slow on some disks: off the event loop, like the store's writes
-        await asyncio.get_running_loop().run_in_executor(None, _make_folder, task, files or {},
-                                                         scheduler.job_account(task))
+        _make_folder(task, files or {}, scheduler.job_account(task))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
