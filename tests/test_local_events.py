@@ -77,7 +77,7 @@ async def test_queued_tasks_start_one_after_another_as_each_ends(local: Factory,
     await _ended(reports, *jobs)
     assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
     for before, after in zip(jobs, jobs[1:]):
-        assert reports.of(after.task_id)[0].description == "waiting for 1 free cores and 0 MiB"
+        assert reports.of(after.task_id)[0].description.startswith("waiting for 1 core, 0 free, and 0 MiB, ")
         assert reports.position(before.task_id, TaskState.COMPLETE) < reports.position(after.task_id, TaskState.RUNNING)
 
 
@@ -89,7 +89,7 @@ async def test_a_smaller_task_that_fits_starts_first(local: Factory, tmp_path: P
     small = await _submit(scheduler, make_task(tmp_path, cmd="true", cores=1))
     await _ended(reports, small)
     assert reports.latest[big.task_id].state == TaskState.QUEUED
-    assert reports.latest[big.task_id].description == "waiting for 2 free cores and 0 MiB"
+    assert reports.latest[big.task_id].description.startswith("waiting for 2 cores, 1 free, and 0 MiB, ")
     flag.touch()
     await _ended(reports, holder, big)
     assert reports.latest[big.task_id].state == TaskState.COMPLETE
@@ -173,7 +173,9 @@ async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_pa
     second, reports = await local(cores=1)
     answers = await second.status([running, queued, done])
     assert answers[running.task_id].state == TaskState.RUNNING
-    assert answers[queued.task_id] == JobStatus(TaskState.QUEUED, "waiting for 1 free cores and 0 MiB")
+    assert answers[queued.task_id].state == TaskState.QUEUED
+    assert answers[queued.task_id].description.startswith("waiting for 1 core, 0 free, and 0 MiB, ")
+    assert answers[queued.task_id].description.endswith("MiB free; 1 queued")
     assert answers[done.task_id].state == TaskState.CANCELED
     assert second.launcher.pid is not None and pid not in (second.launcher.pid,)
     flag.touch()
@@ -187,3 +189,17 @@ async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_pa
     again = await second.status([running, queued, done])
     assert {i: s.state for i, s in again.items()} == {
         running.task_id: TaskState.EXECUTOR_ERROR, queued.task_id: TaskState.COMPLETE, done.task_id: TaskState.CANCELED}
+
+
+def test_a_queued_task_says_what_it_waits_for() -> None:
+    from schedulers.base import Task
+    from schedulers.local.admission import Admission
+
+    admission = Admission((0, 1), 1000)
+    holder = Task(id="h", user="u", workdir="/w/h", stdout="/o", stderr="/e", cores=1, memory=200)
+    big = Task(id="b", user="u", workdir="/w/b", stdout="/o", stderr="/e", cores=2, memory=100)
+    assert admission.take(holder) is not None
+    admission.enqueue(big)
+    assert admission.take(big) is None
+    assert admission.waiting(big) == JobStatus(TaskState.QUEUED,
+                                               "waiting for 2 cores, 1 free, and 100 MiB, 800 MiB free; 1 queued")

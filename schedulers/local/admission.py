@@ -37,11 +37,6 @@ class Slot:
         return self.task.id
 
 
-def waiting(task: Task) -> JobStatus:
-    """The status of a task that waits for its cores and memory."""
-    return JobStatus(TaskState.QUEUED, f"waiting for {task.cores or 1} free cores and {task.memory or 0} MiB")
-
-
 class Admission:
     """The queue and the slots, against a pool of CPUs and a memory budget (MiB)."""
 
@@ -52,6 +47,13 @@ class Admission:
         self.slots: dict[str, Slot] = {}
         self._free = list(cpu_pool)
         self._used_memory = 0
+
+    def waiting(self, task: Task) -> JobStatus:
+        """The status of a queued task: what it waits for, and what is free as it is said."""
+        cores, memory = task.cores or 1, task.memory or 0
+        return JobStatus(TaskState.QUEUED, f"waiting for {cores} {'core' if cores == 1 else 'cores'}, "
+                                           f"{len(self._free)} free, and {memory} MiB, "
+                                           f"{self.memory - self._used_memory} MiB free; {len(self.queue)} queued")
 
     def enqueue(self, task: Task, front: bool = False) -> None:
         """Add `task` at the end of the queue (or, when it lost its place, at the front)."""

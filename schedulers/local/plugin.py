@@ -46,7 +46,7 @@ from ..base import (
 from ..files import recorded_exit
 from ..units import mib_to_bytes
 from . import cgroups, launch, lifecycle, proc, recovery
-from .admission import Admission, Slot, waiting
+from .admission import Admission, Slot
 from .cgpool import CgroupPool, prefix_for
 from .client import LauncherClient
 from .spool import PidRecord, Spool
@@ -160,7 +160,7 @@ class LocalScheduler(Scheduler):
         self.admission.enqueue(task)
         self._dispatch()
         if task.id in self.admission.queue:
-            self._emit(task.id, waiting(task))
+            self._emit(task.id, self.admission.waiting(task))
         return task.id
 
     async def find(self, task: Task) -> str | None:
@@ -174,7 +174,7 @@ class LocalScheduler(Scheduler):
         for job in jobs:
             task_id = job.task_id
             if task_id in self.admission.queue:
-                answers[task_id] = waiting(job.task)
+                answers[task_id] = self.admission.waiting(job.task)
             elif task_id in self.admission.slots:
                 status = self.admission.slots[task_id].status
                 if status is not None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..base import JobRef, JobStatus, TaskState
 from ..files import recorded_exit
 from . import cgroups, lifecycle, proc
-from .admission import Slot, waiting
+from .admission import Slot
 from .spool import PidRecord
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def reconcile(plugin: LocalScheduler, jobs: Sequence[JobRef]) -> dict[str, JobSt
             status = lifecycle.final_status(task, None, plugin.spool, oom=oom(plugin, record))
         elif plugin.spool.known(task_id):
             plugin.admission.enqueue(task)
-            answers[task_id] = waiting(task)
+            answers[task_id] = plugin.admission.waiting(task)
             continue
         else:
             status = JobStatus(TaskState.SYSTEM_ERROR, "the local scheduler has no job script for this task",
