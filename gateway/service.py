@@ -56,8 +56,9 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
             target = Path(task.workdir) / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content.encode() if isinstance(content, str) else content)
-        if scheduler.run_as_user:
-            _give_to(task.user, Path(task.workdir))
+        account = scheduler.job_account(task)
+        if account:
+            _give_to(account, Path(task.workdir))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from .conftest import IN_CI, Gateway
+from .conftest import IN_CI, Gateway, writable_by_jobs
 
 tes = pytest.importorskip("tes", reason="py-tes is a test dependency: pip install -e '.[test]'")
 # py-tes 0.4 passes user=None/password=None to requests when it has no credentials
@@ -44,12 +44,17 @@ def need(*tools: str) -> None:
         pytest.skip(reason)
 
 
-def start(gateway_factory: Callable[..., Gateway], tes_table: str) -> Gateway:
+def start(gateway_factory: Callable[..., Gateway], tes_table: str, sections: str = "") -> Gateway:
+    """A gateway with auth off: run as root, its jobs run as nobody. file:// outputs may go anywhere
+    the job's account may write."""
     need("bwrap")
     config = f"""
 [scheduler]
 type = "local"
 poll_interval = 0.2
+[paths]
+roots = ["/"]
+{sections}
 [tes]
 {tes_table}
 """
@@ -62,11 +67,12 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
     short, long = tes.HTTPClient(gateway.url, timeout=30), tes.HTTPClient(f"{gateway.url}/ga4gh/tes", timeout=30)
     info = short.get_service_info()
     assert info.name == "JobProxy" and info.storage == ["file:///"]
+    results = writable_by_jobs(tmp_path / "results")
 
     task = tes.Task(
         name="py-tes demo", tags={"suite": "py-tes"},
         inputs=[tes.Input(path="/tmp/in.txt", content="hello from py-tes\n")],
-        outputs=[tes.Output(url=f"file://{tmp_path}/copy.txt", path="/tmp/out/copy.txt")],
+        outputs=[tes.Output(url=f"file://{results}/copy.txt", path="/tmp/out/copy.txt")],
         resources=tes.Resources(cpu_cores=1, ram_gb=0.5),
         executors=[tes.Executor(image="ubuntu:22.04", command=["/bin/sh", "-c", "cat /tmp/in.txt; cp /tmp/in.txt /tmp/out/copy.txt"]),
                    tes.Executor(image="ubuntu:22.04", command=["/bin/sh", "-c", "echo failing >&2; exit 7"])])
@@ -76,7 +82,7 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
     assert [log.exit_code for log in full.logs[0].logs] == [0, 7]
     assert full.logs[0].logs[0].stdout == "hello from py-tes\n" and full.logs[0].logs[1].stderr == "failing\n"
     assert full.inputs[0].content == "hello from py-tes\n" and full.tags == {"suite": "py-tes", "user": "anonymous"}
-    assert full.logs[0].outputs[0].size_bytes == 18 and (tmp_path / "copy.txt").read_text() == "hello from py-tes\n"
+    assert full.logs[0].outputs[0].size_bytes == 18 and (results / "copy.txt").read_text() == "hello from py-tes\n"
     basic = short.get_task(task_id, view="BASIC")
     assert basic.inputs[0].content is None and basic.logs[0].logs[1].stdout is None and basic.name == "py-tes demo"
     minimal = short.get_task(task_id, view="MINIMAL")
@@ -138,7 +144,10 @@ def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: P
     storage = tmp_path / "storage"  # the shared folder: the nodes see it at the same path
     (storage / "data").mkdir(parents=True)
     (storage / "data" / "in.txt").write_text("input\n")
-    gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\nhost_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}"]')
+    # The jobs run Snakemake from this virtualenv, whose interpreter may live where nobody cannot
+    # reach it (e.g. pyenv under /root): this site runs its jobs as root, explicitly.
+    gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\n'
+                    f'host_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}"]', "[run_as]\nallow_root_jobs = true")
     project = tmp_path / "project"
     project.mkdir()
     (project / "Snakefile").write_text(SNAKEFILE)

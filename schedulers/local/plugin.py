@@ -227,10 +227,11 @@ class LocalScheduler(Scheduler):
         if task.cputime:
             how.append(f"RLIMIT_CPU {task.cputime} s")
         env = dict(os.environ)
-        if self.run_as_user:
-            argv += ["--user", task.user]
-            how.append(f"as user {task.user}")
-            env = _clean_environment(task.user)
+        account = self.job_account(task)
+        if account:
+            argv += ["--user", account]
+            how.append(f"as user {account}")
+            env = _clean_environment(account)
         env["JOBPROXY_TASK_ID"] = task.id
         argv += ["--stdout", task.stdout, "--stderr", task.stderr, "--script", str(spool / "job.sh")]
         with open(spool / "launch.log", "wb") as launch_log:
