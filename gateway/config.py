@@ -40,6 +40,7 @@ class Config:
     allow_remote_without_auth: bool = False
     http: bool = True
     https: dict[str, Any] | None = None
+    socket: Path | None = None
     umask: int = 0o077
     limits: dict[str, int] = field(default_factory=dict)
     run_as: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +92,7 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
         "allow_remote_without_auth": gateway.get("allow_remote_without_auth", False),
         "http": gateway.get("http", True),
         "https": _https(gateway.get("https"), base),
+        "socket": base / gateway["socket"] if "socket" in gateway else None,
         "umask": int(gateway.get("umask", "077"), 8),
         "limits": document.get("limits", {}),
         "run_as": document.get("run_as", {}),
@@ -108,8 +110,8 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
         raise ConfigError(f"{source}: $.gateway.page_size ({values['page_size']}) exceeds max_page_size ({values['max_page_size']})")
     if values["run_as"].get("enabled") and os.geteuid() != 0:
         raise ConfigError(f"{source}: $.run_as.enabled: running jobs as their users needs the gateway to run as root")
-    if not values["http"] and not values["https"]:
-        raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] must be configured")
+    if not values["http"] and not values["https"] and not values["socket"]:
+        raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] or socket must be configured")
     _check_tes(values["tes"], values["container"], source)
     return Config(**values)
 
