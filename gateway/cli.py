@@ -75,30 +75,32 @@ def unix_socket(path: Path, source: str) -> socket.socket:
 
 
 async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SSLContext | None) -> None:
-    """Serve HTTP and/or HTTPS and/or the Unix socket side by side until SIGTERM or SIGINT."""
+    """Serve HTTP and/or HTTPS and/or the Unix socket side by side until SIGTERM or SIGINT. The
+    socket is taken first, so a second gateway on the same socket stops before it touches anything."""
+    listener = unix_socket(Path(cfg.socket), cfg.source) if cfg.socket is not None else None
     runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    listener: socket.socket | None = None
     try:
-        sites: list[tuple[web.BaseSite, str]] = []
-        if cfg.http:
-            sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1"))
-        if cfg.https and context:
-            port = int(cfg.https["port"])
-            sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context), f"https://{cfg.host}:{port}/v1"))
-        if cfg.socket is not None:
-            listener = unix_socket(Path(cfg.socket), cfg.source)
-            sites.append((web.SockSite(runner, listener), f"unix:{cfg.socket} (base path /v1)"))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        for site, url in sites:
-            await site.start()
-            print(f"JobProxy serving on {url}", flush=True)
-        await stop.wait()
+        await runner.setup()
+        try:
+            sites: list[tuple[web.BaseSite, str]] = []
+            if cfg.http:
+                sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1"))
+            if cfg.https and context:
+                port = int(cfg.https["port"])
+                sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context), f"https://{cfg.host}:{port}/v1"))
+            if listener is not None:
+                sites.append((web.SockSite(runner, listener), f"unix:{cfg.socket} (base path /v1)"))
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            for site, url in sites:
+                await site.start()
+                print(f"JobProxy serving on {url}", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
         if listener is not None:  # the socket file is this gateway's: leave no stale one behind
             listener.close()
             Path(cfg.socket or "").unlink(missing_ok=True)
