@@ -16,7 +16,7 @@ from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth
+from . import auth, policy
 from . import config as configuration
 from .app import create_app
 
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = configuration.load(args.config, host=args.host, port=args.port,
                                  socket=Path(args.socket).absolute() if args.socket else None)
         logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.config is None:  # the embedded default must just work, also as root from under /root
+            cfg = policy.first_run_task_root(cfg)
         os.umask(cfg.umask)
         context = tls_context(cfg.https, cfg.source) if cfg.https else None
         app = create_app(cfg)

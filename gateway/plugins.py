@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from schedulers.base import Scheduler, SchedulerConfigError
-from schedulers.containers import ContainerRuntime
+from schedulers.containers import ContainerRuntime, DockerRuntime
 
 from . import policy
 from .config import Config, ConfigError
@@ -53,36 +53,29 @@ def create_scheduler(config: Config) -> Scheduler:
     if run_as_user and not cls.supports_run_as:
         raise ConfigError(f"{config.source}: $.run_as.enabled: the {config.scheduler} scheduler cannot run "
                           "jobs as their users; turn run_as off or choose another scheduler")
-    account, named = policy.job_account(config)
-    if account is not None:
-        _check_account(config, cls, account, named)
     runtime = None
     if config.container is not None:
         runtime_class = plugin_class(CONTAINERS, config.container["runtime"], ContainerRuntime,
                                      f"{config.source}: $.scheduler.container.runtime")
         runtime = runtime_class(_checked_options(runtime_class.options_schema, config.container,
                                                  "$.scheduler.container", config.source))
-    try:
-        return cls(config.scheduler, options, Path(config.state_dir) / "schedulers" / config.scheduler,
-                   runtime=runtime, run_as_user=run_as_user, account=account)
-    except SchedulerConfigError as exc:
-        raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None
-
-
-def _check_account(config: Config, cls: type[Scheduler], account: str, named: bool) -> None:
-    """Refuse to start what cannot run jobs as the fixed `account`: a scheduler that cannot run
-    jobs as another account, and (for the implicit `nobody`) a container runtime, which that
-    account cannot use."""
+    account, named = policy.job_account(config)
     why = (f"$.run_as.account: jobs run as {account!r}" if named else
            f"$.run_as: a gateway running as root with auth off runs its jobs as {account!r}, never as root")
-    if not cls.supports_run_as:
+    if account is not None and not cls.supports_run_as:
         fix = ("remove [run_as] account, or choose another scheduler" if named else
                "turn auth on ([auth] enabled = true), set [run_as] allow_root_jobs = true to run jobs as root, "
                "or run the gateway as an unprivileged user")
         raise ConfigError(f"{config.source}: {why}, but the {config.scheduler} scheduler cannot run jobs as another "
                           f"account: {fix}")
-    if config.container is not None and not named:
+    if account is not None and not named and isinstance(runtime, DockerRuntime):
+        # an engine's socket is root's (or its group's); Singularity and Apptainer run as any user
         raise ConfigError(f"{config.source}: {why}, and {account!r} cannot use the container runtime "
                           f"({config.container['runtime']}): name an account that may ([run_as] account = \"...\", "
                           "e.g. a member of the docker group), run jobs as their users ([run_as] enabled = true), "
                           "or set [run_as] allow_root_jobs = true")
+    try:
+        return cls(config.scheduler, options, Path(config.state_dir) / "schedulers" / config.scheduler,
+                   runtime=runtime, run_as_user=run_as_user, account=account)
+    except SchedulerConfigError as exc:
+        raise ConfigError(f"{config.source}: scheduler {config.scheduler!r}: {exc}") from None

@@ -9,6 +9,8 @@ task root unless `[paths] roots` says otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import pwd
 import stat
@@ -21,6 +23,7 @@ from schedulers.base import Task, path_within
 from .responses import ApiError
 
 UNITS = {"cores": "cores", "memory": "MiB", "cputime": "CPU seconds"}
+log = logging.getLogger(__name__)
 
 
 def _refuse(status: int, path: str, message: str) -> ApiError:
@@ -80,15 +83,20 @@ def job_account(config: Config) -> tuple[str | None, bool]:
     return account, named is not None
 
 
-def check_reachable(account: str, folder: Path, source: str) -> None:
-    """A ConfigError unless `account` can pass through every folder down to `folder` and into it:
-    asked of the kernel, by a short process running as that account (ACLs count)."""
+def can_reach(account: str, folder: Path) -> bool:
+    """Whether `account` can pass through every folder down to `folder` and into it: asked of the
+    kernel, by a short process running as that account (ACLs count)."""
     entry = pwd.getpwnam(account)
     probe = ["/bin/sh", "-c", 'test -d "$1" && test -x "$1"', "sh", str(folder)]
     groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
     result = subprocess.run(probe, user=entry.pw_uid, group=entry.pw_gid, extra_groups=groups, cwd="/",
                             env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=30)
-    if result.returncode == 0:
+    return result.returncode == 0
+
+
+def check_reachable(account: str, folder: Path, source: str) -> None:
+    """A ConfigError unless `account` can reach `folder` (`can_reach`), naming the closed folder."""
+    if can_reach(account, folder):
         return
     closed = next((str(p) for p in [*reversed(folder.parents), folder]
                    if p.is_dir() and not os.stat(p).st_mode & stat.S_IXOTH), str(folder))
@@ -96,6 +104,31 @@ def check_reachable(account: str, folder: Path, source: str) -> None:
         f"{source}: jobs run as {account!r}, who cannot reach the task folders in {folder} ({closed} is closed to "
         f"it): set [gateway] state_dir (or task_root) to a folder every user may pass through, e.g. "
         f"/var/lib/jobproxy, or start the gateway from such a folder")
+
+
+#: Where the embedded default keeps its task folders when their account cannot reach ./jobproxy-state.
+FIRST_RUN_TASK_ROOT = Path("/var/lib/jobproxy/default-tasks")
+
+
+def first_run_task_root(config: Config) -> Config:
+    """The embedded default (no config file) started as root from a folder its jobs' account
+    cannot pass through (e.g. a clone under /root): its task folders move to FIRST_RUN_TASK_ROOT,
+    so that the first run just works, with a warning saying so. Anything else: `config` as it is."""
+    account, _ = job_account(config)
+    if account is None:
+        return config
+    above = Path(config.state_dir).resolve().parent
+    while not above.exists():
+        above = above.parent
+    if can_reach(account, above):
+        return config
+    for folder in (*reversed(FIRST_RUN_TASK_ROOT.parents), FIRST_RUN_TASK_ROOT):
+        if not folder.exists():
+            folder.mkdir(mode=0o711)
+            folder.chmod(0o711)
+    log.warning("jobs run as %s, who cannot reach %s: task folders are in %s instead (set [gateway] state_dir "
+                "in a config file to choose)", account, above, FIRST_RUN_TASK_ROOT)
+    return dataclasses.replace(config, task_root=FIRST_RUN_TASK_ROOT)
 
 
 def check_limits(config: Config, task: Task) -> None:

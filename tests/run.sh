@@ -20,11 +20,14 @@ log "installing JobProxy and its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 # Tools the tests use: bubblewrap (the Apptainer stand-in, TES host executors), busybox (their root
-# file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates).
+# file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates), curl
+# (local users calling the gateway over TCP and its Unix socket).
 if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] \
-        && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl; } >/dev/null; then
-    log "installing bubblewrap, busybox-static, rsync and openssl"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync openssl >/dev/null
+        && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl \
+               && command -v curl; } >/dev/null; then
+    log "installing bubblewrap, busybox-static, rsync, openssl and curl"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync openssl \
+        curl >/dev/null
 fi
 
 started=()

@@ -277,6 +277,21 @@ def test_no_value_changes_the_script_structure(tmp_path: Path, argv: list[str], 
 NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
 
 
+@pytest.fixture(scope="module")
+def callers() -> Iterator[list[str]]:
+    """Two real unprivileged Unix users, created for these tests and removed after (names of their
+    own: other test sessions on the machine create and remove jp-test-alice and jp-test-bob)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating Unix users and switching to them needs root")
+    names = ["jp-sec-mallory", "jp-sec-trent"]
+    for uid, name in enumerate(names, start=40300):
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+        subprocess.run(["useradd", "--create-home", "--uid", str(uid), name], check=True)
+    yield names
+    for name in names:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
 def _need_root_and_curl() -> None:
     if os.geteuid() != 0:
         pytest.skip("a gateway running as root, and callers switching to other users, need root")
@@ -314,14 +329,14 @@ def no_new_file() -> Iterator[Path]:
     path.unlink(missing_ok=True)
 
 
-def test_over_tcp_without_auth_jobs_run_as_nobody(gateway_factory: Callable[..., Gateway], unix_users: list[str],
+def test_over_tcp_without_auth_jobs_run_as_nobody(gateway_factory: Callable[..., Gateway], callers: list[str],
                                                   no_new_file: Path) -> None:
     """The embedded default (no config at all), as root: a local user's job runs as nobody, and an
     output path outside the task root is refused before anything runs."""
     _need_root_and_curl()
     assert NOBODY is not None
     gateway = gateway_factory(None).start()
-    mallory = unix_users[0]
+    mallory = callers[0]
     status, body = submit_as(mallory, {"user": "x", "cmd": "id; touch /etc/new-file"}, gateway.url)
     assert status == 200, body
     state = gateway.wait(body["id"])
@@ -335,23 +350,23 @@ def test_over_tcp_without_auth_jobs_run_as_nobody(gateway_factory: Callable[...,
     assert not no_new_file.exists()
 
 
-def test_allow_root_jobs_opts_in_to_root(gateway_factory: Callable[..., Gateway], unix_users: list[str],
+def test_allow_root_jobs_opts_in_to_root(gateway_factory: Callable[..., Gateway], callers: list[str],
                                          no_new_file: Path) -> None:
     _need_root_and_curl()
     gateway = gateway_factory("[run_as]\nallow_root_jobs = true\n").start()
-    status, body = submit_as(unix_users[0], {"user": "x", "cmd": "id -u"}, gateway.url)
+    status, body = submit_as(callers[0], {"user": "x", "cmd": "id -u"}, gateway.url)
     assert status == 200, body
     state = gateway.wait(body["id"])
     assert state["code"] == "COMPLETE" and Path(state["stdout"]).read_text() == "0\n"
-    status, body = submit_as(unix_users[0], {"user": "x", "cmd": "id", "stdout": str(no_new_file)}, gateway.url)
+    status, body = submit_as(callers[0], {"user": "x", "cmd": "id", "stdout": str(no_new_file)}, gateway.url)
     assert status == 400 and body["details"][0]["path"] == "$.stdout", body  # still confined without auth
     assert not no_new_file.exists()
 
 
-def test_an_account_the_admin_names(gateway_factory: Callable[..., Gateway], unix_users: list[str],
+def test_an_account_the_admin_names(gateway_factory: Callable[..., Gateway], callers: list[str],
                                     tmp_path: Path) -> None:
     _need_root_and_curl()
-    account = pwd.getpwnam(unix_users[1])
+    account = pwd.getpwnam(callers[1])
     gateway = gateway_factory(f'[run_as]\naccount = "{account.pw_name}"\n[paths]\nroots = ["{tmp_path}"]\n').start()
     task_id = gateway.submit({"user": "x", "cmd": "id -un; echo $HOME; env | wc -l"})
     state = gateway.wait(task_id)
@@ -373,10 +388,10 @@ def test_unreachable_task_root_stops_the_start(gateway_factory: Callable[..., Ga
         gateway.start()
 
 
-def test_unix_socket_callers_are_who_the_kernel_says(gateway_factory: Callable[..., Gateway], unix_users: list[str],
+def test_unix_socket_callers_are_who_the_kernel_says(gateway_factory: Callable[..., Gateway], callers: list[str],
                                                      tmp_path: Path) -> None:
     _need_root_and_curl()
-    alice, bob = unix_users
+    alice, bob = callers
     path = tmp_path / "run" / "jobproxy.sock"
     gateway = gateway_factory(f'[gateway]\nsocket = "{path}"\n[scheduler]\npoll_interval = 0.2\n'
                               '[tes]\nimages = [{ match = "*", run = "host" }]\n').start()
@@ -465,14 +480,14 @@ def test_schedulers_that_cannot_run_jobs_as_another_account_refuse_to_start(tmp_
         create_scheduler(configuration.from_document({**document, "run_as": {"account": "nobody"}}, tmp_path, "t"))
 
 
-def test_containers_under_nobody_need_an_explicit_choice(tmp_path: Path, unix_users: list[str]) -> None:
+def test_containers_under_nobody_need_an_explicit_choice(tmp_path: Path, callers: list[str]) -> None:
     if os.geteuid() != 0:
         pytest.skip("jobs run as nobody only for a gateway running as root")
     document: dict[str, Any] = {"scheduler": {"type": "local", "container": {"runtime": "docker"}}}
     with pytest.raises(configuration.ConfigError, match=r"'nobody' cannot use the container runtime \(docker\): "
                        r"name an account that may"):
         create_scheduler(configuration.from_document(document, tmp_path, "t"))
-    for choice, account in (({"allow_root_jobs": True}, None), ({"account": unix_users[0]}, unix_users[0])):
+    for choice, account in (({"allow_root_jobs": True}, None), ({"account": callers[0]}, callers[0])):
         scheduler = create_scheduler(configuration.from_document({**document, "run_as": choice}, tmp_path, "t"))
         assert scheduler.account == account
 
