@@ -514,3 +514,29 @@ def test_who_jobs_run_as(tmp_path: Path) -> None:
     assert policy.confinement_roots(config()) == (str((tmp_path / "jobproxy-state" / "tasks").resolve()),)
     assert policy.confinement_roots(config(paths={"roots": ["/scratch/{user}"]})) == ("/scratch/{user}",)
     assert policy.confinement_roots(config(auth={"enabled": True})) is None
+
+
+def test_the_embedded_default_as_root_from_a_closed_folder_just_works(tmp_path: Path) -> None:
+    """`jobproxy serve` without a config file, as root, from a folder nobody cannot pass (e.g. a
+    clone under /root): it starts, and its jobs run as nobody in task folders it can reach."""
+    if os.geteuid() != 0:
+        pytest.skip("jobs run as nobody only for a gateway running as root")
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0o700)
+    made = [p for p in (policy.FIRST_RUN_TASK_ROOT.parent, policy.FIRST_RUN_TASK_ROOT) if not p.exists()]
+    gateway = Gateway(closed, None)
+    try:
+        gateway.start()
+        task_id = gateway.submit({"user": "x", "cmd": "id -un"})
+        state = gateway.wait(task_id)
+        assert state["code"] == "COMPLETE" and state["stdout"] == f"{policy.FIRST_RUN_TASK_ROOT}/{task_id}/stdout"
+        assert Path(state["stdout"]).read_text() == "nobody\n"
+        assert f"task folders are in {policy.FIRST_RUN_TASK_ROOT} instead" in gateway.log.read_text()
+        assert (closed / "jobproxy-state" / "jobproxy.db").exists()  # the store stays where it was
+        assert gateway.request("DELETE", f"/v1/jobproxy/delete/{task_id}")[0] == 204
+        assert not Path(state["stdout"]).parent.exists()
+    finally:
+        gateway.stop()
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
