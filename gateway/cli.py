@@ -87,7 +87,8 @@ async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SS
                 sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1"))
             if cfg.https and context:
                 port = int(cfg.https["port"])
-                sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context), f"https://{cfg.host}:{port}/v1"))
+                sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context),
+                              f"https://{cfg.host}:{port}/v1"))
             if listener is not None:
                 sites.append((web.SockSite(runner, listener), f"unix:{cfg.socket} (base path /v1)"))
             stop = asyncio.Event()

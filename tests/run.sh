@@ -26,8 +26,8 @@ if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] \
         && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl \
                && command -v curl; } >/dev/null; then
     log "installing bubblewrap, busybox-static, rsync, openssl and curl"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync openssl \
-        curl >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync \
+        openssl curl >/dev/null
 fi
 
 started=()

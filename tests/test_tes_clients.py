@@ -147,7 +147,8 @@ def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: P
     # The jobs run Snakemake from this virtualenv, whose interpreter may live where nobody cannot
     # reach it (e.g. pyenv under /root): this site runs its jobs as root, explicitly.
     gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\n'
-                    f'host_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}"]', "[run_as]\nallow_root_jobs = true")
+                    f'host_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}"]',
+                    "[run_as]\nallow_root_jobs = true")
     project = tmp_path / "project"
     project.mkdir()
     (project / "Snakefile").write_text(SNAKEFILE)
