@@ -71,7 +71,7 @@ def create_scheduler(config: Config) -> Scheduler:
     if account is not None and not named and isinstance(runtime, DockerRuntime):
         # an engine's socket is root's (or its group's); Singularity and Apptainer run as any user
         raise ConfigError(f"{config.source}: {why}, and {account!r} cannot use the container runtime "
-                          f"({config.container['runtime']}): name an account that may ([run_as] account = \"...\", "
+                          f"({type(runtime).name}): name an account that may ([run_as] account = \"...\", "
                           "e.g. a member of the docker group), run jobs as their users ([run_as] enabled = true), "
                           "or set [run_as] allow_root_jobs = true")
     try:

@@ -89,7 +89,7 @@ def can_reach(account: str, folder: Path) -> bool:
     entry = pwd.getpwnam(account)
     probe = ["/bin/sh", "-c", 'test -d "$1" && test -x "$1"', "sh", str(folder)]
     groups = os.getgrouplist(entry.pw_name, entry.pw_gid)
-    result = subprocess.run(probe, user=entry.pw_uid, group=entry.pw_gid, extra_groups=groups, cwd="/",
+    result = subprocess.run(probe, check=False, user=entry.pw_uid, group=entry.pw_gid, extra_groups=groups, cwd="/",
                             env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=30)
     return result.returncode == 0
 

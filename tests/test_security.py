@@ -305,7 +305,7 @@ def _need_root_and_curl() -> None:
 def curl_as(user: str, *args: str) -> tuple[int, Any]:
     """Run curl as `user` (`runuser -u USER --`); answer the status and the body (JSON if it is)."""
     done = subprocess.run(["runuser", "-u", user, "--", "curl", "-sS", "-w", "\n%{http_code}", *args],
-                          capture_output=True, text=True, timeout=60, cwd="/")
+                          check=False, capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
     body, _, status = done.stdout.rpartition("\n")
     try:
@@ -540,3 +540,18 @@ def test_the_embedded_default_as_root_from_a_closed_folder_just_works(tmp_path: 
         gateway.stop()
         for folder in reversed(made):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_with_auth_on_the_socket_needs_no_token_but_tcp_does(gateway_factory: Callable[..., Gateway],
+                                                            callers: list[str], tmp_path: Path) -> None:
+    _need_root_and_curl()
+    path = tmp_path / "jobproxy.sock"
+    gateway = gateway_factory(f'[gateway]\nsocket = "{path}"\n[auth]\nenabled = true\n'
+                              '[scheduler]\npoll_interval = 0.2\n').start()
+    mallory = callers[0]
+    status, body = submit_as(mallory, {"user": mallory, "cmd": "id -un"}, "--unix-socket", str(path), "http://localhost")
+    assert status == 200, body
+    status, state = curl_as(mallory, "--unix-socket", str(path), f"http://localhost/v1/jobproxy/state/{body['id']}")
+    assert status == 200 and state["user"] == mallory
+    status, body = submit_as(mallory, {"user": mallory, "cmd": "id"}, gateway.url)
+    assert status == 401, body
