@@ -71,6 +71,9 @@ def unix_socket(path: Path, source: str) -> socket.socket:
         raise configuration.ConfigError(f"{where}: cannot listen on {path}: {exc.strerror}") from None
     listener.listen(128)
     listener.setblocking(False)
+    closed = [str(p) for p in (folder, *folder.parents) if not p.stat().st_mode & stat.S_IXOTH]
+    if closed:
+        log.warning("other users cannot reach the socket %s: %s closed to them (mode o-x)", path, ", ".join(closed))
     return listener
 
 
