@@ -131,6 +131,7 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
+        root.chmod(0o711)  # as root with auth off, jobs run as nobody, who must pass through to the task folders
         await seed(root / "state" / "jobproxy.db", args.tasks)
         (root / "jobproxy.toml").write_text(
             '[gateway]\nstate_dir = "state"\n[scheduler]\npoll_interval = 5\n'

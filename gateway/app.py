@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, plugins, quota, responses
+from . import api_v1, auth, plugins, policy, quota, responses
 from .tes import api as tes_api
 from .config import Config
 from .active import ActiveSet
@@ -42,14 +42,17 @@ def create_app(config: Config) -> web.Application:
     return app
 
 
-def _prepare_task_root(config: Config) -> None:
-    """Create the task root. When jobs run as their users, they must be able to pass through it
-    (and the state folder above it) to reach their own task folder: mode o+x, never o+r."""
+def _prepare_task_root(config: Config, account: str | None) -> None:
+    """Create the task root. When jobs run as their users (or as one other `account`), they must be
+    able to pass through it (and the state folder above it) to reach their own task folder: mode
+    o+x, never o+r. The fixed account must reach it, or the gateway does not start."""
     root = Path(config.task_root)
     root.mkdir(parents=True, exist_ok=True)
-    if config.run_as.get("enabled"):
+    if config.run_as.get("enabled") or account:
         for folder in (root, *(p for p in root.parents if p == Path(config.state_dir) or Path(config.state_dir) in p.parents)):
             folder.chmod(folder.stat().st_mode | 0o111)
+    if account:
+        policy.check_reachable(account, root.resolve(), config.source)
 
 
 async def _expire_keys(store: Store, retention: timedelta) -> None:
@@ -68,7 +71,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, scheduler = app[CONFIG], app[SCHEDULER]
     store = Store(config.store_path)
     app[STORE] = store
-    _prepare_task_root(config)
+    _prepare_task_root(config, scheduler.account)
     app[TASK_ROOT] = Path(config.task_root).resolve()
     app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
     poller = Poller(store, scheduler, active, config.poll_interval)

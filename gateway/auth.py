@@ -9,6 +9,11 @@ refuses to listen on any address but loopback unless the admin allows it explici
 
 Both `Authorization: Bearer TOKEN` and Basic credentials (user name, token as password; as py-tes
 sends them) are accepted.
+
+A request over the gateway's Unix socket (`[gateway] socket`) needs no token: the kernel says who
+is asking (SO_PEERCRED of the connection), and that user's login name is the caller, with or
+without auth. Root (and the gateway's own account) is an admin there; everyone else is an ordinary
+user who submits only for themselves and sees only their own tasks.
 """
 from __future__ import annotations
 
@@ -16,7 +21,11 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
+import pwd
 import secrets
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Mapping, Sequence
 
@@ -32,7 +41,8 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobproxy", charset="UTF-8"'}
 
 @dataclass(frozen=True)
 class Identity:
-    """The caller. `user` is None when auth is off (a trusted, single-user gateway)."""
+    """The caller. `user` is None when auth is off and the kernel did not say who is asking (a
+    trusted, single-user gateway over TCP)."""
 
     user: str | None
     admin: bool
@@ -95,11 +105,38 @@ def identity(request: web.Request) -> Identity:
     return request.get(IDENTITY_KEY, ANYONE)
 
 
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(request: web.Request) -> int | None:
+    """The uid of the process at the other end of a Unix-socket connection (None over TCP)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return int(uid)
+
+
+def peer_identity(uid: int) -> Identity:
+    """The caller behind a Unix-socket connection: the login name of `uid`; root and the
+    gateway's own account are admins."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        raise ApiError(403, f"uid {uid} has no login name on this machine, so it cannot own tasks") from None
+    return Identity(name, admin=uid in (0, os.geteuid()))
+
+
 def middleware(authenticator: Authenticator | None) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if authenticator is not None and request.path not in PUBLIC_PATHS:
+        uid = peer_uid(request)
+        if uid is not None:
+            if request.path not in PUBLIC_PATHS:
+                request[IDENTITY_KEY] = peer_identity(uid)
+        elif authenticator is not None and request.path not in PUBLIC_PATHS:
             found = authenticator.identify(request.headers.get("Authorization"))
             if found is None:
                 raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>'", headers=CHALLENGE)

@@ -6,14 +6,17 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import ssl
+import stat
 import sys
+from pathlib import Path
 
 from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth
+from . import auth, policy
 from . import config as configuration
 from .app import create_app
 
@@ -33,27 +36,78 @@ def tls_context(https: dict[str, str], source: str) -> ssl.SSLContext:
     return context
 
 
-async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SSLContext | None) -> None:
-    """Serve HTTP and/or HTTPS side by side until SIGTERM or SIGINT."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    sites = []
-    if cfg.http:
-        sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1"))
-    if cfg.https and context:
-        port = int(cfg.https["port"])
-        sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context), f"https://{cfg.host}:{port}/v1"))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+def unix_socket(path: Path, source: str) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0666 (anyone may connect: the kernel tells the
+    gateway who each caller is), in a folder created for it if missing (mode 0755). A stale socket
+    file, one no process listens on any more, is replaced; anything else at `path` stops the start."""
+    where = f"{source}: $.gateway.socket"
+    folder = path.parent
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        for site, url in sites:
-            await site.start()
-            print(f"JobProxy serving on {url}", flush=True)
-        await stop.wait()
+        folder.mkdir(parents=True, exist_ok=True)
+        for created in missing:
+            created.chmod(0o755)
+        if stat.S_IMODE(folder.stat().st_mode) & 0o002 and not folder.stat().st_mode & stat.S_ISVTX:
+            raise configuration.ConfigError(f"{where}: {folder} is writable by everyone (and not sticky): "
+                                            "anyone could replace the socket; choose a folder of the gateway's own")
+        if path.is_symlink() or (path.exists() and not path.is_socket()):
+            raise configuration.ConfigError(f"{where}: {path} exists and is not a socket; remove it or choose "
+                                            "another path")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(path))
+                except (ConnectionRefusedError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # stale: nobody listens on it any more
+                else:
+                    raise configuration.ConfigError(f"{where}: another process is listening on {path}")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        previous = os.umask(0o111)  # the socket file is created 0666: no chmod by path afterwards
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(previous)
+    except OSError as exc:
+        raise configuration.ConfigError(f"{where}: cannot listen on {path}: {exc.strerror}") from None
+    listener.listen(128)
+    listener.setblocking(False)
+    closed = [str(p) for p in (folder, *folder.parents) if not p.stat().st_mode & stat.S_IXOTH]
+    if closed:
+        log.warning("other users cannot reach the socket %s: %s closed to them (mode o-x)", path, ", ".join(closed))
+    return listener
+
+
+async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SSLContext | None) -> None:
+    """Serve HTTP and/or HTTPS and/or the Unix socket side by side until SIGTERM or SIGINT. The
+    socket is taken first, so a second gateway on the same socket stops before it touches anything."""
+    listener = unix_socket(Path(cfg.socket), cfg.source) if cfg.socket is not None else None
+    runner = web.AppRunner(app, access_log=None)
+    try:
+        await runner.setup()
+        try:
+            sites: list[tuple[web.BaseSite, str]] = []
+            if cfg.http:
+                sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1"))
+            if cfg.https and context:
+                port = int(cfg.https["port"])
+                sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context),
+                              f"https://{cfg.host}:{port}/v1"))
+            if listener is not None:
+                sites.append((web.SockSite(runner, listener), f"unix:{cfg.socket} (base path /v1)"))
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            for site, url in sites:
+                await site.start()
+                print(f"JobProxy serving on {url}", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        if listener is not None:  # the socket file is this gateway's: leave no stale one behind
+            listener.close()
+            Path(cfg.socket or "").unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--config", help="site configuration (TOML); default: the embedded defaults")
     serve_cmd.add_argument("--host", help="address to listen on (overrides the config)")
     serve_cmd.add_argument("--port", type=int, help="HTTP port to listen on (overrides the config)")
+    serve_cmd.add_argument("--socket", help="also listen on this Unix socket; callers are identified by the kernel")
     check = commands.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("config")
     token = commands.add_parser("token", help="manage API tokens")
@@ -87,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 tls_context(cfg.https, cfg.source)
             print(f"{args.config}: OK (scheduler {cfg.scheduler})")
             return 0
-        cfg = configuration.load(args.config, host=args.host, port=args.port)
+        cfg = configuration.load(args.config, host=args.host, port=args.port,
+                                 socket=Path(args.socket).absolute() if args.socket else None)
         logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.config is None:  # the embedded default must just work, also as root from under /root
+            cfg = policy.first_run_task_root(cfg)
         os.umask(cfg.umask)
         context = tls_context(cfg.https, cfg.source) if cfg.https else None
         app = create_app(cfg)
@@ -97,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(serve(app, cfg, context))
+    except configuration.ConfigError as exc:  # found at start-up: the task root, the socket
+        print(f"jobproxy: configuration error: {exc}", file=sys.stderr)
+        return 2
     except SchedulerError as exc:  # the scheduler's start() refused: say why, without a traceback
         print(f"jobproxy: scheduler {cfg.scheduler!r} could not start: {exc}", file=sys.stderr)
         return 3

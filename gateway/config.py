@@ -58,6 +58,7 @@ class GatewaySettings:
     max_page_size: int
     http: bool
     https: Https | None
+    socket: Path | None
     umask: int
     allow_remote_without_auth: bool
 
@@ -99,11 +100,13 @@ class AuthSettings:
 
 @dataclass(frozen=True)
 class RunAsSettings:
-    """`[run_as]`: jobs run as the Unix users their tasks name."""
+    """`[run_as]`: which Unix account jobs run as (their tasks' users, or one account)."""
 
     enabled: bool
     min_uid: int
     deny: tuple[str, ...]
+    account: str | None
+    allow_root_jobs: bool
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,10 @@ class Config:
         return {k: v for k, v in dataclasses.asdict(https).items() if v is not None}
 
     @property
+    def socket(self) -> Path | None:
+        return self.sections.gateway.socket
+
+    @property
     def umask(self) -> int:
         return self.sections.gateway.umask
 
@@ -268,7 +275,8 @@ class Config:
     def run_as(self) -> dict[str, Any]:
         """`[run_as]` as a table, every key present."""
         run_as = self.sections.run_as
-        return {"enabled": run_as.enabled, "min_uid": run_as.min_uid, "deny": list(run_as.deny)}
+        return {"enabled": run_as.enabled, "min_uid": run_as.min_uid, "deny": list(run_as.deny),
+                "account": run_as.account, "allow_root_jobs": run_as.allow_root_jobs}
 
     @property
     def path_roots(self) -> tuple[str, ...] | None:
@@ -360,6 +368,7 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
             https=None if https is None else Https(
                 port=https["port"], cert=str(base / https["cert"]), key=str(base / https["key"]),
                 client_ca=str(base / https["client_ca"]) if "client_ca" in https else None),
+            socket=base / gateway["socket"] if "socket" in gateway else None,
             umask=int(gateway["umask"], 8), allow_remote_without_auth=gateway["allow_remote_without_auth"]),
         store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"]),
                             idempotency_hours=float(filled["store"]["idempotency_hours"])),
@@ -368,7 +377,8 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
         auth=AuthSettings(enabled=filled["auth"]["enabled"], tokens=tuple(
             Token(user=t["user"], sha256=t["sha256"], admin=t["admin"]) for t in filled["auth"]["tokens"])),
         run_as=RunAsSettings(enabled=filled["run_as"]["enabled"], min_uid=filled["run_as"]["min_uid"],
-                             deny=tuple(filled["run_as"]["deny"])),
+                             deny=tuple(filled["run_as"]["deny"]), account=filled["run_as"].get("account"),
+                             allow_root_jobs=filled["run_as"]["allow_root_jobs"]),
         paths=PathsSettings(roots=tuple(filled["paths"]["roots"]) if "roots" in filled["paths"] else None),
         limits=LimitsSettings(**{name: filled["limits"].get(name) for name in ("cores", "memory", "cputime")}),
         quotas=QuotaSettings(active_tasks=filled["quotas"]["active_tasks"],
@@ -404,8 +414,8 @@ def _check(config: Config) -> None:
                           f"({gateway.max_page_size})")
     if site.run_as.enabled and os.geteuid() != 0:
         raise ConfigError(f"{source}: $.run_as.enabled: running jobs as their users needs the gateway to run as root")
-    if not gateway.http and gateway.https is None:
-        raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] must be configured")
+    if not gateway.http and gateway.https is None and gateway.socket is None:
+        raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] or socket must be configured")
     _check_tes(site.tes, site.scheduler.container, source)
 
 

@@ -8,8 +8,9 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from schedulers.base import Scheduler, SchedulerConfigError
-from schedulers.containers import ContainerRuntime
+from schedulers.containers import ContainerRuntime, DockerRuntime
 
+from . import policy
 from .config import Config, ConfigError
 from .validation import SchemaValidator, summary
 
@@ -59,8 +60,22 @@ def create_scheduler(config: Config) -> Scheduler:
                                                              f"{source}: $.scheduler.container.runtime")
         runtime = runtime_class(_checked_options(runtime_class.options_schema, container,
                                                  "$.scheduler.container", source))
+    account, named = policy.job_account(config)
+    why = (f"$.run_as.account: jobs run as {account!r}" if named else
+           f"$.run_as: a gateway running as root with auth off runs its jobs as {account!r}, never as root")
+    if account is not None and not cls.supports_run_as:
+        fix = ("remove [run_as] account, or choose another scheduler" if named else
+               "turn auth on ([auth] enabled = true), set [run_as] allow_root_jobs = true to run jobs as root, "
+               "or run the gateway as an unprivileged user")
+        raise ConfigError(f"{source}: {why}, but the {name} scheduler cannot run jobs as another account: {fix}")
+    if account is not None and not named and isinstance(runtime, DockerRuntime):
+        # an engine's socket is root's (or its group's); Singularity and Apptainer run as any user
+        raise ConfigError(f"{source}: {why}, and {account!r} cannot use the container runtime "
+                          f"({type(runtime).name}): name an account that may ([run_as] account = \"...\", "
+                          "e.g. a member of the docker group), run jobs as their users ([run_as] enabled = true), "
+                          "or set [run_as] allow_root_jobs = true")
     try:
         return cls(name, options, site.gateway.state_dir / "schedulers" / name,
-                   runtime=runtime, run_as_user=site.run_as.enabled)
+                   runtime=runtime, run_as_user=site.run_as.enabled, account=account)
     except SchedulerConfigError as exc:
         raise ConfigError(f"{source}: scheduler {name!r}: {exc}") from None

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +24,42 @@ from gateway.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session")
+def passable_base() -> Iterator[Path]:
+    """A folder of the test session that other accounts may pass through (o+x, never o+r), removed
+    at the end: a gateway running as root with auth off runs its jobs as `nobody`, who cannot
+    reach anything in pytest's own temporary tree (mode 0700 at every level, and reset to it by
+    every pytest session that starts on the machine)."""
+    base = Path(tempfile.mkdtemp(prefix="jobproxy-tests-"))
+    base.chmod(0o711)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_path(request: pytest.FixtureRequest, passable_base: Path) -> Path:
+    """A fresh folder for each test, as pytest's, but in `passable_base` and itself passable (mode
+    0711), so that jobs running as `nobody` reach the task folders of a gateway whose state is in it."""
+    folder = Path(tempfile.mkdtemp(prefix=re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:50] + "-",
+                                   dir=passable_base))
+    folder.chmod(0o711)
+    return folder
+
+
+#: The account a gateway running as root with auth off runs its jobs as (gateway.policy).
+JOB_ACCOUNT = "nobody"
+
+
+def writable_by_jobs(folder: Path) -> Path:
+    """`folder`, created and (when the tests run as root) given to JOB_ACCOUNT, so that jobs of a
+    root gateway with auth off may write their outputs there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam(JOB_ACCOUNT)
+        os.chown(folder, entry.pw_uid, entry.pw_gid)
+    return folder
 
 
 def make_config(tmp_path: Path, scheduler: str = "local", options: dict[str, Any] | None = None,
@@ -191,7 +230,7 @@ def _start_cluster(script: str) -> dict[str, str] | str:
 
 
 @pytest.fixture(scope="session")
-def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def rootfs(passable_base: Path) -> Path:
     """A busybox root file system, for the Apptainer stand-in and sandboxed TES executors."""
     busybox = shutil.which("busybox")
     if not busybox or not shutil.which("bwrap"):
@@ -199,7 +238,9 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if IN_CI:
             pytest.fail(reason)
         pytest.skip(reason)
-    root = tmp_path_factory.mktemp("rootfs")
+    root = passable_base / "rootfs"  # executors running as `nobody` sandbox themselves in it
+    root.mkdir()
+    root.chmod(0o755)
     for folder in ("bin", "tmp", "proc", "dev", "data", "out"):
         (root / folder).mkdir()
     shutil.copy(busybox, root / "bin" / "busybox")

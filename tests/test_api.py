@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 
-from .conftest import final, make_config, wait_state
+from .conftest import final, make_config, wait_state, writable_by_jobs
 from .openapi_check import check
 
 JSON = {"Content-Type": "application/json"}
@@ -238,8 +238,7 @@ async def test_task_recorded_but_never_submitted_is_recovered(aiohttp_client: An
     from gateway.store import Store
 
     store = Store(config.store_path)
-    workdir = Path(config.task_root).resolve() / "orphan"
-    workdir.mkdir(parents=True)
+    workdir = writable_by_jobs(Path(config.task_root).resolve() / "orphan")  # as accept() leaves it
     await store.add(task_from_document({"user": "a", "cmd": "echo recovered"}, "orphan", str(workdir)), "local")
     store.close()
     client = await aiohttp_client(create_app(config))

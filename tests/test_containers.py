@@ -19,7 +19,7 @@ from schedulers import script
 from schedulers.base import TaskRefused
 from schedulers.containers import ApptainerRuntime, DockerRuntime, PodmanRuntime, SingularityRuntime
 
-from .conftest import Gateway
+from .conftest import Gateway, writable_by_jobs
 
 STANDIN = Path(__file__).parent / "standin" / "apptainer"
 
@@ -89,7 +89,8 @@ def test_podman_repeats_default_ulimits_and_finds_conmons_oom_file(tmp_path: Pat
 
 @pytest.mark.parametrize("limit", ["cpu=10:20", "nofile", "nofile=a:b", "NOFILE=1:2", "nofile=1:2 --privileged"])
 def test_podman_default_ulimits_are_checked_at_start_up(tmp_path: Path, limit: str) -> None:
-    document = {"scheduler": {"type": "local", "container": {"runtime": "podman", "default_ulimits": [limit]}}}
+    document = {"scheduler": {"type": "local", "container": {"runtime": "podman", "default_ulimits": [limit]}},
+                "run_as": {"allow_root_jobs": True}}  # as root with auth off, nobody may not use podman
     with pytest.raises(configuration.ConfigError, match=r"\$\.scheduler\.container\.default_ulimits\[0\]: must be NAME=SOFT\[:HARD\]"):
         create_scheduler(configuration.from_document(document, tmp_path, "t"))
     document["scheduler"]["container"]["default_ulimits"] = ["nofile=1024:4096", "nproc=-1", "core=0"]
@@ -154,9 +155,10 @@ def test_apptainer_standin_end_to_end(gateway_factory: Callable[..., Gateway], t
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "input.txt").write_text("from the host\n")
-    writable = tmp_path / "writable"
-    writable.mkdir()
+    writable = writable_by_jobs(tmp_path / "writable")  # jobs run as nobody when the tests run as root
     config = f"""
+[paths]
+roots = ["{tmp_path}"]
 [scheduler]
 type = "local"
 poll_interval = 0.2

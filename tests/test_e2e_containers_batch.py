@@ -23,6 +23,10 @@ def gateway(request: pytest.FixtureRequest, gateway_factory: Callable[..., Gatew
     kind, options = backends.prepare(request.param)
     option_lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
     gateway = gateway_factory(f"""
+[run_as]
+allow_root_jobs = true   # the engine is root's, and DRMAA cannot run jobs as another account
+[paths]
+roots = ["{tmp_path}"]   # volume hosts in the test's folder
 [scheduler]
 type = "{kind}"
 poll_interval = 0.5

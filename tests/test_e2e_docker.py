@@ -58,6 +58,12 @@ pull = "never"
 allowed_images = ["jobproxy-test/*"]
 allowed_mounts = ["{tmp_path}"]
 publish_address = "127.0.0.1"
+[run_as]
+# Jobs of a root gateway with auth off run as nobody, who cannot use the engine: this site runs
+# container tasks as root (access to the engine is root's in any case).
+allow_root_jobs = true
+[paths]
+roots = ["{tmp_path}"]   # volume hosts (and outputs) may lie in the test's folder
 """
     return gateway_factory(config, env=engine.env).start()
 

@@ -20,6 +20,8 @@ from .conftest import ROOT, Gateway
 pytestmark = [pytest.mark.e2e, pytest.mark.drmaa]
 
 CONFIG = """
+[run_as]
+allow_root_jobs = true   # DRMAA cannot run jobs as another account: as root with auth off, say so
 [scheduler]
 type = "drmaa"
 poll_interval = 0.3

@@ -47,11 +47,10 @@ def test_json_and_xml_submissions_and_listing(gateway: Gateway) -> None:
     assert body.count(b"<state>") == 1 and b"<code>EXECUTOR_ERROR</code>" in body
 
 
-def test_delete_running_task_kills_its_process_tree(gateway: Gateway, tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
-    script = f"echo $$ > {pids}; sleep 300 & echo $! >> {pids}; setsid sleep 301 & echo $! >> {pids}; wait"
+def test_delete_running_task_kills_its_process_tree(gateway: Gateway) -> None:
+    script = "echo $$ > pids; sleep 300 & echo $! >> pids; setsid sleep 301 & echo $! >> pids; wait"
     task_id = gateway.submit({"user": "alice", "cmd": script})
-    gateway.wait(task_id, lambda s: s["code"] == "RUNNING")
+    pids = Path(gateway.wait(task_id, lambda s: s["code"] == "RUNNING")["stdout"]).parent / "pids"  # its own folder
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(pids.read_text().split() if pids.exists() else []) < 3:
         time.sleep(0.1)

@@ -32,7 +32,7 @@ from schedulers.script import quote
 from schedulers.slurm.plugin import COMMANDS, JOB_ID_FILE, SlurmScheduler
 
 from . import backend_slurm
-from .conftest import ROOT, Gateway
+from .conftest import ROOT, Gateway, writable_by_jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
@@ -137,9 +137,10 @@ def test_cores_memory_and_time_reach_slurm(gateway: Gateway) -> None:
     assert Path(state["stdout"]).read_text() == "2\n"
 
 
-def test_exit_codes_and_odd_output_paths(gateway: Gateway, tmp_path: Path) -> None:
-    odd = tmp_path / "out 100% it's $HOME `id` \"q\" #x ü"
-    odd.mkdir()
+def test_exit_codes_and_odd_output_paths(gateway_factory: Callable[..., Gateway], wrappers: Wrappers,
+                                         tmp_path: Path) -> None:
+    gateway = gateway_factory(f'[paths]\nroots = ["{tmp_path}"]\n' + config(wrappers)).start()  # outputs outside
+    odd = writable_by_jobs(tmp_path / "out 100% it's $HOME `id` \"q\" #x ü")  # jobs run as nobody (root, auth off)
     ok = gateway.submit({"user": "a", "cmd": ["/bin/echo", "it's  fine"], "stdout": str(odd / "o %j.txt")})
     bad = gateway.submit({"user": "a", "cmd": "echo oops >&2; exit 3"})
     done, failed = gateway.wait(ok), gateway.wait(bad)

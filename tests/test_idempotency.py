@@ -25,8 +25,7 @@ def _headers(key: str) -> dict[str, str]:
 async def test_a_retried_submit_answers_the_first_task(aiohttp_client: Callable[..., Any], config: Any,
                                                        tmp_path: Path) -> None:
     client = await aiohttp_client(create_app(config))
-    runs = tmp_path / "runs"
-    body = json.dumps({"user": "a", "cmd": f"echo once >> {runs}"})
+    body = json.dumps({"user": "a", "cmd": "echo once >> ran"})  # in the task's own folder
     first = await client.post("/v1/jobproxy/submit", data=body, headers=_headers("k-1"))
     again = await client.post("/v1/jobproxy/submit", data=body, headers=_headers("k-1"))
     assert first.status == again.status == 200
@@ -35,9 +34,11 @@ async def test_a_retried_submit_answers_the_first_task(aiohttp_client: Callable[
     await wait_state(client, task_id, final)
     assert client.server.app[STORE].count() == 1
     other = await client.post("/v1/jobproxy/submit", data=body, headers=_headers("k-2"))
-    assert (await other.json())["id"] != task_id  # another key is another task
-    await wait_state(client, (await other.json())["id"], final)
-    assert runs.read_text() == "once\nonce\n"
+    other_id = (await other.json())["id"]
+    assert other_id != task_id  # another key is another task
+    await wait_state(client, other_id, final)
+    task_root = Path(config.task_root).resolve()
+    assert [(task_root / t / "ran").read_text() for t in (task_id, other_id)] == ["once\n", "once\n"]
 
 
 async def test_same_key_other_request_is_422(client: Any) -> None:

@@ -34,7 +34,8 @@ async def local(tmp_path: Path) -> AsyncIterator[Factory]:
     started: list[Scheduler] = []
 
     async def factory(**options: Any) -> tuple[LocalScheduler, Reports]:
-        document = {"gateway": {"state_dir": str(tmp_path / "state")},
+        # the plugin's own mechanics, on folders the test makes: jobs run as the gateway's account
+        document = {"gateway": {"state_dir": str(tmp_path / "state")}, "run_as": {"allow_root_jobs": True},
                     "scheduler": {"type": "local", "options": {"kill_grace": 1, **options}}}
         instance = create_scheduler(configuration.from_document(document, tmp_path, "local events test"))
         assert isinstance(instance, LocalScheduler)

@@ -7,6 +7,7 @@ from gateway.model import task_from_document
 import os
 import pwd
 import shutil
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway import config as configuration
+from gateway import policy
 from gateway.app import create_app
 from gateway.plugins import create_scheduler
 from schedulers.base import Task
@@ -266,3 +268,290 @@ def test_no_value_changes_the_script_structure(tmp_path: Path, argv: list[str], 
     assert subprocess.run(["bash", "-n", str(job)], capture_output=True).returncode == 0
     assert script.command_argv(shell_task)[2] == shell
     assert f"/bin/sh -c {script.quote(shell)}\n" in body
+
+
+# ---- auth off: local callers cannot run commands as the gateway's root ----------------------------
+# The callers are real unprivileged users running curl (over TCP or the Unix socket) under runuser;
+# the gateway is a real `jobproxy serve` running as root with auth off.
+
+NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+
+
+@pytest.fixture(scope="module")
+def callers() -> Iterator[list[str]]:
+    """Two real unprivileged Unix users, created for these tests and removed after (names of their
+    own: other test sessions on the machine create and remove jp-test-alice and jp-test-bob)."""
+    if os.geteuid() != 0:
+        pytest.skip("creating Unix users and switching to them needs root")
+    names = ["jp-sec-mallory", "jp-sec-trent"]
+    for uid, name in enumerate(names, start=40300):
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+        subprocess.run(["useradd", "--create-home", "--uid", str(uid), name], check=True)
+    yield names
+    for name in names:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
+def _need_root_and_curl() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("a gateway running as root, and callers switching to other users, need root")
+    if shutil.which("curl") is None:
+        reason = "these tests call the gateway with curl (tests/run.sh installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def curl_as(user: str, *args: str) -> tuple[int, Any]:
+    """Run curl as `user` (`runuser -u USER --`); answer the status and the body (JSON if it is)."""
+    done = subprocess.run(["runuser", "-u", user, "--", "curl", "-sS", "-w", "\n%{http_code}", *args],
+                          check=False, capture_output=True, text=True, timeout=60, cwd="/")
+    assert done.returncode == 0, done.stderr
+    body, _, status = done.stdout.rpartition("\n")
+    try:
+        return int(status), json.loads(body)
+    except ValueError:
+        return int(status), body
+
+
+def submit_as(user: str, task: dict[str, Any], *target: str) -> tuple[int, Any]:
+    """POST `task` to the gateway as `user`; `target` is the URL (and for the socket, --unix-socket PATH)."""
+    *options, url = target
+    return curl_as(user, *options, "-H", "Content-Type: application/json", "-d", json.dumps(task),
+                   f"{url}/v1/jobproxy/submit")
+
+
+@pytest.fixture
+def no_new_file() -> Iterator[Path]:
+    path = Path("/etc/new-file")
+    assert not path.exists(), "remove /etc/new-file before running the tests"
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_over_tcp_without_auth_jobs_run_as_nobody(gateway_factory: Callable[..., Gateway], callers: list[str],
+                                                  no_new_file: Path) -> None:
+    """The embedded default (no config at all), as root: a local user's job runs as nobody, and an
+    output path outside the task root is refused before anything runs."""
+    _need_root_and_curl()
+    assert NOBODY is not None
+    gateway = gateway_factory(None).start()
+    mallory = callers[0]
+    status, body = submit_as(mallory, {"user": "x", "cmd": "id; touch /etc/new-file"}, gateway.url)
+    assert status == 200, body
+    state = gateway.wait(body["id"])
+    assert state["code"] == "EXECUTOR_ERROR" and state["user"] == "x", state
+    assert Path(state["stdout"]).read_text().startswith(f"uid={NOBODY.pw_uid}(nobody) gid={NOBODY.pw_gid}(")
+    assert "Permission denied" in Path(state["stderr"]).read_text()
+    assert os.stat(Path(state["stdout"]).parent).st_uid == NOBODY.pw_uid  # its folder is the account's
+    status, body = submit_as(mallory, {"user": "x", "cmd": "id", "stdout": str(no_new_file)}, gateway.url)
+    assert status == 400 and body["details"][0]["path"] == "$.stdout", body
+    assert "is outside the folders this site allows" in body["error"]
+    assert not no_new_file.exists()
+
+
+def test_allow_root_jobs_opts_in_to_root(gateway_factory: Callable[..., Gateway], callers: list[str],
+                                         no_new_file: Path) -> None:
+    _need_root_and_curl()
+    gateway = gateway_factory("[run_as]\nallow_root_jobs = true\n").start()
+    status, body = submit_as(callers[0], {"user": "x", "cmd": "id -u"}, gateway.url)
+    assert status == 200, body
+    state = gateway.wait(body["id"])
+    assert state["code"] == "COMPLETE" and Path(state["stdout"]).read_text() == "0\n"
+    status, body = submit_as(callers[0], {"user": "x", "cmd": "id", "stdout": str(no_new_file)}, gateway.url)
+    assert status == 400 and body["details"][0]["path"] == "$.stdout", body  # still confined without auth
+    assert not no_new_file.exists()
+
+
+def test_an_account_the_admin_names(gateway_factory: Callable[..., Gateway], callers: list[str],
+                                    tmp_path: Path) -> None:
+    _need_root_and_curl()
+    account = pwd.getpwnam(callers[1])
+    gateway = gateway_factory(f'[run_as]\naccount = "{account.pw_name}"\n[paths]\nroots = ["{tmp_path}"]\n').start()
+    task_id = gateway.submit({"user": "x", "cmd": "id -un; echo $HOME; env | wc -l"})
+    state = gateway.wait(task_id)
+    assert state["code"] == "COMPLETE", state
+    name, home, env_lines = Path(state["stdout"]).read_text().split()
+    assert (name, home) == (account.pw_name, account.pw_dir) and int(env_lines) < 12  # a clean environment
+    assert os.stat(state["stdout"]).st_uid == account.pw_uid
+
+
+def test_unreachable_task_root_stops_the_start(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("jobs run as nobody only for a gateway running as root")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    gateway = gateway_factory(f'[gateway]\nstate_dir = "{closed}/state"\n')
+    with pytest.raises(AssertionError, match=rf"(?s)exited with 2:.*jobs run as 'nobody', who cannot reach the task "
+                                             rf"folders in {closed}/state/tasks \({closed} is closed to it\)"):
+        gateway.start()
+
+
+def test_unix_socket_callers_are_who_the_kernel_says(gateway_factory: Callable[..., Gateway], callers: list[str],
+                                                     tmp_path: Path) -> None:
+    _need_root_and_curl()
+    alice, bob = callers
+    path = tmp_path / "run" / "jobproxy.sock"
+    gateway = gateway_factory(f'[gateway]\nsocket = "{path}"\n[scheduler]\npoll_interval = 0.2\n'
+                              '[tes]\nimages = [{ match = "*", run = "host" }]\n').start()
+    assert stat_mode(path) == 0o666 and stat_mode(path.parent) == 0o755
+    over = ("--unix-socket", str(path), "http://localhost")
+    status, body = submit_as(alice, {"user": alice, "cmd": "id -un"}, *over)
+    assert status == 200, body
+    mine = body["id"]
+    for other in (bob, "x", "root"):
+        status, body = submit_as(alice, {"user": other, "cmd": "id"}, *over)
+        assert status == 403 and f"you are '{alice}'" in body["error"], body
+    state = gateway.wait(mine)
+    assert state["user"] == alice and Path(state["stdout"]).read_text() == "nobody\n"  # who asked, not who runs
+    status, body = curl_as(alice, *over[:2], f"{over[2]}/ga4gh/tes/v1/tasks", "-H", "Content-Type: application/json",
+                           "-d", json.dumps({"executors": [{"image": "any", "command": ["true"]}]}))
+    assert status == 200, body
+    tes_task = body["id"]
+    status, body = curl_as(alice, *over[:2], f"{over[2]}/ga4gh/tes/v1/tasks/{tes_task}?view=BASIC")
+    assert status == 200 and body["tags"]["user"] == alice, body
+
+    status, body = curl_as(bob, *over[:2], f"{over[2]}/v1/jobproxy/state")
+    assert status == 200 and body["state"] == [], body  # bob sees none of alice's tasks
+    for method, route in (("GET", f"/v1/jobproxy/state/{mine}"), ("DELETE", f"/v1/jobproxy/delete/{mine}"),
+                          ("GET", f"/ga4gh/tes/v1/tasks/{tes_task}")):
+        status, body = curl_as(bob, "-X", method, *over[:2], over[2] + route)
+        assert status == 404, (route, body)
+    status, body = curl_as(alice, *over[:2], f"{over[2]}/v1/jobproxy/state?user={bob}")
+    assert status == 200 and {s["id"] for s in body["state"]} == {mine, tes_task}  # ?user= is for admins only
+
+    status, body = submit_as("root", {"user": bob, "cmd": "true"}, *over)  # root may name anyone
+    assert status == 200, body
+    status, body = curl_as("root", *over[:2], f"{over[2]}/v1/jobproxy/state")
+    assert status == 200 and {s["user"] for s in body["state"]} == {alice, bob}
+    status, _ = curl_as(alice, "-X", "DELETE", *over[:2], f"{over[2]}/v1/jobproxy/delete/{mine}")
+    assert status == 204
+    gateway.stop()
+    assert not path.exists()  # the gateway removes its socket when it stops
+
+
+def stat_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o7777
+
+
+def test_a_stale_socket_is_replaced_a_live_one_is_not(gateway_factory: Callable[..., Gateway],
+                                                      tmp_path: Path) -> None:
+    _need_root_and_curl()
+    path = tmp_path / "jobproxy.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # its file stays, with nobody listening
+    first = gateway_factory(f'[gateway]\nsocket = "{path}"\n').start()
+    status, body = curl_as("nobody", "--unix-socket", str(path), "http://localhost/v1/jobproxy/ping")
+    assert status == 200 and body["status"] == "ok"
+    (tmp_path / "second").mkdir()
+    (tmp_path / "third").mkdir()
+    second = Gateway(tmp_path / "second", f'[gateway]\nsocket = "{path}"\n')
+    with pytest.raises(AssertionError, match="another process is listening on"):
+        second.start()
+    assert not (tmp_path / "second" / "jobproxy-state").exists()  # stopped before touching anything
+    status, body = curl_as("nobody", "--unix-socket", str(path), "http://localhost/v1/jobproxy/ping")
+    assert status == 200  # the first one still serves on it
+    first.stop()
+    path.write_text("not a socket")
+    third = Gateway(tmp_path / "third", f'[gateway]\nsocket = "{path}"\n')
+    with pytest.raises(AssertionError, match="exists and is not a socket"):
+        third.start()
+    assert path.read_text() == "not a socket"
+
+
+def test_schedulers_that_cannot_run_jobs_as_another_account_refuse_to_start(tmp_path: Path) -> None:
+    """DRMAA cannot run a job as another account: under a root gateway with auth off it refuses
+    to start, naming the fixes; each fix lets it past that check."""
+    if os.geteuid() != 0:
+        pytest.skip("jobs run as nobody only for a gateway running as root")
+    document: dict[str, Any] = {"scheduler": {"type": "drmaa"}}
+    with pytest.raises(configuration.ConfigError, match=r"runs its jobs as 'nobody', never as root, but the drmaa "
+                       r"scheduler cannot run jobs as another account: turn auth on \(\[auth\] enabled = true\), "
+                       r"set \[run_as\] allow_root_jobs = true .*or run the gateway as an unprivileged user"):
+        create_scheduler(configuration.from_document(document, tmp_path, "t"))
+    for fix in ({"run_as": {"allow_root_jobs": True}}, {"auth": {"enabled": True}}):
+        try:
+            create_scheduler(configuration.from_document({**document, **fix}, tmp_path, "t"))
+        except configuration.ConfigError as exc:  # the DRM itself may be missing here: not this check
+            assert "another account" not in str(exc)
+    with pytest.raises(configuration.ConfigError, match=r"\$\.run_as\.account: jobs run as 'nobody', but the drmaa"):
+        create_scheduler(configuration.from_document({**document, "run_as": {"account": "nobody"}}, tmp_path, "t"))
+
+
+def test_containers_under_nobody_need_an_explicit_choice(tmp_path: Path, callers: list[str]) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("jobs run as nobody only for a gateway running as root")
+    document: dict[str, Any] = {"scheduler": {"type": "local", "container": {"runtime": "docker"}}}
+    with pytest.raises(configuration.ConfigError, match=r"'nobody' cannot use the container runtime \(docker\): "
+                       r"name an account that may"):
+        create_scheduler(configuration.from_document(document, tmp_path, "t"))
+    for choice, account in (({"allow_root_jobs": True}, None), ({"account": callers[0]}, callers[0])):
+        scheduler = create_scheduler(configuration.from_document({**document, "run_as": choice}, tmp_path, "t"))
+        assert scheduler.account == account
+
+
+@pytest.mark.parametrize("run_as, words", [
+    ({"account": "no-such-account-here"}, "$.run_as.account: there is no Unix account named 'no-such-account-here'"),
+    ({"account": "root"}, "$.run_as.account: 'root' is root; to run jobs as root, set [run_as] allow_root_jobs"),
+])
+def test_unusable_accounts_stop_the_start(tmp_path: Path, run_as: dict[str, Any], words: str) -> None:
+    with pytest.raises(configuration.ConfigError) as raised:
+        create_scheduler(configuration.from_document({"run_as": run_as}, tmp_path, "t"))
+    assert words in str(raised.value)
+
+
+def test_who_jobs_run_as(tmp_path: Path) -> None:
+    """The rules of gateway.policy.job_account and confinement_roots, for this process's uid."""
+    def config(**document: Any) -> configuration.Config:
+        return configuration.from_document(document, tmp_path, "t")
+
+    root = os.geteuid() == 0
+    assert policy.job_account(config()) == (("nobody", False) if root else (None, False))
+    assert policy.job_account(config(auth={"enabled": True})) == (None, False)
+    assert policy.job_account(config(run_as={"allow_root_jobs": True})) == (None, False)
+    assert policy.confinement_roots(config()) == (str((tmp_path / "jobproxy-state" / "tasks").resolve()),)
+    assert policy.confinement_roots(config(paths={"roots": ["/scratch/{user}"]})) == ("/scratch/{user}",)
+    assert policy.confinement_roots(config(auth={"enabled": True})) is None
+
+
+def test_the_embedded_default_as_root_from_a_closed_folder_just_works(tmp_path: Path) -> None:
+    """`jobproxy serve` without a config file, as root, from a folder nobody cannot pass (e.g. a
+    clone under /root): it starts, and its jobs run as nobody in task folders it can reach."""
+    if os.geteuid() != 0:
+        pytest.skip("jobs run as nobody only for a gateway running as root")
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0o700)
+    made = [p for p in (policy.FIRST_RUN_TASK_ROOT.parent, policy.FIRST_RUN_TASK_ROOT) if not p.exists()]
+    gateway = Gateway(closed, None)
+    try:
+        gateway.start()
+        task_id = gateway.submit({"user": "x", "cmd": "id -un"})
+        state = gateway.wait(task_id)
+        assert state["code"] == "COMPLETE" and state["stdout"] == f"{policy.FIRST_RUN_TASK_ROOT}/{task_id}/stdout"
+        assert Path(state["stdout"]).read_text() == "nobody\n"
+        assert f"task folders are in {policy.FIRST_RUN_TASK_ROOT} instead" in gateway.log.read_text()
+        assert (closed / "jobproxy-state" / "jobproxy.db").exists()  # the store stays where it was
+        assert gateway.request("DELETE", f"/v1/jobproxy/delete/{task_id}")[0] == 204
+        assert not Path(state["stdout"]).parent.exists()
+    finally:
+        gateway.stop()
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_with_auth_on_the_socket_needs_no_token_but_tcp_does(gateway_factory: Callable[..., Gateway],
+                                                            callers: list[str], tmp_path: Path) -> None:
+    _need_root_and_curl()
+    path = tmp_path / "jobproxy.sock"
+    gateway = gateway_factory(f'[gateway]\nsocket = "{path}"\n[auth]\nenabled = true\n'
+                              '[scheduler]\npoll_interval = 0.2\n').start()
+    mallory = callers[0]
+    status, body = submit_as(mallory, {"user": mallory, "cmd": "id -un"}, "--unix-socket", str(path), "http://localhost")
+    assert status == 200, body
+    status, state = curl_as(mallory, "--unix-socket", str(path), f"http://localhost/v1/jobproxy/state/{body['id']}")
+    assert status == 200 and state["user"] == mallory
+    status, body = submit_as(mallory, {"user": mallory, "cmd": "id"}, gateway.url)
+    assert status == 401, body

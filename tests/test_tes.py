@@ -19,7 +19,7 @@ from gateway import config as configuration
 from gateway.app import create_app
 from gateway.keys import STORE
 
-from .conftest import IN_CI, final, wait_state
+from .conftest import IN_CI, final, wait_state, writable_by_jobs
 from .openapi_check import check
 
 TES = "/ga4gh/tes/v1"
@@ -45,9 +45,10 @@ def tes_config(tmp_path: Path, tes: dict[str, Any] | None = None, **sections: An
 
 @pytest.fixture
 async def tes_client(aiohttp_client: Any, tmp_path: Path) -> Any:
+    """Auth off, jobs as `nobody` (when root); file:// outputs may go anywhere that account may write."""
     return await aiohttp_client(create_app(tes_config(tmp_path, {
         "images": [{"match": "ubuntu*", "run": "host"}, {"match": "python:*", "run": "host"}],
-        "backend_parameters": ["cputime", "partition"]})))
+        "backend_parameters": ["cputime", "partition"]}, paths={"roots": ["/"]})))
 
 
 async def call(client: Any, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -218,7 +219,7 @@ async def test_file_inputs_and_outputs_with_folders(tes_client: Any, tmp_path: P
     (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "sub" / "a.txt").write_text("A\n")
     (tmp_path / "single.txt").write_text("S\n")
-    out = tmp_path / "results"
+    out = writable_by_jobs(tmp_path / "results")
     task_id = await create(tes_client, {
         "inputs": [{"url": f"file://{tmp_path}/in", "path": "/data/in", "type": "DIRECTORY"},
                    {"url": f"file://{tmp_path}/single.txt", "path": "/tmp/single.txt"}],
@@ -371,16 +372,17 @@ def test_tes_config_mistakes_stop_the_start(tmp_path: Path, tes: dict[str, Any],
 async def test_outputs_never_follow_links_out_of_the_task(tes_client: Any, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("not yours\n")
+    drop = writable_by_jobs(tmp_path / "drop")
     task_id = await create(tes_client, {
         "inputs": [{"url": f"file://{secret}", "path": "/tmp/in/secret.txt"}],
-        "outputs": [{"url": f"file://{tmp_path}/leak.txt", "path": "/tmp/out/leak.txt"},
-                    {"url": f"file://{tmp_path}/leakdir", "path": "/tmp/outdir", "type": "DIRECTORY"}],
+        "outputs": [{"url": f"file://{drop}/leak.txt", "path": "/tmp/out/leak.txt"},
+                    {"url": f"file://{drop}/leakdir", "path": "/tmp/outdir", "type": "DIRECTORY"}],
         "executors": [shell(f"ln -s {secret} /tmp/out/leak.txt; mkdir /tmp/outdir; ln -s {secret} /tmp/outdir/link")]})
     full = await wait(tes_client, task_id)
     assert full["state"] == "EXECUTOR_ERROR"
     assert any("is a symbolic link" in line for line in full["logs"][0]["system_logs"]), full
-    assert not (tmp_path / "leak.txt").exists()
-    assert (tmp_path / "leakdir" / "link").is_symlink()  # copied as the link it is, not its target's content
+    assert not (drop / "leak.txt").exists()
+    assert (drop / "leakdir" / "link").is_symlink()  # copied as the link it is, not its target's content
 
 
 async def test_store_name_and_tag_filters_are_exact(tmp_path: Path) -> None:

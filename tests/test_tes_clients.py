@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import IN_CI, Gateway
+from .conftest import IN_CI, Gateway, writable_by_jobs
 
 tes = pytest.importorskip("tes", reason="py-tes is a test dependency: pip install -e '.[test]'")
 # py-tes 0.4 passes user=None/password=None to requests when it has no credentials
@@ -59,12 +59,18 @@ def need(*tools: str) -> None:
         pytest.skip(reason)
 
 
-def start(gateway_factory: Callable[..., Gateway], tes_table: str, env: dict[str, str] | None = None) -> Gateway:
+def start(gateway_factory: Callable[..., Gateway], tes_table: str, sections: str = "",
+          env: dict[str, str] | None = None) -> Gateway:
+    """A gateway with auth off: run as root, its jobs run as nobody. file:// outputs may go anywhere
+    the job's account may write."""
     need("bwrap")
     config = f"""
 [scheduler]
 type = "local"
 poll_interval = 0.2
+[paths]
+roots = ["/"]
+{sections}
 [tes]
 {tes_table}
 """
@@ -78,11 +84,12 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
     short, long = tes.HTTPClient(gateway.url, timeout=30), tes.HTTPClient(f"{gateway.url}/ga4gh/tes", timeout=30)
     info = short.get_service_info()
     assert info.name == "JobProxy" and info.storage == ["file:///"]
+    results = writable_by_jobs(tmp_path / "results")
 
     task = tes.Task(
         name="py-tes demo", tags={"suite": "py-tes"},
         inputs=[tes.Input(path="/tmp/in.txt", content="hello from py-tes\n")],
-        outputs=[tes.Output(url=f"file://{tmp_path}/copy.txt", path="/tmp/out/copy.txt")],
+        outputs=[tes.Output(url=f"file://{results}/copy.txt", path="/tmp/out/copy.txt")],
         resources=tes.Resources(cpu_cores=1, ram_gb=0.5),
         executors=[tes.Executor(image="ubuntu:22.04",
                                 command=["/bin/sh", "-c", "cat /tmp/in.txt; cp /tmp/in.txt /tmp/out/copy.txt"]),
@@ -93,7 +100,7 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
     assert [log.exit_code for log in full.logs[0].logs] == [0, 7]
     assert full.logs[0].logs[0].stdout == "hello from py-tes\n" and full.logs[0].logs[1].stderr == "failing\n"
     assert full.inputs[0].content == "hello from py-tes\n" and full.tags == {"suite": "py-tes", "user": "anonymous"}
-    assert full.logs[0].outputs[0].size_bytes == 18 and (tmp_path / "copy.txt").read_text() == "hello from py-tes\n"
+    assert full.logs[0].outputs[0].size_bytes == 18 and (results / "copy.txt").read_text() == "hello from py-tes\n"
     basic = short.get_task(task_id, view="BASIC")
     assert basic.inputs[0].content is None and basic.logs[0].logs[1].stdout is None and basic.name == "py-tes demo"
     minimal = short.get_task(task_id, view="MINIMAL")
@@ -158,9 +165,11 @@ def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: P
     (storage / "data" / "in.txt").write_text("input\n")
     # each job pip-installs the storage plugin: from the wheels fetched once, never from the index
     offline = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # The jobs run Snakemake from this virtualenv, whose interpreter may live where nobody cannot
+    # reach it (e.g. pyenv under /root): this site runs its jobs as root, explicitly.
     gateway = start(gateway_factory, f'images = [{{ match = "snakemake/snakemake:*", run = "host" }}]\n'
                                      f'host_writable = ["{storage}"]\nhost_readable = ["{sys.prefix}", "{wheels}"]',
-                    env=offline)
+                    "[run_as]\nallow_root_jobs = true", env=offline)
     project = tmp_path / "project"
     project.mkdir()
     (project / "Snakefile").write_text(SNAKEFILE)

@@ -13,7 +13,7 @@ from gateway import config as configuration
 from gateway.tes import request as tes, steps as tes_steps
 from gateway.app import create_app
 
-from .conftest import cluster_env
+from .conftest import cluster_env, writable_by_jobs
 from .test_tes import call, create, shell, wait
 
 STANDIN = Path(__file__).parent / "standin" / "apptainer"
@@ -53,6 +53,7 @@ async def image_client(aiohttp_client: Any, tmp_path: Path, rootfs: Path) -> Any
             "image_rules": [{"match": "local/busybox", "image": str(rootfs)}]}},
         "tes": {"images": [{"match": "busybox*", "image": "local/busybox"}, {"match": "ubuntu", "image": "local/ubuntu"},
                            {"match": "python:*", "run": "host"}]},
+        "paths": {"roots": [str(tmp_path)]},  # file:// outputs may go to the test's folder (jobs: nobody, as root)
     }
     return await aiohttp_client(create_app(configuration.from_document(document, tmp_path, "test config")))
 
@@ -61,6 +62,7 @@ async def test_executors_in_an_image_see_their_private_paths(image_client: Any, 
     (tmp_path / "input.txt").write_text("from the host\n")
     script = ('cat /tmp/in/input.txt; echo "$GREETING from $(pwd)"; test -e /etc/debian_version || echo image;'
               ' echo result > /data/r.txt; env | grep -c JOBPROXY_TASK_ID; exit 0')
+    writable_by_jobs(tmp_path / "out")
     task_id = await create(image_client, {
         "inputs": [{"url": f"file://{tmp_path}/input.txt", "path": "/tmp/in/input.txt"}],
         "outputs": [{"url": f"file://{tmp_path}/out/r.txt", "path": "/data/r.txt"}],
@@ -91,6 +93,8 @@ async def test_executors_in_docker(aiohttp_client: Any, tmp_path: Path) -> None:
         "scheduler": {"type": "local", "poll_interval": 0.1, "container": {
             "runtime": "docker", "host": docker_host, "pull": "never", "allowed_images": ["jobproxy-test/*"]}},
         "tes": {"images": [{"match": "busybox*", "image": "jobproxy-test/busybox:latest"}]},
+        # nobody may not use the engine: this site runs container jobs as root; outputs go to the test's folder
+        "run_as": {"allow_root_jobs": True}, "paths": {"roots": [str(tmp_path)]},
     }
     client = await aiohttp_client(create_app(configuration.from_document(document, tmp_path, "test config")))
     (tmp_path / "in.txt").write_text("input\n")

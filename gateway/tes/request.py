@@ -51,7 +51,7 @@ from ..auth import Identity
 from ..config import ImageRule, TesSettings
 from ..keys import CONFIG, SCHEDULER
 from schedulers.base import Container, Mount, Task, path_within
-from ..policy import user_roots
+from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
 
 TES_VERSION = "1.1.0"
@@ -160,11 +160,13 @@ class _Builder:
             raise refuse(where, f"{url!r}: this gateway supports these URL schemes here: {', '.join(enabled)}")
         return [str(part).replace("{url}", url).replace("{path}", private) for part in template]
 
-    def _file_url(self, where: str, url: str) -> str:
+    def _file_url(self, where: str, url: str, output: bool = False) -> str:
+        """The local path of a file:// URL, within the site's roots: `[paths] roots`; for an output,
+        without those, the task root when auth and run-as are off (`policy.confinement_roots`)."""
         path = local_path(url)
         if path is None:
             raise refuse(where, f"{url!r} is not a file:// URL of this machine (file:///absolute/path)")
-        roots = self.app[CONFIG].path_roots
+        roots = confinement_roots(self.app[CONFIG]) if output else self.app[CONFIG].path_roots
         if roots is not None:
             allowed = user_roots(roots, self.user)
             if not path_within(path, allowed):
@@ -209,7 +211,7 @@ class _Builder:
                 command: list[str] | None = self._scheme_command(f"{where}.url", item["url"], "put", root + path)
                 destination = item["url"]
             else:
-                command, destination = None, self._file_url(f"{where}.url", item["url"])
+                command, destination = None, self._file_url(f"{where}.url", item["url"], output=True)
             if item.get("type") == "DIRECTORY":
                 self.private.append(path)
                 self.folders.append(path)

@@ -84,7 +84,7 @@ class SlurmScheduler(Scheduler):
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
         super().__init__(name, options, state_dir, **contract)
         self.partition: str | None = self.options.get("partition")
-        self.account: str | None = self.options.get("account")
+        self.sbatch_account: str | None = self.options.get("account")
         self.qos: str | None = self.options.get("qos")
         self.extra: list[str] = list(self.options.get("extra_directives", []))
         self.default_time: int | None = self.options.get("default_time")
@@ -123,7 +123,7 @@ class SlurmScheduler(Scheduler):
     def job_script(self, task: Task) -> str:
         """The job script of `task`: the template filled with its directives and the common body."""
         lines = directives(task, time_minutes=time_limit_minutes(task, self.default_time, self.time_factor),
-                           partition=self.partition, account=self.account, qos=self.qos, extra=self.extra)
+                           partition=self.partition, account=self.sbatch_account, qos=self.qos, extra=self.extra)
         record = f"printf '%s\\n' \"$SLURM_JOB_ID\" > {quote(f'{task.workdir}/{JOB_ID_FILE}')}"
         return render(self.template, {
             "task_id": quote(task.id),
@@ -207,10 +207,12 @@ class SlurmScheduler(Scheduler):
             raise SchedulerUnavailable(f"Slurm gave an unexpected answer: {exc}") from None
 
     def _on_behalf(self, task: Task) -> list[str]:
-        """With run_as: submit as root on the task user's behalf, with a clean login environment."""
-        if not self.run_as_user:
+        """With run_as or a fixed account: submit as root on the job account's behalf, with a clean login
+        environment."""
+        account = self.job_account(task)
+        if not account:
             return []
-        entry = pwd.getpwnam(task.user)
+        entry = pwd.getpwnam(account)
         return [f"--uid={entry.pw_uid}", f"--gid={entry.pw_gid}", "--export=NONE"]
 
     def _status(self, job: JobRef, found: SlurmJob) -> JobStatus:
