@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 # first component names a registry only if it has a dot or a port, or is localhost (as in Docker).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOCKER_REF = re.compile(
-    rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
+    rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)?"
+    rf"{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
 )
 
 COMMON_OPTIONS: dict[str, Any] = {
@@ -115,7 +116,8 @@ class ContainerRuntime(abc.ABC):
             await run(argv, timeout, service=self.name.capitalize())
             while probe and (await run(probe, timeout, service=self.name.capitalize())).status == 0:
                 if asyncio.get_running_loop().time() > deadline:
-                    log.warning("task %s: its container %s is still there after %s s", task.id, self.name_of(task), timeout)
+                    log.warning("task %s: its container %s is still there after %s s", task.id, self.name_of(task),
+                                timeout)
                     return
                 await asyncio.sleep(0.2)
                 await run(argv, timeout, service=self.name.capitalize())

@@ -100,7 +100,8 @@ def ending_from_record(record: dict[str, str]) -> Ending:
         return Ending(signal=name, cpu=cpu, maxvmem=maxvmem, reason=why.strip(), finished=finished)
     if failed == 0:
         return Ending(exit_status=exit_status, cpu=cpu, maxvmem=maxvmem, finished=finished)
-    return Ending(aborted=True, cpu=cpu, maxvmem=maxvmem, reason=" ".join(record.get("failed", "").split()), finished=finished)
+    reason = " ".join(record.get("failed", "").split())
+    return Ending(aborted=True, cpu=cpu, maxvmem=maxvmem, reason=reason, finished=finished)
 
 
 def _date(text: str) -> datetime | None:

@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 SCRIPT_NAME = "drmaa-job.sh"
 _NAME = r"^[^\s'\"\\{}]+$"
 _NAME_ERROR = {"pattern": "must be a Grid Engine name: no spaces, quotes, backslashes or braces"}
-_SETTLE = 10.0  # seconds an exit-code file may exist while the DRM still lists the job as active (or at once: undetermined)
+#: Seconds an exit-code file may exist while the DRM still lists the job as active (none: "undetermined").
+_SETTLE = 10.0
 _TAIL = 16384  # bytes of stderr searched for the words of a failed allocation
 _REFUSALS = ("DeniedByDrmException", "InvalidAttributeValueException", "InvalidAttributeFormatException",
              "ConflictingAttributeValuesException", "InvalidArgumentException", "UnsupportedAttributeException")
@@ -74,24 +75,29 @@ class DrmaaScheduler(Scheduler):
         "properties": {
             "drm": {"enum": ["gridengine", "other"], "default": "gridengine",
                     "description": "gridengine: check SGE_ROOT/SGE_CELL, default native_spec, qacct after restarts"},
-            "library_path": {"type": "string", "minLength": 1, "description": "libdrmaa (default: $DRMAA_LIBRARY_PATH)"},
+            "library_path": {"type": "string", "minLength": 1,
+                             "description": "libdrmaa (default: $DRMAA_LIBRARY_PATH)"},
             "sge_root": {"type": "string", "minLength": 1, "description": "Grid Engine root (default: $SGE_ROOT)"},
-            "sge_cell": {"type": "string", "minLength": 1, "description": "Grid Engine cell (default: $SGE_CELL, else default)"},
+            "sge_cell": {"type": "string", "minLength": 1,
+                         "description": "Grid Engine cell (default: $SGE_CELL, else default)"},
             "contact": {"type": "string", "description": "DRMAA contact string (default: the DRM's default)"},
             "native_spec": {"type": "array", "items": {"type": "string"},
                             "description": "native-specification pieces with placeholders; see mapping.NATIVE_FIELDS"},
             "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},
             "queue": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR},
             "template": TEMPLATE_OPTION,
-            "environment": {"type": "object", "default": {}, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "x-error": {
-                                "pattern": "must be a variable name: letters, digits and '_', not starting with a digit"}},
-                            "additionalProperties": {"type": "string"}, "description": "variables added to every job's environment"},
+            "environment": {
+                "type": "object", "default": {}, "additionalProperties": {"type": "string"},
+                "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "x-error": {
+                    "pattern": "must be a variable name: letters, digits and '_', not starting with a digit"}},
+                "description": "variables added to every job's environment"},
             "call_timeout": {"type": "number", "minimum": 1, "maximum": 600, "default": 30,
                              "description": "seconds a DRMAA call may take before the request answers 503"},
             "cancel_timeout": {"type": "number", "minimum": 0, "maximum": 600, "default": 30,
                                "description": "seconds a DELETE waits for the DRM to end the job"},
             "lost_after": {"type": "number", "minimum": 0, "default": 120,
-                           "description": "seconds before a job the DRM forgot without any exit record is a SYSTEM_ERROR"},
+                           "description": "seconds before a job the DRM forgot without any exit record is a "
+                                          "SYSTEM_ERROR"},
             "bin_dir": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
                         "description": "gridengine: folder of qstat and qacct (default: PATH)"},
         },
@@ -110,7 +116,8 @@ class DrmaaScheduler(Scheduler):
                                  "scheduler.options.library_path to the site's libdrmaa "
                                  "(Grid Engine on Debian: /usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0)")
         if not Path(self.library).is_file():
-            raise SchedulerConfigError(f"libdrmaa {self.library} does not exist (DRMAA_LIBRARY_PATH or scheduler.options.library_path)")
+            raise SchedulerConfigError(f"libdrmaa {self.library} does not exist (DRMAA_LIBRARY_PATH or "
+                                       "scheduler.options.library_path)")
         self.env = {"DRMAA_LIBRARY_PATH": self.library}
         if self.grid_engine:
             root = o.get("sge_root") or os.environ.get("SGE_ROOT", "")
@@ -126,7 +133,8 @@ class DrmaaScheduler(Scheduler):
         self.qstat: str | None = None  # gridengine: the paths of qstat and qacct, found by start()
         self.qacct: str | None = None
         self._missing: dict[str, float] = {}  # task id -> when its job was first found gone without a record
-        self._lagging: dict[str, float] = {}  # task id -> when qstat first no longer listed a job the session has as active
+        # task id -> when qstat first no longer listed a job that the session still has as active
+        self._lagging: dict[str, float] = {}
         self._unknown_seen: set[tuple[str, str]] = set()
 
     async def start(self, report: Report) -> None:
@@ -134,11 +142,12 @@ class DrmaaScheduler(Scheduler):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         os.environ.update(self.env)  # libdrmaa reads them when it loads and when the session opens
         if self.grid_engine:
-            search = self.options.get("bin_dir") or os.environ.get("PATH", os.defpath)
+            where = self.options.get("bin_dir")
+            search = where or os.environ.get("PATH", os.defpath)
             self.qstat, self.qacct = shutil.which("qstat", path=search), shutil.which("qacct", path=search)
             if self.qstat is None:
-                raise SchedulerConfigError(f"the Grid Engine command qstat was not found in {self.options.get('bin_dir') or 'PATH'}: "
-                                           "install Grid Engine's client commands (Debian: gridengine-client) or set "
+                raise SchedulerConfigError(f"the Grid Engine command qstat was not found in {where or 'PATH'}: install "
+                                           "Grid Engine's client commands (Debian: gridengine-client) or set "
                                            "scheduler.options.bin_dir")
         drm = shared()
         drm.contact = self.options.get("contact", "")
@@ -151,8 +160,9 @@ class DrmaaScheduler(Scheduler):
             return
         except drm.lib.errors.DrmaaException as exc:
             raise SchedulerError(f"cannot open a DRMAA session with {self.library}: {_message(exc)}") from None
-        log.info("drmaa scheduler %s: %s via %s; native specification %s; CPU time also by RLIMIT_CPU in the job script",
-                 self.name, drms, self.library, " ".join(self.pieces) or "(none)")
+        log.info("drmaa scheduler %s: %s via %s; native specification %s; CPU time also by RLIMIT_CPU in the job "
+                 "script; job states from %s", self.name, drms, self.library, " ".join(self.pieces) or "(none)",
+                 f"{self.qstat} -xml" if self.qstat else "DRMAA, one call per job")
 
     # ---- the contract ----
 
@@ -180,7 +190,9 @@ class DrmaaScheduler(Scheduler):
                                       self.options["environment"])
         abandoned = threading.Event()
         try:
-            return str(await self._call(shared().run_job, fields, self._spool(task.id) / "job_id", abandoned, doing="take the job"))
+            job_id = await self._call(shared().run_job, fields, self._spool(task.id) / "job_id", abandoned,
+                                      doing="take the job")
+            return str(job_id)
         except (SchedulerUnavailable, asyncio.CancelledError):
             abandoned.set()
             raise
@@ -246,7 +258,8 @@ class DrmaaScheduler(Scheduler):
         except SchedulerError:
             raise
         except Exception as exc:
-            drmaa_error = isinstance(exc, drm.lib.errors.DrmaaException) or (type(exc) is Exception and str(exc).startswith("code "))
+            drmaa_error = (isinstance(exc, drm.lib.errors.DrmaaException)
+                           or (type(exc) is Exception and str(exc).startswith("code ")))
             if not drmaa_error:
                 raise
             if type(exc).__name__ in _REFUSALS:
@@ -276,8 +289,8 @@ class DrmaaScheduler(Scheduler):
         if mapped is None:
             if (job.task_id, found.state) not in self._unknown_seen:
                 self._unknown_seen.add((job.task_id, found.state))
-                log.warning("task %s: Grid Engine job %s is in state %r, which JobProxy does not know; reporting UNKNOWN",
-                            job.task_id, found.job_id, found.state)
+                log.warning("task %s: Grid Engine job %s is in state %r, which JobProxy does not know; reporting "
+                            "UNKNOWN", job.task_id, found.job_id, found.state)
             return JobStatus(TaskState.UNKNOWN, f"Grid Engine reports job {found.job_id} in state {found.state}")
         state, words = mapped
         started = found.started if state in (TaskState.RUNNING, TaskState.PAUSED) else None
@@ -293,7 +306,8 @@ class DrmaaScheduler(Scheduler):
             log.warning("task %s: DRMAA job %s: %s", job.task_id, job.native_id, data)
             return None
         if kind == "qstat" or kind in mapping.ACTIVE_STATES:
-            settled = exit_time is not None and (kind == "undetermined" or time.time() - exit_time.timestamp() > _SETTLE)
+            settled = exit_time is not None and (kind == "undetermined"
+                                                 or time.time() - exit_time.timestamp() > _SETTLE)
             if not settled:
                 if cancelled:
                     return JobStatus(TaskState.CANCELING, "terminating")

@@ -94,7 +94,8 @@ class DrmaaSession:
             hint = f"; {_TLS_HINT}" if "static TLS" in str(exc) else ""
             raise SchedulerError(f"cannot load libdrmaa {library}: {exc}{hint}") from None
         except (ImportError, RuntimeError) as exc:
-            raise SchedulerError(f"cannot use DRMAA: {exc} (the Python package `drmaa` and the site's libdrmaa are needed)") from None
+            raise SchedulerError(f"cannot use DRMAA: {exc} (the Python package `drmaa` and the site's libdrmaa "
+                                 "are needed)") from None
         self.lib, self.library = drmaa, library
 
     def open(self) -> str:

@@ -30,7 +30,8 @@ from typing import Any, Coroutine, Mapping, Sequence
 from ..task import Task, TaskState
 
 from .. import outcome
-from ..base import JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused, TEMPLATE_OPTION
+from ..base import (JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused,
+                    TEMPLATE_OPTION)
 from ..commands import CommandTimeout, Finished, run
 from ..files import recorded_exit
 from ..script import EXIT_FILE, describe_request, quote, render, run_block
@@ -154,7 +155,8 @@ class SlurmScheduler(Scheduler):
         argv = squeue_name_argv(self._path("squeue"), task.id)
         named = sorted((j.job_id for j in (await self._squeue(argv)).values() if j.name == task.id), key=int)
         if len(named) > 1:
-            log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named), named[0])
+            log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named),
+                        named[0])
         if named:
             return named[0]
         try:
