@@ -213,8 +213,9 @@ def profiler(pid: int, output: str | None) -> subprocess.Popen[bytes] | None:
     """py-spy recording the gateway for 6 s (when asked for), a process of ours."""
     if output is None:
         return None
-    return subprocess.Popen([str(Path(PYTHON).parent / "py-spy"), "record", "-p", str(pid), "-d", "6", "-f", "raw", "--idle", "--threads",
-                             "-o", output], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [str(Path(PYTHON).parent / "py-spy"), "record", "-p", str(pid), "-d", "6", "-f", "raw", "--idle",
+            "--threads", "-o", output]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def main() -> None:
