@@ -80,7 +80,7 @@ class DrmaaScheduler(Scheduler):
             "sge_root": {"type": "string", "minLength": 1, "description": "Grid Engine root (default: $SGE_ROOT)"},
             "sge_cell": {"type": "string", "minLength": 1,
                          "description": "Grid Engine cell (default: $SGE_CELL, else default)"},
-            "contact": {"type": "string", "description": "DRMAA contact string (default: the DRM's default)"},
+            "contact": {"type": "string", "default": "", "description": "DRMAA contact string (default: the DRM's default)"},
             "native_spec": {"type": "array", "items": {"type": "string"},
                             "description": "native-specification pieces with placeholders; see mapping.NATIVE_FIELDS"},
             "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},
@@ -150,7 +150,7 @@ class DrmaaScheduler(Scheduler):
                                            "Grid Engine's client commands (Debian: gridengine-client) or set "
                                            "scheduler.options.bin_dir")
         drm = shared()
-        drm.contact = self.options.get("contact", "")
+        drm.contact = self.options["contact"]
         await drm.call(self.timeout, drm.load, self.library)
         try:
             drms = await drm.call(self.timeout, drm.open)

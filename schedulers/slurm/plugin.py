@@ -32,7 +32,7 @@ from ..task import Task, TaskState
 from .. import outcome
 from ..base import (JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused,
                     TEMPLATE_OPTION)
-from ..commands import CommandTimeout, Finished, run
+from ..commands import CommandTimeout, run
 from ..files import recorded_exit
 from ..script import EXIT_FILE, describe_request, quote, render, run_block
 from .parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
@@ -252,7 +252,7 @@ class SlurmScheduler(Scheduler):
                                                  f"exit code in {job.task.workdir}/{EXIT_FILE}")
 
     async def _squeue(self, argv: list[str]) -> dict[str, SlurmJob]:
-        code, out, err = await self._exec(argv)
+        code, out, err = await self._argv(argv)
         if code != 0:
             message = error_message(err, out)
             if no_such_job(message):  # squeue asked about one job id only, which Slurm has forgotten
@@ -296,9 +296,9 @@ class SlurmScheduler(Scheduler):
         return self.commands.get(command, command)
 
     async def _run(self, command: str, *args: str) -> tuple[int, str, str]:
-        return await self._exec([self._path(command), *args])
+        """Run the Slurm command `command` (sbatch, squeue, ...) with `args`: exit status, stdout, stderr."""
+        return await self._argv([self._path(command), *args])
 
-    async def _exec(self, argv: list[str]) -> tuple[int, str, str]:
-        """Run one Slurm command; answer its exit status, stdout and stderr."""
-        done: Finished = await run(argv, self.timeout, service="Slurm")
+    async def _argv(self, argv: list[str]) -> tuple[int, str, str]:
+        done = await run(argv, self.timeout, service="Slurm")
         return done.status, done.stdout, done.stderr
