@@ -26,7 +26,8 @@ from typing import Any, ClassVar, Mapping
 
 from .task import Task, path_within
 
-from .base import TaskRefused
+from .base import SchedulerUnavailable, TaskRefused
+from .commands import run
 from .script import Command, OOM_FILE, quote, quote_argv
 from .units import cpu_rlimit
 
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 # first component names a registry only if it has a dot or a port, or is localhost (as in Docker).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOCKER_REF = re.compile(
-    rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
+    rf"(?:(?:localhost|[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)+)(?::[0-9]+)?/|[a-zA-Z0-9-]+:[0-9]+/)?"
+    rf"{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@sha256:[a-f0-9]{{64}})?"
 )
 
 COMMON_OPTIONS: dict[str, Any] = {
@@ -111,21 +113,16 @@ class ContainerRuntime(abc.ABC):
             return
         deadline = asyncio.get_running_loop().time() + timeout
         try:
-            await _quiet(argv, timeout)
-            while probe and await _quiet(probe, timeout) == 0:
+            await run(argv, timeout, service=self.name.capitalize())
+            while probe and (await run(probe, timeout, service=self.name.capitalize())).status == 0:
                 if asyncio.get_running_loop().time() > deadline:
-                    log.warning("task %s: its container %s is still there after %s s", task.id, self.name_of(task), timeout)
+                    log.warning("task %s: its container %s is still there after %s s", task.id, self.name_of(task),
+                                timeout)
                     return
                 await asyncio.sleep(0.2)
-                await _quiet(argv, timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            log.warning("task %s: could not run %s: %s", task.id, argv[0], exc)
-
-
-async def _quiet(argv: list[str], timeout: float) -> int:
-    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
-                                                   stderr=asyncio.subprocess.DEVNULL)
-    return await asyncio.wait_for(process.wait(), timeout)
+                await run(argv, timeout, service=self.name.capitalize())
+        except SchedulerUnavailable as exc:
+            log.warning("task %s: could not stop its container %s: %s", task.id, self.name_of(task), exc)
 
 
 class DockerRuntime(ContainerRuntime):

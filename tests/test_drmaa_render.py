@@ -13,7 +13,9 @@ from typing import Any
 
 import pytest
 
-from schedulers.base import Task, TaskState
+from gateway.validation import SchemaValidator
+from schedulers.base import JobRef, Task, TaskState
+from schedulers.drmaa.plugin import DrmaaScheduler
 from schedulers.drmaa import gridengine, mapping as drmaa_map
 from schedulers.drmaa.mapping import Ending, conclude
 from schedulers.script import Command, check_template, load_template, placeholders
@@ -38,6 +40,7 @@ def spec(pe: str = "smp", queue: str | None = None, pieces: tuple[str, ...] = dr
 def test_doctests() -> None:
     for module in (drmaa_map, gridengine):
         failures, tried = doctest.testmod(module)
+        assert tried > 0 and failures == 0, module.__name__
         assert tried > 0 and failures == 0
 
 
@@ -295,3 +298,72 @@ def test_environment_problems(tmp_path: Path) -> None:
     (tmp_path / "default" / "common").mkdir(parents=True)
     (tmp_path / "default" / "common" / "act_qmaster").write_text("vm\n")
     assert gridengine.environment_problem(str(tmp_path), "default") is None
+
+
+# ---- qstat -xml -u '*' -----------------------------------------------------------------------------
+
+# tests/captured/gridengine-8.1.9-qstat.xml: 53 sleeping (r), 49 suspended by qmod -sj (s), 54 waiting
+# for a slot (qw), 51 submitted with qsub -h (hqw), 52 with an output folder that does not exist (Eqw)
+
+
+def qstat_text(name: str = "qstat") -> str:
+    return (CAPTURED / f"gridengine-8.1.9-{name}.xml").read_text()
+
+
+def test_qstat_lists_running_and_pending_jobs_with_their_states() -> None:
+    jobs = gridengine.parse_qstat(qstat_text())
+    assert {j.job_id: (j.name, j.state) for j in jobs.values()} == {
+        "53": ("cap-run", "r"), "49": ("cap-susp", "s"), "54": ("cap-pend", "qw"), "51": ("cap-hold", "hqw"),
+        "52": ("cap-err", "Eqw")}
+    assert jobs["53"].owner == "root"
+    assert jobs["53"].started is not None and jobs["53"].started.strftime("%H:%M:%S") == "06:21:58"
+    assert jobs["54"].started is None  # pending jobs carry their submission time only
+    assert gridengine.parse_qstat(qstat_text("qstat-empty")) == {}
+
+
+@pytest.mark.parametrize("text", ["", "error: commlib error: got select error (Connection refused)\n",
+                                  "<?xml version='1.0'?><unexpected/>"])
+def test_qstat_output_that_is_not_its_job_list_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        gridengine.parse_qstat(text)
+
+
+@pytest.mark.parametrize("letters, state", [
+    ("qw", TaskState.QUEUED), ("hqw", TaskState.PAUSED), ("Eqw", TaskState.PAUSED), ("r", TaskState.RUNNING),
+    ("t", TaskState.INITIALIZING), ("Rr", TaskState.RUNNING), ("Rq", TaskState.QUEUED), ("s", TaskState.PAUSED),
+    ("S", TaskState.PAUSED), ("T", TaskState.PAUSED), ("dr", TaskState.CANCELING), ("dt", TaskState.CANCELING),
+    ("hRwq", TaskState.PAUSED), ("Ehqw", TaskState.PAUSED),
+])
+def test_qstat_states(letters: str, state: TaskState) -> None:
+    mapped = gridengine.job_state(letters)
+    assert mapped is not None and mapped[0] == state and mapped[1]
+
+
+def test_captured_states_in_the_common_vocabulary() -> None:
+    jobs = gridengine.parse_qstat(qstat_text())
+    assert {j.name: gridengine.job_state(j.state) for j in jobs.values()} == {
+        "cap-run": (TaskState.RUNNING, "running"), "cap-susp": (TaskState.PAUSED, "suspended"),
+        "cap-pend": (TaskState.QUEUED, "queued"), "cap-hold": (TaskState.PAUSED, "on hold"),
+        "cap-err": (TaskState.PAUSED, "in error state (Grid Engine could not start it; qstat -j says why)")}
+
+
+@pytest.mark.parametrize("letters", ["", "X", "qX", "R", "z"])
+def test_qstat_states_not_understood_are_none(letters: str) -> None:
+    assert gridengine.job_state(letters) is None
+
+
+def test_a_state_not_understood_is_unknown_with_one_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    library = tmp_path / "libdrmaa.so"
+    library.write_bytes(b"")
+    options = SchemaValidator(DrmaaScheduler.options_schema).with_defaults(
+        {"drm": "other", "native_spec": [], "library_path": str(library)})
+    plugin = DrmaaScheduler("drmaa", options, tmp_path / "state")
+    job = JobRef(task(), "77")
+    odd = gridengine.QueuedJob("77", drmaa_map.job_name(job.task_id), "qX")
+    with caplog.at_level(logging.WARNING, logger="schedulers.drmaa.plugin"):
+        statuses = [plugin._listed(job, odd) for _ in range(3)]
+    assert {(s.state, s.description) for s in statuses} == {(TaskState.UNKNOWN, "Grid Engine reports job 77 in state qX")}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"task {job.task_id}: Grid Engine job 77 is in state 'qX', which JobProxy does not know; reporting UNKNOWN"]
+    held = plugin._listed(job, gridengine.QueuedJob("77", "n", "hqw"))
+    assert (held.state, held.description) == (TaskState.PAUSED, "on hold as Grid Engine job 77")

@@ -3,16 +3,25 @@ Engine (etc/dev/gridengine.sh), driven over HTTP. The Grid Engine side is checke
 commands (qstat, qacct), never through the gateway's view of it."""
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
+from gateway import config as configuration
+from gateway.model import new_task_id, task_from_document
+from gateway.plugins import create_scheduler
+from schedulers.base import JobRef, Scheduler, Task, TaskState
 from schedulers.drmaa import gridengine
+from schedulers.drmaa.mapping import GRID_ENGINE_SPEC
+from schedulers.drmaa.session import shared
 from schedulers.local import proc
+from schedulers.script import quote
 
 from . import backend_drmaa
 from .conftest import ROOT, Gateway
@@ -196,3 +205,95 @@ def test_start_up_says_what_is_missing(gateway_factory: Callable[..., Gateway], 
     said = str(failed.value)
     assert message in said and "Traceback" not in said
     assert "jobproxy: configuration error:" in said or "jobproxy: scheduler 'drmaa' could not start:" in said
+
+
+# ---- one qstat call per poll (the plugin itself, against the dev Grid Engine) ----------------------
+
+
+@pytest.fixture
+def logged_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """qstat and qacct behind wrappers that log each call: (the folder, the log)."""
+    folder, calls = tmp_path / "sge-bin", tmp_path / "sge-calls.log"
+    folder.mkdir()
+    for name in ("qstat", "qacct"):
+        real = shutil.which(name)
+        assert real, f"{name} is not installed"
+        (folder / name).write_text(f"#!/bin/bash\necho {name} \"$*\" >> {quote(str(calls))}\nexec {quote(real)} \"$@\"\n")
+        (folder / name).chmod(0o755)
+    return folder, calls
+
+
+def logged(calls: Path, name: str) -> list[str]:
+    return [line for line in (calls.read_text().splitlines() if calls.exists() else []) if line.split()[0] == name]
+
+
+async def plugin(tmp_path: Path, **options: Any) -> Scheduler:
+    document = {"gateway": {"state_dir": str(tmp_path / "state")},
+                "scheduler": {"type": "drmaa", "poll_interval": 1, "options": options}}
+    scheduler = create_scheduler(configuration.from_document(document, tmp_path, "test config"))
+    await scheduler.start(lambda *_: None)
+    return scheduler
+
+
+def tasks(tmp_path: Path, *commands: str) -> list[Task]:
+    made = []
+    for i, cmd in enumerate(commands):
+        workdir = tmp_path / f"t{i}"
+        workdir.mkdir()
+        made.append(task_from_document({"user": "a", "cmd": cmd}, new_task_id(), str(workdir)))
+    return made
+
+
+async def test_one_qstat_call_per_status_and_no_drmaa_state_queries(tmp_path: Path,
+                                                                    logged_bin: tuple[Path, Path]) -> None:
+    """22 active jobs (2 slots: most stay queued): each status() is one `qstat -xml -u *` call and
+    no DRMAA jobStatus at all; the two jobs that end are reaped with wait() once qstat no longer
+    lists them, and say how they ended."""
+    folder, calls = logged_bin
+    scheduler = await plugin(tmp_path, bin_dir=str(folder))
+    session = shared()
+    made = tasks(tmp_path, "exit 3", "true", *["sleep 120"] * 20)
+    jobs = [JobRef(task, await scheduler.submit(task)) for task in made]
+    before = dict(session.counts)
+    try:
+        rounds, deadline, answers = 0, time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            answers = await scheduler.status(jobs)
+            rounds += 1
+            if all(task.id in answers and answers[task.id].state.terminal for task in made[:2]):
+                break
+            await asyncio.sleep(0.5)
+        qstat = logged(calls, "qstat")
+        assert qstat == ["qstat -xml -u *"] * rounds
+        assert session.counts["jobStatus"] == before.get("jobStatus", 0), "DRMAA was asked the state of a listed job"
+        assert 2 <= session.counts["wait"] - before.get("wait", 0) <= 2 * rounds
+        assert (answers[made[0].id].state, answers[made[0].id].exit_code) == (TaskState.EXECUTOR_ERROR, 3)
+        assert (answers[made[1].id].state, answers[made[1].id].exit_code) == (TaskState.COMPLETE, 0)
+        waiting = {answers[task.id].state for task in made[2:]}
+        assert waiting <= {TaskState.QUEUED, TaskState.INITIALIZING, TaskState.RUNNING} and TaskState.QUEUED in waiting
+        assert all(answers[t.id].description.endswith(f"as Grid Engine job {j.native_id}") for t, j in zip(made[2:], jobs[2:]))
+    finally:
+        await asyncio.gather(*(scheduler.cancel(job) for job in jobs[2:]))
+    final = await scheduler.status(jobs[2:])
+    assert {status.state for status in final.values()} == {TaskState.CANCELED}
+    await scheduler.close()
+
+
+async def test_drm_other_asks_drmaa_for_each_jobs_state(tmp_path: Path, logged_bin: tuple[Path, Path]) -> None:
+    """`drm = "other"` knows no qstat: one DRMAA jobStatus per active job, as before."""
+    folder, calls = logged_bin
+    scheduler = await plugin(tmp_path, drm="other", native_spec=list(GRID_ENGINE_SPEC), bin_dir=str(folder))
+    session = shared()
+    made = tasks(tmp_path, "exit 3", "sleep 1")
+    jobs = [JobRef(task, await scheduler.submit(task)) for task in made]
+    before = session.counts["jobStatus"]
+    first = await scheduler.status(jobs)
+    assert session.counts["jobStatus"] - before == 2 and len(first) == 2
+    deadline = time.monotonic() + 90
+    while not all(s.state.terminal for s in (await scheduler.status(jobs)).values()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.5)
+    ended = await scheduler.status(jobs)
+    assert [(ended[t.id].state, ended[t.id].exit_code) for t in made] == [(TaskState.EXECUTOR_ERROR, 3), (TaskState.COMPLETE, 0)]
+    assert logged(calls, "qstat") == [] and logged(calls, "qacct") == []
+    await scheduler.close()

@@ -27,6 +27,7 @@ import pytest
 from schedulers.base import Task, TaskState
 from gateway.model import new_task_id, task_from_document
 from gateway.store import Store
+from gateway.validation import SchemaValidator
 from schedulers.base import JobRef
 from schedulers.script import quote
 from schedulers.slurm.plugin import COMMANDS, JOB_ID_FILE, SlurmScheduler
@@ -46,11 +47,13 @@ def cluster() -> None:
 
 @dataclass
 class Wrappers:
-    """Slurm's commands behind logging wrappers; `hold` makes sbatch wait after Slurm answered."""
+    """Slurm's commands behind logging wrappers (a line when each starts, `<name>-done` when it
+    ends); `hold` makes sbatch wait after Slurm answered, `slow` makes it wait 0.5 s before."""
 
     bin_dir: Path
     calls: Path
     hold: Path
+    slow: Path
 
     def lines(self, command: str) -> list[tuple[float, str]]:
         found = []
@@ -70,12 +73,14 @@ def wrappers(cluster: None, tmp_path: Path) -> Wrappers:
         assert real, f"{name} is not installed"
         held = (f"if [ -e {quote(str(hold))} ]; then : > {quote(str(hold) + '.submitted')}\n"
                 f"  for _ in $(seq 600); do [ -e {quote(str(hold))} ] || break; sleep 0.1; done\nfi\n") if name == "sbatch" else ""
+        slow = f"[ -e {quote(str(tmp_path / 'slow-sbatch'))} ] && sleep 0.5\n" if name == "sbatch" else ""
         (bin_dir / name).write_text(
             "#!/bin/bash\n"
             f"printf '%s %s %s\\n' \"$(date +%s.%N)\" {name} \"$*\" >> {quote(str(calls))}\n"
-            f"{quote(real)} \"$@\"\nstatus=$?\n{held}exit $status\n")
+            f"{slow}{quote(real)} \"$@\"\nstatus=$?\n{held}"
+            f"printf '%s %s %s\\n' \"$(date +%s.%N)\" {name}-done \"$*\" >> {quote(str(calls))}\nexit $status\n")
         (bin_dir / name).chmod(0o755)
-    return Wrappers(bin_dir, calls, hold)
+    return Wrappers(bin_dir, calls, hold, tmp_path / "slow-sbatch")
 
 
 def config(wrappers: Wrappers, interval: float = 0.5, timeout: float = 30) -> str:
@@ -219,9 +224,9 @@ def test_fifty_tasks_with_one_squeue_call_per_interval(gateway_factory: Callable
     rounds = (finished - submitted) / interval
     assert len(calls) <= rounds + 2, f"{len(calls)} squeue calls in {finished - submitted:.1f} s"
     first = calls[0][1]
-    named = re.search(r"--name=(\S+)", first)
-    assert named, first
-    assert len(named.group(1).split(",")) > 25, "the first status query after the submissions covers them all"
+    listed = re.search(r"--jobs=(\S+)", first)
+    assert listed and "--name=" not in first, first
+    assert len(listed.group(1).split(",")) > 25, "the first status query after the submissions covers them all"
     assert len(wrappers.lines("scontrol")) == 0  # every job was resolved from squeue alone
 
 
@@ -333,9 +338,76 @@ def test_unreachable_slurm_answers_503_and_states_catch_up(gateway_factory: Call
 # ---- jobs Slurm no longer lists (the plugin itself, against the cluster) ---------------------------
 
 
+def plugin(tmp_path: Path, **options: Any) -> SlurmScheduler:
+    """The plugin with `options` as the gateway hands them over: checked, defaults filled in."""
+    validator = SchemaValidator(SlurmScheduler.options_schema)
+    assert validator.problems(options) == []
+    return SlurmScheduler("slurm", validator.with_defaults(options), tmp_path / "state")
+
+
+async def test_one_squeue_call_per_status_asks_for_just_those_jobs(wrappers: Wrappers, tmp_path: Path) -> None:
+    """N jobs, every state from pending to done: each status() is one squeue call, `--jobs=` with
+    exactly their ids (never `--name=`, which makes slurmctld list every job), and no scontrol."""
+    scheduler = plugin(tmp_path, bin_dir=str(wrappers.bin_dir))
+    await scheduler.start(lambda *_: None)
+    jobs = []
+    for i in range(24):
+        workdir = tmp_path / f"t{i}"
+        workdir.mkdir()
+        task = task_from_document({"user": "a", "cmd": f"sleep {i % 3}", "memory": 50}, new_task_id(), str(workdir))
+        jobs.append(JobRef(task, await scheduler.submit(task)))
+    rounds, deadline = 0, time.monotonic() + 120
+    states: dict[str, TaskState] = {}
+    while True:
+        answers = await scheduler.status(jobs)
+        rounds += 1
+        assert set(answers) == {job.task_id for job in jobs}
+        states = {task_id: status.state for task_id, status in answers.items()}
+        if all(state.terminal for state in states.values()) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert set(states.values()) == {TaskState.COMPLETE}
+    calls = [args for _, args in wrappers.lines("squeue")]
+    assert len(calls) == rounds, f"{len(calls)} squeue calls for {rounds} status() calls"
+    for args in calls:
+        listed = re.search(r"--jobs=(\S+)", args)
+        assert listed and "--name=" not in args, args
+        assert listed.group(1).split(",") == [job.native_id for job in jobs]
+    assert wrappers.lines("scontrol") == []
+    await scheduler.close()
+
+
+async def test_submissions_run_concurrently_up_to_submit_concurrency(wrappers: Wrappers, tmp_path: Path) -> None:
+    """Ten submissions at once with submit_concurrency = 3: sbatch runs in parallel, never more than 3 at a time."""
+    scheduler = plugin(tmp_path, bin_dir=str(wrappers.bin_dir), submit_concurrency=3)
+    await scheduler.start(lambda *_: None)
+    tasks = []
+    for i in range(10):
+        workdir = tmp_path / f"t{i}"
+        workdir.mkdir()
+        tasks.append(task_from_document({"user": "a", "cmd": "true"}, new_task_id(), str(workdir)))
+    wrappers.slow.touch()
+    native = await asyncio.gather(*(scheduler.submit(task) for task in tasks))
+    wrappers.slow.unlink()
+    assert len(set(native)) == 10
+    events = sorted([(stamp, 1) for stamp, _ in wrappers.lines("sbatch")]
+                    + [(stamp, -1) for stamp, _ in wrappers.lines("sbatch-done")])
+    running, most = 0, 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert most == 3, f"at most {most} sbatch calls ran at once"
+    jobs = [JobRef(task, job_id) for task, job_id in zip(tasks, native)]
+    deadline = time.monotonic() + 60
+    while not all(s.state.terminal for s in (await scheduler.status(jobs)).values()):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.5)
+    await scheduler.close()
+
+
 async def test_jobs_squeue_no_longer_lists_are_resolved(cluster: None, tmp_path: Path) -> None:
     """The exit-code file decides; else scontrol, which must name the task; else the job is lost."""
-    scheduler = SlurmScheduler("slurm", {}, tmp_path / "state")
+    scheduler = plugin(tmp_path)
     await scheduler.start(lambda *_: None)
 
     def task(name: str, cmd: str) -> Task:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 from gateway.model import task_from_document
 import json
+import pwd
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from gateway import config as configuration
 from gateway.config import ConfigError
 from schedulers.base import Task, TaskState
 from gateway.plugins import create_scheduler
+from gateway.validation import SchemaValidator
 from schedulers.slurm import parse as slurm_parse
 from schedulers.base import SchedulerError, TaskRefused
 from schedulers.script import EXIT_FILE
@@ -25,7 +27,10 @@ from schedulers.slurm.parse import SlurmJob, job_status, parse_scontrol, parse_s
 
 
 def scheduler(tmp_path: Path, **options: Any) -> SlurmScheduler:
-    return SlurmScheduler("slurm", options, tmp_path / "state")
+    """The plugin with `options` as the gateway hands them over: checked, defaults filled in."""
+    validator = SchemaValidator(SlurmScheduler.options_schema)
+    assert validator.problems(options) == []
+    return SlurmScheduler("slurm", validator.with_defaults(options), tmp_path / "state")
 
 
 def task(workdir: Path, **fields: Any) -> Task:
@@ -197,21 +202,32 @@ async def test_missing_commands_are_a_clear_error(tmp_path: Path) -> None:
 # ---- command lines -------------------------------------------------------------------------------
 
 
-def test_one_squeue_call_names_every_job() -> None:
-    argv = slurm_parse.squeue_argv("/usr/bin/squeue", ["a1", "b2", "c3"], 0)
-    assert argv[:4] == ["/usr/bin/squeue", "--noheader", "--all", "--states=all"]
-    assert "--name=a1,b2,c3" in argv and argv[-1].startswith("--Format=JobID:0|,State:0|")
+def test_one_squeue_call_asks_for_just_the_gateways_jobs() -> None:
+    argvs = slurm_parse.squeue_argvs("/usr/bin/squeue", ["101", "102", "103", "102"])
+    assert argvs == [["/usr/bin/squeue", "--jobs=101,102,103,102", "--noheader", "--all", "--states=all",
+                      f"--Format={slurm_parse.SQUEUE_FORMAT}"]]
+    assert argvs[0][-1].startswith("--Format=JobID:0|,State:0|") and argvs[0][-1].endswith(",Name:0")
+    assert slurm_parse.squeue_argvs("squeue", []) == []
+    assert slurm_parse.squeue_argvs("squeue", ["12", "not-a-number"])[0][1] == "--jobs=12"
 
 
-def test_too_many_names_for_one_argument_select_by_user() -> None:
-    names = [f"{i:019x}" for i in range(6000)]
-    argv = slurm_parse.squeue_argv("squeue", names, 1234)
-    assert "--user=1234" in argv and not any(a.startswith("--name=") for a in argv)
+def test_thousands_of_ids_are_split_over_few_calls_each_within_one_argument() -> None:
+    ids = [str(10_000_000 + i) for i in range(30_000)]
+    argvs = slurm_parse.squeue_argvs("squeue", ids)
+    assert len(argvs) == 3
+    lists = [argv[1].removeprefix("--jobs=") for argv in argvs]
+    assert all(len(text) <= slurm_parse.MAX_ID_LIST for text in lists)
+    assert ",".join(lists).split(",") == ids
+
+
+def test_find_asks_by_name() -> None:
+    argv = slurm_parse.squeue_name_argv("squeue", "18c1b2e4d5f6a7b8c9d")
+    assert argv[:2] == ["squeue", "--name=18c1b2e4d5f6a7b8c9d"] and "--states=all" in argv
 
 
 # ---- Slurm's output ------------------------------------------------------------------------------
 
-# squeue --noheader --all --states=all --name=... --Format=<SQUEUE_FORMAT>, Slurm 22.05, cgroup v1
+# squeue --jobs=... --noheader --all --states=all --Format=<SQUEUE_FORMAT>, Slurm 22.05, cgroup v1
 SQUEUE = """\
 26|FAILED|768|2026-11-27T19:16:21|2026-11-27T19:16:21|UNLIMITED|NonZeroExitCode|cap-exit3
 28|FAILED|35072|2026-11-27T19:16:22|2026-11-27T19:16:23|UNLIMITED|NonZeroExitCode|cap-cpu
@@ -331,3 +347,22 @@ def test_error_messages(stderr: str, message: str, unavailable: bool) -> None:
     text = slurm_parse.error_message(stderr)
     assert text == message
     assert slurm_parse.unavailable(text) is unavailable
+
+
+# ---- whose job ---------------------------------------------------------------------------------
+
+
+def test_jobs_run_as_the_account_job_account_names(tmp_path: Path) -> None:
+    """sbatch --uid/--gid for the account `job_account` answers: the fixed account, the task's
+    user with run_as, nothing for the gateway's own."""
+    options = SchemaValidator(SlurmScheduler.options_schema).with_defaults({})
+    nobody = pwd.getpwnam("nobody")
+    on_behalf = ["--uid=%d" % nobody.pw_uid, "--gid=%d" % nobody.pw_gid, "--export=NONE"]
+    fixed = SlurmScheduler("slurm", options, tmp_path / "state", account="nobody")
+    assert fixed._on_behalf(task(tmp_path / "w", user="alice")) == on_behalf
+    as_user = SlurmScheduler("slurm", options, tmp_path / "state", run_as_user=True, account="root")
+    assert as_user._on_behalf(task(tmp_path / "w", user="nobody")) == on_behalf
+    assert scheduler(tmp_path)._on_behalf(task(tmp_path / "w")) == []
+    with pytest.raises(TaskRefused, match="no Unix account 'jp-no-such-user'") as refused:
+        as_user._on_behalf(task(tmp_path / "w", user="jp-no-such-user"))
+    assert refused.value.path == "$.user"

@@ -8,7 +8,8 @@ imported only then, so a gateway without it still starts with other schedulers) 
 session; it stays open when an instance closes (a new session would not know the jobs of the old
 one) and is exited when the interpreter exits. The worker is a daemon thread, so a DRMAA call
 that hangs cannot keep the process from exiting; libdrmaa's own exit gets a few seconds (it hangs
-after a qmaster restart). The methods below `call` run in the worker thread.
+after a qmaster restart). The methods below `call` run in the worker thread; `counts` says how
+many of each DRMAA call about jobs (jobStatus, wait, control, runJob) the session has made.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import atexit
 import logging
 import queue
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -45,6 +46,7 @@ class DrmaaSession:
         self.contact = ""
         self.lock = threading.Lock()  # guards `infos`
         self.infos: OrderedDict[str, Any] = OrderedDict()  # JobInfo of jobs reaped by wait()
+        self.counts: Counter[str] = Counter()  # DRMAA calls about jobs, by name
         self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="drmaa", daemon=True).start()
 
@@ -92,7 +94,8 @@ class DrmaaSession:
             hint = f"; {_TLS_HINT}" if "static TLS" in str(exc) else ""
             raise SchedulerError(f"cannot load libdrmaa {library}: {exc}{hint}") from None
         except (ImportError, RuntimeError) as exc:
-            raise SchedulerError(f"cannot use DRMAA: {exc} (the Python package `drmaa` and the site's libdrmaa are needed)") from None
+            raise SchedulerError(f"cannot use DRMAA: {exc} (the Python package `drmaa` and the site's libdrmaa "
+                                 "are needed)") from None
         self.lib, self.library = drmaa, library
 
     def open(self) -> str:
@@ -112,6 +115,7 @@ class DrmaaSession:
         try:
             for name, value in fields.items():
                 setattr(template, name, value)
+            self.counts["runJob"] += 1
             job_id = str(self.session.runJob(template))
         finally:
             self.session.deleteJobTemplate(template)
@@ -136,6 +140,7 @@ class DrmaaSession:
                 answers[job_id] = ("ended", info)
                 continue
             try:
+                self.counts["jobStatus"] += 1
                 state = self.session.jobStatus(job_id)
             except errors.InvalidJobException:
                 answers[job_id] = ("gone", None)
@@ -148,13 +153,47 @@ class DrmaaSession:
             answers[job_id] = ("ended", self._reap(job_id)) if state in mapping.ENDED_STATES else (state, None)
         return answers
 
+    def reap(self, job_ids: Sequence[str]) -> dict[str, tuple[str, Any]]:
+        """For jobs the DRM no longer lists, without asking their state: per job ("ended", JobInfo
+        or None) if this session has seen it end; ("lagging", None) if the session still has it
+        as active (its news of the end is on its way); ("gone", None) if it never knew the job
+        (submitted before a restart, or already reaped and forgotten)."""
+        self.open()
+        errors, answers = self.lib.errors, {}
+        for job_id in job_ids:
+            with self.lock:
+                info = self.infos.get(job_id)
+            if info is not None:
+                answers[job_id] = ("ended", info)
+                continue
+            try:
+                answers[job_id] = ("ended", self._wait(job_id))
+            except errors.ExitTimeoutException:
+                answers[job_id] = ("lagging", None)
+            except errors.InvalidJobException:
+                answers[job_id] = ("gone", None)
+        return answers
+
     def _reap(self, job_id: str) -> Any:
         errors = self.lib.errors
         try:
-            info = self.session.wait(job_id, self.lib.Session.TIMEOUT_NO_WAIT)
+            return self._wait(job_id)
         except (errors.DrmCommunicationException, errors.TryLaterException):
             raise
-        except Exception:  # InvalidJob, ExitTimeout, or drmaa-python's bare Exception (code 24: no usage)
+        except Exception:  # InvalidJob, ExitTimeout
+            return None
+
+    def _wait(self, job_id: str) -> Any:
+        """wait() for an ended job without waiting; keep its JobInfo. None when the DRM has no usage
+        record (drmaa-python's bare Exception for error code 24)."""
+        errors = self.lib.errors
+        self.counts["wait"] += 1
+        try:
+            info = self.session.wait(job_id, self.lib.Session.TIMEOUT_NO_WAIT)
+        except (errors.DrmCommunicationException, errors.TryLaterException, errors.ExitTimeoutException,
+                errors.InvalidJobException):
+            raise
+        except Exception:  # drmaa-python's bare Exception for code 24 (no usage), and other odd ends
             return None
         with self.lock:
             self.infos[job_id] = info
@@ -165,6 +204,7 @@ class DrmaaSession:
     def terminate(self, job_id: str) -> bool:
         """Tell the DRM to end the job; False if it does not know the job (it has ended)."""
         self.open()
+        self.counts["control"] += 1
         try:
             self.session.control(job_id, self.lib.JobControlAction.TERMINATE)
         except self.lib.errors.InvalidJobException:

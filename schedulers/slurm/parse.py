@@ -25,9 +25,9 @@ from ..units import walltime_for_cputime, whole_minutes
 SQUEUE_FIELDS = ("JobID", "State", "exit_code", "StartTime", "EndTime", "TimeLimit", "Reason", "Name")
 SQUEUE_FORMAT = ",".join(f"{name}:0|" for name in SQUEUE_FIELDS[:-1]) + f",{SQUEUE_FIELDS[-1]}:0"
 
-#: Above this many characters, squeue's `--name=` list would near the kernel's limit for one
-#: argument (128 KiB): query all the gateway user's jobs instead (still one call).
-MAX_NAME_LIST = 100_000
+#: Above this many characters, one `--jobs=` list would near the kernel's limit for one argument
+#: (128 KiB): the ids are then split over several squeue calls, about 12,000 ids each.
+MAX_ID_LIST = 100_000
 
 #: Slurm's job states (squeue(1), "JOB STATE CODES") in the common vocabulary. A state missing here
 #: becomes UNKNOWN, with a log line.
@@ -136,11 +136,29 @@ def directives(task: Task, *, time_minutes: int | None = None, partition: str | 
 
 # ---- command lines -------------------------------------------------------------------------------
 
-def squeue_argv(squeue: str, names: Iterable[str], uid: int) -> list[str]:
-    """One squeue call for all `names` (job names = task ids), in every state Slurm still lists."""
-    joined = ",".join(names)
-    selector = f"--name={joined}" if len(joined) <= MAX_NAME_LIST else f"--user={uid}"
-    return [squeue, "--noheader", "--all", "--states=all", selector, f"--Format={SQUEUE_FORMAT}"]
+#: What every squeue call asks for: no header, hidden partitions too, every state, SQUEUE_FORMAT.
+_SQUEUE_OPTIONS = ("--noheader", "--all", "--states=all", f"--Format={SQUEUE_FORMAT}")
+
+
+def squeue_argvs(squeue: str, job_ids: Iterable[str]) -> list[list[str]]:
+    """The squeue calls that list just `job_ids`, in every state Slurm still knows: one call,
+    unless the ids are too many for one argument (MAX_ID_LIST). Ids that are not numbers are left out."""
+    chunks: list[list[str]] = []
+    size = MAX_ID_LIST + 1
+    for job_id in job_ids:
+        if not job_id.isdigit():
+            continue
+        if size + len(job_id) + 1 > MAX_ID_LIST:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(job_id)
+        size += len(job_id) + 1
+    return [[squeue, f"--jobs={','.join(chunk)}", *_SQUEUE_OPTIONS] for chunk in chunks]
+
+
+def squeue_name_argv(squeue: str, name: str) -> list[str]:
+    """The squeue call that lists the jobs named `name` (a task id), for `find` after a crash."""
+    return [squeue, f"--name={name}", *_SQUEUE_OPTIONS]
 
 
 # ---- reading Slurm's answers ---------------------------------------------------------------------

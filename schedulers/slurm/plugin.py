@@ -5,14 +5,16 @@
   command, the exit-code file); `sbatch --parsable` answers the job id. The job name is the task
   id, so `find` recovers a job by name after a crash; the script also writes its job id to the
   task's folder, for jobs Slurm has already forgotten.
-- status: one `squeue` call per poll for all active jobs (selected by name, every state). A job
-  squeue no longer lists is resolved from the exit-code file its script wrote, else `scontrol`.
-  Jobs are matched by id *and* name, so a job id Slurm reuses is never taken for ours.
+- submit: at most `submit_concurrency` sbatch calls run at once; more submissions wait their turn.
+- status: one `squeue --jobs=ID,...` call per poll, asking about the gateway's active jobs only, in
+  every state (split over several calls only for many thousands of ids). A job squeue no longer
+  lists is resolved from the exit-code file its script wrote, else `scontrol`. Jobs are matched by
+  id *and* name, so a job id Slurm reuses is never taken for ours. `find` asks by name.
 - cancel: `scancel --name=<task id> <job id>`, which cannot hit another job.
 - `--time`: from the task's `cputime` (× `time_factor`, + the CPU-time grace, in whole minutes,
   see `units.walltime_for_cputime`), else the admin's `default_time`, else the partition's default.
 
-Every command is an argv list run with a timeout. Slurm's own message reaches the user:
+Every command is an argv list run with a timeout (`commands.run`). Slurm's own message reaches the user:
 `TaskRefused` (400) when Slurm says no, `SchedulerUnavailable` (503) when it cannot answer.
 """
 from __future__ import annotations
@@ -22,17 +24,20 @@ import logging
 import pwd
 import os
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Coroutine, Iterable, Mapping, Sequence
+from typing import Any, Coroutine, Mapping, Sequence
 
 from ..task import Task, TaskState
 
 from .. import outcome
-from ..base import JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused, TEMPLATE_OPTION
+from ..base import (JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused,
+                    TEMPLATE_OPTION)
+from ..commands import CommandTimeout, run
+from ..files import recorded_exit
 from ..script import EXIT_FILE, describe_request, quote, render, run_block
 from .parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
-                          parse_scontrol, parse_squeue, parse_submit, squeue_argv, time_limit_minutes, unavailable)
+                    parse_scontrol, parse_squeue, parse_submit, squeue_argvs, squeue_name_argv, time_limit_minutes,
+                    unavailable)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +48,6 @@ JOB_ID_FILE = "slurm_job_id"
 
 _ONE_LINE = {"type": "string", "minLength": 1, "pattern": "^[^\\u0000-\\u001f\\\\]*$",
              "x-error": {"pattern": "must be one line without backslashes"}}
-
-
-class _Timeout(SchedulerUnavailable):
-    """A Slurm command did not answer in time (it may still have done its work)."""
 
 
 class SlurmScheduler(Scheduler):
@@ -76,6 +77,8 @@ class SlurmScheduler(Scheduler):
             "template": TEMPLATE_OPTION,
             "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 30,
                                 "description": "seconds a Slurm command may take before Slurm counts as unreachable"},
+            "submit_concurrency": {"type": "integer", "minimum": 1, "maximum": 256, "default": 8,
+                                   "description": "sbatch calls that may run at once; more submissions wait"},
             "bin_dir": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
                         "description": "folder of sbatch, squeue, scontrol and scancel (default: PATH)"},
         },
@@ -84,13 +87,14 @@ class SlurmScheduler(Scheduler):
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
         super().__init__(name, options, state_dir, **contract)
         self.partition: str | None = self.options.get("partition")
-        self.sbatch_account: str | None = self.options.get("account")
+        self.slurm_account: str | None = self.options.get("account")
         self.qos: str | None = self.options.get("qos")
-        self.extra: list[str] = list(self.options.get("extra_directives", []))
+        self.extra: list[str] = list(self.options["extra_directives"])
         self.default_time: int | None = self.options.get("default_time")
-        self.time_factor = float(self.options.get("time_factor", 2))
-        self.timeout = float(self.options.get("command_timeout", 30))
+        self.time_factor = float(self.options["time_factor"])
+        self.timeout = float(self.options["command_timeout"])
         self.bin_dir: str | None = self.options.get("bin_dir")
+        self._submit_slots = asyncio.Semaphore(int(self.options["submit_concurrency"]))
         self.template = self.job_template(PLACEHOLDERS, required=("directives", "run"))
         self.commands: dict[str, str] = {}
         self._unknown_seen: set[tuple[str, str]] = set()
@@ -123,7 +127,7 @@ class SlurmScheduler(Scheduler):
     def job_script(self, task: Task) -> str:
         """The job script of `task`: the template filled with its directives and the common body."""
         lines = directives(task, time_minutes=time_limit_minutes(task, self.default_time, self.time_factor),
-                           partition=self.partition, account=self.sbatch_account, qos=self.qos, extra=self.extra)
+                           partition=self.partition, account=self.slurm_account, qos=self.qos, extra=self.extra)
         record = f"printf '%s\\n' \"$SLURM_JOB_ID\" > {quote(f'{task.workdir}/{JOB_ID_FILE}')}"
         return render(self.template, {
             "task_id": quote(task.id),
@@ -148,9 +152,11 @@ class SlurmScheduler(Scheduler):
             raise
 
     async def find(self, task: Task) -> str | None:
-        named = sorted((j.job_id for j in (await self._squeue([task.id])).values() if j.name == task.id), key=int)
+        argv = squeue_name_argv(self._path("squeue"), task.id)
+        named = sorted((j.job_id for j in (await self._squeue(argv)).values() if j.name == task.id), key=int)
         if len(named) > 1:
-            log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named), named[0])
+            log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named),
+                        named[0])
         if named:
             return named[0]
         try:
@@ -162,7 +168,9 @@ class SlurmScheduler(Scheduler):
     async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
         if not jobs:
             return {}
-        listed = await self._squeue(job.task_id for job in jobs)
+        listed: dict[str, SlurmJob] = {}
+        for argv in squeue_argvs(self._path("squeue"), dict.fromkeys(job.native_id for job in jobs)):
+            listed.update(await self._squeue(argv))
         answers: dict[str, JobStatus] = {}
         for job in jobs:
             found = listed.get(job.native_id)
@@ -189,8 +197,9 @@ class SlurmScheduler(Scheduler):
 
     async def _sbatch(self, task: Task, script: Path) -> str:
         try:
-            code, out, err = await self._run("sbatch", "--parsable", *self._on_behalf(task), str(script))
-        except _Timeout:  # slurmctld may have taken the job all the same: it must not run unseen
+            async with self._submit_slots:
+                code, out, err = await self._run("sbatch", "--parsable", *self._on_behalf(task), str(script))
+        except CommandTimeout:  # slurmctld may have taken the job all the same: it must not run unseen
             self._later(self._cancel_by_name(task.id))
             raise
         if code != 0:
@@ -207,17 +216,21 @@ class SlurmScheduler(Scheduler):
             raise SchedulerUnavailable(f"Slurm gave an unexpected answer: {exc}") from None
 
     def _on_behalf(self, task: Task) -> list[str]:
-        """With run_as or a fixed account: submit as root on the job account's behalf, with a clean login
-        environment."""
+        """For a job that runs as another account (`job_account`): submit as root on its behalf,
+        with a clean login environment."""
         account = self.job_account(task)
-        if not account:
+        if account is None:
             return []
-        entry = pwd.getpwnam(account)
+        try:
+            entry = pwd.getpwnam(account)
+        except KeyError:
+            raise TaskRefused(f"there is no Unix account {account!r} on the gateway's host to run the job as",
+                              "$.user" if self.run_as_user else "$") from None
         return [f"--uid={entry.pw_uid}", f"--gid={entry.pw_gid}", "--export=NONE"]
 
     def _status(self, job: JobRef, found: SlurmJob) -> JobStatus:
         state = STATES.get(found.state)
-        recorded = self._recorded(job.task)[0] if state is None or state.terminal else None
+        recorded = recorded_exit(job.task)[0] if state is None or state.terminal else None
         status = job_status(job.task, found, recorded)
         if status is not None:
             return status
@@ -229,7 +242,7 @@ class SlurmScheduler(Scheduler):
 
     async def _unlisted(self, job: JobRef) -> JobStatus:
         """A job squeue no longer lists: its exit-code file, else scontrol, else it is lost."""
-        recorded, finished = self._recorded(job.task)
+        recorded, finished = recorded_exit(job.task)
         if recorded is not None:
             return outcome.from_exit_code(job.task, recorded, finished=finished)
         found = await self._scontrol(job.native_id)
@@ -238,20 +251,13 @@ class SlurmScheduler(Scheduler):
         return JobStatus(TaskState.SYSTEM_ERROR, f"Slurm no longer knows job {job.native_id}, and the job left no "
                                                  f"exit code in {job.task.workdir}/{EXIT_FILE}")
 
-    @staticmethod
-    def _recorded(task: Task) -> tuple[int | None, datetime | None]:
-        """The exit code the job script wrote, and when; (None, None) if it wrote none."""
-        path = Path(task.workdir) / EXIT_FILE
-        try:
-            return int(path.read_text().strip()), datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
-        except (OSError, ValueError):
-            return None, None
-
-    async def _squeue(self, names: Iterable[str]) -> dict[str, SlurmJob]:
-        argv = squeue_argv(self.commands.get("squeue", "squeue"), names, os.getuid())
-        code, out, err = await self._exec(argv)
+    async def _squeue(self, argv: list[str]) -> dict[str, SlurmJob]:
+        code, out, err = await self._argv(argv)
         if code != 0:
-            self._fail("squeue", error_message(err, out))
+            message = error_message(err, out)
+            if no_such_job(message):  # squeue asked about one job id only, which Slurm has forgotten
+                return {}
+            self._fail("squeue", message)
         return parse_squeue(out)
 
     async def _scontrol(self, job_id: str) -> SlurmJob | None:
@@ -286,24 +292,13 @@ class SlurmScheduler(Scheduler):
         self._background.add(pending)
         pending.add_done_callback(self._background.discard)
 
-    async def _run(self, command: str, *args: str) -> tuple[int, str, str]:
-        return await self._exec([self.commands.get(command, command), *args])
+    def _path(self, command: str) -> str:
+        return self.commands.get(command, command)
 
-    async def _exec(self, argv: list[str]) -> tuple[int, str, str]:
-        """Run one Slurm command; answer its exit status, stdout and stderr."""
-        name = Path(argv[0]).name
-        try:
-            process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
-                                                           stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            raise SchedulerUnavailable(f"cannot run the Slurm command {name}: {exc.strerror}") from None
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), self.timeout)
-        except asyncio.TimeoutError:
-            raise _Timeout(f"Slurm did not answer within {self.timeout:g} s ({name})") from None
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        assert process.returncode is not None
-        return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    async def _run(self, command: str, *args: str) -> tuple[int, str, str]:
+        """Run the Slurm command `command` (sbatch, squeue, ...) with `args`: exit status, stdout, stderr."""
+        return await self._argv([self._path(command), *args])
+
+    async def _argv(self, argv: list[str]) -> tuple[int, str, str]:
+        done = await run(argv, self.timeout, service="Slurm")
+        return done.status, done.stdout, done.stderr

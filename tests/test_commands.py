@@ -1,0 +1,82 @@
+"""schedulers.commands.run: the one way plugins run a batch system's command."""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from schedulers import commands
+from schedulers.base import SchedulerUnavailable
+from schedulers.commands import CommandTimeout, run
+
+
+@pytest.fixture(params=["pidfd", "executor"])
+def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Tests taking this fixture run with a pidfd watching the child's exit, and with the fallback
+    (a kernel without pidfd_open: an executor thread waits)."""
+    if request.param == "executor":
+        def missing(pid: int) -> int:
+            raise OSError(38, "Function not implemented")
+        monkeypatch.setattr(commands, "pidfd_open", missing)
+    elif commands.pidfd_open is None:
+        pytest.skip("this platform has no os.pidfd_open")
+    return str(request.param)
+
+
+async def test_exit_status_and_both_streams(exit_watch: str) -> None:
+    done = await run(["/bin/sh", "-c", "echo out; echo 'err ü' >&2; exit 3"], 30)
+    assert (done.status, done.stdout, done.stderr) == (3, "out\n", "err ü\n")
+
+
+async def test_arguments_reach_the_command_unchanged() -> None:
+    odd = ["it's", "$HOME", "a b", "`id`", ""]
+    done = await run(["/usr/bin/printf", "[%s]", *odd], 30)
+    assert done.stdout == "".join(f"[{arg}]" for arg in odd)
+
+
+async def test_input_is_empty() -> None:
+    assert (await run(["/bin/cat"], 30)).stdout == ""
+
+
+async def test_a_command_that_cannot_start_is_unavailable_with_a_readable_message(tmp_path: Path) -> None:
+    with pytest.raises(SchedulerUnavailable, match=r"^cannot run the Slurm command sbatch: No such file or directory$"):
+        await run([str(tmp_path / "sbatch")], 30, service="Slurm")
+    plain = tmp_path / "qstat"
+    plain.write_text("not executable")
+    with pytest.raises(SchedulerUnavailable, match=r"^cannot run the Grid Engine command qstat: Permission denied$"):
+        await run([str(plain)], 30, service="Grid Engine")
+
+
+async def test_a_command_over_its_time_is_killed(exit_watch: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    with pytest.raises(CommandTimeout, match=r"^Slurm did not answer within 0.5 s \(sh\)$") as raised:
+        await run(["/bin/sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], 0.5, service="Slurm")
+    assert isinstance(raised.value, SchedulerUnavailable)
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped: not even a zombie is left
+        os.kill(pid, 0)
+
+
+async def test_many_commands_at_once_each_get_their_own_answer(exit_watch: str) -> None:
+    done = await asyncio.gather(*(run(["/bin/sh", "-c", f"echo {i}; echo e{i} >&2; exit {i % 7}"], 30)
+                                  for i in range(40)))
+    assert [(d.status, d.stdout, d.stderr) for d in done] == [(i % 7, f"{i}\n", f"e{i}\n") for i in range(40)]
+
+
+async def test_large_output_is_read_whole(exit_watch: str) -> None:
+    done = await run(["/usr/bin/head", "-c", "3000000", "/dev/zero"], 30)
+    assert (done.status, len(done.stdout)) == (0, 3000000)
+
+
+async def test_a_caller_that_gives_up_leaves_no_process(exit_watch: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    pending = asyncio.ensure_future(run(["/bin/sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], 30))
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        await asyncio.sleep(0.01)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
