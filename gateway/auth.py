@@ -24,8 +24,9 @@ from aiohttp import web
 
 from .responses import ApiError
 
-#: Paths anyone may read: health check and API descriptions.
-PUBLIC_PATHS = frozenset({"/v1/jobproxy/ping", "/v1/openapi.json", "/ga4gh/tes/v1/service-info", "/v1/service-info"})
+#: Paths anyone may read: health check and API descriptions; /metrics checks its own scrape token.
+PUBLIC_PATHS = frozenset({"/v1/jobproxy/ping", "/v1/openapi.json", "/ga4gh/tes/v1/service-info", "/v1/service-info",
+                          "/metrics"})
 TOKEN_PREFIX = "jp_"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobproxy", charset="UTF-8"'}
 
