@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, metrics, plugins, responses
+from . import api_v1, auth, metrics, output, pages, plugins, responses
 from .tes import api as tes_api
 from .config import Config
 from .active import ActiveSet
@@ -35,6 +35,8 @@ def create_app(config: Config) -> web.Application:
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
     app.add_routes(tes_api.routes)
+    app.add_routes(output.routes)
+    pages.add_routes(app)
     app.cleanup_ctx.append(_lifecycle)
     metrics.setup(app)  # after _lifecycle: it observes the store and the poller made there
     return app

@@ -50,11 +50,15 @@ if ! "$py_tes/bin/python" -c 'from importlib.metadata import version; assert ver
 fi
 
 # Tools the tests use: bubblewrap (the Apptainer stand-in, TES host executors), busybox (their root
-# file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates).
+# file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates),
+# chromium (the dashboard's browser test, driven by Playwright; Playwright's own browser download
+# cannot work without internet).
 if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] \
-        && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl; } >/dev/null; then
-    log "installing bubblewrap, busybox-static, rsync and openssl"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync openssl >/dev/null
+        && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl \
+               && command -v chromium; } >/dev/null; then
+    log "installing bubblewrap, busybox-static, rsync, openssl and chromium"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync openssl \
+        chromium >/dev/null
 fi
 
 started=()
