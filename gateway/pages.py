@@ -8,11 +8,15 @@ public, like `openapi.json`: the dashboard asks for a token itself and sends it 
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
 UI = Path(__file__).resolve().parent / "ui"
 #: Path -> (file, content type) of every file the pages load.
 DASHBOARD = {
@@ -63,7 +67,19 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(url, _file(path, kind, DASHBOARD_HEADERS))
     for url, (path, kind) in DOCS.items():
         app.router.add_get(url, _file(path, kind, DOCS_HEADERS))
-    swagger = swagger_ui_folder()
+    try:
+        swagger = swagger_ui_folder()
+    except RuntimeError as exc:  # the gateway still serves; only the docs page cannot render
+        log.warning("GET /v1/docs cannot render: %s", exc)
+        for url in SWAGGER:
+            app.router.add_get(url, _missing(str(exc)))
+        return
     cached = {**DOCS_HEADERS, "Cache-Control": "max-age=86400"}
     for url, (name, kind) in SWAGGER.items():
         app.router.add_get(url, _file(swagger / name, kind, cached))
+
+
+def _missing(reason: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        raise ApiError(503, reason)
+    return handler

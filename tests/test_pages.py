@@ -72,3 +72,16 @@ def test_every_page_file_is_package_data() -> None:
 def test_readme_links_the_pages() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "/v1/docs" in readme and "docs/dashboard.png" in readme and (ROOT / "docs" / "dashboard.png").is_file()
+
+
+async def test_docs_without_swagger_ui_installed(aiohttp_client: Callable[..., Awaitable[Any]], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    def absent() -> Path:
+        raise RuntimeError("the swagger-ui-py package is not installed: pip install swagger-ui-py")
+
+    monkeypatch.setattr(pages, "swagger_ui_folder", absent)
+    document = {"gateway": {"state_dir": str(tmp_path / "state")}}
+    client = await aiohttp_client(create_app(configuration.from_document(document, tmp_path, "test config")))
+    response = await client.get("/v1/docs/swagger-ui-bundle.js")
+    assert response.status == 503 and "pip install swagger-ui-py" in (await response.json())["error"]
+    assert (await client.get("/v1/jobproxy/ping")).status == 200
