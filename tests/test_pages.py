@@ -25,8 +25,9 @@ async def authed(aiohttp_client: Callable[..., Awaitable[Any]], tmp_path: Path) 
 
 
 def _loaded(html: str) -> list[str]:
-    """The src and href values of a page's scripts and style sheets."""
-    return re.findall(r'<(?:script|link)[^>]*\b(?:src|href)="([^"]+)"', html)
+    """The src and href values of a page's scripts and links (inline `data:` ones aside)."""
+    return [ref for ref in re.findall(r'<(?:script|link)[^>]*\b(?:src|href)="([^"]+)"', html)
+            if not ref.startswith("data:")]
 
 
 @pytest.mark.parametrize("page", ["/v1/docs", "/ui"])
