@@ -69,6 +69,8 @@ async def test_numbers_move_as_tasks_run(client: Any, tmp_path: Path) -> None:
     done = await submit(client, {"user": "alice", "cmd": "exit 3"})
     refused = await client.post("/v1/jobproxy/submit", data=json.dumps({"user": "alice", "cores": 0}), headers=JSON)
     assert refused.status == 400
+    tes_refused = await client.post("/ga4gh/tes/v1/tasks", data=json.dumps({"executors": []}), headers=JSON)
+    assert tes_refused.status == 400
     await wait_state(client, running, lambda s: s["code"] == "RUNNING")
     await wait_state(client, done, final)
 
@@ -77,6 +79,7 @@ async def test_numbers_move_as_tasks_run(client: Any, tmp_path: Path) -> None:
     assert value(during, "jobproxy_tasks_stored") == 2
     assert value(during, "jobproxy_submits_total", api="v1", status="200") == 2
     assert value(during, "jobproxy_submits_total", api="v1", status="400") == 1
+    assert value(during, "jobproxy_submits_total", api="tes", status="400") == 1
     assert value(during, "jobproxy_tasks_finished_total", scheduler="local", state="EXECUTOR_ERROR") == 1
     assert value(during, "jobproxy_scheduler_call_duration_seconds_count", scheduler="local", call="submit") == 2
     # by route template, never by task id

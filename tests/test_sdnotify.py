@@ -63,6 +63,9 @@ def test_serve_notifies_ready_then_stopping(manager: tuple[str, socket.socket], 
     assert ready.startswith("READY=1\n") and f"STATUS=serving http://127.0.0.1:{gateway.port}/v1" in ready
     status, _, _ = gateway.request("GET", "/v1/jobproxy/ping")  # listening once READY=1 is sent: no retry
     assert status == 200
+    for path in ("/metrics", "/ui", "/ui/app.js", "/v1/docs", "/v1/docs/swagger-ui-bundle.js"):
+        status, _, body = gateway.request("GET", path)  # what a real process serves, package data included
+        assert status == 200 and body, path
     gateway.process.send_signal(signal.SIGTERM)
     assert sock.recv(4096) == b"STOPPING=1"
     assert gateway.process.wait(timeout=60) == 0, gateway.log.read_text()
