@@ -131,7 +131,7 @@ class Store:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
         self.commits = 0  # transactions the writer committed (each one fsync)
-        self.on_commit: Callable[[float], None] = _ignore  # each transaction's seconds, on the writer thread (metrics)
+        self.on_commit: Callable[[float], None] = _ignore  # each group commit's seconds, on the writer thread (metrics)
         writer = self._connect()
         self._migrate(writer)
         self._db = self._connect()  # reads on the caller's thread
@@ -199,12 +199,13 @@ class Store:
                 stopping = True
                 batch = [item for item in batch if item is not _STOP]
             if batch:
+                started = time.perf_counter()
                 self._commit(db, batch)
+                self.on_commit(time.perf_counter() - started)
         db.close()
 
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:
         results: list[tuple[Future[Any], Any, Exception | None]] = []
-        started = time.perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
             for write, done in batch:
@@ -223,7 +224,6 @@ class Store:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             results = [(done, None, exc) for _, done in batch]
-        self.on_commit(time.perf_counter() - started)
         for done, value, error in results:
             if error is not None:
                 log.error("task store: a write failed: %s", error)
