@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, plugins, policy, quota, responses
+from . import api_v1, auth, metrics, output, pages, plugins, policy, quota, responses
 from .tes import api as tes_api
 from .config import Config
 from .active import ActiveSet
@@ -30,7 +30,7 @@ def create_app(config: Config) -> web.Application:
     here, so a configuration mistake stops the start before anything listens."""
     authenticator = auth.Authenticator(config.tokens) if config.auth_enabled else None
     app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[responses.errors, auth.middleware(authenticator)])
+                          middlewares=[metrics.middleware, responses.errors, auth.middleware(authenticator)])
     if config.sections.quotas.requests_per_second:
         app.middlewares.append(quota.middleware(lambda request: request.app.get(QUOTAS)))
     app[CONFIG] = config
@@ -38,7 +38,10 @@ def create_app(config: Config) -> web.Application:
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
     app.add_routes(tes_api.routes)
+    app.add_routes(output.routes)
+    pages.add_routes(app)
     app.cleanup_ctx.append(_lifecycle)
+    metrics.setup(app)  # after _lifecycle: it observes the store and the poller made there
     return app
 
 

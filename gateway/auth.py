@@ -31,10 +31,13 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 
+from . import pages
 from .responses import ApiError
 
-#: Paths anyone may read: health check and API descriptions.
-PUBLIC_PATHS = frozenset({"/v1/jobproxy/ping", "/v1/openapi.json", "/ga4gh/tes/v1/service-info", "/v1/service-info"})
+#: Paths anyone may read: health check, API descriptions, the pages (the dashboard asks for a token
+#: itself); /metrics checks its own scrape token.
+PUBLIC_PATHS = frozenset({"/v1/jobproxy/ping", "/v1/openapi.json", "/ga4gh/tes/v1/service-info", "/v1/service-info",
+                          "/metrics"}) | pages.PUBLIC
 TOKEN_PREFIX = "jp_"
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="jobproxy", charset="UTF-8"'}
 

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth, policy
+from . import auth, policy, sdnotify
 from . import config as configuration
 from .app import create_app
 
@@ -101,7 +101,9 @@ async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SS
             for site, url in sites:
                 await site.start()
                 print(f"JobProxy serving on {url}", flush=True)
+            sdnotify.notify("READY=1\nSTATUS=serving " + ", ".join(url for _, url in sites))
             await stop.wait()
+            sdnotify.notify("STOPPING=1")
         finally:
             await runner.cleanup()
     finally:

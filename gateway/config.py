@@ -142,6 +142,14 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """`[metrics]`: GET /metrics, and the SHA-256 of the token a scrape must send (None: public)."""
+
+    enabled: bool
+    token_sha256: str | None
+
+
+@dataclass(frozen=True)
 class ImageRule:
     """One `[tes] images` rule: a requested image matching `match` runs on the host (`run`) or as
     the local `image`."""
@@ -177,6 +185,7 @@ class Sections:
     limits: LimitsSettings
     quotas: QuotaSettings
     log: LogSettings
+    metrics: MetricsSettings
     tes: TesSettings
 
 
@@ -385,6 +394,8 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
                              requests_per_second=float(filled["quotas"]["requests_per_second"]),
                              burst=filled["quotas"]["burst"]),
         log=LogSettings(level=filled["log"]["level"]),
+        metrics=MetricsSettings(enabled=filled["metrics"]["enabled"],
+                                token_sha256=filled["metrics"].get("token_sha256")),
         tes=TesSettings(
             images=tuple(ImageRule(match=r["match"], run=r.get("run"), image=r.get("image")) for r in tes["images"]),
             host_readable=tuple(tes["host_readable"]), host_writable=tuple(tes["host_writable"]),

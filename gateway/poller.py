@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import Future
 from typing import Any
 
@@ -34,6 +35,9 @@ class Poller:
         self.active = active
         self.interval = interval
         self.status_calls = 0
+        # observers (gateway/metrics.py): each round's seconds; each task reaching a final state
+        self.on_round: Callable[[float], None] = _ignore
+        self.on_final: Callable[[str, TaskState], None] = _ignore
         self._submitting: set[str] = set()  # tasks whose submit call is running right now
         self._unsubmitted: set[str] = set()  # recorded, never handed to the scheduler (a crash)
 
@@ -61,6 +65,8 @@ class Poller:
                                started=record.started or c.started, finished=record.finished or c.finished)
             if c.state.terminal:
                 final.append(c.task_id)
+                if not record.state.terminal:
+                    self.on_final(record.scheduler, c.state)
         written = self.store.apply(changes)
         if final:
             loop = asyncio.get_running_loop()
@@ -108,12 +114,14 @@ class Poller:
         does not report its changes, one batched status query."""
         while True:
             await asyncio.sleep(self.interval)
+            started = time.perf_counter()
             try:
                 await self._recover_unsubmitted()
                 if not self.scheduler.reports_changes:
                     await self._ask()
             except Exception:  # the poller must outlive any one bad round
                 log.exception("poller of scheduler %s: round failed", self.scheduler.name)
+            self.on_round(time.perf_counter() - started)
 
     async def _ask(self) -> None:
         submitted = [r for r in self.active.of(self.scheduler.name)
@@ -162,6 +170,10 @@ class Poller:
             return
         self._unsubmitted.discard(record.id)
         self.submitted(record.id, native)
+
+
+def _ignore(*_: object) -> None:
+    """No observer."""
 
 
 def _change(record: Record, status: JobStatus | None) -> Change | None:

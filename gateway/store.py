@@ -18,6 +18,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -130,6 +131,7 @@ class Store:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
         self.commits = 0  # transactions the writer committed (each one fsync)
+        self.on_commit: Callable[[float], None] = _ignore  # each group commit's seconds, on the writer thread (metrics)
         writer = self._connect()
         self._migrate(writer)
         self._db = self._connect()  # reads on the caller's thread
@@ -197,7 +199,9 @@ class Store:
                 stopping = True
                 batch = [item for item in batch if item is not _STOP]
             if batch:
+                started = time.perf_counter()
                 self._commit(db, batch)
+                self.on_commit(time.perf_counter() - started)
         db.close()
 
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:
@@ -355,6 +359,10 @@ class Store:
     def count(self) -> int:
         """How many tasks the store holds (kept in memory: no scan)."""
         return self._count
+
+
+def _ignore(seconds: float) -> None:
+    """No observer of the store's transactions."""
 
 
 def _record(row: sqlite3.Row) -> Record:

@@ -51,13 +51,14 @@ fi
 
 # Tools the tests use: bubblewrap (the Apptainer stand-in, TES host executors), busybox (their root
 # file systems), rsync (Snakemake's file-system storage plugin), openssl (test certificates), curl
-# (local users calling the gateway over TCP and its Unix socket).
+# (local users calling the gateway over TCP and its Unix socket), chromium (the dashboard's browser
+# test, driven by Playwright; Playwright's own browser download cannot work without internet).
 if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] \
         && ! { command -v bwrap && command -v busybox && command -v rsync && command -v openssl \
-               && command -v curl; } >/dev/null; then
-    log "installing bubblewrap, busybox-static, rsync, openssl and curl"
+               && command -v curl && command -v chromium; } >/dev/null; then
+    log "installing bubblewrap, busybox-static, rsync, openssl, curl and chromium"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync \
-        openssl curl >/dev/null
+        openssl curl chromium >/dev/null
 fi
 
 started=()
