@@ -104,8 +104,8 @@ async def periodic(app: web.Application) -> None:
     days = app[CONFIG].sections.store.retain_days
     if not days:
         return
-    active: ActiveSet = app[ACTIVE]
     await asyncio.sleep(FIRST_DELAY)
+    active: ActiveSet = app[ACTIVE]
     while True:
         before = now() - timedelta(days=days)
         try:
