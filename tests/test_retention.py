@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from gateway.app import create_app
 from gateway.keys import ACTIVE, SCHEDULER, STORE, TASK_ROOT
 from gateway.model import now, rfc3339
 
-from .conftest import ROOT, final, wait_state
+from .conftest import ROOT, Gateway, final, wait_state
 
 JSON = {"Content-Type": "application/json"}
 OLD = now() - timedelta(days=40)
@@ -192,3 +193,25 @@ def test_jobproxy_purge_of_a_stopped_gateway(tmp_path: Path) -> None:
     assert not (tmp_path / "state" / "jobproxy.db").exists()
     refused = jobproxy_purge(config_file, "--older-than", "-1")
     assert refused.returncode == 2 and "--older-than" in refused.stderr
+
+
+def test_jobproxy_purge_after_jobproxy_serve_stopped(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+    """A real `jobproxy serve` ran the tasks and stopped; the purge removes the old one, keeps the
+    recent one, and the gateway started again serves what is left."""
+    gateway = gateway_factory('[gateway]\nstate_dir = "state"\n[scheduler]\ntype = "local"\npoll_interval = 0.1\n')
+    gateway.start()
+    old, recent = gateway.submit({"user": "alice", "cmd": "echo old"}), gateway.submit({"user": "alice", "cmd": "true"})
+    gateway.wait(old)
+    gateway.wait(recent)
+    gateway.stop()
+    config = configuration.load(gateway.config_path)
+    age(config, old)
+    assert (config.task_root / old).is_dir() and job_files(config, old)
+
+    purged = jobproxy_purge(gateway.config_path, "--older-than", "30")
+    assert purged.returncode == 0, purged.stderr
+    assert f"removed task {old}" in purged.stdout and recent not in purged.stdout
+    assert not (config.task_root / old).exists() and job_files(config, old) == []
+    gateway.start()
+    assert gateway.request("GET", f"/v1/jobproxy/state/{old}")[0] == 404
+    assert gateway.state(recent)["code"] == "COMPLETE"
