@@ -36,7 +36,7 @@ async def submit(request: web.Request) -> web.Response:
         return task.id
 
     task_id, created = await request.app[KEYS].once(key, make)
-    audit.submitted(request, task_id, "v1", created)
+    audit.submitted(request, task_id, document["user"], "v1", created)
     return answer(request, {"id": task_id}, xml_root="task", text=task_id)
 
 

@@ -29,7 +29,6 @@ from aiohttp import web
 
 from . import auth
 from .config import LogSettings
-from .keys import STORE
 from .model import now, rfc3339
 from .store import Record
 
@@ -78,22 +77,23 @@ def source(request: web.Request) -> str | None:
     return request.remote or None
 
 
-def write(request: web.Request, action: str, record: Record, api: str, *, replayed: bool = False) -> None:
+def write(request: web.Request, action: str, record: Record, api: str) -> None:
     """Log one audit line: `action` on the task of `record`, asked through `request`."""
-    entry = {"time": rfc3339(now()), "action": action, "caller": auth.identity(request).user,
-             "user": record.task.user, "task": record.id, "api": api, "source": source(request),
-             "replayed": replayed}
+    _line(request, action, record.id, record.task.user, api, replayed=False)
+
+
+def submitted(request: web.Request, task_id: str, user: str, api: str, created: bool) -> None:
+    """Log an accepted submit of a task for `user` (`created` False: an Idempotency-Key replay)."""
+    _line(request, "submit", task_id, user, api, replayed=not created)
+
+
+def _line(request: web.Request, action: str, task_id: str, user: str, api: str, *, replayed: bool) -> None:
+    entry = {"time": rfc3339(now()), "action": action, "caller": auth.identity(request).user, "user": user,
+             "task": task_id, "api": api, "source": source(request), "replayed": replayed}
     by = entry["caller"] or "anyone (auth off)"
-    log.info("%s task %s for user %s by %s via %s from %s%s", action, record.id, record.task.user, by, api,
+    log.info("%s task %s for user %s by %s via %s from %s%s", action, task_id, user, by, api,
              entry["source"] or "an unknown address", " (replayed: no new task)" if replayed else "",
              extra={"audit": entry})
-
-
-def submitted(request: web.Request, task_id: str, api: str, created: bool) -> None:
-    """Log an accepted submit (`created` False: an Idempotency-Key replay)."""
-    record = request.app[STORE].get(task_id)
-    if record is not None:
-        write(request, "submit", record, api, replayed=not created)
 
 
 def deleted(request: web.Request, record: Record, api: str) -> None:

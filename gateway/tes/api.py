@@ -110,7 +110,7 @@ async def create_task(request: web.Request) -> web.Response:
         return task.id
 
     task_id, created = await request.app[KEYS].once(key, make)
-    audit.submitted(request, task_id, "tes", created)
+    audit.submitted(request, task_id, task.user, "tes", created)
     return web.json_response({"id": task_id})
 
 
