@@ -7,7 +7,7 @@ from multidict import MultiMapping
 import schemas
 from schedulers.base import TaskState
 
-from . import auth, codec, idempotency, paging, service
+from . import audit, auth, codec, idempotency, paging, service
 from . import openapi as openapi_document
 from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
 from .model import rfc3339
@@ -35,7 +35,8 @@ async def submit(request: web.Request) -> web.Response:
         await service.accept(request.app, task, key=key)
         return task.id
 
-    task_id, _ = await request.app[KEYS].once(key, make)
+    task_id, created = await request.app[KEYS].once(key, make)
+    audit.submitted(request, task_id, document["user"], "v1", created)
     return answer(request, {"id": task_id}, xml_root="task", text=task_id)
 
 
@@ -68,7 +69,9 @@ async def state(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/jobproxy/delete/{id}")
 async def delete(request: web.Request) -> web.Response:
-    await service.delete(request.app, _record(request))
+    record = _record(request)
+    await service.delete(request.app, record)
+    audit.deleted(request, record, "v1")
     return web.Response(status=204)
 
 

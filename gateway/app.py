@@ -10,7 +10,8 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from . import api_v1, auth, metrics, output, pages, plugins, policy, quota, responses
+from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, responses
+from .retention import periodic as purge_finished
 from .tes import api as tes_api
 from .config import Config
 from .active import ActiveSet
@@ -34,6 +35,7 @@ def create_app(config: Config) -> web.Application:
     if config.sections.quotas.requests_per_second:
         app.middlewares.append(quota.middleware(lambda request: request.app.get(QUOTAS)))
     app[CONFIG] = config
+    audit.configure(config.sections.log)
     app[SCHEDULER] = plugins.create_scheduler(config)
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
@@ -86,10 +88,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
     retention = timedelta(hours=config.sections.store.idempotency_hours)
     expiry = asyncio.create_task(_expire_keys(store, retention), name="idempotency-expiry")
+    purge = asyncio.create_task(purge_finished(app), name="retention-purge")
     log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name, config.store_path,
              store.count(), len(active))
     yield
-    for background in (runner, expiry):
+    for background in (runner, expiry, purge):
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background

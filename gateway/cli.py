@@ -16,7 +16,7 @@ from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth, policy, sdnotify
+from . import auth, policy, retention, sdnotify
 from . import config as configuration
 from .app import create_app
 
@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     create = token_commands.add_parser("create", help="make a token; prints it once, with the line for the config")
     create.add_argument("--user", required=True, help="the user the token authenticates")
     create.add_argument("--admin", action="store_true", help="the token may see and submit for every user")
+    purge = commands.add_parser("purge", help="forget finished tasks older than DAYS (records, folders, job files)")
+    purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="days since they finished")
+    purge.add_argument("--config", help="site configuration (TOML); default: the embedded defaults")
+    purge.add_argument("--dry-run", action="store_true", help="only list the tasks that would be removed")
     args = parser.parse_args(argv)
 
     if args.command == "token":
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                 tls_context(cfg.https, cfg.source)
             print(f"{args.config}: OK (scheduler {cfg.scheduler})")
             return 0
+        if args.command == "purge":
+            return retention.command(configuration.load(args.config), args.older_than, args.dry_run)
         cfg = configuration.load(args.config, host=args.host, port=args.port,
                                  socket=Path(args.socket).absolute() if args.socket else None)
         logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -69,6 +69,7 @@ class StoreSettings:
 
     path: Path
     idempotency_hours: float
+    retain_days: float
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,11 @@ class QuotaSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
-    """`[log]`."""
+    """`[log]`: the level of the gateway's log, and the audit log's format and file (None: stderr)."""
 
     level: str
+    audit: str
+    audit_file: Path | None
 
 
 @dataclass(frozen=True)
@@ -380,7 +383,8 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
             socket=base / gateway["socket"] if "socket" in gateway else None,
             umask=int(gateway["umask"], 8), allow_remote_without_auth=gateway["allow_remote_without_auth"]),
         store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"]),
-                            idempotency_hours=float(filled["store"]["idempotency_hours"])),
+                            idempotency_hours=float(filled["store"]["idempotency_hours"]),
+                            retain_days=float(filled["store"]["retain_days"])),
         scheduler=SchedulerSettings(type=scheduler["type"], poll_interval=float(scheduler["poll_interval"]),
                                     options=scheduler["options"], container=scheduler.get("container")),
         auth=AuthSettings(enabled=filled["auth"]["enabled"], tokens=tuple(
@@ -393,7 +397,8 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
         quotas=QuotaSettings(active_tasks=filled["quotas"]["active_tasks"],
                              requests_per_second=float(filled["quotas"]["requests_per_second"]),
                              burst=filled["quotas"]["burst"]),
-        log=LogSettings(level=filled["log"]["level"]),
+        log=LogSettings(level=filled["log"]["level"], audit=filled["log"]["audit"],
+                        audit_file=base / filled["log"]["audit_file"] if "audit_file" in filled["log"] else None),
         metrics=MetricsSettings(enabled=filled["metrics"]["enabled"],
                                 token_sha256=filled["metrics"].get("token_sha256")),
         tes=TesSettings(

@@ -19,6 +19,7 @@ from . import auth, policy
 from .keys import ACTIVE, CONFIG, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
+from .retention import remove_task_folder
 from .store import Change, IdempotencyKey, Record
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,5 @@ async def delete(app: web.Application, record: Record) -> None:
             raise ApiError(503, f"could not remove task {record.id}: {exc}", headers=RETRY) from None
     app[ACTIVE].discard(record.id)
     await app[STORE].delete(record.id)
-    if Path(record.task.workdir).parent == app[TASK_ROOT]:
-        shutil.rmtree(record.task.workdir, ignore_errors=True)
+    remove_task_folder(record.task.workdir, app[TASK_ROOT])
     log.info("task %s deleted", record.id)

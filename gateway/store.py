@@ -74,6 +74,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX idempotency_by_created ON idempotency (created);
     """,
+    # retention: finished tasks by when they ended (a task that never ran ends when it was made)
+    """
+    CREATE INDEX tasks_by_end ON tasks (COALESCE(finished, created));
+    """,
 )
 
 
@@ -274,6 +278,23 @@ class Store:
         self._count -= int(deleted)
         return bool(deleted)
 
+    async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
+        """Forget those of `task_ids` that are in a final state, in one transaction; answers the
+        ids deleted. An active task is never deleted, whatever the caller believed."""
+        final = [s.value for s in TaskState if s not in ACTIVE]
+        marks = ",".join("?" * len(final))
+
+        def remove(db: sqlite3.Connection) -> list[str]:
+            gone = []
+            for task_id in task_ids:
+                if db.execute(f"DELETE FROM tasks WHERE id = ? AND state IN ({marks})", (task_id, *final)).rowcount:
+                    gone.append(task_id)
+            return gone
+
+        deleted: list[str] = await self._write(remove)
+        self._count -= len(deleted)
+        return deleted
+
     def keyed(self, user: str, key: str) -> tuple[str, str] | None:
         """The (digest, task id) recorded for `user`'s idempotency `key`, or None."""
         row = self._db.execute("SELECT digest, task_id FROM idempotency WHERE user = ? AND key = ?",
@@ -355,6 +376,19 @@ class Store:
             sql += " AND scheduler = ?"
             args.append(scheduler)
         return [_record(r) for r in self._db.execute(sql + " ORDER BY seq", args)]
+
+    def ended_before(self, moment: datetime, limit: int, offset: int = 0,
+                     db: sqlite3.Connection | None = None) -> list[Record]:
+        """At most `limit` tasks in a final state that ended (finished, or were made if they never
+        ran) before `moment`, oldest first, past the first `offset` of them."""
+        final = [s.value for s in TaskState if s not in ACTIVE]
+        sql = (f"SELECT * FROM tasks WHERE COALESCE(finished, created) < ? AND state IN ({','.join('?' * len(final))})"
+               " ORDER BY COALESCE(finished, created), seq LIMIT ? OFFSET ?")
+        return [_record(r) for r in (db or self._db).execute(sql, (rfc3339(moment), *final, limit, offset))]
+
+    async def ended_before_async(self, moment: datetime, limit: int, offset: int = 0) -> list[Record]:
+        """`ended_before`, on the reader thread."""
+        return await self._on_reader(lambda db: self.ended_before(moment, limit, offset, db))
 
     def count(self) -> int:
         """How many tasks the store holds (kept in memory: no scan)."""

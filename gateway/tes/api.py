@@ -26,7 +26,7 @@ from aiohttp import web
 
 from schedulers.base import TaskState
 
-from .. import auth, codec, idempotency, paging, service
+from .. import audit, auth, codec, idempotency, paging, service
 from ..keys import CONFIG, KEYS
 from ..responses import ApiError
 from ..store import Record
@@ -109,7 +109,8 @@ async def create_task(request: web.Request) -> web.Response:
             raise _in_tes_terms(err) from None
         return task.id
 
-    task_id, _ = await request.app[KEYS].once(key, make)
+    task_id, created = await request.app[KEYS].once(key, make)
+    audit.submitted(request, task_id, task.user, "tes", created)
     return web.json_response({"id": task_id})
 
 
@@ -159,7 +160,9 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 async def cancel_task(request: web.Request) -> web.Response:
-    await service.cancel(request.app, _record(request))
+    record = _record(request)
+    await service.cancel(request.app, record)
+    audit.write(request, "cancel", record, "tes")
     return web.json_response({})
 
 
