@@ -62,11 +62,15 @@ class ContainerRuntime(abc.ABC):
     limits_memory: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any]) -> None:
-        self.options = dict(options)
-        self.command = str(self.options.get("command", self.name))
-        self.allowed_images = list(self.options.get("allowed_images", ["*"]))
-        self.allowed_mounts = [os.path.realpath(p) for p in self.options.get("allowed_mounts", [])]
-        self.extra_args = list(self.options.get("extra_args", []))
+        """`options`: the site's `[scheduler.container]` table; what it leaves out takes the
+        `default` of `options_schema`, the one place each default is written."""
+        defaults = {key: spec["default"] for key, spec in self.options_schema["properties"].items()
+                    if "default" in spec}
+        self.options = {**defaults, **options}
+        self.command = str(self.options.get("command") or self.name)
+        self.allowed_images = list(self.options["allowed_images"])
+        self.allowed_mounts = [os.path.realpath(p) for p in self.options["allowed_mounts"]]
+        self.extra_args = list(self.options["extra_args"])
 
     def admit(self, task: Task) -> None:
         """Refuse (400) what the site's policy or this runtime does not allow."""
@@ -166,7 +170,7 @@ class DockerRuntime(ContainerRuntime):
             run += ["--ulimit", f"cpu={soft}:{hard}"]
         for mount in container.volumes:
             run += ["--volume", f"{mount.host}:{mount.container}" + (":ro" if mount.read_only else "")]
-        address = self.options.get("publish_address", "")
+        address = self.options["publish_address"]
         for port in container.ports:
             run += ["--publish", f"{address + ':' if address else ''}{port.host}:{port.container}"]
         run += [*self.extra_args, container.image, *argv]
@@ -222,7 +226,7 @@ class PodmanRuntime(DockerRuntime):
     }
 
     def run_options(self) -> list[str]:
-        return [arg for limit in self.options.get("default_ulimits", []) for arg in ("--ulimit", limit)]
+        return [arg for limit in self.options["default_ulimits"] for arg in ("--ulimit", limit)]
 
     def oom_test(self, task: Task) -> str:
         return f"{{ {super().oom_test(task)} || [ -e {quote(self._conmon_oom(task))} ]; }}"
@@ -257,7 +261,7 @@ class SingularityRuntime(ContainerRuntime):
 
     def image_for(self, image: str) -> str:
         """The image argument for `exec`: the admin's rule, a path or URI as is, else docker://."""
-        for rule in self.options.get("image_rules", []):
+        for rule in self.options["image_rules"]:
             if fnmatch.fnmatchcase(image, rule["match"]):
                 return str(rule["image"])
         if image.startswith("/") or "://" in image:

@@ -131,6 +131,6 @@ def test_bad_token_hash_in_config_names_the_path(tmp_path: Path) -> None:
 
 def test_token_hashes_only_in_config() -> None:
     token = auth.new_token()
-    identity = auth.Authenticator([{"user": "u", "sha256": auth.hash_token(token)}]).identify(f"Bearer {token}")
+    identity = auth.Authenticator([{"user": "u", "sha256": auth.hash_token(token), "admin": False}]).identify(f"Bearer {token}")
     assert identity == auth.Identity("u", False)
     assert json.dumps({"sha256": auth.hash_token(token)}).find(token) == -1
