@@ -228,7 +228,7 @@ def logged(calls: Path, name: str) -> list[str]:
 
 
 async def plugin(tmp_path: Path, **options: Any) -> Scheduler:
-    document = {"gateway": {"state_dir": str(tmp_path / "state")},
+    document = {"gateway": {"state_dir": str(tmp_path / "state")}, "run_as": {"allow_root_jobs": True},
                 "scheduler": {"type": "drmaa", "poll_interval": 1, "options": options}}
     scheduler = create_scheduler(configuration.from_document(document, tmp_path, "test config"))
     await scheduler.start(lambda *_: None)
