@@ -174,12 +174,11 @@ async def burst(session: aiohttp.ClientSession, url: str, count: int, concurrenc
     body = {"user": "bench", "cmd": ["/bin/true"]}
 
     async def one() -> None:
-        async with slots:
-            async with session.post(f"{url}/v1/jobproxy/submit", json=body) as response:
-                answer: Any = await response.json()
-                if response.status != 200:
-                    raise RuntimeError(f"submit answered {response.status}: {answer}")
-                ids.append(str(answer["id"]))
+        async with slots, session.post(f"{url}/v1/jobproxy/submit", json=body) as response:
+            answer: Any = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"submit answered {response.status}: {answer}")
+            ids.append(str(answer["id"]))
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(count)))

@@ -4,22 +4,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import AsyncIterator
 
 from aiohttp import web
 
 from . import api_v1, auth, metrics, output, pages, plugins, policy, quota, responses
-from .tes import api as tes_api
-from .config import Config
 from .active import ActiveSet
+from .config import Config
 from .idempotency import Keys
-from .quota import Quotas
 from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
 from .poller import Poller
+from .quota import Quotas
 from .store import Store
+from .tes import api as tes_api
 from .validation import SchemaValidator
 
 log = logging.getLogger(__name__)

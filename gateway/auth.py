@@ -26,8 +26,8 @@ import pwd
 import secrets
 import socket
 import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 

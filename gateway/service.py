@@ -7,8 +7,9 @@ import logging
 import os
 import pwd
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from aiohttp import web
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from schedulers.base import JobStatus, TaskState
 
@@ -31,7 +31,7 @@ class Reports:
                 raise AssertionError(f"not reported in {timeout} s: {self.latest}")
             try:
                 await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def of(self, task_id: str) -> list[JobStatus]:

@@ -3,7 +3,6 @@ against the OpenAPI document."""
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import xmltodict
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.model import task_from_document
 
 from .conftest import final, make_config, wait_state, writable_by_jobs
 from .openapi_check import check

@@ -3,20 +3,20 @@ through a bubblewrap stand-in (the real runtime cannot be installed on these mac
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from gateway import config as configuration
-from schedulers.base import Task
+from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from schedulers import script
-from schedulers.base import TaskRefused
+from schedulers.base import Task, TaskRefused
 from schedulers.containers import ApptainerRuntime, DockerRuntime, PodmanRuntime, SingularityRuntime
 
 from .conftest import Gateway, writable_by_jobs

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
 from gateway import config as configuration
-from schedulers.base import Task, TaskState
 from gateway.model import new_task_id, task_from_document
 from gateway.plugins import create_scheduler
-from schedulers.base import JobRef, JobStatus, Scheduler
+from schedulers.base import JobRef, JobStatus, Scheduler, Task, TaskState
 
 from . import backends
 from .reporting import Reports

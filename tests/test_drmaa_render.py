@@ -4,7 +4,6 @@ captured from Grid Engine 8.1.9 (tests/captured/)."""
 from __future__ import annotations
 
 import doctest
-from gateway.model import task_from_document
 import logging
 import subprocess
 from collections import namedtuple
@@ -13,11 +12,13 @@ from typing import Any
 
 import pytest
 
+from gateway.model import task_from_document
 from gateway.validation import SchemaValidator
 from schedulers.base import JobRef, Task, TaskState
-from schedulers.drmaa.plugin import DrmaaScheduler
-from schedulers.drmaa import gridengine, mapping as drmaa_map
+from schedulers.drmaa import gridengine
+from schedulers.drmaa import mapping as drmaa_map
 from schedulers.drmaa.mapping import Ending, conclude
+from schedulers.drmaa.plugin import DrmaaScheduler
 from schedulers.script import Command, check_template, load_template, placeholders
 
 CAPTURED = Path(__file__).parent / "captured"

@@ -18,17 +18,17 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from schedulers.base import Task, TaskState
 from gateway.model import new_task_id, task_from_document
 from gateway.store import Store
 from gateway.validation import SchemaValidator
-from schedulers.base import JobRef
+from schedulers.base import JobRef, Task, TaskState
 from schedulers.script import quote
 from schedulers.slurm.plugin import COMMANDS, JOB_ID_FILE, SlurmScheduler
 

@@ -3,7 +3,6 @@ property test that no value can change the structure of a job script."""
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 import os
 import pwd
 import shutil
@@ -12,8 +11,9 @@ import ssl
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from gateway import config as configuration
 from gateway import policy
 from gateway.app import create_app
+from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
-from schedulers.base import Task
 from schedulers import script
 
 from .conftest import Gateway, free_port, make_config

@@ -3,7 +3,6 @@ reading of squeue / scontrol / sbatch output captured from Slurm 22.05 (etc/dev/
 from __future__ import annotations
 
 import doctest
-from gateway.model import task_from_document
 import json
 import pwd
 import subprocess
@@ -14,14 +13,14 @@ import pytest
 
 from gateway import config as configuration
 from gateway.config import ConfigError
-from schedulers.base import Task, TaskState
+from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from gateway.validation import SchemaValidator
-from schedulers.slurm import parse as slurm_parse
-from schedulers.base import SchedulerError, TaskRefused
+from schedulers.base import SchedulerError, Task, TaskRefused, TaskState
 from schedulers.script import EXIT_FILE
-from schedulers.slurm.plugin import JOB_ID_FILE, SlurmScheduler
+from schedulers.slurm import parse as slurm_parse
 from schedulers.slurm.parse import SlurmJob, job_status, parse_scontrol, parse_squeue
+from schedulers.slurm.plugin import JOB_ID_FILE, SlurmScheduler
 
 # ---- job scripts ---------------------------------------------------------------------------------
 

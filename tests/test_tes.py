@@ -9,8 +9,9 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -387,8 +388,8 @@ async def test_outputs_never_follow_links_out_of_the_task(tes_client: Any, tmp_p
 
 async def test_store_name_and_tag_filters_are_exact(tmp_path: Path) -> None:
     """name_prefix is a plain, case-sensitive prefix (no LIKE wildcards); tags match key and value."""
-    from schedulers.base import Task
     from gateway.store import Store
+    from schedulers.base import Task
 
     store = Store(tmp_path / "s.db")
     names = ["a%b", "abc", "a_c", "Ä-x", "b"]
@@ -434,7 +435,7 @@ def web_folder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, directory=str(served), **kwargs)
 
-        def do_PUT(self) -> None:  # noqa: N802 (the http.server naming)
+        def do_PUT(self) -> None:
             (served / self.path.lstrip("/")).write_bytes(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(201)
             self.end_headers()

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from gateway import config as configuration
-from gateway.tes import request as tes, steps as tes_steps
 from gateway.app import create_app
+from gateway.tes import request as tes
+from gateway.tes import steps as tes_steps
 
 from .conftest import cluster_env, writable_by_jobs
 from .test_tes import call, create, shell, wait

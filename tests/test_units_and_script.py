@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import doctest
-from gateway.model import task_from_document
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from schedulers.base import Task
+from gateway.model import task_from_document
 from schedulers import outcome, script, units
-from schedulers.base import JobStatus
+from schedulers.base import JobStatus, Task
 
 
 def test_unit_doctests() -> None:

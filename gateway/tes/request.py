@@ -36,23 +36,23 @@ import fnmatch
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from schedulers.base import SchedulerError
+from schedulers.base import Container, Mount, SchedulerError, Task, path_within
 from schedulers.script import command_argv
 
 from .. import service
-from . import steps as tes_steps
 from ..auth import Identity
 from ..config import ImageRule, TesSettings
 from ..keys import CONFIG, SCHEDULER
-from schedulers.base import Container, Mount, Task, path_within
 from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
+from . import steps as tes_steps
 
 TES_VERSION = "1.1.0"
 DEFAULT_USER = "anonymous"

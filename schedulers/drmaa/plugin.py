@@ -42,16 +42,25 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-from ..task import Task, TaskState
+from typing import Any
 
 from .. import outcome
-from . import gridengine, mapping
-from ..base import (JobRef, Report, JobStatus, Scheduler, SchedulerConfigError, SchedulerError, SchedulerUnavailable,
-                    TaskRefused, TEMPLATE_OPTION)
+from ..base import (
+    TEMPLATE_OPTION,
+    JobRef,
+    JobStatus,
+    Report,
+    Scheduler,
+    SchedulerConfigError,
+    SchedulerError,
+    SchedulerUnavailable,
+    TaskRefused,
+)
 from ..files import recorded_exit, tail
+from ..task import Task, TaskState
+from . import gridengine, mapping
 from .session import shared
 
 log = logging.getLogger(__name__)
