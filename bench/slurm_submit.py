@@ -135,7 +135,7 @@ class GatewayProcess:
         config.write_text(f'[gateway]\nstate_dir = {json.dumps(str(work / "state"))}\n'
                           f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
                           f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n')
-        self.log = open(work / "gateway.log", "wb")
+        self.log = open(work / "gateway.log", "wb")  # noqa: SIM115 - open while the gateway runs, closed in stop()
         self.process = subprocess.Popen([PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
                                          "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 

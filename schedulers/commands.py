@@ -16,6 +16,7 @@ missing (older kernels, some sandboxes) one worker thread of the loop's executor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 from collections.abc import Callable, Sequence
@@ -62,10 +63,8 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
         raise CommandTimeout(f"{service} did not answer within {timeout:g} s ({name})") from None
     finally:
         if not watch.exited.done():  # timed out, or the caller was cancelled
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            except ProcessLookupError:
-                pass
             await asyncio.shield(watch.exited)
         watch.close()
     return Finished(watch.exited.result(), *watch.output())

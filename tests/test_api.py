@@ -55,7 +55,7 @@ async def test_submit_json_then_state(client: Any) -> None:
 
 async def test_submit_xml_answers_by_accept(client: Any) -> None:
     xml = "<task><user>bob</user><cmd><arg>/bin/echo</arg><arg>a b</arg></cmd><cores>1</cores></task>"
-    status, body, kind = await call(client, "POST", "/v1/jobproxy/submit", data=xml, headers=XML)
+    status, _, kind = await call(client, "POST", "/v1/jobproxy/submit", data=xml, headers=XML)
     assert status == 200 and kind == "application/json"
     status, text, kind = await call(client, "POST", "/v1/jobproxy/submit", data=xml,
                                     headers={**XML, "Accept": "text/plain"})

@@ -170,7 +170,7 @@ def test_gateway_restart_mid_run_loses_nothing(gateway_factory: Callable[..., Ga
     long_job = job_id(gateway, long)
     assert gateway.request("DELETE", f"/v1/jobproxy/delete/{long}")[0] == 204
     assert not known_to_qmaster(long_job)
-    status, _, body = gateway.request("GET", "/v1/jobproxy/state")
+    _, _, body = gateway.request("GET", "/v1/jobproxy/state")
     assert {s["id"] for s in json.loads(body)["state"]} == {done, finishing, killed, late}
 
 
@@ -272,7 +272,8 @@ async def test_one_qstat_call_per_status_and_no_drmaa_state_queries(tmp_path: Pa
         assert (answers[made[1].id].state, answers[made[1].id].exit_code) == (TaskState.COMPLETE, 0)
         waiting = {answers[task.id].state for task in made[2:]}
         assert waiting <= {TaskState.QUEUED, TaskState.INITIALIZING, TaskState.RUNNING} and TaskState.QUEUED in waiting
-        assert all(answers[t.id].description.endswith(f"as Grid Engine job {j.native_id}") for t, j in zip(made[2:], jobs[2:]))
+        assert all(answers[t.id].description.endswith(f"as Grid Engine job {j.native_id}")
+                   for t, j in zip(made[2:], jobs[2:], strict=True))
     finally:
         await asyncio.gather(*(scheduler.cancel(job) for job in jobs[2:]))
     final = await scheduler.status(jobs[2:])

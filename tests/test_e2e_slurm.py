@@ -9,6 +9,7 @@ submission.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -269,10 +270,8 @@ def test_restart_mid_run_loses_nothing(gateway_factory: Callable[..., Gateway], 
 
 
 def _ignore_errors(function: Callable[..., Any], *args: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the gateway is killed under this request on purpose
         function(*args)
-    except Exception:  # the gateway is killed under this request on purpose
-        pass
 
 
 def _unsubmitted(gateway: Gateway) -> list[str]:
@@ -397,7 +396,7 @@ async def test_submissions_run_concurrently_up_to_submit_concurrency(wrappers: W
         running += step
         most = max(most, running)
     assert most == 3, f"at most {most} sbatch calls ran at once"
-    jobs = [JobRef(task, job_id) for task, job_id in zip(tasks, native)]
+    jobs = [JobRef(task, job_id) for task, job_id in zip(tasks, native, strict=True)]
     deadline = time.monotonic() + 60
     while not all(s.state.terminal for s in (await scheduler.status(jobs)).values()):
         assert time.monotonic() < deadline

@@ -37,7 +37,7 @@ def test_invalid_case(name: str) -> None:
     problems = VALIDATOR.problems(_load(CASES / "invalid" / name))
     expected = EXPECTED[name]
     assert [p.path for p in problems] == [path for path, _ in expected], problems
-    for problem, (_, message) in zip(problems, expected):
+    for problem, (_, message) in zip(problems, expected, strict=True):
         assert message in problem.message
 
 

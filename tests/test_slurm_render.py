@@ -356,7 +356,7 @@ def test_jobs_run_as_the_account_job_account_names(tmp_path: Path) -> None:
     user with run_as, nothing for the gateway's own."""
     options = SchemaValidator(SlurmScheduler.options_schema).with_defaults({})
     nobody = pwd.getpwnam("nobody")
-    on_behalf = ["--uid=%d" % nobody.pw_uid, "--gid=%d" % nobody.pw_gid, "--export=NONE"]
+    on_behalf = [f"--uid={nobody.pw_uid:d}", f"--gid={nobody.pw_gid:d}", "--export=NONE"]
     fixed = SlurmScheduler("slurm", options, tmp_path / "state", account="nobody")
     assert fixed._on_behalf(task(tmp_path / "w", user="alice")) == on_behalf
     as_user = SlurmScheduler("slurm", options, tmp_path / "state", run_as_user=True, account="root")

@@ -174,10 +174,10 @@ async def test_views_logs_and_the_same_state_in_both_apis(tes_client: Any) -> No
     assert full["tags"] == {"project": "p1", "user": "anonymous"} and full["inputs"][0]["content"] == "one line\n"
     assert full["resources"]["zones"] == ["z"] and log["system_logs"] == []
 
-    status, basic = await call(tes_client, "GET", f"{TES}/tasks/{task_id}?view=BASIC")
+    _, basic = await call(tes_client, "GET", f"{TES}/tasks/{task_id}?view=BASIC")
     assert "content" not in basic["inputs"][0] and "system_logs" not in basic["logs"][0]
     assert "stdout" not in basic["logs"][0]["logs"][0] and basic["logs"][0]["logs"][0]["exit_code"] == 0
-    status, minimal = await call(tes_client, "GET", f"/v1/tasks/{task_id}")
+    _, minimal = await call(tes_client, "GET", f"/v1/tasks/{task_id}")
     assert minimal == {"id": task_id, "state": "COMPLETE"}
 
     state = await wait_state(tes_client, task_id, final)

@@ -154,7 +154,7 @@ class _Builder:
         schemes = self.tes_config.url_schemes
         template = schemes.get(urlsplit(url).scheme, {}).get(direction)
         if template is None:
-            enabled = ["file"] + sorted(name for name, commands in schemes.items() if direction in commands)
+            enabled = ["file", *sorted(name for name, commands in schemes.items() if direction in commands)]
             if len(enabled) == 1:
                 raise refuse(where, f"only file:// URLs are supported by this gateway, not {url!r}")
             raise refuse(where, f"{url!r}: this gateway supports these URL schemes here: {', '.join(enabled)}")
