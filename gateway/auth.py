@@ -105,7 +105,8 @@ IDENTITY_KEY = web.RequestKey("identity", Identity)
 
 
 def identity(request: web.Request) -> Identity:
-    return request.get(IDENTITY_KEY, ANYONE)
+    known: Identity = request.get(IDENTITY_KEY, ANYONE)  # aiohttp types Request.get as Any
+    return known
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

@@ -89,8 +89,9 @@ def test_podman_repeats_default_ulimits_and_finds_conmons_oom_file(tmp_path: Pat
 
 @pytest.mark.parametrize("limit", ["cpu=10:20", "nofile", "nofile=a:b", "NOFILE=1:2", "nofile=1:2 --privileged"])
 def test_podman_default_ulimits_are_checked_at_start_up(tmp_path: Path, limit: str) -> None:
-    document = {"scheduler": {"type": "local", "container": {"runtime": "podman", "default_ulimits": [limit]}},
-                "run_as": {"allow_root_jobs": True}}  # as root with auth off, nobody may not use podman
+    document: dict[str, Any] = {"scheduler": {"type": "local", "container": {"runtime": "podman",
+                                                                           "default_ulimits": [limit]}},
+                                "run_as": {"allow_root_jobs": True}}  # as root with auth off, nobody may not use podman
     with pytest.raises(configuration.ConfigError, match=r"\$\.scheduler\.container\.default_ulimits\[0\]: must be NAME=SOFT\[:HARD\]"):
         create_scheduler(configuration.from_document(document, tmp_path, "t"))
     document["scheduler"]["container"]["default_ulimits"] = ["nofile=1024:4096", "nproc=-1", "core=0"]

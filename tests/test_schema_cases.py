@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ VALIDATOR = SchemaValidator.named("task")
 EXPECTED = json.loads((CASES / "invalid" / "expected.json").read_text())
 
 
-def _load(path: Path):
+def _load(path: Path) -> Any:  # any JSON value
     kind = "application/xml" if path.suffix == ".xml" else "application/json"
     return codec.decode(path.read_bytes(), kind, schemas.load("task"))[0]
 
