@@ -52,7 +52,8 @@ def _prepare_task_root(config: Config, account: str | None) -> None:
     root = Path(config.task_root)
     root.mkdir(parents=True, exist_ok=True)
     if config.run_as.get("enabled") or account:
-        for folder in (root, *(p for p in root.parents if p == Path(config.state_dir) or Path(config.state_dir) in p.parents)):
+        for folder in (root, *(p for p in root.parents
+                               if p == Path(config.state_dir) or Path(config.state_dir) in p.parents)):
             folder.chmod(folder.stat().st_mode | 0o111)
     if account:
         policy.check_reachable(account, root.resolve(), config.source)

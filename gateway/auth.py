@@ -79,7 +79,8 @@ class Authenticator:
     """Checks credentials against the configured token hashes."""
 
     def __init__(self, tokens: Sequence[Mapping[str, object]]) -> None:
-        self._by_hash = {str(t["sha256"]).lower(): Identity(str(t["user"]), bool(t.get("admin", False))) for t in tokens}
+        self._by_hash = {str(t["sha256"]).lower(): Identity(str(t["user"]), bool(t.get("admin", False)))
+                         for t in tokens}
 
     def identify(self, authorization: str | None) -> Identity | None:
         if not authorization:

@@ -235,7 +235,8 @@ def rootfs(passable_base: Path) -> Path:
     """A busybox root file system, for the Apptainer stand-in and sandboxed TES executors."""
     busybox = shutil.which("busybox")
     if not busybox or not shutil.which("bwrap"):
-        reason = "the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); tests/run.sh installs them"
+        reason = ("the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); "
+                  "tests/run.sh installs them")
         if IN_CI:
             pytest.fail(reason)
         pytest.skip(reason)

@@ -66,7 +66,8 @@ async def wait_for(scheduler: Scheduler, jobs: list[JobRef], done: Any = lambda 
     deadline = time.monotonic() + timeout
     latest: dict[str, JobStatus] = {}
     while time.monotonic() < deadline:
-        latest.update(await scheduler.status([j for j in jobs if j.task_id not in latest or not done(latest[j.task_id])]))
+        latest.update(await scheduler.status([j for j in jobs
+                                              if j.task_id not in latest or not done(latest[j.task_id])]))
         if all(j.task_id in latest and done(latest[j.task_id]) for j in jobs):
             return latest
         await asyncio.sleep(0.3)

@@ -182,7 +182,8 @@ def test_drm_down_answers_503_and_the_gateway_recovers(gateway: Gateway, tmp_pat
     subprocess.run([*cluster, "stop"], check=True, capture_output=True)
     try:
         flag.touch()  # the job ends while qmaster and execd are down
-        status, headers, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": "a", "cmd": "true"}).encode(),
+        status, headers, body = gateway.request("POST", "/v1/jobproxy/submit",
+                                                json.dumps({"user": "a", "cmd": "true"}).encode(),
                                                 {"Content-Type": "application/json"})
         assert (status, headers.get("Retry-After")) == (503, "30"), body
         assert json.loads(body)["error"].startswith("Grid Engine cannot take the job right now: unable to ")
@@ -219,7 +220,8 @@ def logged_bin(tmp_path: Path) -> tuple[Path, Path]:
     for name in ("qstat", "qacct"):
         real = shutil.which(name)
         assert real, f"{name} is not installed"
-        (folder / name).write_text(f"#!/bin/bash\necho {name} \"$*\" >> {quote(str(calls))}\nexec {quote(real)} \"$@\"\n")
+        (folder / name).write_text(f"#!/bin/bash\necho {name} \"$*\" >> {quote(str(calls))}\n"
+                                   f"exec {quote(real)} \"$@\"\n")
         (folder / name).chmod(0o755)
     return folder, calls
 
@@ -296,6 +298,7 @@ async def test_drm_other_asks_drmaa_for_each_jobs_state(tmp_path: Path, logged_b
         assert time.monotonic() < deadline
         await asyncio.sleep(0.5)
     ended = await scheduler.status(jobs)
-    assert [(ended[t.id].state, ended[t.id].exit_code) for t in made] == [(TaskState.EXECUTOR_ERROR, 3), (TaskState.COMPLETE, 0)]
+    assert ([(ended[t.id].state, ended[t.id].exit_code) for t in made]
+            == [(TaskState.EXECUTOR_ERROR, 3), (TaskState.COMPLETE, 0)])
     assert logged(calls, "qstat") == [] and logged(calls, "qacct") == []
     await scheduler.close()

@@ -194,7 +194,8 @@ def test_bad_templates_stop_the_start(tmp_path: Path) -> None:
 async def test_missing_commands_are_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
-    with pytest.raises(SchedulerError, match=r"the Slurm command 'sbatch' was not found in .*/bin: install Slurm's client"):
+    with pytest.raises(SchedulerError,
+                       match=r"the Slurm command 'sbatch' was not found in .*/bin: install Slurm's client"):
         await scheduler(tmp_path, bin_dir=str(empty)).start(lambda *_: None)
 
 
@@ -265,7 +266,8 @@ def test_parse_squeue() -> None:
 def test_parse_scontrol() -> None:
     job = parse_scontrol(SCONTROL)
     assert job is not None
-    assert (job.job_id, job.name, job.state, job.reason, job.exit_code) == ("26", "cap-exit3", "FAILED", "NonZeroExitCode", 3)
+    assert ((job.job_id, job.name, job.state, job.reason, job.exit_code)
+            == ("26", "cap-exit3", "FAILED", "NonZeroExitCode", 3))
     assert parse_scontrol("slurm_load_jobs error: Invalid job id specified\n") is None
     cancelled = parse_scontrol("JobId=7 JobName=x JobState=CANCELLED Reason=None ExitCode=0:15")
     assert cancelled is not None and (cancelled.state, cancelled.exit_code) == ("CANCELLED", 143)

@@ -21,10 +21,11 @@ Decisions:
 - Files: `file://` URLs (on the gateway's machine, which shares its file system with the nodes),
   and URL schemes the admin enables with a command each to get and/or put a file
   (`[tes] url_schemes`, e.g. `https = {get = ["curl", "-fsSLo", "{path}", "{url}"]}`, run on the
-  node by the steps script); other schemes answer 400. file:// sources must exist when the task is submitted (checked here,
-  so a mistake answers 400 at once); they are copied in by the steps script on the node, not by
-  the gateway, so that a large input never blocks the gateway and staging works the same on
-  every scheduler. With `[paths] roots` set, URLs must lie under the owner's roots.
+  node by the steps script); other schemes answer 400. file:// sources must exist when the task
+  is submitted (checked here, so a mistake answers 400 at once); they are copied in by the steps
+  script on the node, not by the gateway, so that a large input never blocks the gateway and
+  staging works the same on every scheduler. With `[paths] roots` set, URLs must lie under the
+  owner's roots.
 - Failures of staging (a missing input or output) make the job exit non-zero, so the task ends
   EXECUTOR_ERROR in both APIs with the reason in `system_logs`; SYSTEM_ERROR is kept for the
   gateway or scheduler failing.
@@ -254,8 +255,10 @@ class _Builder:
         try:
             runtime.admit(inner)
         except SchedulerError as exc:
-            raise refuse(f"{where}.image", f"the image {image!r} (for {executor['image']!r}) is refused: {exc}") from None
-        inner = dataclasses.replace(inner, container=Container(image, volumes=tuple(Mount(root + t, t) for t in targets)))
+            raise refuse(f"{where}.image",
+                         f"the image {image!r} (for {executor['image']!r}) is refused: {exc}") from None
+        inner = dataclasses.replace(inner,
+                                    container=Container(image, volumes=tuple(Mount(root + t, t) for t in targets)))
         command = runtime.job_command(inner, argv)
         return tes_steps.Step(f"image {executor['image']!r} as {image!r}", command.argv, False,
                               on_stop=command.on_stop, after=command.after, **common)
