@@ -80,7 +80,7 @@ async def rounds(scheduler: Any, jobs: list[Any], number: int, calls: Path) -> d
 
 def summary(name: str, seen: dict[str, list[float]]) -> str:
     per_round = seen["qstat"][0] + seen["jobStatus"][0] + seen["wait"][0]
-    calls = [q + s + w for q, s, w in zip(seen["qstat"], seen["jobStatus"], seen["wait"])]
+    calls = [q + s + w for q, s, w in zip(seen["qstat"], seen["jobStatus"], seen["wait"], strict=True)]
     return (f"{name}: status calls per round min {min(calls):g} max {max(calls):g} (first round {per_round:g}: "
             f"qstat {seen['qstat'][0]:g}, DRMAA jobStatus {seen['jobStatus'][0]:g}, wait {seen['wait'][0]:g}); "
             f"round time p50 {statistics.median(seen['seconds']) * 1000:.0f} ms, "
@@ -134,8 +134,8 @@ async def main() -> None:
         print(f"{args.jobs} active jobs ({tally}), {args.rounds} rounds each")
         print(summary('drm = "gridengine" (qstat)', new) + " | target 1 call per round")
         print(summary('baseline drm = "other" (DRMAA per job)', old))
-        new_calls = max(q + s + w for q, s, w in zip(new["qstat"], new["jobStatus"], new["wait"]))
-        old_calls = max(q + s + w for q, s, w in zip(old["qstat"], old["jobStatus"], old["wait"]))
+        new_calls = max(q + s + w for q, s, w in zip(new["qstat"], new["jobStatus"], new["wait"], strict=True))
+        old_calls = max(q + s + w for q, s, w in zip(old["qstat"], old["jobStatus"], old["wait"], strict=True))
         print(f"calls per round: {new_calls:g} (qstat) vs {old_calls:g} (baseline, DRMAA per job); slowest round "
               f"{max(new['seconds']) * 1000:.0f} ms vs {max(old['seconds']) * 1000:.0f} ms")
     finally:

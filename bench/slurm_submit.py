@@ -135,7 +135,7 @@ class GatewayProcess:
         config.write_text(f'[gateway]\nstate_dir = {json.dumps(str(work / "state"))}\n'
                           f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
                           f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n')
-        self.log = open(work / "gateway.log", "wb")
+        self.log = open(work / "gateway.log", "wb")  # noqa: SIM115 - open while the gateway runs, closed in stop()
         self.process = subprocess.Popen([PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
                                          "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -174,12 +174,11 @@ async def burst(session: aiohttp.ClientSession, url: str, count: int, concurrenc
     body = {"user": "bench", "cmd": ["/bin/true"]}
 
     async def one() -> None:
-        async with slots:
-            async with session.post(f"{url}/v1/jobproxy/submit", json=body) as response:
-                answer: Any = await response.json()
-                if response.status != 200:
-                    raise RuntimeError(f"submit answered {response.status}: {answer}")
-                ids.append(str(answer["id"]))
+        async with slots, session.post(f"{url}/v1/jobproxy/submit", json=body) as response:
+            answer: Any = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"submit answered {response.status}: {answer}")
+            ids.append(str(answer["id"]))
 
     start = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(count)))

@@ -7,8 +7,8 @@ who misses it here finds it in the store.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
 import collections
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 

@@ -4,23 +4,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
-from typing import AsyncIterator
 
 from aiohttp import web
 
 from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, responses
-from .retention import periodic as purge_finished
-from .tes import api as tes_api
-from .config import Config
 from .active import ActiveSet
+from .config import Config
 from .idempotency import Keys
-from .quota import Quotas
 from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
 from .poller import Poller
+from .quota import Quotas
+from .retention import periodic as purge_finished
 from .store import Store
+from .tes import api as tes_api
 from .validation import SchemaValidator
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def _prepare_task_root(config: Config, account: str | None) -> None:
     root = Path(config.task_root)
     root.mkdir(parents=True, exist_ok=True)
     if config.run_as.get("enabled") or account:
-        for folder in (root, *(p for p in root.parents if p == Path(config.state_dir) or Path(config.state_dir) in p.parents)):
+        for folder in (root, *(p for p in root.parents
+                               if p == Path(config.state_dir) or Path(config.state_dir) in p.parents)):
             folder.chmod(folder.stat().st_mode | 0o111)
     if account:
         policy.check_reachable(account, root.resolve(), config.source)

@@ -26,8 +26,8 @@ import pwd
 import secrets
 import socket
 import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 
@@ -105,7 +105,8 @@ IDENTITY_KEY = web.RequestKey("identity", Identity)
 
 
 def identity(request: web.Request) -> Identity:
-    return request.get(IDENTITY_KEY, ANYONE)
+    known: Identity = request.get(IDENTITY_KEY, ANYONE)  # aiohttp types Request.get as Any
+    return known
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid

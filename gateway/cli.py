@@ -32,7 +32,8 @@ def tls_context(https: dict[str, str], source: str) -> ssl.SSLContext:
             context.load_verify_locations(https["client_ca"])
             context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise configuration.ConfigError(f"{source}: $.gateway.https: cannot load the certificate, key or CA: {exc}") from None
+        raise configuration.ConfigError(f"{source}: $.gateway.https: cannot load the certificate, key or CA: "
+                                        f"{exc}") from None
     return context
 
 

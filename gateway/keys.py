@@ -10,8 +10,8 @@ from schedulers.base import Scheduler
 from .active import ActiveSet
 from .config import Config
 from .idempotency import Keys
-from .quota import Quotas
 from .poller import Poller
+from .quota import Quotas
 from .store import Store
 from .validation import SchemaValidator
 

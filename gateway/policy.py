@@ -15,11 +15,12 @@ import os
 import pwd
 import stat
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+
+from schedulers.base import Task, path_within
 
 from .config import Config, ConfigError
-from schedulers.base import Task, path_within
 from .responses import ApiError
 
 UNITS = {"cores": "cores", "memory": "MiB", "cputime": "CPU seconds"}

@@ -7,8 +7,9 @@ import logging
 import os
 import pwd
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -80,7 +81,8 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
-        raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}", headers=RETRY) from None
+        raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
+                       headers=RETRY) from None
     record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
     async with poller.submitting(record):
         try:

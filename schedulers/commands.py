@@ -16,11 +16,12 @@ missing (older kernels, some sandboxes) one worker thread of the loop's executor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .base import SchedulerUnavailable
 
@@ -58,14 +59,12 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
     watch = _Watch(asyncio.get_running_loop(), process)
     try:
         await asyncio.wait_for(asyncio.shield(watch.finished), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise CommandTimeout(f"{service} did not answer within {timeout:g} s ({name})") from None
     finally:
         if not watch.exited.done():  # timed out, or the caller was cancelled
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            except ProcessLookupError:
-                pass
             await asyncio.shield(watch.exited)
         watch.close()
     return Finished(watch.exited.result(), *watch.output())

@@ -21,14 +21,14 @@ import fnmatch
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, ClassVar, Mapping
-
-from .task import Task, path_within
+from typing import Any, ClassVar
 
 from .base import SchedulerUnavailable, TaskRefused
 from .commands import run
-from .script import Command, OOM_FILE, quote, quote_argv
+from .script import OOM_FILE, Command, quote, quote_argv
+from .task import Task, path_within
 from .units import cpu_rlimit
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-NAMES = ["local"] + sorted(p.stem.removeprefix("backend_") for p in Path(__file__).parent.glob("backend_*.py"))
+NAMES = ["local", *sorted(p.stem.removeprefix("backend_") for p in Path(__file__).parent.glob("backend_*.py"))]
 
 
 def prepare(name: str) -> tuple[str, dict[str, Any]]:

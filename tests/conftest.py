@@ -14,8 +14,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -124,7 +125,7 @@ class Gateway:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / "gateway.log"
 
-    def start(self) -> "Gateway":
+    def start(self) -> Gateway:
         command = shutil.which("jobproxy", path=str(Path(sys.executable).parent)) or "jobproxy"
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([command, "serve", *self.config_args, "--port", str(self.port)],
@@ -234,7 +235,8 @@ def rootfs(passable_base: Path) -> Path:
     """A busybox root file system, for the Apptainer stand-in and sandboxed TES executors."""
     busybox = shutil.which("busybox")
     if not busybox or not shutil.which("bwrap"):
-        reason = "the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); tests/run.sh installs them"
+        reason = ("the Apptainer stand-in needs busybox (busybox-static) and bwrap (bubblewrap); "
+                  "tests/run.sh installs them")
         if IN_CI:
             pytest.fail(reason)
         pytest.skip(reason)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from schedulers.base import JobStatus, TaskState
 
@@ -29,10 +30,8 @@ class Reports:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(f"not reported in {timeout} s: {self.latest}")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
 
     def of(self, task_id: str) -> list[JobStatus]:
         """Everything reported for `task_id`, in order."""

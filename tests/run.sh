@@ -2,10 +2,11 @@
 # Set up and run the whole test suite on a fresh machine:
 #   1. a virtualenv (.venv) with JobProxy and its test extras, and what the TES client tests need
 #      fetched once ($JOBPROXY_TEST_DEPS, default .venv/test-deps), so that no test reaches the package index;
-#   2. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker, Podman), where
+#   2. the linters, ruff and mypy (configured in pyproject.toml); a finding fails the run;
+#   3. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker, Podman), where
 #      this machine can run them (root on Debian); their environment is exported before pytest
 #      starts, since libdrmaa must see it at load time;
-#   3. pytest, with any arguments given to this script.
+#   4. pytest, with any arguments given to this script.
 # Clusters this script started are stopped again at the end (JOBPROXY_KEEP_CLUSTERS=1 keeps them).
 # In CI (CI=true) a cluster that cannot start is a failure, not a skip.
 set -euo pipefail
@@ -60,6 +61,12 @@ if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] \
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap busybox-static rsync \
         openssl curl chromium >/dev/null
 fi
+
+# The linters (configured in pyproject.toml): a finding fails the run (set -e), before any cluster starts.
+log "ruff"
+.venv/bin/ruff check .
+log "mypy"
+.venv/bin/mypy
 
 started=()
 stop_clusters() {

@@ -3,7 +3,6 @@ against the OpenAPI document."""
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import xmltodict
 from aiohttp import web
 
 from gateway.app import create_app
+from gateway.model import task_from_document
 
 from .conftest import final, make_config, wait_state, writable_by_jobs
 from .openapi_check import check
@@ -55,7 +55,7 @@ async def test_submit_json_then_state(client: Any) -> None:
 
 async def test_submit_xml_answers_by_accept(client: Any) -> None:
     xml = "<task><user>bob</user><cmd><arg>/bin/echo</arg><arg>a b</arg></cmd><cores>1</cores></task>"
-    status, body, kind = await call(client, "POST", "/v1/jobproxy/submit", data=xml, headers=XML)
+    status, _, kind = await call(client, "POST", "/v1/jobproxy/submit", data=xml, headers=XML)
     assert status == 200 and kind == "application/json"
     status, text, kind = await call(client, "POST", "/v1/jobproxy/submit", data=xml,
                                     headers={**XML, "Accept": "text/plain"})

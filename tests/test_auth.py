@@ -20,7 +20,8 @@ TOKENS = {"alice": "jp_alice-secret", "bob": "jp_bob-secret", "root-admin": "jp_
 
 
 def auth_config(tmp_path: Path) -> configuration.Config:
-    tokens = [{"user": user, "sha256": auth.hash_token(token), "admin": user == "root-admin"} for user, token in TOKENS.items()]
+    tokens = [{"user": user, "sha256": auth.hash_token(token), "admin": user == "root-admin"}
+              for user, token in TOKENS.items()]
     document = {"gateway": {"state_dir": str(tmp_path / "state")}, "auth": {"enabled": True, "tokens": tokens},
                 "scheduler": {"poll_interval": 0.1}}
     return configuration.from_document(document, tmp_path, "test")
@@ -57,7 +58,8 @@ async def test_requests_without_a_valid_token_get_401(secured: Any) -> None:
                              ("GET", f"/v1/jobproxy/state/{task_id}"), ("GET", "/v1/jobproxy/state/unknown"),
                              ("DELETE", f"/v1/jobproxy/delete/{task_id}"),
                              ("POST", "/ga4gh/tes/v1/tasks"), ("GET", "/ga4gh/tes/v1/tasks"),
-                             ("GET", f"/ga4gh/tes/v1/tasks/{task_id}"), ("POST", f"/ga4gh/tes/v1/tasks/{task_id}:cancel"),
+                             ("GET", f"/ga4gh/tes/v1/tasks/{task_id}"),
+                             ("POST", f"/ga4gh/tes/v1/tasks/{task_id}:cancel"),
                              ("GET", "/v1/tasks"), ("GET", f"/v1/tasks/{task_id}")]:
             response = await secured.request(method, path, headers=headers, json={"user": "alice", "cmd": "x"})
             assert response.status == 401, (method, path, headers)
@@ -88,11 +90,13 @@ async def test_users_see_and_touch_only_their_own_tasks(secured: Any) -> None:
         tes_listed = await (await secured.get("/ga4gh/tes/v1/tasks", headers=as_(user))).json()
         assert [t["id"] for t in tes_listed["tasks"]] == [own]
         for method, path in (("GET", f"/v1/jobproxy/state/{other}"), ("GET", f"/ga4gh/tes/v1/tasks/{other}"),
-                             ("POST", f"/ga4gh/tes/v1/tasks/{other}:cancel"), ("DELETE", f"/v1/jobproxy/delete/{other}")):
+                             ("POST", f"/ga4gh/tes/v1/tasks/{other}:cancel"),
+                             ("DELETE", f"/v1/jobproxy/delete/{other}")):
             response = await secured.request(method, path, headers=as_(user))
             unknown = await secured.request(method, path.replace(other, "0" * len(other)), headers=as_(user))
             assert response.status == unknown.status == 404
-            assert (await response.json())["error"].replace(other, "X") == (await unknown.json())["error"].replace("0" * len(other), "X")
+            assert ((await response.json())["error"].replace(other, "X")
+                    == (await unknown.json())["error"].replace("0" * len(other), "X"))
         assert (await secured.get(f"/v1/jobproxy/state/{own}", headers=as_(user))).status == 200
     assert (await secured.get(f"/v1/jobproxy/state/{alices}", headers=as_("alice"))).status == 200
 
@@ -131,6 +135,7 @@ def test_bad_token_hash_in_config_names_the_path(tmp_path: Path) -> None:
 
 def test_token_hashes_only_in_config() -> None:
     token = auth.new_token()
-    identity = auth.Authenticator([{"user": "u", "sha256": auth.hash_token(token), "admin": False}]).identify(f"Bearer {token}")
+    authenticator = auth.Authenticator([{"user": "u", "sha256": auth.hash_token(token), "admin": False}])
+    identity = authenticator.identify(f"Bearer {token}")
     assert identity == auth.Identity("u", False)
     assert json.dumps({"sha256": auth.hash_token(token)}).find(token) == -1

@@ -61,7 +61,8 @@ def test_hybrid_v2_without_controllers_falls_back_to_v1(tmp_path: Path) -> None:
     assert (root / "cpu" / "jobproxy" / "t1" / "cpu.cfs_quota_us").read_text() == "100000"
     assert (root / "cpuset" / "jobproxy" / "cpuset.mems").read_text() == "0"
     assert (root / "cpuset" / "jobproxy" / "t1" / "cpuset.cpus").read_text() == "1"
-    (root / "memory" / "jobproxy" / "t1" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    (root / "memory" / "jobproxy" / "t1" / "memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
     assert found.oom_kills("t1") == 2
 
 

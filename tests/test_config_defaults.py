@@ -141,7 +141,8 @@ def test_flat_names_delegate_to_the_sections(tmp_path: Path) -> None:
     assert (config.page_size, config.max_page_size, config.poll_interval, config.scheduler) == (7, 10000, 2.0, "local")
     assert config.https == {"port": 8443, "cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")}
     assert config.scheduler_options == {"cores": 1} and config.container == {"runtime": "docker"}
-    assert config.run_as == {"enabled": False, "min_uid": 1000, "deny": ["x"], "account": None, "allow_root_jobs": False}
+    assert config.run_as == {"enabled": False, "min_uid": 1000, "deny": ["x"], "account": None,
+                             "allow_root_jobs": False}
     assert config.path_roots == ("/home/{user}",) and config.limits == {"memory": 5} and config.log_level == "DEBUG"
     assert config.tes == {"images": [{"match": "*", "image": "i"}], "host_readable": [], "host_writable": [],
                           "url_schemes": {"https": {"get": ["curl"]}}, "backend_parameters": ["cputime"],

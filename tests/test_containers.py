@@ -3,20 +3,20 @@ through a bubblewrap stand-in (the real runtime cannot be installed on these mac
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from gateway import config as configuration
-from schedulers.base import Task
+from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from schedulers import script
-from schedulers.base import TaskRefused
+from schedulers.base import Task, TaskRefused
 from schedulers.containers import ApptainerRuntime, DockerRuntime, PodmanRuntime, SingularityRuntime
 
 from .conftest import Gateway, writable_by_jobs
@@ -34,11 +34,13 @@ def test_docker_command_line(tmp_path: Path) -> None:
                              "allowed_mounts": [str(tmp_path)], "publish_address": "127.0.0.1"})
     task = _task(tmp_path, cmd=["printf", "%s", "a b"], cores=2, memory=300, cputime=60, container={
         "image": "registry.example:5000/lab/tool:1.2", "ports": [[8080, 80]],
-        "volumes": [{"host": str(tmp_path), "container": "/in", "mode": "RO"}, {"host": str(tmp_path), "container": "/out"}]})
+        "volumes": [{"host": str(tmp_path), "container": "/in", "mode": "RO"},
+                    {"host": str(tmp_path), "container": "/out"}]})
     runtime.admit(task)
     command = runtime.job_command(task, script.command_argv(task))
     assert list(command.argv) == [
-        "docker", "-H", "unix:///run/d.sock", "run", "--name", "jobproxy-t1", "--init", "--pull=never", "--label", "jobproxy.task=t1",
+        "docker", "-H", "unix:///run/d.sock", "run", "--name", "jobproxy-t1", "--init", "--pull=never",
+        "--label", "jobproxy.task=t1",
         "--cpus", "2", "--memory", "300m", "--memory-swap", "300m", "--ulimit", "cpu=60:65",
         "--volume", f"{tmp_path}:/in:ro", "--volume", f"{tmp_path}:/out", "--publish", "127.0.0.1:8080:80",
         "registry.example:5000/lab/tool:1.2", "printf", "%s", "a b"]
@@ -89,9 +91,11 @@ def test_podman_repeats_default_ulimits_and_finds_conmons_oom_file(tmp_path: Pat
 
 @pytest.mark.parametrize("limit", ["cpu=10:20", "nofile", "nofile=a:b", "NOFILE=1:2", "nofile=1:2 --privileged"])
 def test_podman_default_ulimits_are_checked_at_start_up(tmp_path: Path, limit: str) -> None:
-    document = {"scheduler": {"type": "local", "container": {"runtime": "podman", "default_ulimits": [limit]}},
-                "run_as": {"allow_root_jobs": True}}  # as root with auth off, nobody may not use podman
-    with pytest.raises(configuration.ConfigError, match=r"\$\.scheduler\.container\.default_ulimits\[0\]: must be NAME=SOFT\[:HARD\]"):
+    document: dict[str, Any] = {"scheduler": {"type": "local", "container": {"runtime": "podman",
+                                                                           "default_ulimits": [limit]}},
+                                "run_as": {"allow_root_jobs": True}}  # as root with auth off, nobody may not use podman
+    with pytest.raises(configuration.ConfigError,
+                       match=r"\$\.scheduler\.container\.default_ulimits\[0\]: must be NAME=SOFT\[:HARD\]"):
         create_scheduler(configuration.from_document(document, tmp_path, "t"))
     document["scheduler"]["container"]["default_ulimits"] = ["nofile=1024:4096", "nproc=-1", "core=0"]
     assert create_scheduler(configuration.from_document(document, tmp_path, "t")).runtime is not None
@@ -133,7 +137,8 @@ def test_mount_policy_resolves_dots_and_symlinks(tmp_path: Path) -> None:
 def test_singularity_command_line_and_images(tmp_path: Path) -> None:
     runtime = SingularityRuntime({"runtime": "singularity", "allowed_mounts": ["/"],
                                   "image_rules": [{"match": "busybox*", "image": "/images/busybox.sif"}]})
-    task = _task(tmp_path, container={"image": "busybox:1.36", "volumes": [{"host": "/data", "container": "/d", "mode": "RO"}]})
+    task = _task(tmp_path, container={"image": "busybox:1.36",
+                                      "volumes": [{"host": "/data", "container": "/d", "mode": "RO"}]})
     assert list(runtime.job_command(task, ["cat", "/d/x"]).argv) == [
         "singularity", "exec", "--cleanenv", "--bind", "/data:/d:ro", "/images/busybox.sif", "cat", "/d/x"]
     assert runtime.image_for("ubuntu:22.04") == "docker://ubuntu:22.04"
@@ -184,7 +189,8 @@ image_rules = [{{ match = "busybox*", image = "{rootfs}" }}]
         {"Content-Type": "application/json"})
     assert status == 400 and b"no port mapping" in body
     status, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps(
-        {"user": "a", "cmd": "true", "container": {"image": "busybox", "volumes": [{"host": "/etc", "container": "/e"}]}}).encode(),
+        {"user": "a", "cmd": "true",
+         "container": {"image": "busybox", "volumes": [{"host": "/etc", "container": "/e"}]}}).encode(),
         {"Content-Type": "application/json"})
     assert status == 400 and b"'/etc' is outside" in body
 

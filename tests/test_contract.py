@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
 from gateway import config as configuration
-from schedulers.base import Task, TaskState
 from gateway.model import new_task_id, task_from_document
 from gateway.plugins import create_scheduler
-from schedulers.base import JobRef, JobStatus, Scheduler
+from schedulers.base import JobRef, JobStatus, Scheduler, Task, TaskState
 
 from . import backends
 from .reporting import Reports
@@ -66,7 +66,8 @@ async def wait_for(scheduler: Scheduler, jobs: list[JobRef], done: Any = lambda 
     deadline = time.monotonic() + timeout
     latest: dict[str, JobStatus] = {}
     while time.monotonic() < deadline:
-        latest.update(await scheduler.status([j for j in jobs if j.task_id not in latest or not done(latest[j.task_id])]))
+        latest.update(await scheduler.status([j for j in jobs
+                                              if j.task_id not in latest or not done(latest[j.task_id])]))
         if all(j.task_id in latest and done(latest[j.task_id]) for j in jobs):
             return latest
         await asyncio.sleep(0.3)

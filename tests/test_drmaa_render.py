@@ -4,7 +4,6 @@ captured from Grid Engine 8.1.9 (tests/captured/)."""
 from __future__ import annotations
 
 import doctest
-from gateway.model import task_from_document
 import logging
 import subprocess
 from collections import namedtuple
@@ -13,24 +12,29 @@ from typing import Any
 
 import pytest
 
+from gateway.model import task_from_document
 from gateway.validation import SchemaValidator
 from schedulers.base import JobRef, Task, TaskState
-from schedulers.drmaa.plugin import DrmaaScheduler
-from schedulers.drmaa import gridengine, mapping as drmaa_map
+from schedulers.drmaa import gridengine
+from schedulers.drmaa import mapping as drmaa_map
 from schedulers.drmaa.mapping import Ending, conclude
+from schedulers.drmaa.plugin import DrmaaScheduler
 from schedulers.script import Command, check_template, load_template, placeholders
 
 CAPTURED = Path(__file__).parent / "captured"
 
 #: drmaa-python's JobInfo (drmaa.session.JobInfo), whose fields the plugin reads.
-JobInfo = namedtuple("JobInfo", "jobId hasExited hasSignal terminatedSignal hasCoreDump wasAborted exitStatus resourceUsage")
+JobInfo = namedtuple("JobInfo", "jobId hasExited hasSignal terminatedSignal hasCoreDump wasAborted exitStatus "
+                                "resourceUsage")
 
 
 def task(**fields: Any) -> Task:
-    return task_from_document({"user": "u", "cmd": "true", **fields}, "1a21e6e3e7b18ca1a41", "/shared/tasks/1a21e6e3e7b18ca1a41")
+    return task_from_document({"user": "u", "cmd": "true", **fields}, "1a21e6e3e7b18ca1a41",
+                              "/shared/tasks/1a21e6e3e7b18ca1a41")
 
 
-def spec(pe: str = "smp", queue: str | None = None, pieces: tuple[str, ...] = drmaa_map.GRID_ENGINE_SPEC, **fields: Any) -> str:
+def spec(pe: str = "smp", queue: str | None = None, pieces: tuple[str, ...] = drmaa_map.GRID_ENGINE_SPEC,
+         **fields: Any) -> str:
     return drmaa_map.native_spec(pieces, drmaa_map.native_values(task(**fields), pe, queue))
 
 
@@ -81,7 +85,8 @@ def test_huge_values_are_plain_integers() -> None:
 def test_admin_template_pieces_are_kept_only_with_all_their_values() -> None:
     pieces = ("-P proj", "-l mem_total={memory}M,s_cpu={cputime}", "-pe {pe} {slots}", "-ac limits={{none}}")
     assert spec(pieces=pieces) == "-P proj -pe smp 1 -ac limits={none}"
-    assert spec(pieces=pieces, memory=5, cputime=9, cores=2) == "-P proj -l mem_total=5M,s_cpu=9 -pe smp 2 -ac limits={none}"
+    assert (spec(pieces=pieces, memory=5, cputime=9, cores=2)
+            == "-P proj -l mem_total=5M,s_cpu=9 -pe smp 2 -ac limits={none}")
     assert spec(pieces=()) == ""
 
 
@@ -107,7 +112,8 @@ def test_default_template_is_valid() -> None:
 
 def test_job_template_fields() -> None:
     t = task(stdout="/out/o.txt", stderr="/out/e.txt")
-    fields = drmaa_map.job_template(t, "/shared/tasks/x/drmaa-job.sh", "-w e", {"LANG": "C.UTF-8", "JOBPROXY_TASK_ID": "forged"})
+    fields = drmaa_map.job_template(t, "/shared/tasks/x/drmaa-job.sh", "-w e",
+                                    {"LANG": "C.UTF-8", "JOBPROXY_TASK_ID": "forged"})
     assert fields == {
         "remoteCommand": "/shared/tasks/x/drmaa-job.sh",
         "jobName": "jobproxy-1a21e6e3e7b18ca1a41",
@@ -127,8 +133,10 @@ def test_one_file_for_both_streams_is_joined() -> None:
 def test_job_script_quotes_every_value_and_runs(tmp_path: Path) -> None:
     workdir = tmp_path / "it's a $dir"
     workdir.mkdir()
-    t = task_from_document({"user": "u", "cmd": ["printf", "%s|", "a b", "$HOME", "`id`"], "cputime": 30}, "tid", str(workdir))
-    text = drmaa_map.job_script(load_template("schedulers.drmaa"), t, Command(["printf", "%s|", "a b", "$HOME", "`id`"]))
+    t = task_from_document({"user": "u", "cmd": ["printf", "%s|", "a b", "$HOME", "`id`"], "cputime": 30}, "tid",
+                           str(workdir))
+    text = drmaa_map.job_script(load_template("schedulers.drmaa"), t,
+                                Command(["printf", "%s|", "a b", "$HOME", "`id`"]))
     assert text.startswith("#!/bin/bash\n# JobProxy task tid, DRMAA scheduler (job name jobproxy-tid)\n")
     assert "jobproxy_hard=35" in text and "? jobproxy_hard : 30 ))" in text
     (tmp_path / "job.sh").write_text(text)
@@ -150,7 +158,8 @@ def test_built_in_template_uses_known_placeholders() -> None:
 @pytest.mark.parametrize("drm_state, state", [
     ("queued_active", TaskState.QUEUED), ("running", TaskState.RUNNING),
     ("user_on_hold", TaskState.PAUSED), ("system_on_hold", TaskState.PAUSED), ("user_system_on_hold", TaskState.PAUSED),
-    ("user_suspended", TaskState.PAUSED), ("system_suspended", TaskState.PAUSED), ("user_system_suspended", TaskState.PAUSED),
+    ("user_suspended", TaskState.PAUSED), ("system_suspended", TaskState.PAUSED),
+    ("user_system_suspended", TaskState.PAUSED),
 ])
 def test_active_states(drm_state: str, state: TaskState) -> None:
     status = drmaa_map.active_status("26", drm_state)
@@ -166,7 +175,8 @@ def test_unknown_states_are_unknown_with_a_log_line(drm_state: str, caplog: pyte
 
 
 # JobInfo as wait() returned it from Grid Engine 8.1.9 (resourceUsage trimmed to what is read)
-EXIT_3 = JobInfo("26", True, False, "", False, False, 3, {"cpu": "0.0144", "maxvmem": "0.0000", "end_time": "1795806368.0000"})
+EXIT_3 = JobInfo("26", True, False, "", False, False, 3,
+                 {"cpu": "0.0144", "maxvmem": "0.0000", "end_time": "1795806368.0000"})
 H_CPU_KILL = JobInfo("27", False, True, "SIGKILL", False, False, 0, {"cpu": "1.9849", "maxvmem": "3256320.0000"})
 ALLOCATION_FAILED = JobInfo("28", True, False, "", False, False, 1, {"cpu": "0.0284", "maxvmem": "0.0000"})
 H_VMEM_KILL = JobInfo("29", False, True, "SIGKILL", False, False, 0, {"cpu": "0.1700", "maxvmem": "343490560.0000"})
@@ -192,14 +202,17 @@ def test_h_cpu_kill_without_exit_file_is_the_cputime_limit() -> None:
 
 
 def test_sigkill_without_cpu_evidence_says_only_the_signal() -> None:
-    assert conclude(task(cputime=100), "27", exit_code=None, ending=ended(H_CPU_KILL)).description == "killed by SIGKILL"
+    assert (conclude(task(cputime=100), "27", exit_code=None, ending=ended(H_CPU_KILL)).description
+            == "killed by SIGKILL")
     assert conclude(task(), "27", exit_code=None, ending=ended(H_CPU_KILL)).description == "killed by SIGKILL"
 
 
 def test_sigxcpu_and_sigkill_in_the_exit_code_file() -> None:
-    assert conclude(task(cputime=2), "1", exit_code=152, ending=None).description == "killed: CPU time limit of 2 s exceeded"
+    assert (conclude(task(cputime=2), "1", exit_code=152, ending=None).description
+            == "killed: CPU time limit of 2 s exceeded")
     spent = Ending(exit_status=137, cpu=7.0)
-    assert conclude(task(cputime=2), "1", exit_code=137, ending=spent).description == "killed: CPU time limit of 2 s exceeded"
+    assert (conclude(task(cputime=2), "1", exit_code=137, ending=spent).description
+            == "killed: CPU time limit of 2 s exceeded")
     assert conclude(task(cputime=2), "1", exit_code=137, ending=None).description == "killed by SIGKILL"
 
 
@@ -210,10 +223,12 @@ def test_processes_over_memory_together_are_killed_for_memory() -> None:
 
 def test_failed_allocation_names_memory_only_with_evidence() -> None:
     memory = task(memory=150)
-    with_words = conclude(memory, "28", exit_code=1, ending=ended(ALLOCATION_FAILED), stderr_tail="Traceback...\nMemoryError\n")
+    with_words = conclude(memory, "28", exit_code=1, ending=ended(ALLOCATION_FAILED),
+                          stderr_tail="Traceback...\nMemoryError\n")
     assert with_words.description == "memory limit of 150 MiB exceeded (MemoryError on stderr); exit code 1"
     assert with_words.exit_code == 1
-    without = conclude(memory, "28", exit_code=1, ending=ended(ALLOCATION_FAILED), stderr_tail="error: file not found\n")
+    without = conclude(memory, "28", exit_code=1, ending=ended(ALLOCATION_FAILED),
+                       stderr_tail="error: file not found\n")
     assert without.description == "exit code 1"
     no_limit = conclude(task(), "28", exit_code=1, ending=ended(ALLOCATION_FAILED), stderr_tail="MemoryError\n")
     assert no_limit.description == "exit code 1"
@@ -226,7 +241,8 @@ def test_failed_allocation_names_memory_only_with_evidence() -> None:
 def test_aborted_job_is_a_system_error_with_the_drms_reason() -> None:
     status = conclude(task(), "30", exit_code=None, ending=ended(TERMINATED))
     assert status.state == TaskState.SYSTEM_ERROR and "aborted job 30" in status.description
-    failed = conclude(task(), "35", exit_code=None, ending=Ending(aborted=True, reason="26 : opening input/output file"))
+    failed = conclude(task(), "35", exit_code=None,
+                      ending=Ending(aborted=True, reason="26 : opening input/output file"))
     assert failed.description.endswith("(26 : opening input/output file)")
 
 
@@ -266,8 +282,10 @@ def test_qacct_record_is_found_by_job_name() -> None:
 def test_reused_job_id_takes_the_last_record_of_that_name() -> None:
     text = qacct_text()
     first = text.split("==============================================================\n")[1]
-    again = first.replace("exit_status  137", "exit_status  0  ").replace("failed       100 : assumedly after job", "failed       0")
-    record = gridengine.parse_qacct(text + "==============================================================\n" + again, "cpu")
+    again = (first.replace("exit_status  137", "exit_status  0  ")
+             .replace("failed       100 : assumedly after job", "failed       0"))
+    record = gridengine.parse_qacct(text + "==============================================================\n" + again,
+                                    "cpu")
     assert record is not None and record["failed"] == "0"
 
 
@@ -362,7 +380,8 @@ def test_a_state_not_understood_is_unknown_with_one_log_line(tmp_path: Path, cap
     odd = gridengine.QueuedJob("77", drmaa_map.job_name(job.task_id), "qX")
     with caplog.at_level(logging.WARNING, logger="schedulers.drmaa.plugin"):
         statuses = [plugin._listed(job, odd) for _ in range(3)]
-    assert {(s.state, s.description) for s in statuses} == {(TaskState.UNKNOWN, "Grid Engine reports job 77 in state qX")}
+    assert ({(s.state, s.description) for s in statuses}
+            == {(TaskState.UNKNOWN, "Grid Engine reports job 77 in state qX")})
     assert [r.getMessage() for r in caplog.records] == [
         f"task {job.task_id}: Grid Engine job 77 is in state 'qX', which JobProxy does not know; reporting UNKNOWN"]
     held = plugin._listed(job, gridengine.QueuedJob("77", "n", "hqw"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -48,7 +48,8 @@ def test_volumes_exit_code_and_memory(gateway: Gateway, tmp_path: Path) -> None:
     outputs.mkdir()
     (inputs / "data.txt").write_text("on the node\n")
     volumes = [{"host": str(inputs), "container": "/in", "mode": "RO"}, {"host": str(outputs), "container": "/out"}]
-    reader = gateway.submit({"user": "a", "cmd": "cat /in/data.txt; touch /in/x || echo refused; echo ok > /out/r; exit 3",
+    reader = gateway.submit({"user": "a",
+                             "cmd": "cat /in/data.txt; touch /in/x || echo refused; echo ok > /out/r; exit 3",
                              "container": {"image": IMAGE, "volumes": volumes}})
     hog = gateway.submit({"user": "a", "cmd": "dd if=/dev/zero of=/dev/null bs=200M count=1", "memory": 64,
                           "container": {"image": IMAGE}})
@@ -57,7 +58,8 @@ def test_volumes_exit_code_and_memory(gateway: Gateway, tmp_path: Path) -> None:
     assert Path(state["stdout"]).read_text() == "on the node\nrefused\n"
     assert (outputs / "r").read_text() == "ok\n"
     killed = gateway.wait(hog, timeout=120)
-    assert (killed["code"], killed["description"]) == ("EXECUTOR_ERROR", "killed: memory limit of 64 MiB exceeded"), killed
+    assert (killed["code"], killed["description"]) == ("EXECUTOR_ERROR",
+                                                        "killed: memory limit of 64 MiB exceeded"), killed
 
 
 def test_delete_running_container_leaves_none(gateway: Gateway) -> None:

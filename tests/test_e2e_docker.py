@@ -8,9 +8,9 @@ import os
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -79,7 +79,8 @@ def test_volumes_read_only_and_writable(gateway: Gateway, tmp_path: Path) -> Non
     inputs.mkdir()
     outputs.mkdir()
     (inputs / "data.txt").write_text("input data\n")
-    task_id = gateway.submit({"user": "a", "cmd": "cat /in/data.txt; echo x > /in/new || echo refused; echo result > /out/r.txt",
+    task_id = gateway.submit({"user": "a",
+                              "cmd": "cat /in/data.txt; echo x > /in/new || echo refused; echo result > /out/r.txt",
                               "container": {"image": IMAGE, "volumes": [
                                   {"host": str(inputs), "container": "/in", "mode": "RO"},
                                   {"host": str(outputs), "container": "/out", "mode": "RW"}]}})

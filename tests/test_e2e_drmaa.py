@@ -8,8 +8,9 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -169,7 +170,7 @@ def test_gateway_restart_mid_run_loses_nothing(gateway_factory: Callable[..., Ga
     long_job = job_id(gateway, long)
     assert gateway.request("DELETE", f"/v1/jobproxy/delete/{long}")[0] == 204
     assert not known_to_qmaster(long_job)
-    status, _, body = gateway.request("GET", "/v1/jobproxy/state")
+    _, _, body = gateway.request("GET", "/v1/jobproxy/state")
     assert {s["id"] for s in json.loads(body)["state"]} == {done, finishing, killed, late}
 
 
@@ -181,7 +182,8 @@ def test_drm_down_answers_503_and_the_gateway_recovers(gateway: Gateway, tmp_pat
     subprocess.run([*cluster, "stop"], check=True, capture_output=True)
     try:
         flag.touch()  # the job ends while qmaster and execd are down
-        status, headers, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": "a", "cmd": "true"}).encode(),
+        status, headers, body = gateway.request("POST", "/v1/jobproxy/submit",
+                                                json.dumps({"user": "a", "cmd": "true"}).encode(),
                                                 {"Content-Type": "application/json"})
         assert (status, headers.get("Retry-After")) == (503, "30"), body
         assert json.loads(body)["error"].startswith("Grid Engine cannot take the job right now: unable to ")
@@ -218,7 +220,8 @@ def logged_bin(tmp_path: Path) -> tuple[Path, Path]:
     for name in ("qstat", "qacct"):
         real = shutil.which(name)
         assert real, f"{name} is not installed"
-        (folder / name).write_text(f"#!/bin/bash\necho {name} \"$*\" >> {quote(str(calls))}\nexec {quote(real)} \"$@\"\n")
+        (folder / name).write_text(f"#!/bin/bash\necho {name} \"$*\" >> {quote(str(calls))}\n"
+                                   f"exec {quote(real)} \"$@\"\n")
         (folder / name).chmod(0o755)
     return folder, calls
 
@@ -271,7 +274,8 @@ async def test_one_qstat_call_per_status_and_no_drmaa_state_queries(tmp_path: Pa
         assert (answers[made[1].id].state, answers[made[1].id].exit_code) == (TaskState.COMPLETE, 0)
         waiting = {answers[task.id].state for task in made[2:]}
         assert waiting <= {TaskState.QUEUED, TaskState.INITIALIZING, TaskState.RUNNING} and TaskState.QUEUED in waiting
-        assert all(answers[t.id].description.endswith(f"as Grid Engine job {j.native_id}") for t, j in zip(made[2:], jobs[2:]))
+        assert all(answers[t.id].description.endswith(f"as Grid Engine job {j.native_id}")
+                   for t, j in zip(made[2:], jobs[2:], strict=True))
     finally:
         await asyncio.gather(*(scheduler.cancel(job) for job in jobs[2:]))
     final = await scheduler.status(jobs[2:])
@@ -294,6 +298,7 @@ async def test_drm_other_asks_drmaa_for_each_jobs_state(tmp_path: Path, logged_b
         assert time.monotonic() < deadline
         await asyncio.sleep(0.5)
     ended = await scheduler.status(jobs)
-    assert [(ended[t.id].state, ended[t.id].exit_code) for t in made] == [(TaskState.EXECUTOR_ERROR, 3), (TaskState.COMPLETE, 0)]
+    assert ([(ended[t.id].state, ended[t.id].exit_code) for t in made]
+            == [(TaskState.EXECUTOR_ERROR, 3), (TaskState.COMPLETE, 0)])
     assert logged(calls, "qstat") == [] and logged(calls, "qacct") == []
     await scheduler.close()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -88,12 +88,14 @@ def test_one_core_is_pinned_to_one_cpu(gateway: Gateway) -> None:
     assert allowed.split()[-1].isdigit() and count == "1"
 
 
-def test_restart_keeps_every_task_and_picks_up_outcomes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
+def test_restart_keeps_every_task_and_picks_up_outcomes(gateway_factory: Callable[..., Gateway],
+                                                        tmp_path: Path) -> None:
     gateway = gateway_factory(CONFIG.format(cores=2)).start()
     flag = tmp_path / "go"
     done = gateway.submit({"user": "a", "cmd": "exit 4"})
     gateway.wait(done)
-    finishing = gateway.submit({"user": "a", "cmd": f"while [ ! -e {flag} ]; do sleep 0.1; done; echo finished", "cores": 1})
+    finishing = gateway.submit({"user": "a", "cmd": f"while [ ! -e {flag} ]; do sleep 0.1; done; echo finished",
+                                "cores": 1})
     long = gateway.submit({"user": "a", "cmd": "sleep 300", "cores": 1})
     gateway.wait(finishing, lambda s: s["code"] == "RUNNING")
     gateway.wait(long, lambda s: s["code"] == "RUNNING")

@@ -9,6 +9,7 @@ submission.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -18,17 +19,17 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from schedulers.base import Task, TaskState
 from gateway.model import new_task_id, task_from_document
 from gateway.store import Store
 from gateway.validation import SchemaValidator
-from schedulers.base import JobRef
+from schedulers.base import JobRef, Task, TaskState
 from schedulers.script import quote
 from schedulers.slurm.plugin import COMMANDS, JOB_ID_FILE, SlurmScheduler
 
@@ -71,8 +72,9 @@ def wrappers(cluster: None, tmp_path: Path) -> Wrappers:
     for name in COMMANDS:
         real = shutil.which(name)
         assert real, f"{name} is not installed"
-        held = (f"if [ -e {quote(str(hold))} ]; then : > {quote(str(hold) + '.submitted')}\n"
-                f"  for _ in $(seq 600); do [ -e {quote(str(hold))} ] || break; sleep 0.1; done\nfi\n") if name == "sbatch" else ""
+        held = ((f"if [ -e {quote(str(hold))} ]; then : > {quote(str(hold) + '.submitted')}\n"
+                 f"  for _ in $(seq 600); do [ -e {quote(str(hold))} ] || break; sleep 0.1; done\nfi\n")
+                if name == "sbatch" else "")
         slow = f"[ -e {quote(str(tmp_path / 'slow-sbatch'))} ] && sleep 0.5\n" if name == "sbatch" else ""
         (bin_dir / name).write_text(
             "#!/bin/bash\n"
@@ -136,7 +138,8 @@ def test_cores_memory_and_time_reach_slurm(gateway: Gateway) -> None:
     state = gateway.wait(task_id)
     assert (state["code"], state["exit_code"]) == ("COMPLETE", 0)
     job = job_of(task_id)
-    assert (job["JobName"], job["JobState"], job["NumCPUs"], job["MinMemoryNode"]) == (task_id, "COMPLETED", "2", "300M")
+    assert ((job["JobName"], job["JobState"], job["NumCPUs"], job["MinMemoryNode"])
+            == (task_id, "COMPLETED", "2", "300M"))
     assert "mem=300M" in job["TRES"]
     assert job["TimeLimit"] == "00:02:00"  # 30 CPU seconds × 2 + 5 s, in whole minutes
     assert Path(state["stdout"]).read_text() == "2\n"
@@ -239,14 +242,16 @@ def test_restart_mid_run_loses_nothing(gateway_factory: Callable[..., Gateway], 
     flag = tmp_path / "go"
     done = gateway.submit({"user": "a", "cmd": "exit 4"})
     gateway.wait(done)
-    running = gateway.submit({"user": "a", "cmd": f"while [ ! -e {quote(str(flag))} ]; do sleep 0.1; done; echo finished"})
+    running = gateway.submit({"user": "a",
+                              "cmd": f"while [ ! -e {quote(str(flag))} ]; do sleep 0.1; done; echo finished"})
     gateway.wait(running, lambda s: s["code"] == "RUNNING")
     queued = gateway.submit({"user": "a", "cmd": "echo late", "cores": 2})  # waits for `running`'s core
     gateway.wait(queued, lambda s: s["description"].startswith("pending as Slurm job"))
 
     # A submission in flight: Slurm has the job, the gateway dies before it records the job id.
     wrappers.hold.touch()
-    in_flight = threading.Thread(target=lambda: _ignore_errors(submit_raw, gateway, {"user": "a", "cmd": "echo flight"}))
+    in_flight = threading.Thread(target=lambda: _ignore_errors(submit_raw, gateway,
+                                                               {"user": "a", "cmd": "echo flight"}))
     in_flight.start()
     eventually(lambda: Path(str(wrappers.hold) + ".submitted").exists(), 30, "sbatch answered")
     gateway.stop(kill=True)
@@ -269,10 +274,8 @@ def test_restart_mid_run_loses_nothing(gateway_factory: Callable[..., Gateway], 
 
 
 def _ignore_errors(function: Callable[..., Any], *args: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the gateway is killed under this request on purpose
         function(*args)
-    except Exception:  # the gateway is killed under this request on purpose
-        pass
 
 
 def _unsubmitted(gateway: Gateway) -> list[str]:
@@ -304,7 +307,8 @@ def test_submit_that_times_out_leaves_no_job_running(gateway_factory: Callable[.
 @pytest.fixture
 def restore_cluster(cluster: None) -> Iterator[None]:
     yield
-    subprocess.run(["bash", str(ROOT / "etc" / "dev" / "slurm.sh"), "start"], capture_output=True, timeout=300, check=True)
+    subprocess.run(["bash", str(ROOT / "etc" / "dev" / "slurm.sh"), "start"], capture_output=True, timeout=300,
+                   check=True)
 
 
 def test_unreachable_slurm_answers_503_and_states_catch_up(gateway_factory: Callable[..., Gateway], wrappers: Wrappers,
@@ -327,7 +331,8 @@ def test_unreachable_slurm_answers_503_and_states_catch_up(gateway_factory: Call
     assert gateway.state(first)["code"] == "RUNNING"  # no news is not bad news
     assert json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"].__len__() == 1
 
-    subprocess.run(["bash", str(ROOT / "etc" / "dev" / "slurm.sh"), "start"], capture_output=True, timeout=300, check=True)
+    subprocess.run(["bash", str(ROOT / "etc" / "dev" / "slurm.sh"), "start"], capture_output=True, timeout=300,
+                   check=True)
     caught_up = gateway.wait(first, timeout=90)
     assert (caught_up["code"], caught_up["exit_code"]) == ("COMPLETE", 0)
     assert Path(caught_up["stdout"]).read_text() == "survived\n"
@@ -397,7 +402,7 @@ async def test_submissions_run_concurrently_up_to_submit_concurrency(wrappers: W
         running += step
         most = max(most, running)
     assert most == 3, f"at most {most} sbatch calls ran at once"
-    jobs = [JobRef(task, job_id) for task, job_id in zip(tasks, native)]
+    jobs = [JobRef(task, job_id) for task, job_id in zip(tasks, native, strict=True)]
     deadline = time.monotonic() + 60
     while not all(s.state.terminal for s in (await scheduler.status(jobs)).values()):
         assert time.monotonic() < deadline
@@ -451,7 +456,8 @@ def test_run_as_user_submits_on_the_users_behalf(gateway_factory: Callable[..., 
     state.chmod(0o755)
     try:
         entry = pwd.getpwnam(name)
-        gateway = gateway_factory(f'[gateway]\nstate_dir = "{state}"\n' + config(wrappers) + "[run_as]\nenabled = true\n").start()
+        gateway = gateway_factory(f'[gateway]\nstate_dir = "{state}"\n' + config(wrappers)
+                                  + "[run_as]\nenabled = true\n").start()
         task_id = gateway.submit({"user": name, "cmd": "id -u; echo $HOME; touch mine"})
         done = gateway.wait(task_id, timeout=120)
         assert done["code"] == "COMPLETE", done
@@ -460,7 +466,8 @@ def test_run_as_user_submits_on_the_users_behalf(gateway_factory: Callable[..., 
         assert os.stat(done["stdout"]).st_uid == entry.pw_uid and os.stat(done["stdout"]).st_mode & 0o077 == 0
         assert os.stat(Path(done["stdout"]).parent / "mine").st_uid == entry.pw_uid
         assert any(f"--uid={entry.pw_uid}" in args for _, args in wrappers.lines("sbatch"))
-        status, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": "root", "cmd": "id"}).encode(),
+        status, _, body = gateway.request("POST", "/v1/jobproxy/submit",
+                                          json.dumps({"user": "root", "cmd": "id"}).encode(),
                                           {"Content-Type": "application/json"})
         assert status == 403 and b"may not run as 'root'" in body
     finally:

@@ -51,7 +51,8 @@ page_size = 10
 max_page_size = 50
 
 [run_as]
-allow_root_jobs = true   # the sandboxed jobs run no command at all (see fuzz-job.sh), and nobody could not reach the test folder
+# the sandboxed jobs run no command at all (see fuzz-job.sh), and nobody could not reach the test folder
+allow_root_jobs = true
 
 [scheduler]
 type = "local"
@@ -188,7 +189,8 @@ def _check_run(gateway: Gateway, code: int, output: str) -> None:
 def test_fuzz_v1_api(fuzz_gateway: Gateway, tmp_path: Path) -> None:
     code, output = _schemathesis(fuzz_gateway, tmp_path, "v1", "--include-path-regex", "^/v1/(jobproxy/|openapi)")
     _check_run(fuzz_gateway, code, output)
-    assert re.search(r"Operations:\s+8 selected", output), output[:3000]  # submit, list, state, delete, ping, task, output, openapi
+    # submit, list, state, delete, ping, task, output, openapi
+    assert re.search(r"Operations:\s+8 selected", output), output[:3000]
     followed = _followed_links(tmp_path, "v1")
     assert any(link.startswith("POST /v1/jobproxy/submit -> [200] ") for link in followed), followed
 

@@ -5,10 +5,12 @@ except where a test says so."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -77,7 +79,7 @@ async def test_queued_tasks_start_one_after_another_as_each_ends(local: Factory,
     jobs = [await _submit(scheduler, make_task(tmp_path, cmd=["/bin/true"])) for _ in range(20)]
     await _ended(reports, *jobs)
     assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
-    for before, after in zip(jobs, jobs[1:]):
+    for before, after in itertools.pairwise(jobs):
         assert reports.of(after.task_id)[0].description.startswith("waiting for 1 core, 0 free, and 0 MiB, ")
         assert reports.position(before.task_id, TaskState.COMPLETE) < reports.position(after.task_id, TaskState.RUNNING)
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gateway import auth
 from gateway import config as configuration
@@ -55,7 +56,8 @@ async def test_concurrent_submits_cannot_exceed_the_quota(aiohttp_client: Callab
 async def test_request_rate_per_caller(aiohttp_client: Callable[..., Any], tmp_path: Path) -> None:
     tokens = {"alice": "jp_alice-token", "bob": "jp_bob-token"}
     document = {"gateway": {"state_dir": str(tmp_path / "state")},
-                "auth": {"enabled": True, "tokens": [{"user": u, "sha256": auth.hash_token(t)} for u, t in tokens.items()]},
+                "auth": {"enabled": True,
+                         "tokens": [{"user": u, "sha256": auth.hash_token(t)} for u, t in tokens.items()]},
                 "quotas": {"requests_per_second": 0.5, "burst": 3}}
     client = await aiohttp_client(create_app(configuration.from_document(document, tmp_path, "t")))
 

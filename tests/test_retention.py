@@ -18,6 +18,7 @@ import pytest
 
 from gateway import config as configuration
 from gateway import retention
+from gateway.active import ActiveSet
 from gateway.app import create_app
 from gateway.keys import ACTIVE, SCHEDULER, STORE, TASK_ROOT
 from gateway.model import now, rfc3339
@@ -57,7 +58,7 @@ def job_files(config: configuration.Config, task_id: str) -> list[Path]:
 async def exists(client: Any, task_id: str) -> bool:
     response = await client.get(f"/v1/jobproxy/state/{task_id}")
     assert response.status in (200, 404)
-    return response.status == 200
+    return bool(response.status == 200)
 
 
 async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path: Path) -> None:
@@ -74,8 +75,9 @@ async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path
     old_folder = config.task_root / old
     assert old_folder.is_dir() and job_files(config, old), "the task left no folder or job files to purge"
 
+    active: ActiveSet = app[ACTIVE]
     done = await retention.purge(app[STORE], app[SCHEDULER], app[TASK_ROOT], now() - timedelta(days=30),
-                                 active=app[ACTIVE])
+                                 active=active)
 
     assert [r.id for r in done.removed] == [old] and done.kept == []
     assert not await exists(client, old)

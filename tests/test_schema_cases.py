@@ -3,22 +3,23 @@ ones fail with exactly the expected problems and JSON paths."""
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import schemas
 from gateway import codec
-from schedulers.base import Task
+from gateway.model import task_from_document
 from gateway.validation import SchemaValidator
+from schedulers.base import Task
 
 CASES = Path(__file__).parent / "cases"
 VALIDATOR = SchemaValidator.named("task")
 EXPECTED = json.loads((CASES / "invalid" / "expected.json").read_text())
 
 
-def _load(path: Path):  # noqa: ANN202 - any JSON value
+def _load(path: Path) -> Any:  # any JSON value
     kind = "application/xml" if path.suffix == ".xml" else "application/json"
     return codec.decode(path.read_bytes(), kind, schemas.load("task"))[0]
 
@@ -37,7 +38,7 @@ def test_invalid_case(name: str) -> None:
     problems = VALIDATOR.problems(_load(CASES / "invalid" / name))
     expected = EXPECTED[name]
     assert [p.path for p in problems] == [path for path, _ in expected], problems
-    for problem, (_, message) in zip(problems, expected):
+    for problem, (_, message) in zip(problems, expected, strict=True):
         assert message in problem.message
 
 

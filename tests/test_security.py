@@ -3,7 +3,6 @@ property test that no value can change the structure of a job script."""
 from __future__ import annotations
 
 import json
-from gateway.model import task_from_document
 import os
 import pwd
 import shutil
@@ -12,8 +11,9 @@ import ssl
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from gateway import config as configuration
 from gateway import policy
 from gateway.app import create_app
+from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
-from schedulers.base import Task
 from schedulers import script
 
 from .conftest import Gateway, free_port, make_config
@@ -45,7 +45,8 @@ def pki(tmp_path: Path) -> Path:
     folder.mkdir()
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
              "-subj", "/CN=JobProxy test CA", cwd=folder)
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "extendedKeyUsage=clientAuth")):
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+                            ("client", "extendedKeyUsage=clientAuth")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", f"/CN={name}", cwd=folder)
         (folder / f"{name}.ext").write_text(extension + "\n")
@@ -98,7 +99,8 @@ client_ca = "{pki / 'ca.pem'}"
 
 
 def test_missing_certificate_stops_the_start(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
-    gateway = gateway_factory(f'[gateway.https]\nport = {free_port()}\ncert = "{tmp_path}/no.pem"\nkey = "{tmp_path}/no.key"\n')
+    gateway = gateway_factory(f'[gateway.https]\nport = {free_port()}\ncert = "{tmp_path}/no.pem"\n'
+                              f'key = "{tmp_path}/no.key"\n')
     with pytest.raises(AssertionError, match=r"\$\.gateway\.https: cannot load the certificate"):
         gateway.start()
 
@@ -129,7 +131,8 @@ def unix_users() -> Iterator[list[str]]:
         subprocess.run(["userdel", "-r", name], capture_output=True)
 
 
-def test_jobs_run_as_their_users(gateway_factory: Callable[..., Gateway], unix_users: list[str], shared_state: Path) -> None:
+def test_jobs_run_as_their_users(gateway_factory: Callable[..., Gateway], unix_users: list[str],
+                                 shared_state: Path) -> None:
     gateway = gateway_factory(f"""
 [gateway]
 state_dir = "{shared_state}"
@@ -156,7 +159,8 @@ roots = ["/home/{{user}}"]
     for user, status, words in (("root", 403, b"may not run as 'root'"), ("daemon", 403, b"may not run as 'daemon'"),
                                 ("jp-test-bob", 403, b"may not run as 'jp-test-bob'"),
                                 ("no-such-user-here", 400, b"no Unix user named 'no-such-user-here'")):
-        got, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": user, "cmd": "id"}).encode(), JSON)
+        got, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps({"user": user, "cmd": "id"}).encode(),
+                                       JSON)
         assert got == status and words in body, body
 
 
@@ -175,7 +179,8 @@ def test_drmaa_refuses_run_as_at_start_up(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("run_as is only possible for a gateway running as root")
     document = {"run_as": {"enabled": True}, "scheduler": {"type": "drmaa"}}
-    with pytest.raises(configuration.ConfigError, match=r"\$\.run_as\.enabled: the drmaa scheduler cannot run jobs as their users"):
+    with pytest.raises(configuration.ConfigError,
+                       match=r"\$\.run_as\.enabled: the drmaa scheduler cannot run jobs as their users"):
         create_scheduler(configuration.from_document(document, tmp_path, "t"))
 
 
@@ -205,7 +210,8 @@ async def confined(aiohttp_client: Any, tmp_path: Path) -> Any:
 ])
 async def test_paths_outside_the_users_roots_are_refused(confined: Any, field: str, path: str, words: str) -> None:
     client, home = confined
-    response = await client.post("/v1/jobproxy/submit", json={"user": "alice", "cmd": "true", field: path.format(home=home)})
+    response = await client.post("/v1/jobproxy/submit",
+                                 json={"user": "alice", "cmd": "true", field: path.format(home=home)})
     body = await response.json()
     assert response.status == 400 and words in json.dumps(body), body
     assert body["details"][0]["path"] == f"$.{field}"
@@ -213,7 +219,8 @@ async def test_paths_outside_the_users_roots_are_refused(confined: Any, field: s
 
 async def test_paths_inside_the_roots_are_accepted(confined: Any) -> None:
     client, home = confined
-    response = await client.post("/v1/jobproxy/submit", json={"user": "alice", "cmd": "true", "stdout": f"{home}/sub/o.txt"})
+    response = await client.post("/v1/jobproxy/submit",
+                                 json={"user": "alice", "cmd": "true", "stdout": f"{home}/sub/o.txt"})
     assert response.status == 200
 
 
@@ -234,7 +241,8 @@ async def test_site_limits_name_the_limit(confined: Any, field: str, value: int,
     ("<task>" + "<a>" * 100 + "</a>" * 100 + "</task>", "application/xml"),
     ('<?xml version="1.0"?><!DOCTYPE t [<!ENTITY x "y">]><task><user>&x;</user></task>', "application/xml"),
 ])
-async def test_deep_or_entity_laden_bodies_are_refused(aiohttp_client: Any, tmp_path: Path, body: str, kind: str) -> None:
+async def test_deep_or_entity_laden_bodies_are_refused(aiohttp_client: Any, tmp_path: Path, body: str,
+                                                       kind: str) -> None:
     client = await aiohttp_client(create_app(make_config(tmp_path)))
     response = await client.post("/v1/jobproxy/submit", data=body, headers={"Content-Type": kind})
     error = (await response.json())["error"]
@@ -243,19 +251,22 @@ async def test_deep_or_entity_laden_bodies_are_refused(aiohttp_client: Any, tmp_
 
 # ---- no value changes the job script's structure ---------------------------------------------------
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=40)
+TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), min_size=1, max_size=40)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(argv=st.lists(TEXT, min_size=1, max_size=6), shell=TEXT, folder=TEXT.filter(lambda s: "/" not in s and s not in (".", "..")))
+@given(argv=st.lists(TEXT, min_size=1, max_size=6), shell=TEXT,
+       folder=TEXT.filter(lambda s: "/" not in s and s not in (".", "..")))
 def test_no_value_changes_the_script_structure(tmp_path: Path, argv: list[str], shell: str, folder: str) -> None:
     workdir = tmp_path / folder
     workdir.mkdir(exist_ok=True)
-    task = task_from_document({"user": "u", "cmd": ["python3", "-c", "import json,sys; print(json.dumps(sys.argv[1:]))", *argv],
+    task = task_from_document({"user": "u",
+                               "cmd": ["python3", "-c", "import json,sys; print(json.dumps(sys.argv[1:]))", *argv],
                                "cputime": 60}, "t1", str(workdir))
-    text = script.render(script.load_template("schedulers.local"), {"task_id": script.quote(task.id), "workdir": script.quote(task.workdir),
-                                                          "resources": script.describe_request(task),
-                                                          "run": script.run_block(task, script.command_argv(task))})
+    text = script.render(script.load_template("schedulers.local"),
+                         {"task_id": script.quote(task.id), "workdir": script.quote(task.workdir),
+                          "resources": script.describe_request(task),
+                          "run": script.run_block(task, script.command_argv(task))})
     job = tmp_path / "job.sh"
     job.write_text(text)
     assert subprocess.run(["bash", "-n", str(job)], capture_output=True).returncode == 0

@@ -3,7 +3,6 @@ reading of squeue / scontrol / sbatch output captured from Slurm 22.05 (etc/dev/
 from __future__ import annotations
 
 import doctest
-from gateway.model import task_from_document
 import json
 import pwd
 import subprocess
@@ -14,14 +13,14 @@ import pytest
 
 from gateway import config as configuration
 from gateway.config import ConfigError
-from schedulers.base import Task, TaskState
+from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from gateway.validation import SchemaValidator
-from schedulers.slurm import parse as slurm_parse
-from schedulers.base import SchedulerError, TaskRefused
+from schedulers.base import SchedulerError, Task, TaskRefused, TaskState
 from schedulers.script import EXIT_FILE
-from schedulers.slurm.plugin import JOB_ID_FILE, SlurmScheduler
+from schedulers.slurm import parse as slurm_parse
 from schedulers.slurm.parse import SlurmJob, job_status, parse_scontrol, parse_squeue
+from schedulers.slurm.plugin import JOB_ID_FILE, SlurmScheduler
 
 # ---- job scripts ---------------------------------------------------------------------------------
 
@@ -195,7 +194,8 @@ def test_bad_templates_stop_the_start(tmp_path: Path) -> None:
 async def test_missing_commands_are_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "bin"
     empty.mkdir()
-    with pytest.raises(SchedulerError, match=r"the Slurm command 'sbatch' was not found in .*/bin: install Slurm's client"):
+    with pytest.raises(SchedulerError,
+                       match=r"the Slurm command 'sbatch' was not found in .*/bin: install Slurm's client"):
         await scheduler(tmp_path, bin_dir=str(empty)).start(lambda *_: None)
 
 
@@ -266,7 +266,8 @@ def test_parse_squeue() -> None:
 def test_parse_scontrol() -> None:
     job = parse_scontrol(SCONTROL)
     assert job is not None
-    assert (job.job_id, job.name, job.state, job.reason, job.exit_code) == ("26", "cap-exit3", "FAILED", "NonZeroExitCode", 3)
+    assert ((job.job_id, job.name, job.state, job.reason, job.exit_code)
+            == ("26", "cap-exit3", "FAILED", "NonZeroExitCode", 3))
     assert parse_scontrol("slurm_load_jobs error: Invalid job id specified\n") is None
     cancelled = parse_scontrol("JobId=7 JobName=x JobState=CANCELLED Reason=None ExitCode=0:15")
     assert cancelled is not None and (cancelled.state, cancelled.exit_code) == ("CANCELLED", 143)
@@ -357,7 +358,7 @@ def test_jobs_run_as_the_account_job_account_names(tmp_path: Path) -> None:
     user with run_as, nothing for the gateway's own."""
     options = SchemaValidator(SlurmScheduler.options_schema).with_defaults({})
     nobody = pwd.getpwnam("nobody")
-    on_behalf = ["--uid=%d" % nobody.pw_uid, "--gid=%d" % nobody.pw_gid, "--export=NONE"]
+    on_behalf = [f"--uid={nobody.pw_uid:d}", f"--gid={nobody.pw_gid:d}", "--export=NONE"]
     fixed = SlurmScheduler("slurm", options, tmp_path / "state", account="nobody")
     assert fixed._on_behalf(task(tmp_path / "w", user="alice")) == on_behalf
     as_user = SlurmScheduler("slurm", options, tmp_path / "state", run_as_user=True, account="root")

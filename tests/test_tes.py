@@ -9,8 +9,9 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -51,9 +52,11 @@ async def tes_client(aiohttp_client: Any, tmp_path: Path) -> Any:
         "backend_parameters": ["cputime", "partition"]}, paths={"roots": ["/"]})))
 
 
-async def call(client: Any, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def call(client: Any, method: str, path: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = json.dumps(body) if body is not None else None
-    response = await client.request(method, path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = await client.request(method, path, data=data,
+                                    headers={"Content-Type": "application/json", **(headers or {})})
     raw = await response.read()
     check(method, path, response.status, response.headers.get("Content-Type", ""), raw)
     return response.status, json.loads(raw) if raw else None
@@ -118,7 +121,8 @@ RUN = [shell("true")]
 @pytest.mark.parametrize(("task", "path", "message"), [
     ({"executors": [shell("true", image="centos:7")]}, "$.executors[0].image",
      "the image 'centos:7' is not allowed here (allowed: ubuntu*, python:*)"),
-    ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "s3://bucket/x"}]}, "$.inputs[0].url", "only file:// URLs"),
+    ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "s3://bucket/x"}]}, "$.inputs[0].url",
+     "only file:// URLs"),
     ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "file://otherhost/x"}]}, "$.inputs[0].url",
      "not a file:// URL of this machine"),
     ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "file:///no/such/file"}]}, "$.inputs[0].url",
@@ -126,8 +130,10 @@ RUN = [shell("true")]
     ({"executors": RUN, "inputs": [{"path": "/data/x"}]}, "$.inputs[0]", "needs a url or content"),
     ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "file:///usr", "type": "FILE"}]}, "$.inputs[0].type",
      "is FILE, but '/usr' is a folder"),
-    ({"executors": RUN, "outputs": [{"path": "/data/*.txt", "url": "file:///tmp/x"}]}, "$.outputs[0].path", "wildcard outputs"),
-    ({"executors": RUN, "outputs": [{"path": "/proc/x", "url": "file:///tmp/x"}]}, "$.outputs[0].path", "cannot be a task's own path"),
+    ({"executors": RUN, "outputs": [{"path": "/data/*.txt", "url": "file:///tmp/x"}]}, "$.outputs[0].path",
+     "wildcard outputs"),
+    ({"executors": RUN, "outputs": [{"path": "/proc/x", "url": "file:///tmp/x"}]}, "$.outputs[0].path",
+     "cannot be a task's own path"),
     ({"executors": [shell("true", stdout="/etc/out")]}, "$.executors[0].stdout", "must lie in /tmp"),
     ({"executors": RUN, "resources": {"backend_parameters": {"queue": "x"}, "backend_parameters_strict": True}},
      "$.resources.backend_parameters.queue", "not supported here (supported: cputime, partition)"),
@@ -145,7 +151,8 @@ async def test_refusals_name_the_json_path(tes_client: Any, task: dict[str, Any]
 async def test_not_json_is_refused(tes_client: Any) -> None:
     response = await tes_client.post(f"{TES}/tasks", data="{", headers={"Content-Type": "application/json"})
     assert response.status == 400 and "not valid JSON" in (await response.json())["error"]
-    response = await tes_client.post(f"{TES}/tasks", data="[" * 40 + "]" * 40, headers={"Content-Type": "application/json"})
+    response = await tes_client.post(f"{TES}/tasks", data="[" * 40 + "]" * 40,
+                                     headers={"Content-Type": "application/json"})
     assert response.status == 400 and "nests deeper" in (await response.json())["error"]
     response = await tes_client.post(f"{TES}/tasks", data="<task/>", headers={"Content-Type": "application/xml"})
     assert response.status == 415
@@ -169,14 +176,15 @@ async def test_views_logs_and_the_same_state_in_both_apis(tes_client: Any) -> No
     assert log["logs"][0]["stdout"] == "got one line in /tmp/in with hi\n" and log["logs"][0]["stderr"] == "oops\n"
     assert (log["logs"][1]["stdout"], log["logs"][1]["stderr"]) == ("to-file\n", "err-file\n")
     assert log["start_time"] <= log["logs"][0]["start_time"] <= log["logs"][1]["end_time"] <= log["end_time"]
-    assert log["metadata"] == {"user": "anonymous", "scheduler": "local", "description": "exit code 0", "exit_code": "0"}
+    assert log["metadata"] == {"user": "anonymous", "scheduler": "local", "description": "exit code 0",
+                               "exit_code": "0"}
     assert full["tags"] == {"project": "p1", "user": "anonymous"} and full["inputs"][0]["content"] == "one line\n"
     assert full["resources"]["zones"] == ["z"] and log["system_logs"] == []
 
-    status, basic = await call(tes_client, "GET", f"{TES}/tasks/{task_id}?view=BASIC")
+    _, basic = await call(tes_client, "GET", f"{TES}/tasks/{task_id}?view=BASIC")
     assert "content" not in basic["inputs"][0] and "system_logs" not in basic["logs"][0]
     assert "stdout" not in basic["logs"][0]["logs"][0] and basic["logs"][0]["logs"][0]["exit_code"] == 0
-    status, minimal = await call(tes_client, "GET", f"/v1/tasks/{task_id}")
+    _, minimal = await call(tes_client, "GET", f"/v1/tasks/{task_id}")
     assert minimal == {"id": task_id, "state": "COMPLETE"}
 
     state = await wait_state(tes_client, task_id, final)
@@ -268,7 +276,8 @@ async def test_cancel_running_and_ended_tasks(tes_client: Any) -> None:
 
 
 async def test_v1_tasks_are_visible_through_tes(tes_client: Any) -> None:
-    response = await tes_client.post("/v1/jobproxy/submit", json={"user": "carol", "cmd": ["/bin/echo", "v1"], "cores": 1})
+    response = await tes_client.post("/v1/jobproxy/submit",
+                                     json={"user": "carol", "cmd": ["/bin/echo", "v1"], "cores": 1})
     task_id = (await response.json())["id"]
     state = await wait_state(tes_client, task_id, final)
     full = await wait(tes_client, task_id)
@@ -339,7 +348,8 @@ async def test_owners_with_auth(aiohttp_client: Any, tmp_path: Path) -> None:
         assert status == 404
     status, page = await call(client, "GET", f"{TES}/tasks", headers=bob)
     assert page == {"tasks": []}
-    status, body = await call(client, "POST", f"{TES}/tasks", {"tags": {"user": "alice"}, "executors": [shell("true")]}, bob)
+    status, body = await call(client, "POST", f"{TES}/tasks",
+                              {"tags": {"user": "alice"}, "executors": [shell("true")]}, bob)
     assert status == 403 and "only for yourself" in body["error"]
     status, _ = await call(client, "GET", f"{TES}/tasks")
     assert status == 401
@@ -387,8 +397,8 @@ async def test_outputs_never_follow_links_out_of_the_task(tes_client: Any, tmp_p
 
 async def test_store_name_and_tag_filters_are_exact(tmp_path: Path) -> None:
     """name_prefix is a plain, case-sensitive prefix (no LIKE wildcards); tags match key and value."""
-    from schedulers.base import Task
     from gateway.store import Store
+    from schedulers.base import Task
 
     store = Store(tmp_path / "s.db")
     names = ["a%b", "abc", "a_c", "Ä-x", "b"]
@@ -412,13 +422,15 @@ async def test_store_name_and_tag_filters_are_exact(tmp_path: Path) -> None:
 
 def test_host_rules_need_bubblewrap_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH on which there is no bwrap
-    with pytest.raises(configuration.ConfigError, match=r"\$\.tes\.images\[1\]: running images on the host needs bubblewrap"):
+    with pytest.raises(configuration.ConfigError,
+                       match=r"\$\.tes\.images\[1\]: running images on the host needs bubblewrap"):
         configuration.from_document({"scheduler": {"container": {"runtime": "docker"}}, "tes": {"images": [
             {"match": "a", "image": "b"}, {"match": "*", "run": "host"}]}}, tmp_path, "t")
 
 
 async def test_the_sandbox_has_what_programs_expect(tes_client: Any) -> None:
-    script = "touch /dev/shm/x && echo shm; echo x > /dev/null && echo null; test -r /proc/self/status && echo proc; echo $PATH"
+    script = ("touch /dev/shm/x && echo shm; echo x > /dev/null && echo null; "
+              "test -r /proc/self/status && echo proc; echo $PATH")
     task_id = await create(tes_client, {"executors": [shell(script)]})
     full = await wait(tes_client, task_id)
     assert full["logs"][0]["logs"][0]["stdout"].split("\n")[:3] == ["shm", "null", "proc"], full
@@ -434,7 +446,7 @@ def web_folder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, directory=str(served), **kwargs)
 
-        def do_PUT(self) -> None:  # noqa: N802 (the http.server naming)
+        def do_PUT(self) -> None:
             (served / self.path.lstrip("/")).write_bytes(self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(201)
             self.end_headers()
@@ -466,11 +478,13 @@ async def test_url_schemes_the_site_enables(aiohttp_client: Any, tmp_path: Path,
     assert (served / "out.txt").read_text() == "OVER HTTP\n"
     assert full["logs"][0]["outputs"] == [{"url": f"{url}/out.txt", "path": "/data/out.txt", "size_bytes": "10"}]
 
-    missing = await create(client, {"inputs": [{"url": f"{url}/nothing.txt", "path": "/data/x"}], "executors": [shell("true")]})
+    missing = await create(client, {"inputs": [{"url": f"{url}/nothing.txt", "path": "/data/x"}],
+                                    "executors": [shell("true")]})
     full = await wait(client, missing)
     assert full["state"] == "EXECUTOR_ERROR" and full["logs"][0]["logs"] == []
     assert any(f"fetching {url}/nothing.txt failed" in line for line in full["logs"][0]["system_logs"]), full
-    status, body = await call(client, "POST", f"{TES}/tasks", {"inputs": [{"url": "s3://b/k", "path": "/x"}], "executors": RUN})
+    status, body = await call(client, "POST", f"{TES}/tasks",
+                              {"inputs": [{"url": "s3://b/k", "path": "/x"}], "executors": RUN})
     assert status == 400 and body["details"][0] == {
         "path": "$.inputs[0].url", "message": "'s3://b/k': this gateway supports these URL schemes here: file, http"}
 

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from gateway import config as configuration
-from gateway.tes import request as tes, steps as tes_steps
 from gateway.app import create_app
+from gateway.tes import request as tes
+from gateway.tes import steps as tes_steps
 
 from .conftest import cluster_env, writable_by_jobs
 from .test_tes import call, create, shell, wait
@@ -29,7 +30,8 @@ def test_steps_script_quotes_every_value(tmp_path: Path) -> None:
     """Values full of shell syntax reach the executor, the logs and the copies verbatim, unrun."""
     marker = tmp_path / "pwned"
     nasty = f"a'b\"c $(touch {marker}) `touch {marker}`; touch {marker}"
-    argv = tes_steps.wrapper_argv(["/bin/sh", "-c", 'printf "%s|%s" "$1" "$V"', "sh", nasty], None, None, None, None, {"V": nasty})
+    argv = tes_steps.wrapper_argv(["/bin/sh", "-c", 'printf "%s|%s" "$1" "$V"', "sh", nasty], None, None, None, None,
+                                  {"V": nasty})
     tes_dir = tmp_path / "tes"
     script = tes_steps.render("t1", str(tes_dir), str(tes_dir / "root"), ["/tmp", f"/data/{nasty}"], [],
                               [tes_steps.Step(nasty, argv, False)],
@@ -51,7 +53,8 @@ async def image_client(aiohttp_client: Any, tmp_path: Path, rootfs: Path) -> Any
         "scheduler": {"type": "local", "poll_interval": 0.1, "container": {
             "runtime": "apptainer", "command": str(STANDIN), "allowed_images": ["local/busybox"],
             "image_rules": [{"match": "local/busybox", "image": str(rootfs)}]}},
-        "tes": {"images": [{"match": "busybox*", "image": "local/busybox"}, {"match": "ubuntu", "image": "local/ubuntu"},
+        "tes": {"images": [{"match": "busybox*", "image": "local/busybox"},
+                           {"match": "ubuntu", "image": "local/ubuntu"},
                            {"match": "python:*", "run": "host"}]},
         "paths": {"roots": [str(tmp_path)]},  # file:// outputs may go to the test's folder (jobs: nobody, as root)
     }
@@ -69,7 +72,8 @@ async def test_executors_in_an_image_see_their_private_paths(image_client: Any, 
         "executors": [{"image": "busybox:1.36", "command": ["/bin/sh", "-c", script], "workdir": "/tmp/in",
                        "env": {"GREETING": "hello"}},
                       {"image": "python:3.12",
-                       "command": ["/bin/sh", "-c", "cat /tmp/in/input.txt; test -e /etc/debian_version && echo host"]}]})
+                       "command": ["/bin/sh", "-c",
+                                   "cat /tmp/in/input.txt; test -e /etc/debian_version && echo host"]}]})
     full = await wait(image_client, task_id)
     assert full["state"] == "COMPLETE", full
     first, second = full["logs"][0]["logs"]
@@ -79,7 +83,8 @@ async def test_executors_in_an_image_see_their_private_paths(image_client: Any, 
 
 
 async def test_the_runtime_policy_still_applies(image_client: Any) -> None:
-    status, body = await call(image_client, "POST", "/ga4gh/tes/v1/tasks", {"executors": [shell("true", image="ubuntu")]})
+    status, body = await call(image_client, "POST", "/ga4gh/tes/v1/tasks",
+                              {"executors": [shell("true", image="ubuntu")]})
     assert status == 400 and body["details"][0]["path"] == "$.executors[0].image"
     assert "the image 'local/ubuntu' (for 'ubuntu') is refused" in body["error"] and "not allowed here" in body["error"]
 
@@ -102,13 +107,15 @@ async def test_executors_in_docker(aiohttp_client: Any, tmp_path: Path) -> None:
         "inputs": [{"url": f"file://{tmp_path}/in.txt", "path": "/data/in.txt"},
                    {"path": "/tmp/run.sh", "content": 'echo "$WHO in $(pwd)"; cat in.txt; echo out > /data/out.txt'}],
         "outputs": [{"url": f"file://{tmp_path}/out.txt", "path": "/data/out.txt"}],
-        "executors": [{"image": "busybox", "command": ["/bin/sh", "/tmp/run.sh"], "workdir": "/data", "env": {"WHO": "docker"}},
+        "executors": [{"image": "busybox", "command": ["/bin/sh", "/tmp/run.sh"], "workdir": "/data",
+                       "env": {"WHO": "docker"}},
                       {"image": "busybox:latest", "command": ["/bin/sh", "-c", "exit 5"]}]})
     full = await wait(client, task_id, timeout=60)
     assert full["state"] == "EXECUTOR_ERROR", full
     first, second = full["logs"][0]["logs"]
     assert first["stdout"] == "docker in /data\ninput\n" and second["exit_code"] == 5
     assert (tmp_path / "out.txt").read_text() == "out\n"
-    listed = subprocess.run(["docker", "-H", docker_host, "ps", "--all", "--quiet", "--filter", f"name=jobproxy-{task_id}"],
+    listed = subprocess.run(["docker", "-H", docker_host, "ps", "--all", "--quiet", "--filter",
+                             f"name=jobproxy-{task_id}"],
                             capture_output=True, text=True, check=True)
     assert listed.stdout.split() == []

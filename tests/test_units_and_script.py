@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import doctest
-from gateway.model import task_from_document
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from schedulers.base import Task
+from gateway.model import task_from_document
 from schedulers import outcome, script, units
-from schedulers.base import JobStatus
+from schedulers.base import JobStatus, Task
 
 
 def test_unit_doctests() -> None:
@@ -111,6 +110,7 @@ def test_builtin_local_template_renders(tmp_path: Path) -> None:
     (137, False, {}, ("EXECUTOR_ERROR", "killed by SIGKILL")),
     (200, False, {}, ("EXECUTOR_ERROR", "killed by signal 72")),
 ])
-def test_outcome_wording(tmp_path: Path, code: int, oom: bool, fields: dict[str, int], expected: tuple[str, str]) -> None:
+def test_outcome_wording(tmp_path: Path, code: int, oom: bool, fields: dict[str, int],
+                         expected: tuple[str, str]) -> None:
     status: JobStatus = outcome.from_exit_code(_task(tmp_path, cmd="x", **fields), code, oom=oom)
     assert (status.state.value, status.description) == expected and status.exit_code == code

@@ -20,7 +20,7 @@ CASES = Path(__file__).parent / "cases"
 SCALARS = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=12)
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                               max_size=3), max_leaves=8)
-TASK_SEEDS = [
+TASK_SEEDS: list[dict[str, Any]] = [
     {"user": "u", "cmd": ["/bin/true"]},
     {"user": "u", "cmd": "echo hi", "cores": 2, "memory": 100, "cputime": 5, "stdout": "/tmp/o", "stderr": "/tmp/e"},
     {"user": "u", "container": {"image": "busybox", "ports": [{"host": 8080, "container": 80}],
@@ -28,7 +28,7 @@ TASK_SEEDS = [
     {"user": "u", "container": {"image": "busybox", "ports": {"port": [8080, 80]},
                                 "volumes": {"mount": {"host": "/a", "container": "/b"}}}},
 ]
-TES_SEEDS = [
+TES_SEEDS: list[dict[str, Any]] = [
     {"executors": [{"image": "ubuntu", "command": ["echo", "hi"]}]},
     {"name": "n", "tags": {"k": "v"}, "resources": {"cpu_cores": 2, "ram_gb": 0.5},
      "inputs": [{"path": "/in/a", "content": "x"}], "outputs": [{"path": "/out/b", "url": "file:///tmp/b"}],

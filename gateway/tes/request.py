@@ -21,10 +21,11 @@ Decisions:
 - Files: `file://` URLs (on the gateway's machine, which shares its file system with the nodes),
   and URL schemes the admin enables with a command each to get and/or put a file
   (`[tes] url_schemes`, e.g. `https = {get = ["curl", "-fsSLo", "{path}", "{url}"]}`, run on the
-  node by the steps script); other schemes answer 400. file:// sources must exist when the task is submitted (checked here,
-  so a mistake answers 400 at once); they are copied in by the steps script on the node, not by
-  the gateway, so that a large input never blocks the gateway and staging works the same on
-  every scheduler. With `[paths] roots` set, URLs must lie under the owner's roots.
+  node by the steps script); other schemes answer 400. file:// sources must exist when the task
+  is submitted (checked here, so a mistake answers 400 at once); they are copied in by the steps
+  script on the node, not by the gateway, so that a large input never blocks the gateway and
+  staging works the same on every scheduler. With `[paths] roots` set, URLs must lie under the
+  owner's roots.
 - Failures of staging (a missing input or output) make the job exit non-zero, so the task ends
   EXECUTOR_ERROR in both APIs with the reason in `system_logs`; SYSTEM_ERROR is kept for the
   gateway or scheduler failing.
@@ -36,23 +37,23 @@ import fnmatch
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from schedulers.base import SchedulerError
+from schedulers.base import Container, Mount, SchedulerError, Task, path_within
 from schedulers.script import command_argv
 
 from .. import service
-from . import steps as tes_steps
 from ..auth import Identity
 from ..config import ImageRule, TesSettings
 from ..keys import CONFIG, SCHEDULER
-from schedulers.base import Container, Mount, Task, path_within
 from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
+from . import steps as tes_steps
 
 TES_VERSION = "1.1.0"
 DEFAULT_USER = "anonymous"
@@ -154,7 +155,7 @@ class _Builder:
         schemes = self.tes_config.url_schemes
         template = schemes.get(urlsplit(url).scheme, {}).get(direction)
         if template is None:
-            enabled = ["file"] + sorted(name for name, commands in schemes.items() if direction in commands)
+            enabled = ["file", *sorted(name for name, commands in schemes.items() if direction in commands)]
             if len(enabled) == 1:
                 raise refuse(where, f"only file:// URLs are supported by this gateway, not {url!r}")
             raise refuse(where, f"{url!r}: this gateway supports these URL schemes here: {', '.join(enabled)}")
@@ -254,8 +255,10 @@ class _Builder:
         try:
             runtime.admit(inner)
         except SchedulerError as exc:
-            raise refuse(f"{where}.image", f"the image {image!r} (for {executor['image']!r}) is refused: {exc}") from None
-        inner = dataclasses.replace(inner, container=Container(image, volumes=tuple(Mount(root + t, t) for t in targets)))
+            raise refuse(f"{where}.image",
+                         f"the image {image!r} (for {executor['image']!r}) is refused: {exc}") from None
+        inner = dataclasses.replace(inner,
+                                    container=Container(image, volumes=tuple(Mount(root + t, t) for t in targets)))
         command = runtime.job_command(inner, argv)
         return tes_steps.Step(f"image {executor['image']!r} as {image!r}", command.argv, False,
                               on_stop=command.on_stop, after=command.after, **common)

@@ -25,15 +25,15 @@ import logging
 import re
 import signal
 import string
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
-
-from ..task import Task, TaskState
+from datetime import UTC, datetime
+from typing import Any
 
 from .. import outcome
 from ..base import JobStatus
 from ..script import Command, describe_request, quote, render, run_block
+from ..task import Task, TaskState
 from ..units import bytes_to_mib, cpu_rlimit, mib_to_bytes, share
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def ending_from_jobinfo(info: Any) -> Ending:
         aborted=bool(info.wasAborted) and not info.hasExited and not info.hasSignal,
         cpu=_number(usage.get("cpu")),
         maxvmem=_number(usage.get("maxvmem")),
-        finished=datetime.fromtimestamp(end, timezone.utc) if end else None,
+        finished=datetime.fromtimestamp(end, UTC) if end else None,
     )
 
 

@@ -42,16 +42,25 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-from ..task import Task, TaskState
+from typing import Any
 
 from .. import outcome
-from . import gridengine, mapping
-from ..base import (JobRef, Report, JobStatus, Scheduler, SchedulerConfigError, SchedulerError, SchedulerUnavailable,
-                    TaskRefused, TEMPLATE_OPTION)
+from ..base import (
+    TEMPLATE_OPTION,
+    JobRef,
+    JobStatus,
+    Report,
+    Scheduler,
+    SchedulerConfigError,
+    SchedulerError,
+    SchedulerUnavailable,
+    TaskRefused,
+)
 from ..files import recorded_exit, tail
+from ..task import Task, TaskState
+from . import gridengine, mapping
 from .session import shared
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,8 @@ class DrmaaScheduler(Scheduler):
             "sge_root": {"type": "string", "minLength": 1, "description": "Grid Engine root (default: $SGE_ROOT)"},
             "sge_cell": {"type": "string", "minLength": 1,
                          "description": "Grid Engine cell (default: $SGE_CELL, else default)"},
-            "contact": {"type": "string", "default": "", "description": "DRMAA contact string (default: the DRM's default)"},
+            "contact": {"type": "string", "default": "",
+                        "description": "DRMAA contact string (default: the DRM's default)"},
             "native_spec": {"type": "array", "items": {"type": "string"},
                             "description": "native-specification pieces with placeholders; see mapping.NATIVE_FIELDS"},
             "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},

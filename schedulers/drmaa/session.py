@@ -19,12 +19,13 @@ import logging
 import queue
 import threading
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from . import mapping
 from ..base import SchedulerError, SchedulerUnavailable
+from . import mapping
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class DrmaaSession:
         that has not started by then is dropped; one that has cannot be interrupted)."""
         try:
             return await asyncio.wait_for(asyncio.wrap_future(self.submit(fn, *args)), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SchedulerUnavailable(f"the DRM did not answer within {timeout:g} s") from None
 
     def _serve(self) -> None:

@@ -9,15 +9,14 @@ scontrol(1) (`show job`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Sequence
-
-from ..task import Task, TaskState
 
 from .. import outcome
 from ..base import JobStatus, TaskRefused
 from ..script import quote
+from ..task import Task, TaskState
 from ..units import walltime_for_cputime, whole_minutes
 
 #: squeue `--Format` fields, in output order: width 0 = untruncated, `|` separates. The job name

@@ -21,23 +21,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pwd
 import os
+import pwd
 import shutil
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Coroutine, Mapping, Sequence
-
-from ..task import Task, TaskState
+from typing import Any
 
 from .. import outcome
-from ..base import (JobRef, Report, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskRefused,
-                    TEMPLATE_OPTION)
+from ..base import (
+    TEMPLATE_OPTION,
+    JobRef,
+    JobStatus,
+    Report,
+    Scheduler,
+    SchedulerError,
+    SchedulerUnavailable,
+    TaskRefused,
+)
 from ..commands import CommandTimeout, run
 from ..files import recorded_exit
 from ..script import EXIT_FILE, describe_request, quote, render, run_block
-from .parse import (STATES, SlurmJob, check_task_paths, directives, error_message, job_status, no_such_job,
-                    parse_scontrol, parse_squeue, parse_submit, squeue_argvs, squeue_name_argv, time_limit_minutes,
-                    unavailable)
+from ..task import Task, TaskState
+from .parse import (
+    STATES,
+    SlurmJob,
+    check_task_paths,
+    directives,
+    error_message,
+    job_status,
+    no_such_job,
+    parse_scontrol,
+    parse_squeue,
+    parse_submit,
+    squeue_argvs,
+    squeue_name_argv,
+    time_limit_minutes,
+    unavailable,
+)
 
 log = logging.getLogger(__name__)
 
