@@ -59,7 +59,7 @@ def _prepare_task_root(config: Config, account: str | None) -> None:
         policy.check_reachable(account, root.resolve(), config.source)
 
 
-def _path_error(config: Config, what: str, path: Path, setting: str, exc: OSError | sqlite3.Error) -> ConfigError:
+def _path_error(config: Config, what: str, path: Path, setting: str, exc: Exception) -> ConfigError:
     """A one-line ConfigError for a state path that cannot be created or opened, naming its setting
     (and the state folder's, when the path lies in it)."""
     state_dir = Path(config.state_dir)
@@ -86,7 +86,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, scheduler = app[CONFIG], app[SCHEDULER]
     try:
         store = Store(config.store_path)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: a store newer than this JobProxy
         raise _path_error(config, "open the task store", config.store_path, "[store] path", exc) from None
     app[STORE] = store
     try:

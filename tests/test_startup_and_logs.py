@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -143,3 +144,15 @@ def test_serve_logs_json_lines_with_task_id_and_user(tmp_path: Path) -> None:
     submitted = [line for line in lines if line.get("task_id") == task_id and "submitted" in line["message"]]
     assert len(submitted) == 1 and submitted[0]["user"] == "alice" and submitted[0]["level"] == "INFO", lines
     assert any(line.get("task_id") == task_id and "deleted" in line["message"] for line in lines), lines
+
+
+def test_serve_with_a_store_newer_than_this_jobproxy_names_it(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    with sqlite3.connect(tmp_path / "state" / "jobproxy.db") as db:
+        db.execute("PRAGMA user_version = 999")
+    (tmp_path / "jobproxy.toml").write_text(f'[gateway]\nport = {free_port()}\nstate_dir = "state"\n')
+    result = _jobproxy(tmp_path, "serve", "--config", "jobproxy.toml")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    [line] = _errors(result)
+    assert "([store] path, in [gateway] state_dir" in line and "schema version 999" in line, line
