@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SchedulerError as exc:  # the scheduler's start() refused: say why, without a traceback
         reason = " ".join(str(exc).split())
-        print(f"jobproxy: scheduler {cfg.scheduler!r} could not start ([scheduler] type, [scheduler.options]): "
-              f"{reason}", file=sys.stderr)
+        print(f"jobproxy: scheduler {cfg.scheduler!r} could not start: {reason}", file=sys.stderr)
         return 3
     return 0
 
