@@ -2,6 +2,7 @@
 and `jobproxy check-config` processes), and `[log] format = "json"` lines."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -11,12 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from gateway import cli, logs
 from gateway import config as configuration
-from gateway import logs
 
 from .conftest import Gateway, free_port
 
@@ -156,3 +157,16 @@ def test_serve_with_a_store_newer_than_this_jobproxy_names_it(tmp_path: Path) ->
     assert "Traceback" not in result.stderr + result.stdout
     [line] = _errors(result)
     assert "([store] path, in [gateway] state_dir" in line and "schema version 999" in line, line
+
+
+class _RefusedSite:
+    """A site whose start() fails as binding port 80 without the right does."""
+
+    async def start(self) -> None:
+        raise PermissionError(errno.EACCES, "error while attempting to bind on address ('0.0.0.0', 80): permission denied")
+
+
+async def test_a_refused_low_port_is_one_line_naming_the_setting() -> None:
+    with pytest.raises(cli.StartupError) as raised:
+        await cli._start(cast(Any, _RefusedSite()), "http://0.0.0.0:80/v1", "[gateway] host/port, or --host/--port")
+    assert str(raised.value) == "cannot listen on 0.0.0.0:80 ([gateway] host/port, or --host/--port): permission denied"
