@@ -163,7 +163,8 @@ class _RefusedSite:
     """A site whose start() fails as binding port 80 without the right does."""
 
     async def start(self) -> None:
-        raise PermissionError(errno.EACCES, "error while attempting to bind on address ('0.0.0.0', 80): permission denied")
+        raise PermissionError(errno.EACCES,
+                              "error while attempting to bind on address ('0.0.0.0', 80): permission denied")
 
 
 async def test_a_refused_low_port_is_one_line_naming_the_setting() -> None:
