@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,7 +13,7 @@ from aiohttp import web
 
 from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, responses
 from .active import ActiveSet
-from .config import Config
+from .config import Config, ConfigError
 from .idempotency import Keys
 from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
@@ -61,6 +62,17 @@ def _prepare_task_root(config: Config, account: str | None) -> None:
         policy.check_reachable(account, root.resolve(), config.source)
 
 
+def _path_error(config: Config, what: str, path: Path, setting: str, exc: Exception) -> ConfigError:
+    """A one-line ConfigError for a state path that cannot be created or opened, naming its setting
+    (and the state folder's, when the path lies in it)."""
+    state_dir = Path(config.state_dir)
+    if Path(path) == state_dir or state_dir in Path(path).parents:
+        setting += f", in [gateway] state_dir = {str(state_dir)!r}"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    failed = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+    return ConfigError(f"{config.source}: cannot {what} {path} ({setting}): {reason}{failed}")
+
+
 async def _expire_keys(store: Store, retention: timedelta) -> None:
     """Forget idempotency keys older than `retention`, now and then once an hour."""
     while True:
@@ -75,9 +87,16 @@ async def _expire_keys(store: Store, retention: timedelta) -> None:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, scheduler = app[CONFIG], app[SCHEDULER]
-    store = Store(config.store_path)
+    try:
+        store = Store(config.store_path)
+    except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: a store newer than this JobProxy
+        raise _path_error(config, "open the task store", config.store_path, "[store] path", exc) from None
     app[STORE] = store
-    _prepare_task_root(config, scheduler.account)
+    try:
+        _prepare_task_root(config, scheduler.account)
+    except OSError as exc:
+        store.close()
+        raise _path_error(config, "create the task root", config.task_root, "[gateway] task_root", exc) from None
     app[TASK_ROOT] = Path(config.task_root).resolve()
     app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
     poller = Poller(store, scheduler, active, config.poll_interval)

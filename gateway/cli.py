@@ -16,11 +16,32 @@ from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth, policy, retention, sdnotify
+from . import auth, logs, policy, retention, sdnotify
 from . import config as configuration
 from .app import create_app
 
 log = logging.getLogger("jobproxy")
+
+
+class StartupError(Exception):
+    """The gateway cannot start for a reason of this machine (a port in use, say); the message is
+    one line naming the problem and the setting behind it."""
+
+
+def _reason(exc: OSError) -> str:
+    """What went wrong, in lower case and without the errno: "address already in use"."""
+    text = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]
+
+
+async def _start(site: web.BaseSite, url: str, setting: str) -> None:
+    """Start listening on one site; an OSError (port in use, a port < 1024 without the right, an
+    unknown host) becomes a StartupError naming `setting`."""
+    try:
+        await site.start()
+    except OSError as exc:
+        where = url.split("://", 1)[-1].removesuffix("/v1")
+        raise StartupError(f"cannot listen on {where} ({setting}): {_reason(exc)}") from None
 
 
 def tls_context(https: dict[str, str], source: str) -> ssl.SSLContext:
@@ -86,23 +107,25 @@ async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SS
     try:
         await runner.setup()
         try:
-            sites: list[tuple[web.BaseSite, str]] = []
+            sites: list[tuple[web.BaseSite, str, str]] = []
             if cfg.http:
-                sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1"))
+                sites.append((web.TCPSite(runner, cfg.host, cfg.port), f"http://{cfg.host}:{cfg.port}/v1",
+                              "[gateway] host/port, or --host/--port"))
             if cfg.https and context:
                 port = int(cfg.https["port"])
                 sites.append((web.TCPSite(runner, cfg.host, port, ssl_context=context),
-                              f"https://{cfg.host}:{port}/v1"))
+                              f"https://{cfg.host}:{port}/v1", "[gateway] host, [gateway.https] port"))
             if listener is not None:
-                sites.append((web.SockSite(runner, listener), f"unix:{cfg.socket} (base path /v1)"))
+                sites.append((web.SockSite(runner, listener), f"unix:{cfg.socket} (base path /v1)",
+                              "[gateway] socket, or --socket"))
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            for site, url in sites:
-                await site.start()
+            for site, url, setting in sites:
+                await _start(site, url, setting)
                 print(f"JobProxy serving on {url}", flush=True)
-            sdnotify.notify("READY=1\nSTATUS=serving " + ", ".join(url for _, url in sites))
+            sdnotify.notify("READY=1\nSTATUS=serving " + ", ".join(url for _, url, _ in sites))
             await stop.wait()
             sdnotify.notify("STOPPING=1")
         finally:
@@ -153,24 +176,34 @@ def main(argv: list[str] | None = None) -> int:
             return retention.command(configuration.load(args.config), args.older_than, args.dry_run)
         cfg = configuration.load(args.config, host=args.host, port=args.port,
                                  socket=Path(args.socket).absolute() if args.socket else None)
-        logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(cfg.log_level, cfg.log_format)
         if args.config is None:  # the embedded default must just work, also as root from under /root
             cfg = policy.first_run_task_root(cfg)
         os.umask(cfg.umask)
         context = tls_context(cfg.https, cfg.source) if cfg.https else None
         app = create_app(cfg)
     except configuration.ConfigError as exc:
-        print(f"jobproxy: configuration error: {exc}", file=sys.stderr)
+        _configuration_error(exc)
         return 2
     try:
         asyncio.run(serve(app, cfg, context))
-    except configuration.ConfigError as exc:  # found at start-up: the task root, the socket
-        print(f"jobproxy: configuration error: {exc}", file=sys.stderr)
+    except configuration.ConfigError as exc:  # found at start-up: the state folders, the store, the socket
+        _configuration_error(exc)
         return 2
+    except StartupError as exc:  # a listener could not start
+        print(f"jobproxy: {exc}", file=sys.stderr)
+        return 1
     except SchedulerError as exc:  # the scheduler's start() refused: say why, without a traceback
-        print(f"jobproxy: scheduler {cfg.scheduler!r} could not start: {exc}", file=sys.stderr)
+        reason = " ".join(str(exc).split())
+        print(f"jobproxy: scheduler {cfg.scheduler!r} could not start: {reason}", file=sys.stderr)
         return 3
     return 0
+
+
+def _configuration_error(exc: configuration.ConfigError) -> None:
+    """Print a configuration error, one line per problem."""
+    for line in str(exc).splitlines() or [""]:
+        print(f"jobproxy: configuration error: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .validation import SchemaValidator, summary
+from .validation import SchemaValidator
 
 #: The placeholder for the state folder in path settings (their defaults use it).
 STATE_DIR = "{state_dir}"
 
 
 class ConfigError(Exception):
-    """A configuration mistake; the message names the file and the path of the mistake."""
+    """A configuration mistake; the message names the file and the path of the mistake, one line
+    per mistake when there are several."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class LogSettings:
     """`[log]`: the level of the gateway's log, and the audit log's format and file (None: stderr)."""
 
     level: str
+    format: str
     audit: str
     audit_file: Path | None
 
@@ -303,6 +305,10 @@ class Config:
     def log_level(self) -> str:
         return self.sections.log.level
 
+    @property
+    def log_format(self) -> str:
+        return self.sections.log.format
+
     @functools.cached_property
     def tes(self) -> dict[str, Any]:
         """`[tes]` as a table, every key present (image rules with only the keys they set)."""
@@ -345,7 +351,7 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
     document = _overridden(document, validator.schema, overrides)
     problems = validator.problems(document)
     if problems:
-        raise ConfigError(f"{source}: {summary(problems)}")
+        raise ConfigError("\n".join(f"{source}: {problem.path}: {problem.message}" for problem in problems))
     filled = validator.with_defaults(document)
     config = Config(sections=sections(filled, base), source=source)
     _check(config)
@@ -397,7 +403,7 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
         quotas=QuotaSettings(active_tasks=filled["quotas"]["active_tasks"],
                              requests_per_second=float(filled["quotas"]["requests_per_second"]),
                              burst=filled["quotas"]["burst"]),
-        log=LogSettings(level=filled["log"]["level"], audit=filled["log"]["audit"],
+        log=LogSettings(level=filled["log"]["level"], format=filled["log"]["format"], audit=filled["log"]["audit"],
                         audit_file=base / filled["log"]["audit_file"] if "audit_file" in filled["log"] else None),
         metrics=MetricsSettings(enabled=filled["metrics"]["enabled"],
                                 token_sha256=filled["metrics"].get("token_sha256")),
@@ -417,35 +423,40 @@ def _state_path(base: Path, state_dir: Path, value: str) -> Path:
 
 
 def _check(config: Config) -> None:
-    """What the schema cannot say: settings that contradict each other or this machine."""
+    """What the schema cannot say: settings that contradict each other or this machine. Every
+    problem is reported at once, one line each."""
     source, site = config.source, config.sections
     gateway = site.gateway
+    problems: list[str] = []
     if not site.auth.enabled and not gateway.allow_remote_without_auth and not _loopback(gateway.host):
-        raise ConfigError(
-            f"{source}: refusing to listen on {gateway.host} with auth off: anyone who reaches it could run "
+        problems.append(
+            f"$.gateway.host: refusing to listen on {gateway.host} with auth off: anyone who reaches it could run "
             "commands. Turn auth on ([auth] enabled = true), listen on 127.0.0.1, or set "
             "[gateway] allow_remote_without_auth = true")
     if gateway.page_size > gateway.max_page_size:
-        raise ConfigError(f"{source}: $.gateway.page_size ({gateway.page_size}) exceeds max_page_size "
-                          f"({gateway.max_page_size})")
+        problems.append(f"$.gateway.page_size ({gateway.page_size}) exceeds max_page_size ({gateway.max_page_size})")
     if site.run_as.enabled and os.geteuid() != 0:
-        raise ConfigError(f"{source}: $.run_as.enabled: running jobs as their users needs the gateway to run as root")
+        problems.append("$.run_as.enabled: running jobs as their users needs the gateway to run as root")
     if not gateway.http and gateway.https is None and gateway.socket is None:
-        raise ConfigError(f"{source}: $.gateway: with http = false, [gateway.https] or socket must be configured")
-    _check_tes(site.tes, site.scheduler.container, source)
+        problems.append("$.gateway: with http = false, [gateway.https] or socket must be configured")
+    problems += _check_tes(site.tes, site.scheduler.container)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
 
 
-def _check_tes(tes: TesSettings, container: Mapping[str, Any] | None, source: str) -> None:
+def _check_tes(tes: TesSettings, container: Mapping[str, Any] | None) -> list[str]:
     """[tes] images: each rule either runs on the host (bubblewrap must be installed) or names a
-    local image (a container runtime must be configured)."""
+    local image (a container runtime must be configured). The problems found, each naming its rule."""
+    problems = []
     for index, rule in enumerate(tes.images):
-        where = f"{source}: $.tes.images[{index}]"
+        where = f"$.tes.images[{index}]"
         if (rule.run is None) == (rule.image is None):
-            raise ConfigError(f"{where}: give exactly one of run = \"host\" or image = \"...\"")
+            problems.append(f"{where}: give exactly one of run = \"host\" or image = \"...\"")
         if rule.run is not None and shutil.which("bwrap") is None:
-            raise ConfigError(f"{where}: running images on the host needs bubblewrap (bwrap), which is not installed")
+            problems.append(f"{where}: running images on the host needs bubblewrap (bwrap), which is not installed")
         if rule.image is not None and container is None:
-            raise ConfigError(f"{where}: image rules need a container runtime ([scheduler.container])")
+            problems.append(f"{where}: image rules need a container runtime ([scheduler.container])")
+    return problems
 
 
 def _loopback(host: str) -> bool:

@@ -158,11 +158,11 @@ class Poller:
             native = await self.scheduler.find(record.task)
             if native is None:
                 native = await self.scheduler.submit(record.task)
-                log.warning("task %s: submitted after recovery as job %s", record.id, native)
+                log.warning("task %s: submitted after recovery as job %s", record.id, native, extra=_about(record))
             else:
-                log.warning("task %s: recovered its job %s", record.id, native)
+                log.warning("task %s: recovered its job %s", record.id, native, extra=_about(record))
         except SchedulerUnavailable as exc:
-            log.warning("task %s: not yet submitted, will retry: %s", record.id, exc)
+            log.warning("task %s: not yet submitted, will retry: %s", record.id, exc, extra=_about(record))
             return
         except SchedulerError as exc:
             self._unsubmitted.discard(record.id)
@@ -174,6 +174,11 @@ class Poller:
 
 def _ignore(*_: object) -> None:
     """No observer."""
+
+
+def _about(record: Record) -> dict[str, str]:
+    """The `extra=` of a log line about one task: its id and user (fields of a JSON log line)."""
+    return {"task_id": record.id, "user": record.task.user}
 
 
 def _change(record: Record, status: JobStatus | None) -> Change | None:

@@ -95,7 +95,8 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
                 raise ApiError(503, str(exc), headers=RETRY) from None
             raise refused(exc) if isinstance(exc, TaskRefused) else ApiError(400, str(exc)) from None
         poller.submitted(task.id, native_id)
-    log.info("task %s submitted for %s as %s job %s", task.id, task.user, scheduler.name, native_id)
+    log.info("task %s submitted for %s as %s job %s", task.id, task.user, scheduler.name, native_id,
+             extra={"task_id": task.id, "user": task.user})
 
 
 def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | None) -> None:
@@ -138,7 +139,7 @@ async def cancel(app: web.Application, record: Record) -> None:
             await scheduler.runtime.stop(record.task)
     await asyncio.wrap_future(app[POLLER].apply(
         [Change(record.id, TaskState.CANCELED, CANCELED_ON_REQUEST, record.exit_code, finished=now())]))
-    log.info("task %s canceled", record.id)
+    log.info("task %s canceled", record.id, extra={"task_id": record.id, "user": record.task.user})
 
 
 async def delete(app: web.Application, record: Record) -> None:
@@ -152,4 +153,4 @@ async def delete(app: web.Application, record: Record) -> None:
     app[ACTIVE].discard(record.id)
     await app[STORE].delete(record.id)
     remove_task_folder(record.task.workdir, app[TASK_ROOT])
-    log.info("task %s deleted", record.id)
+    log.info("task %s deleted", record.id, extra={"task_id": record.id, "user": record.task.user})
