@@ -75,7 +75,7 @@ class SlurmScheduler(Scheduler):
             "time_factor": {"type": "number", "minimum": 1, "maximum": 1000, "default": 2,
                             "description": "with cputime: --time = cputime × time_factor + 5 s, in whole minutes"},
             "template": TEMPLATE_OPTION,
-            "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 30,
+            "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 5,
                                 "description": "seconds a Slurm command may take before Slurm counts as unreachable"},
             "submit_concurrency": {"type": "integer", "minimum": 1, "maximum": 256, "default": 8,
                                    "description": "sbatch calls that may run at once; more submissions wait"},
