@@ -16,7 +16,7 @@ from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable, Task, 
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy, reload
-from .keys import ACTIVE, CONFIG, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
+from .keys import ACTIVE, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
 from .store import Change, IdempotencyKey, Record
