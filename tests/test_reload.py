@@ -2,12 +2,15 @@
 a config that does not load is refused and the running one stays (gateway/reload.py)."""
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +115,26 @@ def test_restart_needed_ignores_reloadable_keys(tmp_path: Path) -> None:
     effective = reload.merged(running, new)
     assert (effective.limits, effective.log_level) == ({"cores": 2}, "DEBUG")
     assert effective.sections.scheduler == running.sections.scheduler
+
+
+async def test_reload_swaps_quota_settings_and_log_level(aiohttp_client: Callable[..., Awaitable[Any]],
+                                                         tmp_path: Path) -> None:
+    """In process: the running Quotas gets the new [quotas], the root logger the new level."""
+    from gateway.app import create_app
+    from gateway.keys import QUOTAS
+
+    path = tmp_path / "site.toml"
+    path.write_text('[gateway]\nstate_dir = "state"\n[quotas]\nactive_tasks = 1\n')
+    app = create_app(configuration.load(path))
+    app[reload.LIVE].loader = functools.partial(configuration.load, path)
+    await aiohttp_client(app)
+    root = logging.getLogger()
+    level = root.level
+    try:
+        path.write_text('[gateway]\nstate_dir = "state"\n[quotas]\nactive_tasks = 5\n[log]\nlevel = "DEBUG"\n')
+        assert reload.reload(app) is True
+        assert app[QUOTAS].settings.active_tasks == 5
+        assert root.level == logging.DEBUG
+        assert app[reload.LIVE].config.sections.quotas.active_tasks == 5
+    finally:
+        root.setLevel(level)
