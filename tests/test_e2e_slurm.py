@@ -509,4 +509,6 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
         # never taken, or taken once slurmctld resumed: then cancelled by name, or ended (its folder is gone)
         return not set(states) & {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING"}
     eventually(no_orphan, 60, f"no job of the refused task {refused} left running")
+    eventually(lambda: f"task {refused}: its submission failed; cancelled the Slurm job" in gateway.log.read_text(),
+               60, "scancel --name of the refused task, once slurmctld answers")
     assert [t["id"] for t in json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [first]
