@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, responses
+from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, reload, responses
 from .active import ActiveSet
 from .config import Config, ConfigError
 from .idempotency import Keys
@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 def create_app(config: Config) -> web.Application:
     """Build the gateway for `config`. The scheduler plugin is created (and its options checked)
     here, so a configuration mistake stops the start before anything listens."""
-    authenticator = auth.Authenticator(config.tokens) if config.auth_enabled else None
-    app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[metrics.middleware, responses.errors, auth.middleware(authenticator)])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
+        metrics.middleware, responses.errors, auth.middleware(lambda request: request.app[reload.LIVE].authenticator)])
+    app[reload.LIVE] = reload.live(config)  # what SIGHUP replaces: tokens, quotas, limits, log level
     if config.sections.quotas.requests_per_second:
         app.middlewares.append(quota.middleware(lambda request: request.app.get(QUOTAS)))
     app[CONFIG] = config

@@ -132,7 +132,11 @@ def peer_identity(uid: int) -> Identity:
     return Identity(name, admin=uid in (0, os.geteuid()))
 
 
-def middleware(authenticator: Authenticator | None) -> Callable[..., Awaitable[web.StreamResponse]]:
+def middleware(authenticator_of: Callable[[web.Request], Authenticator | None]
+               ) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Identify each request; `authenticator_of` finds the app's current Authenticator (None: auth
+    off), read anew for every request so that a reload's tokens apply from the next one on."""
+
     @web.middleware
     async def authenticate(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -140,7 +144,7 @@ def middleware(authenticator: Authenticator | None) -> Callable[..., Awaitable[w
         if uid is not None:
             if request.path not in PUBLIC_PATHS:
                 request[IDENTITY_KEY] = peer_identity(uid)
-        elif authenticator is not None and request.path not in PUBLIC_PATHS:
+        elif (authenticator := authenticator_of(request)) is not None and request.path not in PUBLIC_PATHS:
             found = authenticator.identify(request.headers.get("Authorization"))
             if found is None:
                 raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>'", headers=CHALLENGE)

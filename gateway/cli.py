@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth, logs, policy, retention, sdnotify
+from . import auth, logs, policy, reload, retention, sdnotify
 from . import config as configuration
 from .app import create_app
 
@@ -122,6 +123,7 @@ async def serve(app: web.Application, cfg: configuration.Config, context: ssl.SS
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, reload.on_sighup, app)  # re-read the config: gateway/reload.py
             for site, url, setting in sites:
                 await _start(site, url, setting)
                 print(f"JobProxy serving on {url}", flush=True)
@@ -182,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         os.umask(cfg.umask)
         context = tls_context(cfg.https, cfg.source) if cfg.https else None
         app = create_app(cfg)
+        if args.config is not None:  # SIGHUP reads the file again, with the same command-line overrides
+            app[reload.LIVE].loader = functools.partial(configuration.load, args.config, host=args.host, port=args.port,
+                                                        socket=Path(args.socket).absolute() if args.socket else None)
     except configuration.ConfigError as exc:
         _configuration_error(exc)
         return 2

@@ -16,8 +16,8 @@ from aiohttp import web
 from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable, Task, TaskRefused, TaskState
 from schedulers.outcome import CANCELED_ON_REQUEST
 
-from . import auth, policy
-from .keys import ACTIVE, CONFIG, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
+from . import auth, policy, reload
+from .keys import ACTIVE, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
 from .retention import remove_task_folder
@@ -61,7 +61,7 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     `key`, the request's idempotency key, is recorded with the task.
     """
     scheduler = app[SCHEDULER]
-    policy.check(app[CONFIG], task)
+    policy.check(app[reload.LIVE].config, task)  # the [limits] of the last reload
     try:
         scheduler.admit_task(task)
     except TaskRefused as exc:

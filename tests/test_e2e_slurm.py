@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -473,3 +474,48 @@ def test_run_as_user_submits_on_the_users_behalf(gateway_factory: Callable[..., 
     finally:
         subprocess.run(["userdel", "-r", name], capture_output=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def _slurmctld_pid() -> int:
+    """The pid of the dev cluster's slurmctld (etc/dev/slurm.sh's pid file), checked by its name."""
+    pid_file = Path(os.environ.get("JOBPROXY_DEV_ROOT", "/tmp/jobproxy-dev")) / "slurm" / "run" / "slurmctld.pid"
+    pid = int(pid_file.read_text().split()[0])
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "slurmctld", f"pid {pid} is not slurmctld"
+    return pid
+
+
+def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_factory: Callable[..., Gateway],
+                                                                       wrappers: Wrappers) -> None:
+    """slurmctld stopped (SIGSTOP): a submit answers 503 with Retry-After within the default 5 s
+    `command_timeout` (not sbatch's own 10 s, nor the old 30 s default); state reads answer from the
+    store meanwhile; once slurmctld runs again, the refused task has left no job behind."""
+    gateway = gateway_factory(f'[scheduler]\ntype = "slurm"\npoll_interval = 0.5\n[scheduler.options]\n'
+                              f"bin_dir = {json.dumps(str(wrappers.bin_dir))}\n").start()
+    first = gateway.submit({"user": "a", "cmd": "sleep 2; echo survived"})
+    gateway.wait(first, lambda s: s["code"] == "RUNNING")
+    pid = _slurmctld_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert gateway.state(first)["code"] == "RUNNING"
+        started = time.monotonic()
+        status, headers, body = submit_raw(gateway, {"user": "a", "cmd": "echo refused"})
+        took = time.monotonic() - started
+        assert gateway.state(first)["code"] == "RUNNING"  # the store answers while Slurm does not
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 503, body
+    assert "Retry-After" in headers, headers
+    assert body["error"] == "Slurm did not answer within 5 s (sbatch)", body
+    assert took < 6.5, f"the submit took {took:.1f} s"
+    caught_up = gateway.wait(first, timeout=90)
+    assert (caught_up["code"], caught_up["exit_code"]) == ("COMPLETE", 0)
+    refused = Path(wrappers.lines("sbatch")[-1][1].split()[-1]).parent.name
+
+    def no_orphan() -> bool:
+        states = slurm("squeue", "--noheader", "--states=all", f"--name={refused}", "--format=%T").split()
+        # never taken, or taken once slurmctld resumed: then cancelled by name, or ended (its folder is gone)
+        return not set(states) & {"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "COMPLETING"}
+    eventually(no_orphan, 60, f"no job of the refused task {refused} left running")
+    eventually(lambda: f"task {refused}: its submission failed; cancelled the Slurm job" in gateway.log.read_text(),
+               60, "scancel --name of the refused task, once slurmctld answers")
+    assert [t["id"] for t in json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [first]

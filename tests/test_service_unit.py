@@ -25,6 +25,7 @@ def test_the_unit_fits_the_gateway() -> None:
     service = _unit()["Service"]
     assert (service["Type"], service["NotifyAccess"]) == ("notify", "main")  # gateway/sdnotify.py sends READY=1
     assert service["Restart"] == "on-failure"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # systemctl reload: gateway/reload.py
     assert service["KillMode"] == "process"  # SIGTERM to the gateway only: its jobs outlive a restart
     assert service["User"] == service["Group"] == "jobproxy"
     argv = service["ExecStart"].split()

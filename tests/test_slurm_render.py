@@ -17,6 +17,7 @@ from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from gateway.validation import SchemaValidator
 from schedulers.base import SchedulerError, Task, TaskRefused, TaskState
+from schedulers.commands import CommandTimeout
 from schedulers.script import EXIT_FILE
 from schedulers.slurm import parse as slurm_parse
 from schedulers.slurm.parse import SlurmJob, job_status, parse_scontrol, parse_squeue
@@ -367,3 +368,29 @@ def test_jobs_run_as_the_account_job_account_names(tmp_path: Path) -> None:
     with pytest.raises(TaskRefused, match="no Unix account 'jp-no-such-user'") as refused:
         as_user._on_behalf(task(tmp_path / "w", user="jp-no-such-user"))
     assert refused.value.path == "$.user"
+
+
+async def test_cancel_by_name_retries_while_slurm_does_not_answer(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a timed-out sbatch, scancel --name is tried again while Slurm times out or is
+    unreachable (a hung slurmctld may take the job when it wakes up), and not after a real answer."""
+    plugin = scheduler(tmp_path)
+    monkeypatch.setattr(plugin, "CANCEL_RETRY", 0.01)
+    answers: list[Any] = [CommandTimeout("Slurm did not answer within 5 s (scancel)"),
+                          (1, "", "scancel: error: Unable to contact slurm controller (connect failure)"),
+                          (0, "", "")]
+    calls: list[tuple[str, ...]] = []
+
+    async def run(command: str, *args: str) -> tuple[int, str, str]:
+        calls.append((command, *args))
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return tuple(answer)
+
+    monkeypatch.setattr(plugin, "_run", run)
+    await plugin._cancel_by_name("t1")
+    assert calls == [("scancel", "--name=t1")] * 3
+    answers[:] = [(1, "", "scancel: error: Invalid user id")]
+    await plugin._cancel_by_name("t2")
+    assert calls[-1] == ("scancel", "--name=t2") and len(calls) == 4  # a real refusal: no retry

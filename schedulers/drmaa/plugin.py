@@ -101,7 +101,7 @@ class DrmaaScheduler(Scheduler):
                 "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$", "x-error": {
                     "pattern": "must be a variable name: letters, digits and '_', not starting with a digit"}},
                 "description": "variables added to every job's environment"},
-            "call_timeout": {"type": "number", "minimum": 1, "maximum": 600, "default": 30,
+            "call_timeout": {"type": "number", "minimum": 1, "maximum": 600, "default": 5,
                              "description": "seconds a DRMAA call may take before the request answers 503"},
             "cancel_timeout": {"type": "number", "minimum": 0, "maximum": 600, "default": 30,
                                "description": "seconds a DELETE waits for the DRM to end the job"},

@@ -24,6 +24,7 @@ import logging
 import os
 import pwd
 import shutil
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ class SlurmScheduler(Scheduler):
             "time_factor": {"type": "number", "minimum": 1, "maximum": 1000, "default": 2,
                             "description": "with cputime: --time = cputime × time_factor + 5 s, in whole minutes"},
             "template": TEMPLATE_OPTION,
-            "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 30,
+            "command_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 5,
                                 "description": "seconds a Slurm command may take before Slurm counts as unreachable"},
             "submit_concurrency": {"type": "integer", "minimum": 1, "maximum": 256, "default": 8,
                                    "description": "sbatch calls that may run at once; more submissions wait"},
@@ -296,12 +297,27 @@ class SlurmScheduler(Scheduler):
             raise SchedulerUnavailable(f"Slurm cannot answer now ({command}): {message}")
         raise SchedulerError(f"{command} failed: {message}")
 
+    #: After a submit whose outcome is unknown: seconds between tries to cancel the job it may have
+    #: left while Slurm does not answer, and how long to keep trying.
+    CANCEL_RETRY = 2.0
+    CANCEL_FOR = 600.0
+
     async def _cancel_by_name(self, task_id: str) -> None:
-        """Cancel whatever job carries `task_id`, best effort (after a submit whose outcome is unknown)."""
-        try:
-            code, out, err = await self._run("scancel", f"--name={task_id}")
-        except SchedulerError as exc:
-            code, out, err = -1, "", str(exc)
+        """Cancel whatever job carries `task_id`, best effort (after a submit whose outcome is unknown).
+        A hung slurmctld may take the job when it wakes up, so scancel is tried again while Slurm
+        cannot answer (a timeout, or it is unreachable), for up to `CANCEL_FOR` seconds."""
+        deadline = time.monotonic() + self.CANCEL_FOR
+        while True:
+            try:
+                code, out, err = await self._run("scancel", f"--name={task_id}")
+                retry = code != 0 and unavailable(error_message(err, out))
+            except SchedulerUnavailable as exc:
+                code, out, err, retry = -1, "", str(exc), True
+            except SchedulerError as exc:
+                code, out, err, retry = -1, "", str(exc), False
+            if not retry or time.monotonic() + self.CANCEL_RETRY > deadline:
+                break
+            await asyncio.sleep(self.CANCEL_RETRY)
         if code == 0:
             log.warning("task %s: its submission failed; cancelled the Slurm job it may have left", task_id)
         else:
