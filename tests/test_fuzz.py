@@ -98,7 +98,9 @@ class SandboxedGateway(Gateway):
     def start(self) -> SandboxedGateway:
         command = shutil.which("jobproxy", path=str(Path(sys.executable).parent)) or "jobproxy"
         folder = str(self.workdir)
-        sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+        # a private /tmp, with the checkout and its virtualenv seen again read-only should they live there
+        code = [arg for path in {str(ROOT), sys.prefix} for arg in ("--ro-bind", path, path)]
+        sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *code,
                    "--bind", folder, folder, "--unshare-pid", "--die-with-parent", "--chdir", folder]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
