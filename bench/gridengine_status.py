@@ -105,7 +105,7 @@ async def main() -> None:
     logged_bin(work / "bin", calls)
 
     async def plugin(**options: Any) -> Any:
-        document = {"gateway": {"state_dir": str(work / "state")},
+        document = {"gateway": {"state_dir": str(work / "state")}, "run_as": {"allow_root_jobs": True},
                     "scheduler": {"type": "drmaa", "poll_interval": 1, "options": options}}
         scheduler = create_scheduler(configuration.from_document(document, work, "bench"))
         await scheduler.start(lambda *_: None)

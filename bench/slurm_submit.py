@@ -247,6 +247,7 @@ async def main() -> None:
         sys.exit(f"slurmctld holds {held} jobs (finished ones stay for MinJobAge) and takes at most {most}: this run "
                  f"would add {needed}; wait until old jobs age out, or pass fewer --tasks")
     work = Path(tempfile.mkdtemp(prefix="jobproxy-bench-slurm-"))
+    work.chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their task folders
     raw_ids: list[str] = []
     gateway: GatewayProcess | None = None
     try:

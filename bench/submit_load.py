@@ -118,6 +118,7 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
+        root.chmod(0o711)  # as root with auth off, jobs run as nobody, who must pass through to the task folders
         db = root / "state" / "jobproxy.db"
         started = time.perf_counter()
         await seed(db, args.stored - args.queued - 1)
