@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,11 @@ import pytest
 
 from gateway import config as configuration
 from gateway.app import create_app
+from gateway.plugins import create_scheduler
+from schedulers.base import Scheduler
+from schedulers.local import LocalScheduler
+
+from .reporting import Reports
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -251,3 +256,27 @@ def rootfs(passable_base: Path) -> Path:
         if applet != "busybox":
             (root / "bin" / applet).symlink_to("busybox")
     return root
+
+
+# ---- local scheduler plugins started in the test process -------------------------------------
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Start local plugins on one state folder (as a restarted gateway would); all closed after."""
+    started: list[Scheduler] = []
+
+    async def factory(**options: Any) -> tuple[LocalScheduler, Reports]:
+        # the plugin's own mechanics, on folders the test makes: jobs run as the gateway's account
+        document = {"gateway": {"state_dir": str(tmp_path / "state")}, "run_as": {"allow_root_jobs": True},
+                    "scheduler": {"type": "local", "options": {"kill_grace": 1, **options}}}
+        instance = create_scheduler(configuration.from_document(document, tmp_path, "local plugin test"))
+        assert isinstance(instance, LocalScheduler)
+        reports = Reports()
+        await instance.start(reports)
+        started.append(instance)
+        return instance, reports
+
+    yield factory
+    for instance in started:
+        await instance.close()

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import config as configuration
-from gateway.plugins import create_scheduler
-from schedulers.base import JobRef, JobStatus, Scheduler, TaskState
+from schedulers.base import JobRef, JobStatus, TaskState
 from schedulers.local import LocalScheduler, launcher
 from schedulers.script import EXIT_FILE
 
@@ -24,24 +22,6 @@ from .test_contract import make_task
 Factory = Callable[..., Any]
 
 
-@pytest.fixture
-async def local(tmp_path: Path) -> AsyncIterator[Factory]:
-    started: list[Scheduler] = []
-
-    async def factory(**options: Any) -> tuple[LocalScheduler, Reports]:
-        # the plugin's own mechanics, on folders the test makes: jobs run as the gateway's account
-        document = {"gateway": {"state_dir": str(tmp_path / "state")}, "run_as": {"allow_root_jobs": True},
-                    "scheduler": {"type": "local", "options": {"kill_grace": 1, **options}}}
-        instance = create_scheduler(configuration.from_document(document, tmp_path, "local direct test"))
-        assert isinstance(instance, LocalScheduler)
-        reports = Reports()
-        await instance.start(reports)
-        started.append(instance)
-        return instance, reports
-
-    yield factory
-    for instance in started:
-        await instance.close()
 
 
 async def _run(scheduler: LocalScheduler, reports: Reports, task: Any, timeout: float = 60) -> JobStatus:

@@ -8,16 +8,14 @@ import asyncio
 import itertools
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import config as configuration
-from gateway.plugins import create_scheduler
 from schedulers.base import JobRef, JobStatus, Scheduler, TaskState
-from schedulers.local import LocalScheduler, lifecycle, proc
+from schedulers.local import lifecycle, proc
 from schedulers.local import plugin as local_plugin
 
 from .reporting import Reports
@@ -30,25 +28,6 @@ def _terminal(status: JobStatus) -> bool:
     return status.state.terminal
 
 
-@pytest.fixture
-async def local(tmp_path: Path) -> AsyncIterator[Factory]:
-    """Start local plugins on one state folder (as a restarted gateway would); all closed after."""
-    started: list[Scheduler] = []
-
-    async def factory(**options: Any) -> tuple[LocalScheduler, Reports]:
-        # the plugin's own mechanics, on folders the test makes: jobs run as the gateway's account
-        document = {"gateway": {"state_dir": str(tmp_path / "state")}, "run_as": {"allow_root_jobs": True},
-                    "scheduler": {"type": "local", "options": {"kill_grace": 1, **options}}}
-        instance = create_scheduler(configuration.from_document(document, tmp_path, "local events test"))
-        assert isinstance(instance, LocalScheduler)
-        reports = Reports()
-        await instance.start(reports)
-        started.append(instance)
-        return instance, reports
-
-    yield factory
-    for instance in started:
-        await instance.close()
 
 
 async def _submit(scheduler: Scheduler, task: Any) -> JobRef:
