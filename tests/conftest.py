@@ -130,11 +130,16 @@ class Gateway:
         self.process: subprocess.Popen[bytes] | None = None
         self.log = workdir / "gateway.log"
 
+    def wrapper(self) -> list[str]:
+        """What `jobproxy serve` runs under (e.g. a sandbox); nothing by default."""
+        return []
+
     def start(self) -> Gateway:
         command = shutil.which("jobproxy", path=str(Path(sys.executable).parent)) or "jobproxy"
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([command, "serve", *self.config_args, "--port", str(self.port)],
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
+            self.process = subprocess.Popen(
+                [*self.wrapper(), command, "serve", *self.config_args, "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

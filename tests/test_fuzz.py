@@ -95,27 +95,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 class SandboxedGateway(Gateway):
     """`jobproxy serve` inside bubblewrap: the machine read-only, this test's folder writable."""
 
-    def start(self) -> SandboxedGateway:
-        command = shutil.which("jobproxy", path=str(Path(sys.executable).parent)) or "jobproxy"
+    def wrapper(self) -> list[str]:
         folder = str(self.workdir)
         # a private /tmp, with the checkout and its virtualenv seen again read-only should they live there
         code = [arg for path in {str(ROOT), sys.prefix} for arg in ("--ro-bind", path, path)]
-        sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *code,
-                   "--bind", folder, folder, "--unshare-pid", "--die-with-parent", "--chdir", folder]
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [*sandbox, command, "serve", *self.config_args, "--port", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=self.env)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"jobproxy serve exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                self.request("GET", "/v1/jobproxy/ping")
-                return self
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"jobproxy serve did not answer within 30 s:\n{self.log.read_text()}")
+        return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *code,
+                "--bind", folder, folder, "--unshare-pid", "--die-with-parent", "--chdir", folder]
 
 
 @pytest.fixture
