@@ -38,6 +38,9 @@ class Poller:
         # observers (gateway/metrics.py): each round's seconds; each task reaching a final state
         self.on_round: Callable[[float], None] = _ignore
         self.on_final: Callable[[str, TaskState], None] = _ignore
+        # listeners of every applied change, called with the task's record as it now is (the event
+        # stream; other replicas): add with `listeners.append`; a listener must neither block nor raise
+        self.listeners: list[Callable[[Record], None]] = []
         self._submitting: set[str] = set()  # tasks whose submit call is running right now
         self._unsubmitted: set[str] = set()  # recorded, never handed to the scheduler (a crash)
 
@@ -61,8 +64,12 @@ class Poller:
             record = self.active.get(c.task_id)
             if record is None:
                 continue
-            self.active.update(c.task_id, state=c.state, description=c.description, exit_code=c.exit_code,
-                               started=record.started or c.started, finished=record.finished or c.finished)
+            changed = self.active.update(c.task_id, state=c.state, description=c.description,
+                                         exit_code=c.exit_code, started=record.started or c.started,
+                                         finished=record.finished or c.finished)
+            for listener in self.listeners:
+                if changed is not None:
+                    listener(changed)
             if c.state.terminal:
                 final.append(c.task_id)
                 if not record.state.terminal:
