@@ -34,6 +34,10 @@ class ActiveSet:
     def get(self, task_id: str) -> Record | None:
         return self._by_id.get(task_id)
 
+    def all(self) -> Iterator[Record]:
+        """Every active task."""
+        return iter(list(self._by_id.values()))
+
     def of(self, scheduler: str) -> Iterator[Record]:
         """The active tasks of one scheduler instance, oldest first."""
         return iter(list(self._by_scheduler.get(scheduler, {}).values()))

@@ -5,11 +5,11 @@ from aiohttp import web
 from multidict import MultiMapping
 
 import schemas
-from schedulers.base import TaskState
+from schedulers.base import Scheduler, TaskState
 
 from . import audit, auth, codec, idempotency, paging, service
 from . import openapi as openapi_document
-from .keys import CONFIG, KEYS, SCHEDULER, STORE, TASK_VALIDATOR
+from .keys import CONFIG, KEYS, SCHEDULERS, STORE, TASK_VALIDATOR
 from .model import rfc3339
 from .responses import ApiError, answer
 from .store import Record
@@ -32,7 +32,8 @@ async def submit(request: web.Request) -> web.Response:
 
     async def make() -> str:
         task = service.new_task(request.app, document)
-        await service.accept(request.app, task, key=key)
+        chosen = service.route(request.app, task, document.get("scheduler"))
+        await service.accept(request.app, task, key=key, scheduler_name=chosen)
         return task.id
 
     task_id, created = await request.app[KEYS].once(key, make)
@@ -77,7 +78,8 @@ async def delete(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobproxy/ping")
 async def ping(request: web.Request) -> web.Response:
-    return answer(request, {"status": "ok", "scheduler": request.app[SCHEDULER].name,
+    schedulers: dict[str, Scheduler] = request.app[SCHEDULERS]
+    return answer(request, {"status": "ok", "scheduler": ", ".join(schedulers),
                             "tasks": request.app[STORE].count()}, xml_root="ping", text="pong")
 
 

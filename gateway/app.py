@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import sqlite3
@@ -11,15 +12,18 @@ from pathlib import Path
 
 from aiohttp import web
 
+from schedulers.base import Scheduler, SchedulerError
+
 from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, reload, responses
 from .active import ActiveSet
 from .config import Config, ConfigError
 from .idempotency import Keys
-from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
+from .keys import ACTIVE, CONFIG, KEYS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
 from .poller import Poller
 from .quota import Quotas
 from .retention import periodic as purge_finished
+from .routing import Router
 from .store import Store
 from .tes import api as tes_api
 from .validation import SchemaValidator
@@ -27,9 +31,17 @@ from .validation import SchemaValidator
 log = logging.getLogger(__name__)
 
 
+class SchedulerStartError(SchedulerError):
+    """A scheduler instance's `start` refused: `name` is the instance, the message its reason."""
+
+    def __init__(self, name: str, reason: SchedulerError) -> None:
+        super().__init__(str(reason))
+        self.name = name
+
+
 def create_app(config: Config) -> web.Application:
-    """Build the gateway for `config`. The scheduler plugin is created (and its options checked)
-    here, so a configuration mistake stops the start before anything listens."""
+    """Build the gateway for `config`. The scheduler instances are created (and their options
+    checked) here, so a configuration mistake stops the start before anything listens."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[
         metrics.middleware, responses.errors, auth.middleware(lambda request: request.app[reload.LIVE].authenticator)])
     app[reload.LIVE] = reload.live(config)  # what SIGHUP replaces: tokens, quotas, limits, log level
@@ -37,7 +49,8 @@ def create_app(config: Config) -> web.Application:
         app.middlewares.append(quota.middleware(lambda request: request.app.get(QUOTAS)))
     app[CONFIG] = config
     audit.configure(config.sections.log)
-    app[SCHEDULER] = plugins.create_scheduler(config)
+    app[SCHEDULERS] = plugins.create_schedulers(config)
+    app[ROUTER] = Router(config.sections.routes, list(config.instances))
     app[TASK_VALIDATOR] = SchemaValidator.named("task")
     app.add_routes(api_v1.routes)
     app.add_routes(tes_api.routes)
@@ -85,37 +98,67 @@ async def _expire_keys(store: Store, retention: timedelta) -> None:
         await asyncio.sleep(3600)
 
 
+async def start_instance(app: web.Application, scheduler: Scheduler) -> Poller:
+    """Start one scheduler instance with its own poller: the plugin's `start`, then what happened
+    to the instance's tasks while the gateway was down (`Poller.reconcile`), before serving."""
+    interval = app[CONFIG].instances[scheduler.name].poll_interval
+    poller = Poller(app[STORE], scheduler, app[ACTIVE], interval)
+    try:
+        await scheduler.start(poller.report)
+    except SchedulerError as exc:
+        raise SchedulerStartError(scheduler.name, exc) from None
+    await poller.reconcile()
+    return poller
+
+
+def _warn_unconfigured(active: ActiveSet, configured: dict[str, Scheduler]) -> None:
+    """Active tasks of an instance no longer configured stay as they are (nothing polls them; a
+    cancel answers 503) until an instance of that name is configured again: one warning each."""
+    missing = collections.Counter(r.scheduler for r in active.all() if r.scheduler not in configured)
+    for name, count in sorted(missing.items()):
+        log.warning("%d active tasks belong to scheduler instance %r, which is not configured (configured: %s): "
+                    "they keep their last state until it is configured again", count, name, ", ".join(configured))
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config, scheduler = app[CONFIG], app[SCHEDULER]
+    config, schedulers = app[CONFIG], app[SCHEDULERS]
     try:
         store = Store(config.store_path)
     except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: a store newer than this JobProxy
         raise _path_error(config, "open the task store", config.store_path, "[store] path", exc) from None
     app[STORE] = store
     try:
-        _prepare_task_root(config, scheduler.account)
+        for account in sorted({s.account for s in schedulers.values()}, key=str):
+            _prepare_task_root(config, account)
     except OSError as exc:
         store.close()
         raise _path_error(config, "create the task root", config.task_root, "[gateway] task_root", exc) from None
     app[TASK_ROOT] = Path(config.task_root).resolve()
     app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
-    poller = Poller(store, scheduler, active, config.poll_interval)
-    app[POLLER] = poller
-    await scheduler.start(poller.report)
-    await poller.reconcile()  # what happened while the gateway was down, before serving
+    _warn_unconfigured(active, schedulers)
+    app[POLLERS] = pollers = {}
+    try:
+        for name, scheduler in schedulers.items():
+            pollers[name] = await start_instance(app, scheduler)
+    except BaseException:
+        for started in pollers.values():
+            await started.scheduler.close()
+        store.close()
+        raise
     app[KEYS] = Keys(store)
     app[QUOTAS] = Quotas(config.sections.quotas, active)
-    runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
+    runners = [asyncio.create_task(poller.run(), name=f"poller-{name}") for name, poller in pollers.items()]
     retention = timedelta(hours=config.sections.store.idempotency_hours)
     expiry = asyncio.create_task(_expire_keys(store, retention), name="idempotency-expiry")
     purge = asyncio.create_task(purge_finished(app), name="retention-purge")
-    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name, config.store_path,
+    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", ", ".join(schedulers), config.store_path,
              store.count(), len(active))
     yield
-    for background in (runner, expiry, purge):
+    for background in (*runners, expiry, purge):
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
-    await scheduler.close()
+    for scheduler in schedulers.values():
+        await scheduler.close()
     await store.flush()
     store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 import os
 import signal
@@ -15,11 +16,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+import schemas
 from schedulers.base import SchedulerError
 
-from . import auth, logs, policy, reload, retention, sdnotify
+from . import auth, logs, policy, reload, retention, routing, sdnotify
 from . import config as configuration
-from .app import create_app
+from .app import SchedulerStartError, create_app
+from .codec import DecodeError, decode
+from .model import task_from_document
+from .validation import SchemaValidator
 
 log = logging.getLogger("jobproxy")
 
@@ -146,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--host", help="address to listen on (overrides the config)")
     serve_cmd.add_argument("--port", type=int, help="HTTP port to listen on (overrides the config)")
     serve_cmd.add_argument("--socket", help="also listen on this Unix socket; callers are identified by the kernel")
-    check = commands.add_parser("check-config", help="validate a configuration file and exit")
+    check = commands.add_parser("check-config", help="validate a configuration file, print its scheduler "
+                                                     "instances and routing rules, and exit")
     check.add_argument("config")
+    check.add_argument("--explain", metavar="TASK", help="a v1 task (JSON or XML file): say which scheduler "
+                                                         "instance it would go to, and why")
     token = commands.add_parser("token", help="manage API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="make a token; prints it once, with the line for the config")
@@ -172,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             create_app(cfg)
             if cfg.https:
                 tls_context(cfg.https, cfg.source)
-            print(f"{args.config}: OK (scheduler {cfg.scheduler})")
-            return 0
+            print(f"{args.config}: OK (scheduler {', '.join(cfg.instances)})")
+            _print_routes(cfg)
+            return _explain(cfg, args.explain) if args.explain else 0
         if args.command == "purge":
             return retention.command(configuration.load(args.config), args.older_than, args.dry_run)
         cfg = configuration.load(args.config, host=args.host, port=args.port,
@@ -198,11 +207,47 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:  # a listener could not start
         print(f"jobproxy: {exc}", file=sys.stderr)
         return 1
-    except SchedulerError as exc:  # the scheduler's start() refused: say why, without a traceback
+    except SchedulerError as exc:  # a scheduler's start() refused: say why, without a traceback
         reason = " ".join(str(exc).split())
-        print(f"jobproxy: scheduler {cfg.scheduler!r} could not start: {reason}", file=sys.stderr)
+        name = exc.name if isinstance(exc, SchedulerStartError) else ", ".join(cfg.instances)
+        print(f"jobproxy: scheduler {name!r} could not start: {reason}", file=sys.stderr)
         return 3
     return 0
+
+
+def _print_routes(cfg: configuration.Config) -> None:
+    """The scheduler instances, and the routing rules in the order they are tried."""
+    for name, settings in cfg.instances.items():
+        print(f"scheduler {name}: type {settings.type}, polled every {settings.poll_interval:g} s"
+              + (f", containers by {settings.container['runtime']}" if settings.container else ""))
+    if not cfg.sections.routes:
+        print(f"routes: none; every task goes to {next(iter(cfg.instances))}")
+    for index, rule in enumerate(cfg.sections.routes):
+        print(f"route {index + 1}: {routing.describe(rule)}")
+
+
+def _explain(cfg: configuration.Config, path: str) -> int:
+    """`check-config --explain TASK`: where the v1 task in the file `path` would go, rule by rule;
+    exit status 0 if some instance takes it, 1 if it would be refused, 2 if it is not a valid task."""
+    try:
+        body = Path(path).read_bytes()
+        kind = "application/xml" if body.lstrip().startswith(b"<") else "application/json"
+        document, _ = decode(body, kind, schemas.load("task"))
+    except (OSError, DecodeError) as exc:
+        print(f"jobproxy: {path}: cannot read the task: {exc}", file=sys.stderr)
+        return 2
+    problems = SchemaValidator.named("task").problems(document)
+    if problems:
+        for problem in problems:
+            print(f"jobproxy: {path}: {problem.path}: {problem.message}", file=sys.stderr)
+        return 2
+    task = task_from_document(document, "explain", "/explain")
+    request = routing.Request.of(task, document.get("scheduler"))
+    print(f"task {path}: {json.dumps(document, sort_keys=True)[:200]}")
+    lines = routing.explain(cfg.sections.routes, list(cfg.instances), request)
+    for line in lines:
+        print(line)
+    return 1 if lines[-1].startswith("refused") else 0
 
 
 def _configuration_error(exc: configuration.ConfigError) -> None:

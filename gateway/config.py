@@ -5,6 +5,10 @@ schema's defaults are filled in (`SchemaValidator.with_defaults`), and the typed
 built from the filled document. The sections have no defaults of their own, and no code downstream
 repeats one: what a site leaves out is what the schema says.
 
+Scheduler instances: `[schedulers.NAME]` tables, or the one `[scheduler]` table as an instance
+named after its type (`Config.instances`); `[[routes]]` say which tasks go to which
+(gateway/routing.py), checked here against the instances.
+
 No file at all means the schema's defaults: the local scheduler, state in ./jobproxy-state,
 listening on 127.0.0.1:8080. Relative paths in a file are taken relative to that file's folder;
 `{state_dir}` in `[gateway] task_root` and `[store] path` stands for the state folder.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import grp
 import ipaddress
 import os
 import shutil
@@ -75,12 +80,37 @@ class StoreSettings:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    """`[scheduler]`: the plugin, how often it is polled, its options and its container runtime."""
+    """`[scheduler]`, or one `[schedulers.NAME]`: the plugin, how often it is polled, its options
+    and its container runtime."""
 
     type: str
     poll_interval: float
     options: Mapping[str, Any]
     container: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The inclusive bounds of one `[[routes]]` condition on a number; None: unbounded that side."""
+
+    min: int | None
+    max: int | None
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """One `[[routes]]` rule: a task meeting every condition it sets (None: no condition) goes to
+    the instance `scheduler`; `requested`: only tasks that ask for that instance by name."""
+
+    scheduler: str
+    users: tuple[str, ...] | None
+    groups: tuple[str, ...] | None
+    images: tuple[str, ...] | None
+    cores: Bounds | None
+    memory: Bounds | None
+    cputime: Bounds | None
+    gpus: Bounds | None
+    requested: bool
 
 
 @dataclass(frozen=True)
@@ -184,6 +214,8 @@ class Sections:
     gateway: GatewaySettings
     store: StoreSettings
     scheduler: SchedulerSettings
+    schedulers: Mapping[str, SchedulerSettings]
+    routes: tuple[RouteRule, ...]
     auth: AuthSettings
     run_as: RunAsSettings
     paths: PathsSettings
@@ -259,23 +291,21 @@ class Config:
     def store_path(self) -> Path:
         return self.sections.store.path
 
-    @property
-    def scheduler(self) -> str:
-        """The name of the scheduler plugin (`[scheduler] type`)."""
-        return self.sections.scheduler.type
+    @functools.cached_property
+    def instances(self) -> Mapping[str, SchedulerSettings]:
+        """The scheduler instances by name, in the file's order: the `[schedulers.NAME]` tables, or
+        the one `[scheduler]` table as an instance named after its type."""
+        named = self.sections.schedulers
+        return dict(named) if named else {self.sections.scheduler.type: self.sections.scheduler}
+
+    def scheduler_table(self, name: str) -> str:
+        """The JSON path of instance `name`'s table: `$.schedulers.NAME`, or `$.scheduler`."""
+        return f"$.schedulers.{name}" if self.sections.schedulers else "$.scheduler"
 
     @property
-    def poll_interval(self) -> float:
-        return self.sections.scheduler.poll_interval
-
-    @property
-    def scheduler_options(self) -> dict[str, Any]:
-        return dict(self.sections.scheduler.options)
-
-    @property
-    def container(self) -> dict[str, Any] | None:
-        container = self.sections.scheduler.container
-        return None if container is None else dict(container)
+    def containers(self) -> bool:
+        """Whether some scheduler instance has a container runtime."""
+        return any(settings.container is not None for settings in self.instances.values())
 
     @property
     def auth_enabled(self) -> bool:
@@ -352,6 +382,9 @@ def from_document(document: dict[str, Any], base: Path, source: str, **overrides
     problems = validator.problems(document)
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem.path}: {problem.message}" for problem in problems))
+    if "scheduler" in document and "schedulers" in document:
+        raise ConfigError(f"{source}: $.scheduler: give either [scheduler] (one instance) or [schedulers.NAME] "
+                          "tables, not both")
     filled = validator.with_defaults(document)
     config = Config(sections=sections(filled, base), source=source)
     _check(config)
@@ -375,7 +408,7 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
 
     Keys with a default are indexed (a missing one is a bug in the schema, not a silent default);
     keys the schema leaves unset read as None."""
-    gateway, scheduler, tes = filled["gateway"], filled["scheduler"], filled["tes"]
+    gateway, tes = filled["gateway"], filled["tes"]
     state_dir = base / gateway["state_dir"]
     https = gateway.get("https")
     return Sections(
@@ -391,8 +424,9 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
         store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"]),
                             idempotency_hours=float(filled["store"]["idempotency_hours"]),
                             retain_days=float(filled["store"]["retain_days"])),
-        scheduler=SchedulerSettings(type=scheduler["type"], poll_interval=float(scheduler["poll_interval"]),
-                                    options=scheduler["options"], container=scheduler.get("container")),
+        scheduler=_scheduler(filled["scheduler"]),
+        schedulers={name: _scheduler(table) for name, table in (filled.get("schedulers") or {}).items()},
+        routes=tuple(_rule(rule) for rule in filled["routes"]),
         auth=AuthSettings(enabled=filled["auth"]["enabled"], tokens=tuple(
             Token(user=t["user"], sha256=t["sha256"], admin=t["admin"]) for t in filled["auth"]["tokens"])),
         run_as=RunAsSettings(enabled=filled["run_as"]["enabled"], min_uid=filled["run_as"]["min_uid"],
@@ -417,6 +451,23 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
     )
 
 
+def _scheduler(table: Mapping[str, Any]) -> SchedulerSettings:
+    return SchedulerSettings(type=table["type"], poll_interval=float(table["poll_interval"]),
+                             options=table["options"], container=table.get("container"))
+
+
+def _rule(table: Mapping[str, Any]) -> RouteRule:
+    def names(key: str) -> tuple[str, ...] | None:
+        return tuple(table[key]) if key in table else None
+
+    def bounds(key: str) -> Bounds | None:
+        return Bounds(min=table[key].get("min"), max=table[key].get("max")) if key in table else None
+
+    return RouteRule(scheduler=table["scheduler"], users=names("users"), groups=names("groups"),
+                     images=names("images"), cores=bounds("cores"), memory=bounds("memory"),
+                     cputime=bounds("cputime"), gpus=bounds("gpus"), requested=table["requested"])
+
+
 def _state_path(base: Path, state_dir: Path, value: str) -> Path:
     """A path setting, relative to `base`, with `{state_dir}` standing for the state folder."""
     return base / value.replace(STATE_DIR, str(state_dir))
@@ -439,12 +490,38 @@ def _check(config: Config) -> None:
         problems.append("$.run_as.enabled: running jobs as their users needs the gateway to run as root")
     if not gateway.http and gateway.https is None and gateway.socket is None:
         problems.append("$.gateway: with http = false, [gateway.https] or socket must be configured")
-    problems += _check_tes(site.tes, site.scheduler.container)
+    problems += _check_tes(site.tes, config.containers)
+    problems += _check_routes(site.routes, list(config.instances))
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
 
 
-def _check_tes(tes: TesSettings, container: Mapping[str, Any] | None) -> list[str]:
+def _check_routes(rules: tuple[RouteRule, ...], instances: list[str]) -> list[str]:
+    """[[routes]]: each rule names a configured instance, bounds that can hold and groups that
+    exist; several instances need rules. The problems found, each with its JSON path."""
+    problems = []
+    if not rules and len(instances) > 1:
+        problems.append(f"$.routes: with several scheduler instances ({', '.join(instances)}), [[routes]] must say "
+                        "which tasks go where")
+    for index, rule in enumerate(rules):
+        where = f"$.routes[{index}]"
+        if rule.scheduler not in instances:
+            problems.append(f"{where}.scheduler: scheduler {rule.scheduler!r} is not configured ([[routes]] rule "
+                            f"{index + 1}; configured: {', '.join(instances)})")
+        for name in ("cores", "memory", "cputime", "gpus"):
+            bounds: Bounds | None = getattr(rule, name)
+            if bounds is not None and bounds.min is not None and bounds.max is not None and bounds.min > bounds.max:
+                problems.append(f"{where}.{name}: min ({bounds.min}) is more than max ({bounds.max}): "
+                                "no task could match")
+        for position, group in enumerate(rule.groups or ()):
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                problems.append(f"{where}.groups[{position}]: there is no Unix group named {group!r} on this machine")
+    return problems
+
+
+def _check_tes(tes: TesSettings, container: bool) -> list[str]:
     """[tes] images: each rule either runs on the host (bubblewrap must be installed) or names a
     local image (a container runtime must be configured). The problems found, each naming its rule."""
     problems = []
@@ -454,8 +531,9 @@ def _check_tes(tes: TesSettings, container: Mapping[str, Any] | None) -> list[st
             problems.append(f"{where}: give exactly one of run = \"host\" or image = \"...\"")
         if rule.run is not None and shutil.which("bwrap") is None:
             problems.append(f"{where}: running images on the host needs bubblewrap (bwrap), which is not installed")
-        if rule.image is not None and container is None:
-            problems.append(f"{where}: image rules need a container runtime ([scheduler.container])")
+        if rule.image is not None and not container:
+            problems.append(f"{where}: image rules need a container runtime ([scheduler.container], or the "
+                            "container table of a [schedulers.NAME])")
     return problems
 
 

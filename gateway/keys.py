@@ -12,6 +12,7 @@ from .config import Config
 from .idempotency import Keys
 from .poller import Poller
 from .quota import Quotas
+from .routing import Router
 from .store import Store
 from .validation import SchemaValidator
 
@@ -21,6 +22,7 @@ ACTIVE = web.AppKey("active", ActiveSet)
 KEYS = web.AppKey("idempotency_keys", Keys)
 QUOTAS = web.AppKey("quotas", Quotas)
 TASK_ROOT = web.AppKey("task_root", Path)  # resolved once
-SCHEDULER = web.AppKey("scheduler", Scheduler)
-POLLER = web.AppKey("poller", Poller)
+SCHEDULERS = web.AppKey("schedulers", dict[str, Scheduler])  # the instances by name, in the config's order
+POLLERS = web.AppKey("pollers", dict[str, Poller])  # one per instance, made when the gateway starts
+ROUTER = web.AppKey("router", Router)
 TASK_VALIDATOR = web.AppKey("task_validator", SchemaValidator)

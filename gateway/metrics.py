@@ -5,7 +5,9 @@ What is measured, and where:
 - tasks: `jobproxy_tasks{scheduler,state}` counts the active tasks by state, from the active set
   in memory at scrape time; `jobproxy_tasks_stored` is the store's count (kept in memory, no
   scan); `jobproxy_tasks_finished_total{scheduler,state}` counts tasks reaching a final state,
-  from the poller (the one place where states change).
+  from the poller (the one place where states change). `scheduler` is the instance's name.
+- routing: `jobproxy_routed_total{scheduler,rule}`, the instance each submitted task was routed to
+  and the `[[routes]]` rule that chose it (1 for the first; `none` without rules).
 - submits: `jobproxy_submits_total{api,status}`, every answer to a submit (v1 and TES) by status.
 - HTTP: `jobproxy_http_request_duration_seconds{method,route}` and
   `jobproxy_http_responses_total{method,route,status}`, by route template (`/v1/jobproxy/state/{id}`),
@@ -40,7 +42,7 @@ from schedulers.base import ACTIVE as ACTIVE_STATES
 from schedulers.base import Scheduler, TaskState
 
 from .auth import CHALLENGE
-from .keys import ACTIVE, CONFIG, POLLER, SCHEDULER, STORE
+from .keys import ACTIVE, CONFIG, POLLERS, ROUTER, SCHEDULERS, STORE
 from .responses import ApiError
 
 #: The calls of the plugin contract that are timed.
@@ -74,6 +76,8 @@ class Metrics:
                                      ["scheduler", "call", "error"], registry=r)
         self.finished = Counter("jobproxy_tasks_finished", "Tasks that reached a final state, by state",
                                 ["scheduler", "state"], registry=r)
+        self.routed = Counter("jobproxy_routed", "Tasks routed, by scheduler instance and the rule that chose it",
+                              ["scheduler", "rule"], registry=r)
         self.poll_rounds = Histogram("jobproxy_poll_round_duration_seconds", "Duration of each poller round",
                                      ["scheduler"], buckets=LATENCY, registry=r)
         self.store_transactions = Histogram("jobproxy_store_transaction_duration_seconds",
@@ -123,37 +127,40 @@ class _Tasks:
     def collect(self) -> Iterator[Metric]:
         if STORE not in self.app:  # not started yet
             return
-        name = self.app[SCHEDULER].name
         tasks = GaugeMetricFamily("jobproxy_tasks", "Active tasks by scheduler and state",
                                   labels=["scheduler", "state"])
-        counts = Tally(record.state for record in self.app[ACTIVE].of(name))
-        for state in sorted(ACTIVE_STATES, key=lambda s: s.value):
-            tasks.add_metric([name, state.value], counts[state])
+        for name in self.app[SCHEDULERS]:
+            counts = Tally(record.state for record in self.app[ACTIVE].of(name))
+            for state in sorted(ACTIVE_STATES, key=lambda s: s.value):
+                tasks.add_metric([name, state.value], counts[state])
         yield tasks
         yield GaugeMetricFamily("jobproxy_tasks_stored", "Tasks the store holds", value=self.app[STORE].count())
 
 
 def setup(app: web.Application) -> None:
-    """Give `app` its metrics: the scheduler's calls timed, `/metrics` served (unless disabled),
-    and, once the application has started (call this after adding its lifecycle), the store,
-    the poller and the event loop observed."""
+    """Give `app` its metrics: each scheduler instance's calls timed, routing counted, `/metrics`
+    served (unless disabled), and, once the application has started (call this after adding its
+    lifecycle), the store, the pollers and the event loop observed."""
     metrics = app[METRICS] = Metrics()
     metrics.registry.register(_Tasks(app))
-    metrics.instrument(app[SCHEDULER])
+    for scheduler in app[SCHEDULERS].values():
+        metrics.instrument(scheduler)
+    app[ROUTER].on_choice = lambda choice: metrics.routed.labels(choice.scheduler, choice.label).inc()
     if app[CONFIG].sections.metrics.enabled:
         app.router.add_get("/metrics", scrape)
     app.cleanup_ctx.append(_observe)
 
 
 async def _observe(app: web.Application) -> AsyncIterator[None]:
-    metrics, poller = app[METRICS], app[POLLER]
+    metrics = app[METRICS]
     app[STORE].on_commit = metrics.store_transactions.observe
-    poller.on_round = metrics.poll_rounds.labels(poller.scheduler.name).observe
 
     def finished(scheduler: str, state: TaskState) -> None:
         metrics.finished.labels(scheduler, state.value).inc()
 
-    poller.on_final = finished
+    for poller in app[POLLERS].values():
+        poller.on_round = metrics.poll_rounds.labels(poller.scheduler.name).observe
+        poller.on_final = finished
     watcher = asyncio.create_task(watch_loop(metrics), name="event-loop-lag")
     yield
     watcher.cancel()

@@ -79,7 +79,7 @@ def _site_task(components: dict[str, Any], config: Config) -> None:
         prop = task["properties"][field]
         prop["maximum"] = min(int(prop.get("maximum", limit)), limit)
         prop["description"] += f" At most {limit} on this gateway ([limits] {field})."
-    if config.container is None:
+    if not config.containers:
         del task["properties"]["container"], task["anyOf"], task["x-error"]["anyOf"]
         task["required"] = [*task["required"], "cmd"]
         task["description"] += " This gateway has no container runtime: a task needs a `cmd`, and has no `container`."

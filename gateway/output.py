@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from . import paging
-from .keys import SCHEDULER
+from .keys import SCHEDULERS
 from .responses import ApiError, answer
 from .service import visible
 
@@ -60,7 +60,8 @@ async def output(request: web.Request) -> web.Response:
         limit = paging.whole_number(request.query.get("bytes"), "bytes", DEFAULT_BYTES, 1, MAX_BYTES)
     except paging.OutOfRange as exc:
         raise ApiError(400, str(exc), [{"path": "bytes", "message": exc.rule}]) from None
-    account = request.app[SCHEDULER].job_account(record.task)
+    scheduler = request.app[SCHEDULERS].get(record.scheduler) or next(iter(request.app[SCHEDULERS].values()))
+    account = scheduler.job_account(record.task)  # the account is the same for every instance
     owner = _uid(account) if os.geteuid() == 0 and account is not None else None
     loop = asyncio.get_running_loop()  # file systems can be slow (NFS): off the event loop
     streams = {name: await loop.run_in_executor(None, read_tail, path, limit, owner)

@@ -43,23 +43,33 @@ def _checked_options(schema: dict[str, Any], options: Mapping[str, Any], where: 
     return validator.with_defaults(dict(options))
 
 
-def create_scheduler(config: Config) -> Scheduler:
-    """Instantiate the configured scheduler (and container runtime), options checked against their
-    own schemas."""
+def create_schedulers(config: Config) -> dict[str, Scheduler]:
+    """Every configured scheduler instance, by name (`Config.instances`, in the file's order)."""
+    return {name: create_scheduler(config, name) for name in config.instances}
+
+
+def create_scheduler(config: Config, name: str | None = None) -> Scheduler:
+    """Instantiate the scheduler instance `name` (None: the only one) and its container runtime,
+    options checked against their own schemas; errors name the instance's table."""
     site, source = config.sections, config.source
-    name = site.scheduler.type
-    cls: type[Scheduler] = plugin_class(SCHEDULERS, name, Scheduler, f"{source}: $.scheduler.type")
-    options = _checked_options(cls.options_schema, site.scheduler.options, "$.scheduler.options", source)
+    if name is None:
+        if len(config.instances) != 1:
+            raise ValueError(f"several scheduler instances ({', '.join(config.instances)}): name one")
+        name = next(iter(config.instances))
+    settings, table = config.instances[name], config.scheduler_table(name)
+    kind = settings.type
+    cls: type[Scheduler] = plugin_class(SCHEDULERS, kind, Scheduler, f"{source}: {table}.type")
+    options = _checked_options(cls.options_schema, settings.options, f"{table}.options", source)
     if site.run_as.enabled and not cls.supports_run_as:
-        raise ConfigError(f"{source}: $.run_as.enabled: the {name} scheduler cannot run "
-                          "jobs as their users; turn run_as off or choose another scheduler")
+        raise ConfigError(f"{source}: $.run_as.enabled: the {kind} scheduler cannot run jobs as their users "
+                          f"({table}); turn run_as off or choose another scheduler")
     runtime = None
-    container = site.scheduler.container
+    container = settings.container
     if container is not None:
         runtime_class: type[ContainerRuntime] = plugin_class(CONTAINERS, container["runtime"], ContainerRuntime,
-                                                             f"{source}: $.scheduler.container.runtime")
+                                                             f"{source}: {table}.container.runtime")
         runtime = runtime_class(_checked_options(runtime_class.options_schema, container,
-                                                 "$.scheduler.container", source))
+                                                 f"{table}.container", source))
     account, named = policy.job_account(config)
     why = (f"$.run_as.account: jobs run as {account!r}" if named else
            f"$.run_as: a gateway running as root with auth off runs its jobs as {account!r}, never as root")
@@ -67,7 +77,7 @@ def create_scheduler(config: Config) -> Scheduler:
         fix = ("remove [run_as] account, or choose another scheduler" if named else
                "turn auth on ([auth] enabled = true), set [run_as] allow_root_jobs = true to run jobs as root, "
                "or run the gateway as an unprivileged user")
-        raise ConfigError(f"{source}: {why}, but the {name} scheduler cannot run jobs as another account: {fix}")
+        raise ConfigError(f"{source}: {why}, but the {kind} scheduler cannot run jobs as another account: {fix}")
     if account is not None and not named and isinstance(runtime, DockerRuntime):
         # an engine's socket is root's (or its group's); Singularity and Apptainer run as any user
         raise ConfigError(f"{source}: {why}, and {account!r} cannot use the container runtime "

@@ -12,7 +12,8 @@ without dropping a request:
 - `[limits]`: what a task may ask for, checked at submit against `Live.config`;
 - `[log] level`.
 
-Every other changed key (host, port, the scheduler and its options, state_dir, ...) keeps its
+Every other changed key (host, port, the scheduler instances and their options, the routing
+rules, state_dir, ...) keeps its
 running value, with a log line naming it as needing a restart. The check of these is generic over
 the typed sections, so a key added later needs a restart until it is listed in `RELOADABLE`.
 A request in flight keeps the identity and settings it started with; the swap happens between two
@@ -71,6 +72,10 @@ def restart_needed(running: Sections, new: Sections) -> list[str]:
         if section.name in RELOADABLE_SECTIONS:
             continue
         old_table, new_table = getattr(running, section.name), getattr(new, section.name)
+        if not dataclasses.is_dataclass(old_table):  # [schedulers.NAME] tables, [[routes]]: compared whole
+            if old_table != new_table:
+                changed.append(f"[[{section.name}]]" if isinstance(old_table, tuple) else f"[{section.name}]")
+            continue
         for key in dataclasses.fields(old_table):
             if (section.name, key.name) not in RELOADABLE and getattr(old_table, key.name) != getattr(new_table,
                                                                                                       key.name):

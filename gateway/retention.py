@@ -31,9 +31,9 @@ from schedulers.base import JobRef, Scheduler, SchedulerError
 
 from .active import ActiveSet
 from .config import Config
-from .keys import ACTIVE, CONFIG, SCHEDULER, STORE, TASK_ROOT
+from .keys import ACTIVE, CONFIG, SCHEDULERS, STORE, TASK_ROOT
 from .model import now, rfc3339
-from .plugins import create_scheduler
+from .plugins import create_schedulers
 from .store import Record, Store
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,11 @@ class Purged:
     kept: list[tuple[Record, str]] = field(default_factory=list)  # (task, why)
 
 
-async def purge(store: Store, scheduler: Scheduler, task_root: Path, before: datetime, *,
+async def purge(store: Store, schedulers: dict[str, Scheduler], task_root: Path, before: datetime, *,
                 active: Container[str] = (), dry_run: bool = False, batch: int = BATCH) -> Purged:
     """Forget every finished task that ended before `before`, `batch` at a time; never one whose
-    id is in `active`. `dry_run`: only answer what would go."""
+    id is in `active`, nor one whose scheduler instance (in `schedulers`, by name) is not
+    configured: its job's files could not be released. `dry_run`: only answer what would go."""
     result = Purged()
     skipped = 0  # tasks the store answers again (kept, or listed by a dry run): read past them
     while True:
@@ -72,8 +73,11 @@ async def purge(store: Store, scheduler: Scheduler, task_root: Path, before: dat
             return result
         doomed = []
         for record in records:
+            scheduler = schedulers.get(record.scheduler)
             if record.id in active:
                 result.kept.append((record, "active in the gateway"))
+            elif scheduler is None:
+                result.kept.append((record, f"its scheduler instance {record.scheduler!r} is not configured"))
             elif dry_run:
                 result.removed.append(record)
             else:
@@ -109,7 +113,7 @@ async def periodic(app: web.Application) -> None:
     while True:
         before = now() - timedelta(days=days)
         try:
-            done = await purge(app[STORE], app[SCHEDULER], app[TASK_ROOT], before, active=active)
+            done = await purge(app[STORE], app[SCHEDULERS], app[TASK_ROOT], before, active=active)
             if done.removed or done.kept:
                 log.info("retention: purged %d finished tasks that ended before %s (%d kept)",
                          len(done.removed), rfc3339(before), len(done.kept))
@@ -123,11 +127,11 @@ async def _command(config: Config, days: float, dry_run: bool) -> int:
     if not store_path.exists():
         print(f"no task store at {store_path}: nothing to purge")
         return 0
-    scheduler = create_scheduler(config)  # never started: release() only removes its files
+    schedulers = create_schedulers(config)  # never started: release() only removes their files
     store = Store(store_path)
     try:
         before = now() - timedelta(days=days)
-        done = await purge(store, scheduler, Path(config.task_root).resolve(), before, dry_run=dry_run)
+        done = await purge(store, schedulers, Path(config.task_root).resolve(), before, dry_run=dry_run)
     finally:
         store.close()
     verb = "would remove" if dry_run else "removed"

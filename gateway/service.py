@@ -7,18 +7,19 @@ import logging
 import os
 import pwd
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable, Task, TaskRefused, TaskState
+from schedulers.base import JobRef, Scheduler, SchedulerError, SchedulerUnavailable, Task, TaskRefused, TaskState
 from schedulers.outcome import CANCELED_ON_REQUEST
 
-from . import auth, policy, reload
-from .keys import ACTIVE, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
+from . import auth, policy, reload, routing
+from .keys import ACTIVE, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
+from .poller import Poller
 from .responses import ApiError
 from .retention import remove_task_folder
 from .store import Change, IdempotencyKey, Record
@@ -53,14 +54,28 @@ def new_task(app: web.Application, document: dict[str, Any]) -> Task:
     return task_from_document(document, task_id, str(app[TASK_ROOT] / task_id))
 
 
+def route(app: web.Application, task: Task, requested: str | None = None,
+          images: Iterable[str] | None = None) -> str:
+    """The scheduler instance `task` goes to (`gateway.routing`): `requested` is the instance the
+    client asked for by name, `images` the images it names (default: its container's). A 400
+    naming, rule by rule, why none takes it."""
+    try:
+        return app[ROUTER].choose(routing.Request.of(task, requested, images)).scheduler
+    except routing.NoRoute as exc:
+        raise ApiError(400, exc.message, exc.details) from None
+
+
 async def accept(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None = None,
-                 key: IdempotencyKey | None = None) -> None:
-    """Admit `task`, record it, hand it to the scheduler. On refusal nothing is kept (400 / 503).
+                 key: IdempotencyKey | None = None, scheduler_name: str | None = None) -> None:
+    """Admit `task`, record it, hand it to its scheduler instance. On refusal nothing is kept
+    (400 / 503).
 
     `files` (relative path -> content) are written into the task's folder before the job starts;
-    `key`, the request's idempotency key, is recorded with the task.
+    `key`, the request's idempotency key, is recorded with the task; `scheduler_name` is the
+    instance `route` chose (None: route it now).
     """
-    scheduler = app[SCHEDULER]
+    name = scheduler_name if scheduler_name is not None else route(app, task)
+    scheduler = app[SCHEDULERS][name]
     policy.check(app[reload.LIVE].config, task)  # the [limits] of the last reload
     try:
         scheduler.admit_task(task)
@@ -69,13 +84,13 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
     except SchedulerError as exc:
         raise ApiError(400, str(exc)) from None
     with app[QUOTAS].admitting(task.user):
-        await _keep(app, task, files, key)
+        await _keep(app, task, files, key, name)
 
 
 async def _keep(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None,
-                key: IdempotencyKey | None) -> None:
+                key: IdempotencyKey | None, name: str) -> None:
     """Make the task's folder, record the task, hand it to its scheduler (or keep nothing)."""
-    store, scheduler, poller = app[STORE], app[SCHEDULER], app[POLLER]
+    store, scheduler, poller = app[STORE], app[SCHEDULERS][name], app[POLLERS][name]
     try:
         _make_folder(task, files or {}, scheduler.job_account(task))
     except OSError as exc:
@@ -125,11 +140,22 @@ def _give_to(user: str, folder: Path) -> None:
         os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
+def instance(app: web.Application, record: Record) -> tuple[Scheduler, Poller]:
+    """The scheduler instance of `record`, and its poller; 503 when that instance is no longer
+    configured (its tasks stay as they are until it is again)."""
+    pollers: dict[str, Poller] = app[POLLERS]
+    poller = pollers.get(record.scheduler)
+    if poller is None:
+        raise ApiError(503, f"task {record.id} belongs to the scheduler instance {record.scheduler!r}, which this "
+                            f"gateway does not have now (configured: {', '.join(pollers)})", headers=RETRY)
+    return poller.scheduler, poller
+
+
 async def cancel(app: web.Application, record: Record) -> None:
     """Stop the task's job (and its container) if it is still active; the task stays, CANCELED."""
     if record.state.terminal:
         return
-    scheduler = app[SCHEDULER]
+    scheduler, poller = instance(app, record)
     if record.native_id is not None:
         try:
             await scheduler.cancel(JobRef(record.task, record.native_id))
@@ -137,7 +163,7 @@ async def cancel(app: web.Application, record: Record) -> None:
             raise ApiError(503, f"could not stop task {record.id}: {exc}", headers=RETRY) from None
         if record.task.container is not None and scheduler.runtime is not None:
             await scheduler.runtime.stop(record.task)
-    await asyncio.wrap_future(app[POLLER].apply(
+    await asyncio.wrap_future(poller.apply(
         [Change(record.id, TaskState.CANCELED, CANCELED_ON_REQUEST, record.exit_code, finished=now())]))
     log.info("task %s canceled", record.id, extra={"task_id": record.id, "user": record.task.user})
 
@@ -145,11 +171,15 @@ async def cancel(app: web.Application, record: Record) -> None:
 async def delete(app: web.Application, record: Record) -> None:
     """Cancel the task if active, then forget it: its record, its job's files, its own folder."""
     await cancel(app, record)
-    if record.native_id is not None:
+    scheduler = app[SCHEDULERS].get(record.scheduler)
+    if record.native_id is not None and scheduler is not None:
         try:
-            await app[SCHEDULER].release(JobRef(record.task, record.native_id))
+            await scheduler.release(JobRef(record.task, record.native_id))
         except SchedulerError as exc:
             raise ApiError(503, f"could not remove task {record.id}: {exc}", headers=RETRY) from None
+    elif record.native_id is not None:
+        log.warning("task %s: its scheduler instance %r is not configured: its job's files stay", record.id,
+                    record.scheduler, extra={"task_id": record.id, "user": record.task.user})
     app[ACTIVE].discard(record.id)
     await app[STORE].delete(record.id)
     remove_task_folder(record.task.workdir, app[TASK_ROOT])

@@ -66,8 +66,9 @@ class SchemaValidator:
 
     def with_defaults(self, document: dict[str, Any]) -> dict[str, Any]:
         """A copy of a valid `document` with the schema's `default`s filled in where a property
-        is absent, in nested objects too: each default is written once, in the schema."""
-        return _filled(self.schema, document)
+        is absent, in nested objects too (through local `$ref`s): each default is written once,
+        in the schema."""
+        return _filled(self.schema, document, self.schema)
 
     def problems(self, document: Any) -> list[Problem]:
         """All problems with `document`, sorted by path; empty when it is valid."""
@@ -77,10 +78,23 @@ class SchemaValidator:
         return sorted(found.values(), key=lambda p: (p.path, p.message))
 
 
-def _filled(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
+def _resolved(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with a local `$ref` (`#/...` in `root`) replaced by what it points to, its own
+    other keywords kept beside."""
+    ref = schema.get("$ref")
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return schema
+    target: Any = root
+    for part in ref[2:].split("/"):
+        target = target[part.replace("~1", "/").replace("~0", "~")]
+    return {**_resolved(target, root), **{k: v for k, v in schema.items() if k != "$ref"}}
+
+
+def _filled(schema: dict[str, Any], document: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
     """`document` with the `default` of each absent property of `schema`, recursively: into present
     (or just filled) objects, the objects of arrays (`items`) and of maps (`additionalProperties`).
     Defaults are copied, so a filled document never shares a list or table with the schema."""
+    schema = _resolved(schema, root)
     filled = dict(document)
     properties = schema.get("properties", {})
     for key, sub in properties.items():
@@ -89,21 +103,22 @@ def _filled(schema: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
         if key not in filled and "default" in sub:
             filled[key] = copy.deepcopy(sub["default"])
         if key in filled:
-            filled[key] = _filled_value(sub, filled[key])
+            filled[key] = _filled_value(sub, filled[key], root)
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict):
         for key in filled.keys() - properties.keys():
-            filled[key] = _filled_value(extra, filled[key])
+            filled[key] = _filled_value(extra, filled[key], root)
     return filled
 
 
-def _filled_value(schema: dict[str, Any], value: Any) -> Any:
+def _filled_value(schema: dict[str, Any], value: Any, root: dict[str, Any]) -> Any:
     """`value` (of a property, an array item or a map entry) with the defaults of `schema` filled in."""
+    schema = _resolved(schema, root)
     if isinstance(value, dict):
-        return _filled(schema, value)
+        return _filled(schema, value, root)
     items = schema.get("items")
     if isinstance(value, list) and isinstance(items, dict):
-        return [_filled_value(items, item) for item in value]
+        return [_filled_value(items, item, root) for item in value]
     return value
 
 

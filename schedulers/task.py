@@ -93,6 +93,7 @@ class Task:
     cores: int | None = None
     memory: int | None = None
     cputime: int | None = None
+    gpus: int = 0
     container: Container | None = None
     backend_parameters: dict[str, str] = field(default_factory=dict)
     name: str | None = None

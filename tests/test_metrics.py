@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import config as configuration
 from gateway.app import create_app
-from gateway.keys import SCHEDULER
+from gateway.keys import SCHEDULERS
 from gateway.metrics import METRICS
 from schedulers.base import SchedulerUnavailable
 
@@ -118,8 +118,8 @@ async def test_scheduler_failures_are_counted(client: Any) -> None:
     async def unreachable(*_: Any) -> None:
         raise SchedulerUnavailable("the batch system does not answer")
 
-    app[SCHEDULER].cancel = unreachable  # the plugin's own method, under the metrics' wrapper
-    app[METRICS].instrument(app[SCHEDULER])
+    app[SCHEDULERS]["local"].cancel = unreachable  # the plugin's own method, under the metrics' wrapper
+    app[METRICS].instrument(app[SCHEDULERS]["local"])
     task_id = await submit(client, {"user": "alice", "cmd": "sleep 30"})
     await wait_state(client, task_id, lambda s: s["code"] == "RUNNING")
     response = await client.delete(f"/v1/jobproxy/delete/{task_id}")

@@ -128,7 +128,8 @@ def test_example_config_names_every_key() -> None:
     for table, schema in schemas.load("config")["properties"].items():
         if f"[{table}]" not in example:
             missing.append(f"[{table}]")
-        for key, sub in schema["properties"].items():
+        keys = schema["properties"] if "properties" in schema else schema.get("items", {}).get("properties", {})
+        for key, sub in keys.items():  # [[routes]]: the keys of a rule
             header = f"[{table}.{key}]"
             if header in example:
                 continue

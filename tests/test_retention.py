@@ -20,7 +20,7 @@ from gateway import config as configuration
 from gateway import retention
 from gateway.active import ActiveSet
 from gateway.app import create_app
-from gateway.keys import ACTIVE, SCHEDULER, STORE, TASK_ROOT
+from gateway.keys import ACTIVE, SCHEDULERS, STORE, TASK_ROOT
 from gateway.model import now, rfc3339
 
 from .conftest import ROOT, Gateway, final, wait_state
@@ -76,7 +76,7 @@ async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path
     assert old_folder.is_dir() and job_files(config, old), "the task left no folder or job files to purge"
 
     active: ActiveSet = app[ACTIVE]
-    done = await retention.purge(app[STORE], app[SCHEDULER], app[TASK_ROOT], now() - timedelta(days=30),
+    done = await retention.purge(app[STORE], app[SCHEDULERS], app[TASK_ROOT], now() - timedelta(days=30),
                                  active=active)
 
     assert [r.id for r in done.removed] == [old] and done.kept == []
@@ -99,11 +99,11 @@ async def test_purge_works_in_batches_and_spares_the_active_set(aiohttp_client: 
         age(config, task_id)
     before = now() - timedelta(days=30)
 
-    listed = await retention.purge(app[STORE], app[SCHEDULER], app[TASK_ROOT], before, dry_run=True, batch=2)
+    listed = await retention.purge(app[STORE], app[SCHEDULERS], app[TASK_ROOT], before, dry_run=True, batch=2)
     assert sorted(r.id for r in listed.removed) == sorted(ids)
     assert all([await exists(client, task_id) for task_id in ids]), "a dry run removed a task"
 
-    done = await retention.purge(app[STORE], app[SCHEDULER], app[TASK_ROOT], before, active={ids[0]}, batch=2)
+    done = await retention.purge(app[STORE], app[SCHEDULERS], app[TASK_ROOT], before, active={ids[0]}, batch=2)
     assert sorted(r.id for r in done.removed) == sorted(ids[1:])
     assert [(r.id, why) for r, why in done.kept] == [(ids[0], "active in the gateway")]
     assert await exists(client, ids[0]) and not any([await exists(client, task_id) for task_id in ids[1:]])

@@ -115,7 +115,7 @@ def test_relative_paths_follow_the_config_file(tmp_path: Path) -> None:
 def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "etc" / "jobproxy.toml"
     loaded = configuration.load(example)
-    assert loaded.scheduler == "local"
+    assert list(loaded.instances) == ["local"]
     create_scheduler(loaded)
 
 

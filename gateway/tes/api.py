@@ -27,7 +27,7 @@ from aiohttp import web
 from schedulers.base import TaskState
 
 from .. import audit, auth, codec, idempotency, paging, service
-from ..keys import CONFIG, KEYS
+from ..keys import CONFIG, KEYS, SCHEDULERS
 from ..responses import ApiError
 from ..store import Record
 from ..validation import SchemaValidator
@@ -75,6 +75,8 @@ def service_info(request: web.Request) -> dict[str, Any]:
         "storage": [f"file://{root}" for root in roots],
         "tesResources_backend_parameters": list(config.sections.tes.backend_parameters),
     }
+    if len(request.app[SCHEDULERS]) > 1:  # a task may ask for one by name (the routing rules decide)
+        body["tesResources_backend_parameters"].append("scheduler")
     body.update(config.sections.tes.service_info)
     return body
 
@@ -99,12 +101,15 @@ async def create_task(request: web.Request) -> web.Response:
     problems = VALIDATOR.problems(document)
     if problems:
         raise ApiError(400, f"invalid TES task: {len(problems)} problem(s)", [p.as_dict() for p in problems])
-    task, files = tes.to_task(request.app, document, auth.identity(request))
+    try:
+        task, files, chosen = tes.to_task(request.app, document, auth.identity(request))
+    except ApiError as err:
+        raise _in_tes_terms(err) from None
     key = idempotency.key_of(request, task.user, document)
 
     async def make() -> str:
         try:
-            await service.accept(request.app, task, files=files, key=key)
+            await service.accept(request.app, task, files=files, key=key, scheduler_name=chosen)
         except ApiError as err:
             raise _in_tes_terms(err) from None
         return task.id
@@ -116,7 +121,8 @@ async def create_task(request: web.Request) -> web.Response:
 
 #: Where the fields of a Task (named in the site policy's refusals) came from in a TES request.
 TES_FIELDS = {"$.cores": "$.resources.cpu_cores", "$.memory": "$.resources.ram_gb",
-              "$.cputime": "$.resources.backend_parameters.cputime", "$.user": "$.tags.user"}
+              "$.cputime": "$.resources.backend_parameters.cputime", "$.user": "$.tags.user",
+              "$.scheduler": "$.resources.backend_parameters.scheduler", "$.container.image": "$.executors"}
 
 
 def _in_tes_terms(err: ApiError) -> ApiError:
@@ -125,6 +131,7 @@ def _in_tes_terms(err: ApiError) -> ApiError:
     for field, path in TES_FIELDS.items():
         if message.startswith(field + ":"):
             message = path + message[len(field):]
+        message = message.replace(f"({field})", f"({path})")  # the routing rules' reasons
     details = [{**d, "path": TES_FIELDS.get(d.get("path", ""), d.get("path", ""))} for d in err.details]
     return ApiError(err.status, message, details, err.headers)
 

@@ -11,7 +11,8 @@ Decisions:
   off, `tags["user"]` if given, else "anonymous". The owner is always in `tags["user"]`.
 - Resources: `cpu_cores` -> cores; `ram_gb` is decimal gigabytes (10^9 bytes, as the TES spec
   says), rounded up to whole MiB of memory; `disk_gb`, `preemptible` and `zones` are recorded.
-  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; other keys the
+  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; `scheduler` asks
+  for a scheduler instance by name (always read: the routing rules say whether it may); other keys the
   admin allows (`[tes] backend_parameters`) are recorded in `Task.backend_parameters`
   for the scheduler plugin; other keys answer 400 under `backend_parameters_strict`, else they
   are ignored with a note in `system_logs`.
@@ -50,7 +51,7 @@ from schedulers.script import command_argv
 from .. import service
 from ..auth import Identity
 from ..config import ImageRule, TesSettings
-from ..keys import CONFIG, SCHEDULER
+from ..keys import CONFIG, SCHEDULERS
 from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
 from . import steps as tes_steps
@@ -97,13 +98,17 @@ class _Builder:
         self.private: list[str] = ["/tmp"]  # private paths to mount (covered later)
         self.folders: list[str] = ["/tmp"]  # private folders to create
         self.files: dict[str, str] = {}
+        self.requested: str | None = None  # backend_parameters.scheduler
+        self.scheduler_name = ""  # the instance routing chose
 
-    def build(self) -> tuple[Task, dict[str, str]]:
+    def build(self) -> tuple[Task, dict[str, str], str]:
         resources = self.request.get("resources", {})
         cputime, passed = self._backend_parameters(resources)
         base = service.new_task(self.app, {
             "user": self.user, "cores": resources.get("cpu_cores"),
             "memory": ram_mib(resources["ram_gb"]) if "ram_gb" in resources else None, "cputime": cputime})
+        images = [executor["image"] for executor in self.request["executors"]]
+        self.scheduler_name = service.route(self.app, base, self.requested, images)  # its runtime runs them
         tes_dir = f"{base.workdir}/tes"
         root = f"{tes_dir}/root"
         inputs = self._inputs(root)
@@ -121,7 +126,7 @@ class _Builder:
         self.files["tes/steps.sh"] = tes_steps.render(task.id, tes_dir, root, sorted(set(self.folders)),
                                                       inputs, steps, outputs, targets,
                                                       self.tes_config.host_writable, self.tes_config.host_readable)
-        return task, self.files
+        return task, self.files, self.scheduler_name
 
     # ---- resources ----
 
@@ -131,7 +136,9 @@ class _Builder:
         cputime, passed = None, {}
         for key, value in resources.get("backend_parameters", {}).items():
             where = f"$.resources.backend_parameters.{key}"
-            if key not in allowed:
+            if key == "scheduler":
+                self.requested = value
+            elif key not in allowed:
                 if strict:
                     raise refuse(where, f"not supported here (supported: {', '.join(allowed) or 'none'})")
                 self.notes.append(f"backend parameter {key!r} ignored: not supported here")
@@ -246,9 +253,10 @@ class _Builder:
                   "stdout": "stdout" not in executor, "stderr": "stderr" not in executor}
         if on_host:
             return tes_steps.Step(f"image {executor['image']!r} on the host", argv, True, **common)
-        runtime = self.app[SCHEDULER].runtime
-        if runtime is None:  # the config check makes sure there is one
-            raise refuse(f"{where}.image", "this gateway has no container runtime")
+        runtime = self.app[SCHEDULERS][self.scheduler_name].runtime
+        if runtime is None:  # the config check makes sure some instance has one
+            raise refuse(f"{where}.image", f"the scheduler instance this task goes to ({self.scheduler_name}) has no "
+                                           "container runtime")
         image = str(rule.image)
         inner = dataclasses.replace(task, id=f"{task.id}-{index}", cmd=None, extra={},
                                     container=Container(image))
@@ -272,8 +280,9 @@ class _Builder:
         raise refuse(where, f"the image {image!r} is not allowed here (allowed: {patterns})")
 
 
-def to_task(app: web.Application, request: dict[str, Any], caller: Identity) -> tuple[Task, dict[str, str]]:
-    """The Task for a validated TES request, and the files (relative to its folder) it needs."""
+def to_task(app: web.Application, request: dict[str, Any], caller: Identity) -> tuple[Task, dict[str, str], str]:
+    """The Task for a validated TES request, the files (relative to its folder) it needs, and
+    the scheduler instance it goes to."""
     stored = {k: v for k, v in request.items() if k not in OUTPUT_ONLY}
     tags = dict(stored.get("tags", {}))
     user = owner(caller, tags)
