@@ -287,3 +287,13 @@ async def test_tes_tasks_are_routed_by_backend_parameter(routed: Any) -> None:
     assert response.status == 400 and body["error"].startswith("no routing rule lets this task ask for 'big'")
     assert [d["path"] for d in body["details"]] == ["$.resources.cpu_cores", "$.tags.user"]
     assert "($.resources.cpu_cores)" in body["error"]
+
+
+def test_instances_and_rules_need_a_restart(tmp_path: Path) -> None:
+    from gateway import reload
+
+    running = load(tmp_path, schedulers=SCHEDULERS, routes=[{"scheduler": "small"}])
+    new = load(tmp_path, schedulers={**SCHEDULERS, "big": {**SCHEDULERS["big"], "poll_interval": 5}},
+               routes=[{"scheduler": "big"}])
+    assert reload.restart_needed(running.sections, new.sections) == ["[schedulers]", "[[routes]]"]
+    assert reload.merged(running, new).sections.routes == running.sections.routes
