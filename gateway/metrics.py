@@ -6,8 +6,9 @@ What is measured, and where:
   in memory at scrape time; `jobproxy_tasks_stored` is the store's count (kept in memory, no
   scan); `jobproxy_tasks_finished_total{scheduler,state}` counts tasks reaching a final state,
   from the poller (the one place where states change). `scheduler` is the instance's name.
-- routing: `jobproxy_routed_total{scheduler,rule}`, the instance each submitted task was routed to
-  and the `[[routes]]` rule that chose it (1 for the first; `none` without rules).
+- routing: `jobproxy_routed_total{scheduler,rule}`, each routing decision of a submit: the instance
+  chosen and the `[[routes]]` rule that chose it (1 for the first; `none` without rules), counted
+  when chosen (a task refused afterwards, e.g. over a quota, counts too).
 - submits: `jobproxy_submits_total{api,status}`, every answer to a submit (v1 and TES) by status.
 - HTTP: `jobproxy_http_request_duration_seconds{method,route}` and
   `jobproxy_http_responses_total{method,route,status}`, by route template (`/v1/jobproxy/state/{id}`),
