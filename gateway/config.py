@@ -213,9 +213,9 @@ class Sections:
 
     gateway: GatewaySettings
     store: StoreSettings
-    scheduler: SchedulerSettings
-    schedulers: Mapping[str, SchedulerSettings]
-    routes: tuple[RouteRule, ...]
+    scheduler: SchedulerSettings  # the single-instance form, filled with defaults even when unused
+    schedulers: Mapping[str, SchedulerSettings]  # the named instances; empty: `scheduler` is the one
+    routes: tuple[RouteRule, ...]  # read `Config.instances` for the instances either way
     auth: AuthSettings
     run_as: RunAsSettings
     paths: PathsSettings
