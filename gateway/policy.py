@@ -10,6 +10,7 @@ task root unless `[paths] roots` says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pwd
@@ -52,8 +53,14 @@ def confinement_roots(config: Config) -> tuple[str, ...] | None:
     if config.path_roots is not None:
         return config.path_roots
     if not config.auth_enabled and not config.run_as.get("enabled"):
-        return (str(Path(config.task_root).resolve()),)
+        return (_resolved(str(config.task_root)),)
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(folder: str) -> str:
+    """`folder` with its symbolic links resolved, once per process (not once per submit)."""
+    return str(Path(folder).resolve())
 
 
 def job_account(config: Config) -> tuple[str | None, bool]:

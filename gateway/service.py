@@ -110,7 +110,7 @@ def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | No
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
     if account is not None:
-        _give_to(account, Path(task.workdir))
+        _give_to(account, Path(task.workdir), bool(files))
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -118,10 +118,10 @@ def refused(exc: TaskRefused) -> ApiError:
     return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
-def _give_to(user: str, folder: Path) -> None:
-    """Make the task's folder and what it holds belong to the user the job runs as."""
+def _give_to(user: str, folder: Path, has_files: bool) -> None:
+    """Make the task's folder and what it holds (if `has_files`) belong to the user the job runs as."""
     entry = pwd.getpwnam(user)
-    for path in [folder, *folder.rglob("*")]:
+    for path in [folder, *folder.rglob("*")] if has_files else [folder]:
         os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
