@@ -167,14 +167,15 @@ def user_roots(roots: Iterable[str], user: str) -> list[str]:
 
 def check_paths(roots: Iterable[str], task: Task) -> None:
     """Output files and volume hosts must resolve (`..` and symlinks followed) under the user's roots."""
-    allowed = user_roots(roots, task.user)
-    shown = ", ".join(allowed) or "none"
-    places = [("$.stdout", task.stdout), ("$.stderr", task.stderr)]
+    places = [(where, path) for where, path in (("$.stdout", task.stdout), ("$.stderr", task.stderr))
+              if not path.startswith(task.workdir + "/")]  # else the gateway's own default, in the task's folder
     if task.container:
         places += [(f"$.container.volumes[{i}].host", m.host) for i, m in enumerate(task.container.volumes)]
+    if not places:
+        return  # nothing to resolve: no realpath of the roots per submit
+    allowed = user_roots(roots, task.user)
+    shown = ", ".join(allowed) or "none"
     for where, path in places:
-        if where in ("$.stdout", "$.stderr") and path.startswith(task.workdir + "/"):
-            continue  # the gateway's own default, in the task's folder
         if not path_within(path, allowed):
             raise _refuse(400, where, f"{path!r} is outside the folders this site allows for {task.user} ({shown})")
         real = os.path.realpath(path)
