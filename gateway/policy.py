@@ -10,6 +10,7 @@ task root unless `[paths] roots` says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pwd
@@ -52,8 +53,14 @@ def confinement_roots(config: Config) -> tuple[str, ...] | None:
     if config.path_roots is not None:
         return config.path_roots
     if not config.auth_enabled and not config.run_as.get("enabled"):
-        return (str(Path(config.task_root).resolve()),)
+        return (_resolved(str(config.task_root)),)
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _resolved(folder: str) -> str:
+    """`folder` with its symbolic links resolved, once per process (not once per submit)."""
+    return str(Path(folder).resolve())
 
 
 def job_account(config: Config) -> tuple[str | None, bool]:
@@ -160,14 +167,15 @@ def user_roots(roots: Iterable[str], user: str) -> list[str]:
 
 def check_paths(roots: Iterable[str], task: Task) -> None:
     """Output files and volume hosts must resolve (`..` and symlinks followed) under the user's roots."""
-    allowed = user_roots(roots, task.user)
-    shown = ", ".join(allowed) or "none"
-    places = [("$.stdout", task.stdout), ("$.stderr", task.stderr)]
+    places = [(where, path) for where, path in (("$.stdout", task.stdout), ("$.stderr", task.stderr))
+              if not path.startswith(task.workdir + "/")]  # else the gateway's own default, in the task's folder
     if task.container:
         places += [(f"$.container.volumes[{i}].host", m.host) for i, m in enumerate(task.container.volumes)]
+    if not places:
+        return  # nothing to resolve: no realpath of the roots per submit
+    allowed = user_roots(roots, task.user)
+    shown = ", ".join(allowed) or "none"
     for where, path in places:
-        if where in ("$.stdout", "$.stderr") and path.startswith(task.workdir + "/"):
-            continue  # the gateway's own default, in the task's folder
         if not path_within(path, allowed):
             raise _refuse(400, where, f"{path!r} is outside the folders this site allows for {task.user} ({shown})")
         real = os.path.realpath(path)

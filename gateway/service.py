@@ -7,6 +7,7 @@ import logging
 import os
 import pwd
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,7 @@ def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | No
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
     if account is not None:
-        _give_to(account, Path(task.workdir))
+        _give_to(account, Path(task.workdir), bool(files))
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -133,11 +134,26 @@ def refused(exc: TaskRefused) -> ApiError:
     return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
-def _give_to(user: str, folder: Path) -> None:
-    """Make the task's folder and what it holds belong to the user the job runs as."""
-    entry = pwd.getpwnam(user)
-    for path in [folder, *folder.rglob("*")]:
-        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+def _give_to(user: str, folder: Path, has_files: bool) -> None:
+    """Make the task's folder and what it holds (if `has_files`) belong to the user the job runs as."""
+    uid, gid = _ids(user)
+    for path in [folder, *folder.rglob("*")] if has_files else [folder]:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
+#: Seconds a user's ids are reused before the account database is read again.
+IDS_TTL = 10.0
+_known_ids: dict[str, tuple[float, int, int]] = {}
+
+
+def _ids(user: str) -> tuple[int, int]:
+    """The uid and gid of `user` (KeyError if there is none), read at most once per `IDS_TTL`."""
+    moment = time.monotonic()
+    known = _known_ids.get(user)
+    if known is None or moment - known[0] >= IDS_TTL:
+        entry = pwd.getpwnam(user)
+        known = _known_ids[user] = (moment, entry.pw_uid, entry.pw_gid)
+    return known[1], known[2]
 
 
 def instance(app: web.Application, record: Record) -> tuple[Scheduler, Poller]:

@@ -1,11 +1,11 @@
 """Running a batch system's command: one helper, with a timeout, for every plugin.
 
 `run(argv, timeout)` starts `argv` (a list, never a shell line) without a terminal, with nothing on
-stdin, collects its output and answers its exit status with both streams as text. A command that
-cannot be started, or that does not end within `timeout` seconds, is a `SchedulerUnavailable`
-whose message an end user can read; on a timeout (or when the caller is cancelled) the process is
-killed and reaped first. A command that ran and failed is not an error here: the caller reads its
-exit status and its words.
+stdin (or the bytes `input`, written by the event loop as the pipe takes them), collects its output
+and answers its exit status with both streams as text. A command that cannot be started, or that
+does not end within `timeout` seconds, is a `SchedulerUnavailable` whose message an end user can
+read; on a timeout (or when the caller is cancelled) the process is killed and reaped first. A
+command that ran and failed is not an error here: the caller reads its exit status and its words.
 
 The event loop watches the command without a thread: its pipes through `add_reader`, its exit
 through a pidfd (Linux >= 5.3), which becomes readable when the process ends. That halves the
@@ -45,18 +45,20 @@ class Finished:
     stderr: str
 
 
-async def run(argv: Sequence[str], timeout: float, *, service: str = "the scheduler") -> Finished:
+async def run(argv: Sequence[str], timeout: float, *, service: str = "the scheduler",
+              input: bytes | None = None) -> Finished:
     """Run `argv`, give it `timeout` seconds, answer how it ended. `service` names what answers
-    through the command in messages ("Slurm", "Grid Engine"). Raises SchedulerUnavailable if the
-    command cannot be started and CommandTimeout (a SchedulerUnavailable) if it takes longer."""
+    through the command in messages ("Slurm", "Grid Engine"); `input`, if given, is what the
+    command reads on stdin (then end of file). Raises SchedulerUnavailable if the command cannot be
+    started and CommandTimeout (a SchedulerUnavailable) if it takes longer."""
     name = Path(argv[0]).name if argv else "(nothing)"
     try:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except (OSError, ValueError, IndexError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise SchedulerUnavailable(f"cannot run the {service} command {name}: {reason}") from None
-    watch = _Watch(asyncio.get_running_loop(), process)
+    watch = _Watch(asyncio.get_running_loop(), process, input)
     try:
         await asyncio.wait_for(asyncio.shield(watch.finished), timeout)
     except TimeoutError:
@@ -73,8 +75,13 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
 class _Watch:
     """The loop's watch over one child: its two pipes until EOF, and its exit."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, process: subprocess.Popen[bytes],
+                 input: bytes | None = None) -> None:
         self.loop, self.process = loop, process
+        self.unwritten = memoryview(input or b"")
+        if process.stdin is not None:
+            os.set_blocking(process.stdin.fileno(), False)
+            self._write()
         assert process.stdout is not None and process.stderr is not None
         self.fds = (process.stdout.fileno(), process.stderr.fileno())
         self.chunks: dict[int, list[bytes]] = {fd: [] for fd in self.fds}
@@ -94,6 +101,27 @@ class _Watch:
             loop.run_in_executor(None, process.wait).add_done_callback(lambda _: self._ended())
         else:
             loop.add_reader(self.pidfd, self._ended)
+
+    def _write(self) -> None:
+        """Write what the stdin pipe takes of the input now; the rest when it is writable again."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        fd = stdin.fileno()
+        try:
+            while self.unwritten:
+                self.unwritten = self.unwritten[os.write(fd, self.unwritten):]
+        except BlockingIOError:
+            self.loop.add_writer(fd, self._write)
+            return
+        except OSError:  # the command does not read it all (it ended, or closed its stdin)
+            pass
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        stdin = self.process.stdin
+        if stdin is not None and not stdin.closed:
+            self.loop.remove_writer(stdin.fileno())
+            stdin.close()
 
     def _read(self, fd: int) -> None:
         try:
@@ -127,6 +155,7 @@ class _Watch:
 
     def close(self) -> None:
         """Stop reading the pipes (the exit watch ends by itself once the child has ended)."""
+        self._close_stdin()
         for fd in self.open:
             self.loop.remove_reader(fd)
         self.open.clear()

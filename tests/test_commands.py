@@ -40,6 +40,18 @@ async def test_input_is_empty() -> None:
     assert (await run(["/bin/cat"], 30)).stdout == ""
 
 
+async def test_input_reaches_the_command_whole() -> None:
+    """Small and larger than a pipe holds: the loop writes the rest as the command reads it."""
+    assert (await run(["/bin/cat"], 30, input=b"#!/bin/bash\ntrue\n")).stdout == "#!/bin/bash\ntrue\n"
+    big = b"".join(b"%07d\n" % n for n in range(200_000))  # 1.6 MB
+    assert (await run(["/bin/cat"], 30, input=big)).stdout == big.decode()
+
+
+async def test_input_a_command_does_not_read_is_no_error() -> None:
+    done = await run(["/bin/sh", "-c", "exec 0<&-; echo done"], 30, input=b"x" * 1_000_000)
+    assert (done.status, done.stdout) == (0, "done\n")
+
+
 async def test_a_command_that_cannot_start_is_unavailable_with_a_readable_message(tmp_path: Path) -> None:
     with pytest.raises(SchedulerUnavailable, match=r"^cannot run the Slurm command sbatch: No such file or directory$"):
         await run([str(tmp_path / "sbatch")], 30, service="Slurm")

@@ -299,8 +299,7 @@ def test_submit_that_times_out_leaves_no_job_running(gateway_factory: Callable[.
         wrappers.hold.unlink()
     assert status == 503, body
     assert body["error"] == "Slurm did not answer within 2 s (sbatch)"
-    script = wrappers.lines("sbatch")[0][1]
-    task_id = Path(script.split()[-1]).parent.name
+    task_id = _job_name(wrappers.lines("sbatch")[0][1])
     eventually(lambda: job_of(task_id)["JobState"] == "CANCELLED", 30, f"the job of {task_id} CANCELLED")
     assert json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"] == []
 
@@ -509,7 +508,7 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
     assert took < 6.5, f"the submit took {took:.1f} s"
     caught_up = gateway.wait(first, timeout=90)
     assert (caught_up["code"], caught_up["exit_code"]) == ("COMPLETE", 0)
-    refused = Path(wrappers.lines("sbatch")[-1][1].split()[-1]).parent.name
+    refused = _job_name(wrappers.lines("sbatch")[-1][1])
 
     def no_orphan() -> bool:
         states = slurm("squeue", "--noheader", "--states=all", f"--name={refused}", "--format=%T").split()
@@ -519,3 +518,10 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
     eventually(lambda: f"task {refused}: its submission failed; cancelled the Slurm job" in gateway.log.read_text(),
                60, "scancel --name of the refused task, once slurmctld answers")
     assert [t["id"] for t in json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [first]
+
+
+def _job_name(sbatch_args: str) -> str:
+    """The task id an sbatch call named its job after (`--job-name=`; the script comes on stdin)."""
+    found = re.search(r"--job-name=(\S+)", sbatch_args)
+    assert found, f"no --job-name in sbatch {sbatch_args}"
+    return found.group(1)

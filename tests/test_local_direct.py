@@ -46,7 +46,8 @@ async def test_exit_codes_and_the_exit_file_come_from_the_launcher(local: Factor
     assert (Path(three.workdir) / EXIT_FILE).read_text() == "3\n"
     assert not (Path(three.workdir) / f"{EXIT_FILE}.part").exists()
     spool = _spool(scheduler)
-    assert f"{ok.id}.job" in spool and f"{ok.id}.sh" not in spool, "a direct job got a job script"
+    assert scheduler.spool.known(ok.id) and f"{ok.id}.sh" not in spool, "a direct job got a job script"
+    assert f"{ok.id}\n" in (scheduler.state_dir / "submitted").read_text(), "not in the spool's journal"
 
 
 async def test_the_job_is_the_command_itself(local: Factory, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def run_request(task: Task, cpus: tuple[int, ...], lease: Lease | None, *, comma
     `env` None: the launcher's own environment; without `lease` (no cgroups) memory is limited by
     RLIMIT_AS. A direct job may be spawned (launcher.py: vfork and exec from inside its cgroups)
     when `can_spawn` (cgroup v1, or none) and it needs no limit of its own process (CPU time,
-    address space), no other user and no memory limit (the launcher never enters a limited memory
+    address space) and no memory limit (the launcher never enters a limited memory
     cgroup, where it could meet the OOM killer)."""
     request: dict[str, Any] = {
         "op": "run", "id": task.id, "join": list(lease.procs) if lease else [], "cpus": list(cpus),
@@ -49,7 +49,7 @@ def run_request(task: Task, cpus: tuple[int, ...], lease: Lease | None, *, comma
         request["argv"] = list(command.argv)
         request["cputime"] = list(cpu_rlimit(task.cputime)) if task.cputime else None
         request["exit_file"] = exit_file(task)
-        request["spawn"] = (can_spawn and account is None and not request["rlimit_as"] and not task.cputime
+        request["spawn"] = (can_spawn and not request["rlimit_as"] and not task.cputime
                             and not (lease and task.memory))
     else:
         request["script"] = script_path

@@ -24,11 +24,14 @@ the task's folder (failing that, exit status 1), sets RLIMIT_CPU like the script
 that cannot be executed 126, as in bash). Its exit status (128+N for signal N, like bash's `$?`) is
 written to the exit-code file by this process, atomically and as the task's user, before the job is
 reaped, so whoever watches the job through a pidfd finds the file once the zombie is gone.
-A direct job with `"spawn": true` needs nothing of its own process (no rlimit, no other user, no
-memory limit): it is started by vfork and exec (subprocess) rather than a fork of this interpreter,
+A direct job with `"spawn": true` needs nothing of its own process (no rlimit, no memory limit)
+but its session and its user: it is started by subprocess (vfork and exec; for another user, a
+fork in C that sets the groups and ids before the exec) rather than a fork of this interpreter,
 several times cheaper, with the launcher inside the job's v1 cgroups and CPUs for that moment (it
-enters them by its own thread id, and goes back to its own at once); the job inherits them. If that
-start fails (no such folder or command), the job is forked instead, which fails as described.
+enters them by its own thread id, and goes back to its own at once); the job inherits them. Its
+output files are opened, and its folder checked, with the user's rights first. If that start fails
+(no such folder or command, a folder the user cannot enter), the job is forked instead, which fails
+as described.
 
 Forking here rather than in the threaded gateway keeps it safe, and saves an interpreter start per
 job. When stdin closes (the gateway stopped or crashed) the launcher takes no more requests but
@@ -48,8 +51,11 @@ import selectors
 import signal
 import subprocess
 import sys
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 SCRIPT_FD = 3
 #: The exit status of a child that could not start its job.
 CANNOT_START = 255
@@ -247,6 +253,85 @@ def _enter(tasks: str) -> None:
         f.write("0")
 
 
+class _Identity:
+    """A user's ids and groups, as `initgroups` + `setgid` + `setuid` would set them."""
+
+    __slots__ = ("gid", "groups", "uid")
+
+    def __init__(self, uid: int, gid: int, groups: list[int]) -> None:
+        self.uid, self.gid, self.groups = uid, gid, groups
+
+    def popen_arguments(self) -> dict[str, Any]:
+        return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
+
+
+class _Accounts:
+    """Users' identities, looked up again after `TTL` seconds (a changed account is seen soon)."""
+
+    TTL = 10.0
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[float, _Identity]] = {}
+
+    def get(self, user: str) -> _Identity | None:
+        """The identity of `user`, or None if there is no such account."""
+        now = time.monotonic()
+        known = self._known.get(user)
+        if known is not None and now - known[0] < self.TTL:
+            return known[1]
+        try:
+            entry = pwd.getpwnam(user)
+            identity = _Identity(entry.pw_uid, entry.pw_gid, os.getgrouplist(entry.pw_name, entry.pw_gid))
+        except (KeyError, OSError):
+            return None
+        self._known[user] = (now, identity)
+        return identity
+
+
+def _as_user(identity: _Identity, action: Callable[[], T]) -> T | None:
+    """`action()` run with `identity` as this process's effective ids and groups (None if it
+    raises OSError, or they cannot be taken); the launcher's own are back afterwards."""
+    groups = os.getgroups()
+    try:
+        os.setgroups(identity.groups)
+        os.setegid(identity.gid)
+        os.seteuid(identity.uid)
+    except OSError:
+        _restore(groups)
+        return None
+    try:
+        return action()
+    except OSError:
+        return None
+    finally:
+        _restore(groups)
+
+
+def _restore(groups: list[int]) -> None:
+    """Back to root's effective ids (the launcher of a job run as another user runs as root)."""
+    os.seteuid(0)
+    os.setegid(0)
+    os.setgroups(groups)
+
+
+def _can_enter(folder: str) -> bool:
+    """Whether the effective user may enter `folder` (a job's `cd`)."""
+    return os.path.isdir(folder) and os.access(folder, os.X_OK, effective_ids=True)
+
+
+def _open_outputs(request: dict[str, Any]) -> list[int]:
+    """The job's stdout and stderr files, opened for it (close-on-exec: the job gets its copies)."""
+    opened: list[int] = []
+    try:
+        for path in (request["stdout"], request["stderr"]):
+            opened.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+    except OSError:
+        for fd in opened:
+            os.close(fd)
+        raise
+    return opened
+
+
 class _Job:
     """A child, until it is reaped."""
 
@@ -275,6 +360,7 @@ class Launcher:
         self.pending = b""
         self.out: list[bytes] = []  # answers of this round, written together after it
         self.home = _Home()
+        self.accounts = _Accounts()
 
     def flush(self) -> None:
         data = b"".join(self.out)
@@ -311,20 +397,32 @@ class Launcher:
         self.selector.register(read_end, selectors.EVENT_READ, job)
 
     def spawn(self, request: dict[str, Any]) -> bool:
-        """Start a direct job that needs nothing set in its own process but its session: by vfork
-        and exec (subprocess), much cheaper than a fork of this interpreter, from inside the job's
-        cgroups (v1) and CPUs, which the job inherits; the launcher goes back to its own at once.
-        False if it must be forked instead (which also says why a start fails)."""
+        """Start a direct job that needs nothing set in its own process but its session and its
+        user: by subprocess (vfork and exec; fork, setgroups, setregid, setreuid and exec in C for
+        another user), much cheaper than a fork of this interpreter that runs Python before its
+        exec, from inside the job's cgroups (v1) and CPUs, which the job inherits; the launcher
+        goes back to its own at once. The output files are opened, and the job's folder checked,
+        with the user's rights. False if it must be forked instead (which also says why a start
+        fails)."""
         homes = [self.home.tasks_for(procs) for procs in request["join"]]
         if None in homes:
             return False
+        identity = None
+        if request["user"]:
+            identity = self.accounts.get(request["user"]) if os.geteuid() == 0 else None
+            if identity is None:
+                return False
         opened: list[int] = []
         joined = 0
         pinned = False
         try:
-            for path in (request["stdout"], request["stderr"]):
-                opened.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                      0o666))
+            if identity is None:
+                opened = _open_outputs(request)
+            else:  # with the job's own rights, as its forked start would: None if its folder is out of reach
+                outputs = _as_user(identity, lambda: _open_outputs(request) if _can_enter(request["cwd"]) else None)
+                if outputs is None:
+                    return False
+                opened = outputs
             for procs in request["join"]:
                 _enter(procs.rpartition("/")[0] + "/tasks")
                 joined += 1
@@ -334,7 +432,8 @@ class Launcher:
             env = request["env"]
             env = dict(os.environ if env is None else env, JOBPROXY_TASK_ID=request["id"])
             popen = subprocess.Popen(request["argv"], stdin=subprocess.DEVNULL, stdout=opened[0], stderr=opened[1],
-                                     cwd=request["cwd"], env=env, start_new_session=True, close_fds=True)
+                                     cwd=request["cwd"], env=env, start_new_session=True, close_fds=True,
+                                     **(identity.popen_arguments() if identity is not None else {}))
         except (OSError, ValueError):
             return False
         finally:

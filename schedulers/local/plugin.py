@@ -135,6 +135,7 @@ class LocalScheduler(Scheduler):
                 os.close(slot.pidfd)
                 slot.pidfd = None
         await self.launcher.close()
+        self.spool.close()
         if self.pool is not None:
             self.pool.close()
 
@@ -161,7 +162,15 @@ class LocalScheduler(Scheduler):
         self._dispatch()
         if task.id in self.admission.queue:
             self._emit(task.id, self.admission.waiting(task))
+        try:
+            self.spool.compact(self._needed)
+        except OSError as exc:  # the journal only grows meanwhile
+            log.warning("local scheduler %s: cannot compact the spool journal: %s", self.name, exc)
         return task.id
+
+    def _needed(self) -> list[str]:
+        """The tasks the plugin may still be asked about: queued, running, ended lately."""
+        return [*self.admission.queue, *self.admission.slots, *self._final]
 
     async def find(self, task: Task) -> str | None:
         return task.id if self.spool.known(task.id) else None
@@ -183,6 +192,7 @@ class LocalScheduler(Scheduler):
                 answers[task_id] = self._final[task_id]
             else:
                 unknown.append(job)
+        self.spool.inherited = None  # the gateway reconciles with its first call: the jobs it asked for are known now
         if unknown:
             answers.update(recovery.reconcile(self, unknown))
             self._dispatch()

@@ -1,9 +1,13 @@
 """The local scheduler's spool: a few flat files per task in the plugin's state folder, which is
 how a restarted gateway finds its jobs again.
 
-- `<task>.job` (empty) or `<task>.sh` (a job script, written atomically): written at submit time,
-  before the job may start; a direct job (see launcher.py) needs no script, since a task still
-  queued after a restart comes back with its Task and is started again from it;
+- `submitted`: a journal of the tasks whose job may start, one task id a line, appended at submit
+  time before the job may start (one write to an open file, not a file made per task); a direct
+  job (see launcher.py) needs no script, since a task still queued after a restart comes back with
+  its Task and is started again from it. When it has grown past `JOURNAL_LINES` lines (and twice
+  what it must keep), it is written again with only the ids the plugin still needs;
+- `<task>.sh` (a job script, written atomically) at submit time for a job that needs bash;
+  `<task>.job` (empty) is how older versions marked a direct job: still read, and removed;
 - `<task>.pid`: `PID START_TIME CPUS MEMORY CGROUP OOM_BASE` once the job runs (start time in clock
   ticks, against pid reuse; CPUs comma-separated or `-`; memory in MiB; the cgroup it runs in, or
   `-`, and that group's OOM-kill counter when the job took it);
@@ -17,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,12 +49,32 @@ class PidRecord:
     oom_base: int = 0
 
 
+#: The name of the journal of submitted tasks, in the spool.
+JOURNAL = "submitted"
+#: Lines the journal may hold before it is written again with only the ids still needed.
+JOURNAL_LINES = 50_000
+
+
 class Spool:
     """The task files under `root`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._prefix = str(root) + "/"
+        self._journal_path = self._prefix + JOURNAL
+        self._journal: int | None = None  # the journal's file, opened for appending at the first submit
+        self._submitted: set[str] = set()
+        self._lines = 0
+        try:
+            with open(self._journal_path, "rb") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = b""
+        lines = text.split(b"\n")
+        self._torn = bool(lines[-1])  # a line cut short (power loss): ignored, and ended before the next
+        self._submitted.update(line.decode("ascii", "replace") for line in lines[:-1] if line)
+        self._lines = len(lines) - 1
+        self.inherited: set[str] | None = set(self._submitted)  # kept by `compact` until the plugin reconciled
 
     def _path(self, task_id: str, suffix: str) -> str:
         return self._prefix + task_id + suffix
@@ -71,13 +95,51 @@ class Spool:
         os.replace(partial, self._path(task_id, ".sh"))
 
     def write_marker(self, task_id: str) -> None:
-        """Say that a job for the task may start (one that needs no script; OSError on failure)."""
-        os.close(os.open(self._path(task_id, ".job"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        """Say that a job for the task may start (one that needs no script), in the journal: there
+        for a gateway restarted after a crash once this returns (OSError on failure)."""
+        if self._journal is None:
+            self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        line = task_id.encode("ascii") + b"\n"
+        if self._torn:
+            line = b"\n" + line
+        if os.write(self._journal, line) != len(line):  # a short write: the journal must not hold half a line
+            raise OSError(28, "the spool journal took only part of a line", self._journal_path)
+        self._torn = False
+        self._submitted.add(task_id)
+        self._lines += 1
+
+    def compact(self, keep: Callable[[], Iterable[str]]) -> None:
+        """Write the journal again with only the ids `keep()` answers (among those it holds), once it
+        has grown past `JOURNAL_LINES` lines and twice what it keeps; atomic (a `.part` renamed over
+        it). `keep` names every task the plugin may still be asked about: queued, running, ended
+        lately; until the plugin reconciled (`inherited` set to None), the ids found at start-up
+        are kept too."""
+        if self._lines <= JOURNAL_LINES:
+            return
+        kept = self._submitted.intersection(keep())
+        if self.inherited is not None:
+            kept |= self._submitted & self.inherited
+        if self._lines <= 2 * len(kept):
+            return
+        partial = self._journal_path + ".part"
+        with open(partial, "wb") as f:
+            f.write(b"".join(task_id.encode("ascii") + b"\n" for task_id in kept))
+        os.replace(partial, self._journal_path)
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
+        self._submitted, self._lines, self._torn = kept, len(kept), False
+
+    def close(self) -> None:
+        """Close the journal (it opens again at the next submit)."""
+        if self._journal is not None:
+            os.close(self._journal)
+            self._journal = None
 
     def known(self, task_id: str) -> bool:
         """Whether a job for the task was submitted here: it may have started."""
-        return (os.path.exists(self._path(task_id, ".job")) or os.path.exists(self._path(task_id, ".sh"))
-                or self.legacy_script(task_id).exists())
+        return (task_id in self._submitted or os.path.exists(self._path(task_id, ".job"))
+                or os.path.exists(self._path(task_id, ".sh")) or self.legacy_script(task_id).exists())
 
     def write_pid(self, task_id: str, record: PidRecord) -> None:
         """Record the running job's pid atomically."""
@@ -122,7 +184,8 @@ class Spool:
         return mtime(self._path(task_id, ".cancelled")) or mtime(self.root / task_id / "cancelled")
 
     def remove(self, task_id: str) -> None:
-        """Remove what the spool holds for the task."""
+        """Remove what the spool holds for the task (its journal line goes at the next compaction)."""
+        self._submitted.discard(task_id)
         for suffix in SUFFIXES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(task_id, suffix))

@@ -2,9 +2,10 @@
 
 - submit: the job script (slurm.sh, or the admin's `template`) carries the task's name,
   files and limits as `#SBATCH` lines, then the common body (`run_block`: CPU-time ulimit, the
-  command, the exit-code file); `sbatch --parsable` answers the job id. The job name is the task
-  id, so `find` recovers a job by name after a crash; the script also writes its job id to the
-  task's folder, for jobs Slurm has already forgotten.
+  command, the exit-code file); `sbatch --parsable --job-name=<task id>` reads it on stdin (no
+  file is written per task) and answers the job id. The job name is the task id, so `find`
+  recovers a job by name after a crash; the script also writes its job id to the task's folder,
+  for jobs Slurm has already forgotten.
 - submit: at most `submit_concurrency` sbatch calls run at once; more submissions wait their turn.
 - status: one `squeue --jobs=ID,...` call per poll, asking about the gateway's active jobs only, in
   every state (split over several calls only for many thousands of ids). A job squeue no longer
@@ -160,18 +161,7 @@ class SlurmScheduler(Scheduler):
         })
 
     async def submit(self, task: Task) -> str:
-        spool = self.state_dir / task.id
-        script = self.job_script(task)
-        try:
-            spool.mkdir(parents=True, exist_ok=True)
-            (spool / "job.sh").write_text(script, encoding="utf-8")
-        except OSError as exc:
-            raise SchedulerUnavailable(f"the Slurm scheduler cannot write the job script: {exc.strerror}") from None
-        try:
-            return await self._sbatch(task, spool / "job.sh")
-        except SchedulerError:
-            shutil.rmtree(spool, ignore_errors=True)
-            raise
+        return await self._sbatch(task, self.job_script(task))
 
     async def find(self, task: Task) -> str | None:
         argv = squeue_name_argv(self._path("squeue"), task.id)
@@ -213,14 +203,17 @@ class SlurmScheduler(Scheduler):
         raise SchedulerError(f"Slurm could not cancel job {job.native_id}: {message}")
 
     async def release(self, job: JobRef) -> None:
-        shutil.rmtree(self.state_dir / job.task_id, ignore_errors=True)
+        shutil.rmtree(self.state_dir / job.task_id, ignore_errors=True)  # the job script older versions kept
 
     # ---- inside ----
 
-    async def _sbatch(self, task: Task, script: Path) -> str:
+    async def _sbatch(self, task: Task, script: str) -> str:
+        """Submit the job script `script` of `task` on sbatch's stdin (Slurm keeps its own copy)."""
+        argv = [self._path("sbatch"), "--parsable", f"--job-name={task.id}", *self._on_behalf(task)]
         try:
             async with self._submit_slots:
-                code, out, err = await self._run("sbatch", "--parsable", *self._on_behalf(task), str(script))
+                done = await run(argv, self.timeout, service="Slurm", input=script.encode("utf-8"))
+            code, out, err = done.status, done.stdout, done.stderr
         except CommandTimeout:  # slurmctld may have taken the job all the same: it must not run unseen
             self._later(self._cancel_by_name(task.id))
             raise

@@ -1,0 +1,63 @@
+"""The local scheduler's spool journal of submitted tasks: what a restarted gateway finds in it,
+a line cut short, and compaction keeping every id still needed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schedulers.local import spool as spool_module
+from schedulers.local.spool import Spool
+
+
+def test_a_restarted_spool_knows_what_was_submitted(tmp_path: Path) -> None:
+    first = Spool(tmp_path)
+    first.write_marker("a1")
+    first.write_marker("b2")
+    # no close: a crash leaves the journal as written
+    again = Spool(tmp_path)
+    assert again.known("a1") and again.known("b2") and not again.known("c3")
+    assert (tmp_path / "submitted").read_text() == "a1\nb2\n"
+
+
+def test_a_torn_last_line_is_ignored_and_ended(tmp_path: Path) -> None:
+    (tmp_path / "submitted").write_text("a1\nb2")  # power loss in the middle of a line
+    spool = Spool(tmp_path)
+    assert spool.known("a1") and not spool.known("b2")
+    spool.write_marker("c3")
+    assert Spool(tmp_path).known("c3")
+    assert (tmp_path / "submitted").read_text() == "a1\nb2\nc3\n"
+
+
+def test_older_marker_files_still_count(tmp_path: Path) -> None:
+    (tmp_path / "old.job").touch()
+    assert Spool(tmp_path).known("old")
+
+
+def test_compaction_keeps_what_is_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "JOURNAL_LINES", 10)
+    (tmp_path / "submitted").write_text("inherited\n")
+    spool = Spool(tmp_path)
+    for number in range(20):
+        spool.write_marker(f"t{number}")
+    spool.compact(lambda: ["t19", "t3", "never-submitted"])
+    # before the plugin reconciled, what a crash left is kept too
+    assert sorted((tmp_path / "submitted").read_text().split()) == ["inherited", "t19", "t3"]
+    assert spool.known("t3") and not spool.known("t4") and not spool.known("never-submitted")
+    spool.inherited = None
+    for number in range(20, 40):
+        spool.write_marker(f"t{number}")
+    spool.compact(lambda: ["t39"])
+    assert (tmp_path / "submitted").read_text() == "t39\n"
+    spool.write_marker("t40")  # appended to the new journal
+    assert sorted(Spool(tmp_path).inherited or ()) == ["t39", "t40"]
+
+
+def test_no_compaction_while_most_lines_are_needed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_module, "JOURNAL_LINES", 10)
+    spool = Spool(tmp_path)
+    ids = [f"t{number}" for number in range(20)]
+    for task_id in ids:
+        spool.write_marker(task_id)
+    spool.compact(lambda: ids[5:])
+    assert len((tmp_path / "submitted").read_text().split()) == 20
