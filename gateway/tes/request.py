@@ -2,13 +2,15 @@
 
 A TES task is an ordinary Task: the same store, the same scheduler, the same state vocabulary, so
 it is visible through both APIs. What is TES-only lives in `Task.extra["tes"]` (persisted with the
-task): the request as received (with the owner in `tags["user"]`), notes for `system_logs`, and
-the backend parameters passed on to the scheduler plugin. The task's command runs the steps
+task): the request as received, notes for `system_logs`, and the backend parameters passed on to
+the scheduler plugin. The task's command runs the steps
 script of `gateway.tes.steps`, written into its folder when it is accepted.
 
 Decisions:
 - Owner: with auth on, the caller (an admin may name another user in `tags["user"]`); with auth
-  off, `tags["user"]` if given, else "anonymous". The owner is always in `tags["user"]`.
+  off, `tags["user"]` if given, else "anonymous". The owner is the task's `user` (in the store and
+  in `logs[].metadata.user`), never added to the tags: `tags` are the client's own, as sent, and
+  the `tag_key`/`tag_value` filters match only those.
 - Resources: `cpu_cores` -> cores; `ram_gb` is decimal gigabytes (10^9 bytes, as the TES spec
   says), rounded up to whole MiB of memory; `disk_gb`, `preemptible` and `zones` are recorded.
   `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; other keys the
@@ -275,11 +277,7 @@ class _Builder:
 def to_task(app: web.Application, request: dict[str, Any], caller: Identity) -> tuple[Task, dict[str, str]]:
     """The Task for a validated TES request, and the files (relative to its folder) it needs."""
     stored = {k: v for k, v in request.items() if k not in OUTPUT_ONLY}
-    tags = dict(stored.get("tags", {}))
-    user = owner(caller, tags)
-    tags["user"] = user
-    stored["tags"] = tags
-    return _Builder(app, stored, user).build()
+    return _Builder(app, stored, owner(caller, stored.get("tags", {}))).build()
 
 
 def request_of(task: Task) -> dict[str, Any]:
@@ -293,7 +291,10 @@ def request_of(task: Task) -> dict[str, Any]:
         resources["cpu_cores"] = task.cores
     if task.memory:
         resources["ram_gb"] = round(task.memory * 1048576 / 1e9, 3)
-    return {"executors": [executor], "resources": resources, "tags": {"user": task.user}}
+    body: dict[str, Any] = {"executors": [executor], "resources": resources}
+    if task.tags:
+        body["tags"] = dict(task.tags)
+    return body
 
 
 def local_path(url: str) -> str | None:
