@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from schedulers.base import Task
+
 from . import paging
 from .keys import SCHEDULER
 from .responses import ApiError, answer
@@ -60,12 +62,18 @@ async def output(request: web.Request) -> web.Response:
         limit = paging.whole_number(request.query.get("bytes"), "bytes", DEFAULT_BYTES, 1, MAX_BYTES)
     except paging.OutOfRange as exc:
         raise ApiError(400, str(exc), [{"path": "bytes", "message": exc.rule}]) from None
-    account = request.app[SCHEDULER].job_account(record.task)
-    owner = _uid(account) if os.geteuid() == 0 and account is not None else None
+    owner = job_owner(request.app, record.task)
     loop = asyncio.get_running_loop()  # file systems can be slow (NFS): off the event loop
     streams = {name: await loop.run_in_executor(None, read_tail, path, limit, owner)
                for name, path in (("stdout", record.task.stdout), ("stderr", record.task.stderr))}
     return answer(request, {"id": record.id, "bytes": limit, **streams}, xml_root="output")
+
+
+def job_owner(app: web.Application, task: Task) -> int | None:
+    """The uid whose files `read_tail` may read for `task` (its job's account) when the gateway
+    runs as root, else None (the gateway's own rights decide)."""
+    account = app[SCHEDULER].job_account(task)
+    return _uid(account) if os.geteuid() == 0 and account is not None else None
 
 
 def _uid(account: str) -> int | None:

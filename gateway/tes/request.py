@@ -13,10 +13,11 @@ Decisions:
   the `tag_key`/`tag_value` filters match only those.
 - Resources: `cpu_cores` -> cores; `ram_gb` is decimal gigabytes (10^9 bytes, as the TES spec
   says), rounded up to whole MiB of memory; `disk_gb`, `preemptible` and `zones` are recorded.
-  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; other keys the
-  admin allows (`[tes] backend_parameters`) are recorded in `Task.backend_parameters`
-  for the scheduler plugin; other keys answer 400 under `backend_parameters_strict`, else they
-  are ignored with a note in `system_logs`.
+  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit and `gpus` its
+  GPUs; the scheduler options (`slurm.partition`, `sge.queue`, ... as the v1 `options`) the
+  admin allows (`[tes] backend_parameters`) are checked against the task schema's patterns and
+  recorded in `Task.backend_parameters` for the scheduler plugin; other keys answer 400 under
+  `backend_parameters_strict`, else they are ignored with a note in `system_logs`.
 - Images: `[tes] images` rules, first match wins: `run = "host"` runs the executor on the host in
   a bubblewrap sandbox, `image = "..."` runs it in that local image through the scheduler's
   container runtime. An image no rule matches answers 400 naming it.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import os
 import re
@@ -46,6 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+import schemas
 from schedulers.base import Container, Mount, SchedulerError, Task, path_within
 from schedulers.script import command_argv
 
@@ -55,6 +58,7 @@ from ..config import ImageRule, TesSettings
 from ..keys import CONFIG, SCHEDULER
 from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
+from ..validation import SchemaValidator
 from . import steps as tes_steps
 
 TES_VERSION = "1.1.0"
@@ -63,6 +67,23 @@ OUTPUT_ONLY = ("id", "state", "logs", "creation_time")
 RESERVED = ("/proc", "/dev", "/sys")
 #: `backend_parameters.cputime`: whole CPU seconds, at least 1 (ASCII digits, at most 10 significant).
 CPUTIME_PATTERN = "0*[1-9][0-9]{0,9}"
+#: `backend_parameters.gpus`: whole GPUs, 0 to 1024 (the task schema's `gpus`).
+GPUS_PATTERN = "0*(?:[0-9]{1,3}|10[01][0-9]|102[0-4])"
+_OPTIONS = schemas.load("task")["$defs"]["options"]["properties"]
+
+
+@functools.cache
+def _option_validator(key: str) -> SchemaValidator:
+    return SchemaValidator({"$defs": schemas.load("task")["$defs"], **_OPTIONS[key]})
+
+
+def option_problem(key: str, value: str) -> str | None:
+    """Why `value` cannot be the scheduler option `key` (the task schema's `$defs/options`), or
+    None; a key the schema does not define (a third-party plugin's) is recorded as it is."""
+    if key not in _OPTIONS:
+        return None
+    problems = _option_validator(key).problems(value)
+    return problems[0].message if problems else None
 
 
 def refuse(path: str, message: str, status: int = 400) -> ApiError:
@@ -102,9 +123,9 @@ class _Builder:
 
     def build(self) -> tuple[Task, dict[str, str]]:
         resources = self.request.get("resources", {})
-        cputime, passed = self._backend_parameters(resources)
+        cputime, gpus, passed = self._backend_parameters(resources)
         base = service.new_task(self.app, {
-            "user": self.user, "cores": resources.get("cpu_cores"),
+            "user": self.user, "cores": resources.get("cpu_cores"), "gpus": gpus,
             "memory": ram_mib(resources["ram_gb"]) if "ram_gb" in resources else None, "cputime": cputime})
         tes_dir = f"{base.workdir}/tes"
         root = f"{tes_dir}/root"
@@ -127,10 +148,12 @@ class _Builder:
 
     # ---- resources ----
 
-    def _backend_parameters(self, resources: Mapping[str, Any]) -> tuple[int | None, dict[str, str]]:
+    def _backend_parameters(self, resources: Mapping[str, Any]) -> tuple[int | None, int, dict[str, str]]:
+        """The CPU-time limit, the GPUs, and the scheduler options of `backend_parameters`: keys
+        the site allows (`[tes] backend_parameters`), each value checked like the v1 `options`."""
         allowed = list(self.tes_config.backend_parameters)
         strict = resources.get("backend_parameters_strict", False)
-        cputime, passed = None, {}
+        cputime, gpus, passed = None, 0, {}
         for key, value in resources.get("backend_parameters", {}).items():
             where = f"$.resources.backend_parameters.{key}"
             if key not in allowed:
@@ -141,9 +164,16 @@ class _Builder:
                 if not re.fullmatch(CPUTIME_PATTERN, value):
                     raise refuse(where, "must be a whole number of CPU seconds >= 1")
                 cputime = int(value)
+            elif key == "gpus":
+                if not re.fullmatch(GPUS_PATTERN, value):
+                    raise refuse(where, "must be a whole number of GPUs, 0 to 1024")
+                gpus = int(value)
             else:
+                problem = option_problem(key, value)
+                if problem:
+                    raise refuse(where, problem)
                 passed[key] = value
-        return cputime, passed
+        return cputime, gpus, passed
 
     # ---- files ----
 

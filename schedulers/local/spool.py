@@ -43,6 +43,7 @@ class PidRecord:
     memory: int
     cgroup: str | None = None
     oom_base: int = 0
+    gpus: tuple[str, ...] = ()
 
 
 class Spool:
@@ -84,7 +85,7 @@ class Spool:
         partial = self._path(task_id, ".pid.part")
         with open(partial, "w", encoding="ascii") as f:
             f.write(f"{record.pid} {record.started_at} {','.join(map(str, record.cpus)) or '-'} {record.memory} "
-                    f"{record.cgroup or '-'} {record.oom_base}\n")
+                    f"{record.cgroup or '-'} {record.oom_base} {','.join(record.gpus) or '-'}\n")
         os.replace(partial, self._path(task_id, ".pid"))
 
     def read_pid(self, task_id: str) -> PidRecord | None:
@@ -98,9 +99,11 @@ class Spool:
             try:
                 pid, started, cpus, memory = fields[:4]
                 cgroup, oom_base = fields[4:6] if len(fields) >= 6 else (task_id, "0")  # older: one group per task
+                gpus = fields[6] if len(fields) >= 7 else "-"  # older: no GPUs
                 return PidRecord(int(pid), None if started == "None" else int(started),
                                  tuple(int(c) for c in cpus.split(",") if c.isdigit()), int(memory),
-                                 None if cgroup == "-" else cgroup, int(oom_base))
+                                 None if cgroup == "-" else cgroup, int(oom_base),
+                                 tuple(g for g in gpus.split(",") if g and gpus != "-"))
             except ValueError:
                 return None
         return None
