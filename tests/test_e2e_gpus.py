@@ -15,9 +15,10 @@ import pytest
 
 from schedulers.base import JobRef, Scheduler, TaskRefused, TaskState
 
-from . import backend_slurm
+from . import backend_drmaa, backend_slurm
 from .reporting import Reports
 from .test_contract import make_task
+from .test_e2e_drmaa import plugin as drmaa_plugin
 from .test_e2e_slurm import plugin as slurm_plugin
 
 Factory = Callable[..., Any]
@@ -113,4 +114,27 @@ async def test_slurm_gres_gpus_and_options(slurm: None, tmp_path: Path) -> None:
         await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.partition": "nosuchpartition"}))
     with pytest.raises(TaskRefused, match=r"(?i)reservation"):
         await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.reservation": "nosuchresv"}))
+    await scheduler.close()
+
+
+# ---- Grid Engine (DRMAA) -------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.drmaa
+async def test_grid_engine_takes_the_queue_and_refuses_what_it_lacks(tmp_path: Path) -> None:
+    """The dev cluster has the queue all.q and no projects (and no GPU complex: the rendered
+    `-l gpu=N` is checked in test_task_options.py only)."""
+    backend_drmaa.prepare()
+    scheduler = await drmaa_plugin(tmp_path)
+    queued = make_task(tmp_path, cmd="echo in-queue", options={"sge.queue": "all.q"})
+    job = JobRef(queued, await scheduler.submit(queued))
+    deadline = time.monotonic() + 90
+    while not (status := (await scheduler.status([job]))[job.task_id]).state.terminal:
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.5)
+    assert status.state == TaskState.COMPLETE and _shown(job) == "in-queue"
+    for options in ({"sge.queue": "nosuch.q"}, {"sge.project": "nosuchproject"}):
+        with pytest.raises(TaskRefused):
+            await scheduler.submit(make_task(tmp_path, cmd="true", options=options))
     await scheduler.close()

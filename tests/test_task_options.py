@@ -16,6 +16,7 @@ from gateway.validation import SchemaValidator
 from schedulers.base import Task, TaskRefused, TaskState
 from schedulers.containers import DockerRuntime, PodmanRuntime, SingularityRuntime
 from schedulers.drmaa import mapping as drmaa_map
+from schedulers.drmaa.plugin import DrmaaScheduler
 from schedulers.local.admission import Admission
 from schedulers.slurm.parse import directives, job_status, parse_scontrol, parse_squeue
 from schedulers.task import PARAMETERS
@@ -184,3 +185,24 @@ def test_local_admission_gives_each_gpu_to_one_job() -> None:
     assert "waiting for 1 core, 2 free, 2 GPU(s), 0 free, and 0 MiB" in admission.waiting(second).description
     admission.free("t1")
     assert [(s.task_id, s.gpus) for s in admission.admissible()] == [("t2", ("0", "1"))]
+
+
+def test_drmaa_admits_gpus_only_where_the_site_counts_them(tmp_path: Path) -> None:
+    library = tmp_path / "libdrmaa.so"
+    library.write_bytes(b"")
+
+    def plugin(**options: Any) -> DrmaaScheduler:
+        document = {"drm": "other", "native_spec": list(drmaa_map.GRID_ENGINE_SPEC), "library_path": str(library),
+                    **options}
+        return DrmaaScheduler("drmaa", SchemaValidator(DrmaaScheduler.options_schema).with_defaults(document),
+                              tmp_path / "state")
+
+    with pytest.raises(TaskRefused) as refused:
+        plugin().admit(task(gpus=1))
+    assert refused.value.path == "$.gpus" and "no gpu_resource" in str(refused.value)
+    counted = plugin(gpu_resource="gpu", max_gpus=2, queue="all.q")
+    with pytest.raises(TaskRefused) as refused:
+        counted.admit(task(gpus=3))
+    assert refused.value.path == "$.gpus" and "at most 2" in str(refused.value)
+    counted.admit(task(gpus=2))
+    assert counted.native_specification(task(gpus=2, options={"sge.project": "lab"})) == "-w e -q all.q -P lab -l gpu=2"
