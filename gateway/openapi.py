@@ -106,8 +106,11 @@ def _site_tes(components: dict[str, Any], config: Config) -> None:
             target = option.pop("$ref", "").rpartition("/")[2]
             parameters["properties"][key] = {**defs.get(target, {}), **option}
     if "gpus" in allowed:
-        parameters["properties"]["gpus"] = {"type": "string", "pattern": f"^{GPUS_PATTERN}$",
-                                            "description": "the task's GPUs, each its own"}
+        most = limits.get("gpus")
+        pattern = GPUS_PATTERN if most is None or most > 64 else f"0*(?:{'|'.join(map(str, range(most + 1)))})"
+        parameters["properties"]["gpus"] = {
+            "type": "string", "pattern": f"^{pattern}$", "description": "the task's GPUs, each its own"
+            + (f", at most {most} on this gateway" if most is not None else "")}
     if "cputime" in allowed:
         parameters["properties"]["cputime"] = {
             "type": "string", "pattern": f"^{CPUTIME_PATTERN}$",
