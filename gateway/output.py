@@ -44,6 +44,10 @@ async def task_document(request: web.Request) -> web.Response:
     for key in ("cores", "memory", "cputime"):
         if getattr(task, key) is not None:
             body[key] = getattr(task, key)
+    if task.gpus:
+        body["gpus"] = task.gpus
+    if task.backend_parameters:
+        body["options"] = dict(task.backend_parameters)
     body.update(stdout=task.stdout, stderr=task.stderr)
     if task.container is not None:
         body["container"] = {

@@ -74,8 +74,11 @@ async def test_v1_options_and_gpus_json_and_xml(gpu_client: Any) -> None:
            "<options><slurm.partition>long</slurm.partition><sge.queue>all.q@n1</sge.queue></options></task>")
     response = await gpu_client.post("/v1/jobproxy/submit", data=xml, headers={"Content-Type": "application/xml"})
     assert response.status == 200, await response.text()
-    stored = gpu_client.server.app[STORE].get((await response.json())["id"]).task
+    xml_id = (await response.json())["id"]
+    stored = gpu_client.server.app[STORE].get(xml_id).task
     assert stored.gpus == 2 and stored.backend_parameters == {"slurm.partition": "long", "sge.queue": "all.q@n1"}
+    shown = await (await gpu_client.get(f"/v1/jobproxy/task/{xml_id}")).json()
+    assert (shown["gpus"], shown["options"]) == (2, {"slurm.partition": "long", "sge.queue": "all.q@n1"})
     for document, path in (({"gpus": 3}, "$.gpus"), ({"options": {"slurm.qos": "a;b"}}, "$.options"),
                            ({"options": {"slurm.nodes": "2"}}, "$.options")):
         response = await gpu_client.post("/v1/jobproxy/submit", json={"user": "u", "cmd": "true", **document})
