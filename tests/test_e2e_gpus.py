@@ -56,13 +56,18 @@ async def test_local_gpus_are_exclusive_and_exported(local: Factory, tmp_path: P
     assert _shown(waits) in ("gpus=0", "gpus=1", "gpus=GPU-fake-2")
 
 
-async def test_local_gpus_held_by_a_job_survive_a_restart(local: Factory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pid_file", ["written", "lost"])
+async def test_local_gpus_held_by_a_job_survive_a_restart(local: Factory, tmp_path: Path, pid_file: str) -> None:
+    """After a restart the GPUs of a running job stay taken: from its pid file, or, when the
+    gateway died before writing that, from the job's own environment."""
     first, reports = await local(gpus=["0", "1"])
-    held = await _submit(first, make_task(tmp_path, cmd="sleep 3", gpus=2))
+    held = await _submit(first, make_task(tmp_path, cmd="sleep 4", gpus=2))
     await reports.wait(lambda: reports.latest.get(held.task_id) is not None
                        and reports.latest[held.task_id].state == TaskState.RUNNING, 30)
     await asyncio.sleep(0.5)  # the pid file (with the GPUs) is written shortly after the start
     await first.close()
+    if pid_file == "lost":
+        Path(first.spool.root / f"{held.task_id}.pid").unlink()
     second, later = await local(gpus=["0", "1"])
     assert (await second.status([held]))[held.task_id].state == TaskState.RUNNING  # adopted, GPUs held
     waits = await _submit(second, make_task(tmp_path, cmd=SHOW, gpus=1))

@@ -139,7 +139,7 @@ class Spool:
               oom_kills: Callable[[str], int]) -> None:
         """Jobs started just before a crash, whose pid was never recorded: found by the task id in
         their environment (one scan of /proc), their pid files written with the CPUs they are
-        pinned to, their cgroup (`cgroup(pid)`) and its OOM-kill counter now (`oom_kills`).
+        pinned to, their cgroup (`cgroup(pid)`), its OOM-kill counter now (`oom_kills`) and their GPUs.
         `memory` gives each task's MiB."""
         lost = [task_id for task_id in task_ids if self.known(task_id) and not self.has_pid(task_id)]
         running = proc.by_task() if lost else {}
@@ -154,4 +154,4 @@ class Spool:
                     cpus = ()
                 group = cgroup(pid)
                 self.write_pid(task_id, PidRecord(pid, proc.start_time(pid), cpus, memory.get(task_id, 0), group,
-                                                  oom_kills(group) if group else 0))
+                                                  oom_kills(group) if group else 0, proc.visible_gpus(pid)))
