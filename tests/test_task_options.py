@@ -53,7 +53,7 @@ def test_good_options(options: dict[str, str]) -> None:
     ({"sge.queue": "all.q -l h_vmem=1T"}, "$.options['sge.queue']", "queue list"),
     ({"sge.project": "$(id)"}, "$.options['sge.project']", "a name of 1 to 64"),
     ({"slurm.partition": ""}, "$.options['slurm.partition']", "separated by commas"),
-    ({"slurm.nodes": "2"}, "$.options", "not a scheduler option JobProxy knows"),
+    ({"slurm.nodes": "2"}, "$.options", "unknown field(s): 'slurm.nodes'"),
 ])
 def test_bad_options_name_the_path(options: dict[str, str], path: str, words: str) -> None:
     problems = TASKS.problems({"user": "u", "cmd": "true", "options": options})
