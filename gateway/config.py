@@ -155,6 +155,7 @@ class LimitsSettings:
     cores: int | None
     memory: int | None
     cputime: int | None
+    gpus: int | None
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,7 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
                              deny=tuple(filled["run_as"]["deny"]), account=filled["run_as"].get("account"),
                              allow_root_jobs=filled["run_as"]["allow_root_jobs"]),
         paths=PathsSettings(roots=tuple(filled["paths"]["roots"]) if "roots" in filled["paths"] else None),
-        limits=LimitsSettings(**{name: filled["limits"].get(name) for name in ("cores", "memory", "cputime")}),
+        limits=LimitsSettings(**{name: filled["limits"].get(name) for name in ("cores", "memory", "cputime", "gpus")}),
         quotas=QuotaSettings(active_tasks=filled["quotas"]["active_tasks"],
                              requests_per_second=float(filled["quotas"]["requests_per_second"]),
                              burst=filled["quotas"]["burst"]),

@@ -55,6 +55,8 @@ def task_from_document(doc: dict[str, Any], task_id: str, workdir: str) -> Task:
         cores=doc.get("cores"),
         memory=doc.get("memory"),
         cputime=doc.get("cputime"),
+        gpus=doc.get("gpus", 0),
+        backend_parameters=dict(doc.get("options", {})),
         container=_container(doc["container"]) if "container" in doc else None,
     )
 

@@ -31,7 +31,7 @@ from .config import Config
 from .tes.api import DEFAULT_PAGE_SIZE as TES_DEFAULT_PAGE_SIZE
 from .tes.api import MAX_PAGE_SIZE as TES_MAX_PAGE_SIZE
 from .tes.api import PAGE_TOKEN_PATTERN as TES_PAGE_TOKEN_PATTERN
-from .tes.request import CPUTIME_PATTERN
+from .tes.request import CPUTIME_PATTERN, GPUS_PATTERN
 
 #: The schema files inlined as components: component name -> schema name in `schemas/`.
 INLINED = {"Task": "task", "State": "state", "TesTaskRequest": "tes.task"}
@@ -97,11 +97,27 @@ def _site_tes(components: dict[str, Any], config: Config) -> None:
         resources["properties"]["ram_gb"]["maximum"] = limits["memory"] * 1048576 / 1e9
     allowed = list(config.sections.tes.backend_parameters)
     parameters = resources["properties"]["backend_parameters"]
+    defs = schemas.load("task")["$defs"]
+    known = defs["options"]["properties"]
+    parameters["properties"] = {}
+    for key in allowed:
+        if key in known:  # inlined: the option's schema with its `$ref` (a name's pattern) resolved
+            option = dict(known[key])
+            target = option.pop("$ref", "").rpartition("/")[2]
+            parameters["properties"][key] = {**defs.get(target, {}), **option}
+    if "gpus" in allowed:
+        most = limits.get("gpus")
+        pattern = GPUS_PATTERN if most is None or most > 64 else f"0*(?:{'|'.join(map(str, range(most + 1)))})"
+        parameters["properties"]["gpus"] = {
+            "type": "string", "pattern": f"^{pattern}$", "description": "the task's GPUs, each its own"
+            + (f", at most {most} on this gateway" if most is not None else "")}
     if "cputime" in allowed:
-        parameters["properties"] = {"cputime": {
+        parameters["properties"]["cputime"] = {
             "type": "string", "pattern": f"^{CPUTIME_PATTERN}$",
             "description": "the task's CPU-time limit, in CPU seconds"
-            + (f", at most {limits['cputime']} on this gateway" if "cputime" in limits else "")}}
+            + (f", at most {limits['cputime']} on this gateway" if "cputime" in limits else "")}
+    if not parameters["properties"]:
+        del parameters["properties"]
     parameters["description"] = ("keys this gateway supports: " + (", ".join(allowed) or "none")
                                  + "; others are ignored, or answer 400 with backend_parameters_strict")
     resources["if"] = {"required": ["backend_parameters_strict"],

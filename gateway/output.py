@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from schedulers.base import Task
+
 from . import paging
 from .keys import SCHEDULERS
 from .responses import ApiError, answer
@@ -42,6 +44,10 @@ async def task_document(request: web.Request) -> web.Response:
     for key in ("cores", "memory", "cputime"):
         if getattr(task, key) is not None:
             body[key] = getattr(task, key)
+    if task.gpus:
+        body["gpus"] = task.gpus
+    if task.backend_parameters:
+        body["options"] = dict(task.backend_parameters)
     body.update(stdout=task.stdout, stderr=task.stderr)
     if task.container is not None:
         body["container"] = {
@@ -60,13 +66,19 @@ async def output(request: web.Request) -> web.Response:
         limit = paging.whole_number(request.query.get("bytes"), "bytes", DEFAULT_BYTES, 1, MAX_BYTES)
     except paging.OutOfRange as exc:
         raise ApiError(400, str(exc), [{"path": "bytes", "message": exc.rule}]) from None
-    scheduler = request.app[SCHEDULERS].get(record.scheduler) or next(iter(request.app[SCHEDULERS].values()))
-    account = scheduler.job_account(record.task)  # the account is the same for every instance
-    owner = _uid(account) if os.geteuid() == 0 and account is not None else None
+    owner = job_owner(request.app, record.task)
     loop = asyncio.get_running_loop()  # file systems can be slow (NFS): off the event loop
     streams = {name: await loop.run_in_executor(None, read_tail, path, limit, owner)
                for name, path in (("stdout", record.task.stdout), ("stderr", record.task.stderr))}
     return answer(request, {"id": record.id, "bytes": limit, **streams}, xml_root="output")
+
+
+def job_owner(app: web.Application, task: Task) -> int | None:
+    """The uid whose files `read_tail` may read for `task` (its job's account) when the gateway
+    runs as root, else None (the gateway's own rights decide)."""
+    # the job account follows the site policy, the same for every scheduler instance
+    account = next(iter(app[SCHEDULERS].values())).job_account(task)
+    return _uid(account) if os.geteuid() == 0 and account is not None else None
 
 
 def _uid(account: str) -> int | None:

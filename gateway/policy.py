@@ -24,7 +24,7 @@ from schedulers.base import Task, path_within
 from .config import Config, ConfigError
 from .responses import ApiError
 
-UNITS = {"cores": "cores", "memory": "MiB", "cputime": "CPU seconds"}
+UNITS = {"cores": "cores", "memory": "MiB", "cputime": "CPU seconds", "gpus": "GPUs"}
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +34,7 @@ def _refuse(status: int, path: str, message: str) -> ApiError:
 
 def check(config: Config, task: Task) -> None:
     check_limits(config, task)
+    check_options(config, task)
     if config.run_as.get("enabled"):
         check_run_as(config, task.user)
     roots = confinement_roots(config)
@@ -146,6 +147,16 @@ def check_limits(config: Config, task: Task) -> None:
         asked = getattr(task, field)
         if asked is not None and asked > limit:
             raise _refuse(400, f"$.{field}", f"{asked} exceeds this site's limit of {limit} {UNITS[field]} per task")
+
+
+def check_options(config: Config, task: Task) -> None:
+    """Refuse scheduler options (v1 `options`) the site does not allow (`[tes] backend_parameters`,
+    the one list for both APIs; TES requests were already sorted by it, see gateway.tes.request)."""
+    allowed = config.sections.tes.backend_parameters
+    for key in task.backend_parameters:
+        if key not in allowed:
+            shown = ", ".join(k for k in allowed if k not in ("cputime", "gpus")) or "none"
+            raise _refuse(400, f"$.options.{key}", f"not allowed on this site (allowed: {shown})")
 
 
 def check_run_as(config: Config, user: str) -> None:

@@ -78,6 +78,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_by_end ON tasks (COALESCE(finished, created));
     """,
+    # TES tags are the client's own: the owner, which the gateway used to add as `tags.user`, goes
+    # (a client's own `user` tag naming the owner looked the same, and goes too)
+    """
+    UPDATE tasks SET spec = json_remove(spec, '$.tags.user', '$.extra.tes.request.tags.user')
+    WHERE json_extract(spec, '$.extra.tes.request') IS NOT NULL
+      AND json_extract(spec, '$.extra.tes.request.tags.user') = user;
+    """,
 )
 
 

@@ -12,6 +12,13 @@ mounted (`allowed_mounts`; `..` and symlinks are resolved before the check).
   script stops and removes the container when the job is told to stop, and marks an OOM kill.
 - singularity / apptainer: `exec --cleanenv --bind host:container[:ro] IMAGE CMD`; limits come
   from the job script and scheduler around it; no port mapping, so a task with ports is refused.
+
+GPUs (a task's `gpus`): the container gets the GPUs its job holds, which the scheduler names in
+`$CUDA_VISIBLE_DEVICES` when the job runs (the local scheduler and Slurm set it; elsewhere the
+first N): Docker `--gpus "device=IDS"`, Podman CDI devices (`--device nvidia.com/gpu=ID` each;
+option `gpu_devices` chooses for either), Singularity/Apptainer `--nv` with CUDA_VISIBLE_DEVICES.
+Those ids are only known inside the job, so the argv starts with a small `/bin/sh` wrapper
+(GPU_WRAP) that puts them in place of one marker argument and execs the rest unchanged.
 """
 from __future__ import annotations
 
@@ -49,6 +56,42 @@ COMMON_OPTIONS: dict[str, Any] = {
                        "description": "host folders under which volumes may lie; none by default"},
     "extra_args": {"type": "array", "items": {"type": "string"}, "default": []},
 }
+
+#: The argument GPU_WRAP replaces by the GPU arguments (the first one only: the runtime's own
+#: options come before the image and the task's command).
+GPUS_MARK = "@jobproxy-gpus@"
+#: `sh -c GPU_WRAP sh MODE N KIND ARGV...`: execs ARGV with GPUS_MARK replaced by the arguments
+#: that give the container the job's GPUs ($CUDA_VISIBLE_DEVICES, else 0..N-1). MODE: `gpus`
+#: (Docker's --gpus), `cdi` (--device KIND=ID per GPU), `nv` (Singularity's --nv).
+GPU_WRAP = r"""mode=$1 n=$2 kind=$3
+shift 3
+ids=${CUDA_VISIBLE_DEVICES-}
+if [ -z "$ids" ]; then i=0; while [ "$i" -lt "$n" ]; do ids=${ids:+$ids,}$i; i=$((i + 1)); done; fi
+found=
+for a; do
+    shift
+    if [ -z "$found" ] && [ "$a" = @jobproxy-gpus@ ]; then
+        found=1
+        case $mode in
+            gpus) set -- "$@" --gpus "\"device=$ids\"" ;;
+            nv) set -- "$@" --nv --env "CUDA_VISIBLE_DEVICES=$ids" ;;
+            cdi) old=$IFS; IFS=,; for id in $ids; do set -- "$@" --device "$kind=$id"; done; IFS=$old ;;
+        esac
+    else
+        set -- "$@" "$a"
+    fi
+done
+exec "$@"
+"""
+
+
+def with_gpus(task: Task, argv: list[str], mode: str, kind: str = "") -> list[str]:
+    """`argv` (holding GPUS_MARK where the GPU arguments go) for a task with GPUs; without GPUs,
+    `argv` less the mark."""
+    if not task.gpus:
+        mark = argv.index(GPUS_MARK)
+        return [*argv[:mark], *argv[mark + 1:]]
+    return ["/bin/sh", "-c", GPU_WRAP, "sh", mode, str(task.gpus), kind, *argv]
 
 
 class ContainerRuntime(abc.ABC):
@@ -142,6 +185,12 @@ class DockerRuntime(ContainerRuntime):
             "host": {"type": "string", "minLength": 1, "description": "the engine's address (docker -H)"},
             "pull": {"enum": ["always", "missing", "never"], "default": "missing"},
             "publish_address": {"type": "string", "default": "", "description": "host address ports are published on"},
+            "gpu_devices": {"enum": ["gpus", "cdi"], "default": "gpus",
+                            "description": "how a task's GPUs enter its container: --gpus (the NVIDIA container "
+                                           "toolkit) or CDI devices (--device KIND=ID)"},
+            "cdi_kind": {"type": "string", "pattern": "^[a-z0-9.-]+/[a-z0-9.-]+$", "default": "nvidia.com/gpu",
+                         "x-error": {"pattern": "must be a CDI device kind, vendor/class"},
+                         "description": "the CDI device kind of GPUs"},
         },
     }
 
@@ -173,9 +222,9 @@ class DockerRuntime(ContainerRuntime):
         address = self.options["publish_address"]
         for port in container.ports:
             run += ["--publish", f"{address + ':' if address else ''}{port.host}:{port.container}"]
-        run += [*self.extra_args, container.image, *argv]
+        run += [GPUS_MARK, *self.extra_args, container.image, *argv]
         return Command(
-            argv=run,
+            argv=with_gpus(task, run, self.options["gpu_devices"], self.options["cdi_kind"]),
             on_stop=self.stop_argv(task),
             after=[f'{self.oom_test(task)} && : > {quote(f"{task.workdir}/{OOM_FILE}")}',
                    quote_argv([*self._cli(), "rm", "--force", name]) + " >/dev/null 2>&1"],
@@ -274,7 +323,8 @@ class SingularityRuntime(ContainerRuntime):
         run = [self.command, "exec" if argv else "run", "--cleanenv"]
         for mount in container.volumes:
             run += ["--bind", f"{mount.host}:{mount.container}" + (":ro" if mount.read_only else "")]
-        return Command(argv=[*run, *self.extra_args, self.image_for(container.image), *argv])
+        return Command(argv=with_gpus(task, [*run, GPUS_MARK, *self.extra_args, self.image_for(container.image),
+                                             *argv], "nv"))
 
 
 class ApptainerRuntime(SingularityRuntime):

@@ -32,8 +32,10 @@ class TaskState(str, enum.Enum):
         return self in TERMINAL
 
 
+#: Final states. PREEMPTED is final: a plugin whose site requeues preempted jobs reports them
+#: QUEUED again instead.
 TERMINAL = frozenset({TaskState.COMPLETE, TaskState.EXECUTOR_ERROR, TaskState.SYSTEM_ERROR,
-                      TaskState.CANCELED})
+                      TaskState.CANCELED, TaskState.PREEMPTED})
 ACTIVE = frozenset(s for s in TaskState if s not in TERMINAL)
 
 
@@ -76,10 +78,13 @@ class Container:
 
 @dataclass(frozen=True)
 class Task:
-    """A validated task. Units: `memory` in MiB, `cputime` in CPU seconds, `cores` in CPU cores.
+    """A validated task. Units: `memory` in MiB, `cputime` in CPU seconds, `cores` in CPU cores,
+    `gpus` in whole GPUs (each the task's alone).
 
-    `backend_parameters` are scheduler-specific requests a client made by name (TES
-    `resources.backend_parameters`); a plugin applies the ones it knows. `name` and `tags` are
+    `backend_parameters` are scheduler-specific requests a client made by name (v1 `options`,
+    TES `resources.backend_parameters`), namespaced by scheduler (`slurm.partition`,
+    `sge.queue`, see PARAMETERS); their values were checked against the task schema's patterns
+    before they got here. A plugin applies the ones of its namespace and ignores the others. `name` and `tags` are
     the client's own labels. `extra` is the API's own data kept with the task (e.g. the TES
     request); plugins do not read it.
     """
@@ -125,3 +130,16 @@ class Task:
 
 
 _FIELDS = tuple(f.name for f in fields(Task))
+
+#: The backend parameters built-in plugins apply (`Task.backend_parameters` keys), with what each
+#: one is: the Slurm plugin the `slurm.` ones, the DRMAA plugin (Grid Engine) the `sge.` ones. The
+#: task schema (`$defs/options`) says which values each may have.
+PARAMETERS: dict[str, str] = {
+    "slurm.partition": "sbatch --partition",
+    "slurm.account": "sbatch --account",
+    "slurm.qos": "sbatch --qos",
+    "slurm.constraint": "sbatch --constraint (node features, e.g. haswell&ib)",
+    "slurm.reservation": "sbatch --reservation",
+    "sge.queue": "qsub -q",
+    "sge.project": "qsub -P",
+}

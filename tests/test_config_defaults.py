@@ -154,7 +154,9 @@ def test_flat_names_delegate_to_the_sections(tmp_path: Path) -> None:
                              "allow_root_jobs": False}
     assert config.path_roots == ("/home/{user}",) and config.limits == {"memory": 5} and config.log_level == "DEBUG"
     assert config.tes == {"images": [{"match": "*", "image": "i"}], "host_readable": [], "host_writable": [],
-                          "url_schemes": {"https": {"get": ["curl"]}}, "backend_parameters": ["cputime"],
+                          "url_schemes": {"https": {"get": ["curl"]}},
+                          "backend_parameters": ["cputime", "gpus", "slurm.partition", "slurm.account", "slurm.qos",
+                                                 "slurm.constraint", "slurm.reservation", "sge.queue", "sge.project"],
                           "log_tail_bytes": 65536, "service_info": {}}
     assert (config.umask, config.http, config.auth_enabled, config.tokens) == (0o077, True, False, ())
 

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 
 #: Test cases per operation and phase, per API: with the coverage phase (v1 submit's is the largest)
 #: both runs take about 1.5 minutes; TES gets more, so that its stateful phase follows create's links.
-MAX_EXAMPLES = {"v1": 10, "tes": 30}
+MAX_EXAMPLES = {"v1": 10, "tes": 40}
 
 TEMPLATE = f"""#!/bin/bash
 # JobProxy fuzz test: task {{{{task_id}}}} ({{{{resources}}}}). The generated command is never run.

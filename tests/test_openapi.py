@@ -77,7 +77,12 @@ def test_components_are_the_schema_files() -> None:
             if part not in ("TesTaskRequestResources", "TesTaskRequestInput", "TesTaskRequestOutput"):
                 assert components[part] == json.loads(part_text), part
     resources = components["TesTaskRequestResources"]
-    assert resources["then"] == {"properties": {"backend_parameters": {"propertyNames": {"enum": ["cputime"]}}}}
+    allowed = ["cputime", "gpus", "slurm.partition", "slurm.account", "slurm.qos", "slurm.constraint",
+               "slurm.reservation", "sge.queue", "sge.project"]
+    assert resources["then"] == {"properties": {"backend_parameters": {"propertyNames": {"enum": allowed}}}}
+    parameters = resources["properties"]["backend_parameters"]["properties"]
+    assert parameters["slurm.qos"]["pattern"] == schemas.load("task")["$defs"]["name"]["pattern"]
+    assert set(parameters) == set(allowed)
 
 
 def test_page_sizes_and_limits_follow_the_config(tmp_path: Path) -> None:

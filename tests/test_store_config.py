@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 
@@ -143,4 +144,24 @@ async def test_a_waiter_that_gives_up_leaves_the_writer_working(tmp_path: Path) 
         await adding
     await asyncio.wait_for(store.add(_task(2), "local"), 10)
     assert store.get("t001") is not None and store.get("t002") is not None
+    store.close()
+
+
+def test_migration_drops_the_owner_from_stored_tes_tags(tmp_path: Path) -> None:
+    """A store written before tags became the client's own: the owner the gateway added goes."""
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        for number, script in enumerate(MIGRATIONS[:4], start=1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        for task_id, user, tags in (("t1", "ann", {"user": "ann", "p": "1"}), ("t2", "root", {"user": "bob"})):
+            task = Task(id=task_id, user=user, workdir="/w", stdout="/o", stderr="/e", tags=tags,
+                        extra={"tes": {"request": {"executors": [], "tags": tags}, "notes": []}})
+            db.execute("INSERT INTO tasks (id, user, scheduler, spec, state, stdout, stderr, created) "
+                       "VALUES (?, ?, 'local', ?, 'COMPLETE', '/o', '/e', '2026-01-01T00:00:00Z')",
+                       (task_id, user, json.dumps(task.to_json())))
+    store = Store(path)
+    first, second = store.get("t1"), store.get("t2")
+    assert first is not None and second is not None
+    assert first.task.tags == {"p": "1"} and first.task.extra["tes"]["request"]["tags"] == {"p": "1"}
+    assert second.task.tags == {"user": "bob"}  # not the owner (an admin's task for another): kept
     store.close()

@@ -99,7 +99,7 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
     full = long.get_task(task_id, view="FULL")
     assert [log.exit_code for log in full.logs[0].logs] == [0, 7]
     assert full.logs[0].logs[0].stdout == "hello from py-tes\n" and full.logs[0].logs[1].stderr == "failing\n"
-    assert full.inputs[0].content == "hello from py-tes\n" and full.tags == {"suite": "py-tes", "user": "anonymous"}
+    assert full.inputs[0].content == "hello from py-tes\n" and full.tags == {"suite": "py-tes"}
     assert full.logs[0].outputs[0].size_bytes == 18 and (results / "copy.txt").read_text() == "hello from py-tes\n"
     basic = short.get_task(task_id, view="BASIC")
     assert basic.inputs[0].content is None and basic.logs[0].logs[1].stdout is None and basic.name == "py-tes demo"

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from schedulers.base import TaskState
 
-from .. import audit, auth, codec, idempotency, paging, service
+from .. import audit, auth, codec, idempotency, output, paging, service
 from ..keys import CONFIG, KEYS, SCHEDULERS
 from ..responses import ApiError
 from ..store import Record
@@ -122,7 +122,8 @@ async def create_task(request: web.Request) -> web.Response:
 #: Where the fields of a Task (named in the site policy's refusals) came from in a TES request.
 TES_FIELDS = {"$.cores": "$.resources.cpu_cores", "$.memory": "$.resources.ram_gb",
               "$.cputime": "$.resources.backend_parameters.cputime", "$.user": "$.tags.user",
-              "$.scheduler": "$.resources.backend_parameters.scheduler", "$.container.image": "$.executors"}
+              "$.scheduler": "$.resources.backend_parameters.scheduler", "$.container.image": "$.executors",
+              "$.gpus": "$.resources.backend_parameters.gpus"}
 
 
 def _in_tes_terms(err: ApiError) -> ApiError:
@@ -155,7 +156,8 @@ async def list_tasks(request: web.Request) -> web.Response:
         request.app, user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
         before=before, tags=tags, name_prefix=query.get("name_prefix") or None)
     tail = request.app[CONFIG].sections.tes.log_tail_bytes
-    body: dict[str, Any] = {"tasks": [documents.document(r, view, tail) for r in records[:size]]}
+    body: dict[str, Any] = {"tasks": [documents.document(r, view, tail, output.job_owner(request.app, r.task))
+                                      for r in records[:size]]}
     if len(records) > size:
         body["next_page_token"] = _encode_token(records[size - 1].seq)
     return web.json_response(body)
@@ -163,7 +165,9 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 async def get_task(request: web.Request) -> web.Response:
     tail = request.app[CONFIG].sections.tes.log_tail_bytes
-    return web.json_response(documents.document(_record(request), _view(request), tail))
+    record = _record(request)
+    owner = output.job_owner(request.app, record.task)
+    return web.json_response(documents.document(record, _view(request), tail, owner))
 
 
 async def cancel_task(request: web.Request) -> web.Response:

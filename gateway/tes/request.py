@@ -2,20 +2,23 @@
 
 A TES task is an ordinary Task: the same store, the same scheduler, the same state vocabulary, so
 it is visible through both APIs. What is TES-only lives in `Task.extra["tes"]` (persisted with the
-task): the request as received (with the owner in `tags["user"]`), notes for `system_logs`, and
-the backend parameters passed on to the scheduler plugin. The task's command runs the steps
+task): the request as received, notes for `system_logs`, and the backend parameters passed on to
+the scheduler plugin. The task's command runs the steps
 script of `gateway.tes.steps`, written into its folder when it is accepted.
 
 Decisions:
 - Owner: with auth on, the caller (an admin may name another user in `tags["user"]`); with auth
-  off, `tags["user"]` if given, else "anonymous". The owner is always in `tags["user"]`.
+  off, `tags["user"]` if given, else "anonymous". The owner is the task's `user` (in the store and
+  in `logs[].metadata.user`), never added to the tags: `tags` are the client's own, as sent, and
+  the `tag_key`/`tag_value` filters match only those.
 - Resources: `cpu_cores` -> cores; `ram_gb` is decimal gigabytes (10^9 bytes, as the TES spec
   says), rounded up to whole MiB of memory; `disk_gb`, `preemptible` and `zones` are recorded.
-  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit; `scheduler` asks
-  for a scheduler instance by name (always read: the routing rules say whether it may); other keys the
-  admin allows (`[tes] backend_parameters`) are recorded in `Task.backend_parameters`
-  for the scheduler plugin; other keys answer 400 under `backend_parameters_strict`, else they
-  are ignored with a note in `system_logs`.
+  `backend_parameters`: `cputime` (CPU seconds) sets the task's CPU-time limit and `gpus` its
+  GPUs; `scheduler` asks for a scheduler instance by name (always read: the routing rules say
+  whether it may); the scheduler options (`slurm.partition`, `sge.queue`, ... as the v1 `options`)
+  the admin allows (`[tes] backend_parameters`) are checked against the task schema's patterns and
+  recorded in `Task.backend_parameters` for the scheduler plugin; other keys answer 400 under
+  `backend_parameters_strict`, else they are ignored with a note in `system_logs`.
 - Images: `[tes] images` rules, first match wins: `run = "host"` runs the executor on the host in
   a bubblewrap sandbox, `image = "..."` runs it in that local image through the scheduler's
   container runtime. An image no rule matches answers 400 naming it.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 import os
 import re
@@ -45,6 +49,7 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+import schemas
 from schedulers.base import Container, Mount, SchedulerError, Task, path_within
 from schedulers.script import command_argv
 
@@ -54,6 +59,7 @@ from ..config import ImageRule, TesSettings
 from ..keys import CONFIG, SCHEDULERS
 from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
+from ..validation import SchemaValidator
 from . import steps as tes_steps
 
 TES_VERSION = "1.1.0"
@@ -62,6 +68,23 @@ OUTPUT_ONLY = ("id", "state", "logs", "creation_time")
 RESERVED = ("/proc", "/dev", "/sys")
 #: `backend_parameters.cputime`: whole CPU seconds, at least 1 (ASCII digits, at most 10 significant).
 CPUTIME_PATTERN = "0*[1-9][0-9]{0,9}"
+#: `backend_parameters.gpus`: whole GPUs, 0 to 1024 (the task schema's `gpus`).
+GPUS_PATTERN = "0*(?:[0-9]{1,3}|10[01][0-9]|102[0-4])"
+_OPTIONS = schemas.load("task")["$defs"]["options"]["properties"]
+
+
+@functools.cache
+def _option_validator(key: str) -> SchemaValidator:
+    return SchemaValidator({"$defs": schemas.load("task")["$defs"], **_OPTIONS[key]})
+
+
+def option_problem(key: str, value: str) -> str | None:
+    """Why `value` cannot be the scheduler option `key` (the task schema's `$defs/options`), or
+    None; a key the schema does not define (a third-party plugin's) is recorded as it is."""
+    if key not in _OPTIONS:
+        return None
+    problems = _option_validator(key).problems(value)
+    return problems[0].message if problems else None
 
 
 def refuse(path: str, message: str, status: int = 400) -> ApiError:
@@ -103,9 +126,9 @@ class _Builder:
 
     def build(self) -> tuple[Task, dict[str, str], str]:
         resources = self.request.get("resources", {})
-        cputime, passed = self._backend_parameters(resources)
+        cputime, gpus, passed = self._backend_parameters(resources)
         base = service.new_task(self.app, {
-            "user": self.user, "cores": resources.get("cpu_cores"),
+            "user": self.user, "cores": resources.get("cpu_cores"), "gpus": gpus,
             "memory": ram_mib(resources["ram_gb"]) if "ram_gb" in resources else None, "cputime": cputime})
         images = [executor["image"] for executor in self.request["executors"]]
         self.scheduler_name = service.route(self.app, base, self.requested, images)  # its runtime runs them
@@ -130,10 +153,12 @@ class _Builder:
 
     # ---- resources ----
 
-    def _backend_parameters(self, resources: Mapping[str, Any]) -> tuple[int | None, dict[str, str]]:
+    def _backend_parameters(self, resources: Mapping[str, Any]) -> tuple[int | None, int, dict[str, str]]:
+        """The CPU-time limit, the GPUs, and the scheduler options of `backend_parameters`: keys
+        the site allows (`[tes] backend_parameters`), each value checked like the v1 `options`."""
         allowed = list(self.tes_config.backend_parameters)
         strict = resources.get("backend_parameters_strict", False)
-        cputime, passed = None, {}
+        cputime, gpus, passed = None, 0, {}
         for key, value in resources.get("backend_parameters", {}).items():
             where = f"$.resources.backend_parameters.{key}"
             if key == "scheduler":
@@ -146,9 +171,16 @@ class _Builder:
                 if not re.fullmatch(CPUTIME_PATTERN, value):
                     raise refuse(where, "must be a whole number of CPU seconds >= 1")
                 cputime = int(value)
+            elif key == "gpus":
+                if not re.fullmatch(GPUS_PATTERN, value):
+                    raise refuse(where, "must be a whole number of GPUs, 0 to 1024")
+                gpus = int(value)
             else:
+                problem = option_problem(key, value)
+                if problem:
+                    raise refuse(where, problem)
                 passed[key] = value
-        return cputime, passed
+        return cputime, gpus, passed
 
     # ---- files ----
 
@@ -284,11 +316,7 @@ def to_task(app: web.Application, request: dict[str, Any], caller: Identity) -> 
     """The Task for a validated TES request, the files (relative to its folder) it needs, and
     the scheduler instance it goes to."""
     stored = {k: v for k, v in request.items() if k not in OUTPUT_ONLY}
-    tags = dict(stored.get("tags", {}))
-    user = owner(caller, tags)
-    tags["user"] = user
-    stored["tags"] = tags
-    return _Builder(app, stored, user).build()
+    return _Builder(app, stored, owner(caller, stored.get("tags", {}))).build()
 
 
 def request_of(task: Task) -> dict[str, Any]:
@@ -302,7 +330,10 @@ def request_of(task: Task) -> dict[str, Any]:
         resources["cpu_cores"] = task.cores
     if task.memory:
         resources["ram_gb"] = round(task.memory * 1048576 / 1e9, 3)
-    return {"executors": [executor], "resources": resources, "tags": {"user": task.user}}
+    body: dict[str, Any] = {"executors": [executor], "resources": resources}
+    if task.tags:
+        body["tags"] = dict(task.tags)
+    return body
 
 
 def local_path(url: str) -> str | None:

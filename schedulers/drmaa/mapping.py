@@ -6,8 +6,12 @@ Native specification. DRMAA v1 has no attributes for cores, memory or CPU time, 
 passes them in `nativeSpecification`, built from a template the admin sets per site (option
 `native_spec`): a list of pieces such as "-l h_vmem={memory_per_slot_kib}K". A piece is kept
 when every placeholder in it has a value for the task and left out otherwise (a task without a
-memory limit gets no h_vmem), so one template serves every task. The values are numbers or
-admin-set names checked at start-up; nothing the user sends enters the native specification.
+memory limit gets no h_vmem), so one template serves every task. The values are numbers,
+admin-set names checked at start-up, and the task's `sge.queue` and `sge.project` backend
+parameters, which the task schema's patterns allow only letters, digits
+and `_ . @ , -` (no space, quote or shell character); they still pass through `script.quote`.
+GPUs: `-l {gpu_resource}={gpus}`, the site's consumable (define it `consumable JOB`, so the
+count is per job, not per slot).
 Grid Engine counts h_vmem and h_cpu per slot, so the default template asks for each limit
 divided by the slots, rounded up: the job gets what the task asked for in total (at most
 slots-1 KiB or seconds more), not that much times its cores.
@@ -43,7 +47,10 @@ NATIVE_FIELDS: dict[str, str] = {
     "slots": "the task's cores (1 when it asks none)",
     "parallel_slots": "the task's cores when more than 1; pieces using it are left out for 1 core",
     "pe": "option parallel_environment",
-    "queue": "option queue; pieces using it are left out when it is not set",
+    "queue": "the task's sge.queue, else option queue; pieces using it are left out when neither is set",
+    "project": "the task's sge.project; pieces using it are left out when it has none",
+    "gpus": "the task's GPUs; pieces using it are left out for a task without GPUs",
+    "gpu_resource": "option gpu_resource, the site's consumable for GPUs (e.g. gpu)",
     "memory": "the task's memory limit in MiB",
     "memory_kib": "the task's memory limit in KiB",
     "memory_per_slot": "memory / slots in MiB, rounded up",
@@ -62,6 +69,8 @@ GRID_ENGINE_SPEC: tuple[str, ...] = (
     "-l h_vmem={memory_per_slot_kib}K",
     "-l h_cpu={cputime_hard_per_slot}",
     "-q {queue}",
+    "-P {project}",
+    "-l {gpu_resource}={gpus}",
 )
 
 #: DRMAA job states (drmaa.JobState) of jobs that have not ended, per the DRMAA v1 spec (GFD.133).
@@ -111,7 +120,8 @@ def _fields(piece: str) -> list[str]:
     return names
 
 
-def native_values(task: Task, pe: str, queue: str | None, *, job_memory: bool = True) -> dict[str, str | None]:
+def native_values(task: Task, pe: str, queue: str | None, *, job_memory: bool = True,
+                  gpu_resource: str | None = None) -> dict[str, str | None]:
     """The placeholder values for `task`; None where the task or the site has none.
 
     `job_memory` False: the memory limit is not the job's to carry (a Docker or Podman container
@@ -126,7 +136,10 @@ def native_values(task: Task, pe: str, queue: str | None, *, job_memory: bool = 
         "slots": str(slots),
         "parallel_slots": str(slots) if slots > 1 else None,
         "pe": pe,
-        "queue": queue,
+        "queue": _quoted(task.backend_parameters.get("sge.queue")) or queue,
+        "project": _quoted(task.backend_parameters.get("sge.project")),
+        "gpus": str(task.gpus) if task.gpus else None,
+        "gpu_resource": gpu_resource,
         "memory": _str(memory),
         "memory_kib": _str(memory_kib),
         "memory_per_slot": _str(memory and share(memory, slots)),
@@ -145,6 +158,10 @@ def native_spec(pieces: Iterable[str], values: Mapping[str, str | None]) -> str:
         if all(values.get(name) is not None for name in _fields(piece)):
             kept.append(piece.format(**{k: v for k, v in values.items() if v is not None}).strip())
     return " ".join(p for p in kept if p)
+
+
+def _quoted(value: str | None) -> str | None:
+    return None if value is None else quote(value)
 
 
 def _str(value: int | None) -> str | None:

@@ -95,6 +95,11 @@ class DrmaaScheduler(Scheduler):
                             "description": "native-specification pieces with placeholders; see mapping.NATIVE_FIELDS"},
             "parallel_environment": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR, "default": "smp"},
             "queue": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR},
+            "gpu_resource": {"type": "string", "pattern": _NAME, "x-error": _NAME_ERROR,
+                             "description": "the consumable complex that counts GPUs (-l NAME=N), defined `consumable "
+                                            "JOB`; without it tasks asking for GPUs are refused"},
+            "max_gpus": {"type": "integer", "minimum": 1,
+                         "description": "the most GPUs one job can get (e.g. the most one host has); more is refused"},
             "template": TEMPLATE_OPTION,
             "environment": {
                 "type": "object", "default": {}, "additionalProperties": {"type": "string"},
@@ -177,10 +182,24 @@ class DrmaaScheduler(Scheduler):
     # ---- the contract ----
 
     def admit(self, task: Task) -> None:
+        if task.gpus and "gpu_resource" not in self.options:
+            raise TaskRefused(f"the task asks for {task.gpus} GPU(s); this scheduler has none (no gpu_resource)",
+                              "$.gpus")
+        most = self.options.get("max_gpus")
+        if most is not None and task.gpus > most:
+            raise TaskRefused(f"the task asks for {task.gpus} GPUs; a job here gets at most {most}", "$.gpus")
         for key, path in (("stdout", task.stdout), ("stderr", task.stderr)):
             if "$" in path:
                 raise TaskRefused(f"cannot write output to {path}: DRMAA takes $...$ in a path for a placeholder; "
                                   "choose a path without '$'", f"$.{key}")
+
+    def native_specification(self, task: Task) -> str:
+        """The native specification of `task`'s job: the site's pieces with the task's values."""
+        runtime_limits_memory = task.container is not None and self.runtime is not None and self.runtime.limits_memory
+        values = mapping.native_values(task, self.options["parallel_environment"], self.options.get("queue"),
+                                       job_memory=not runtime_limits_memory,
+                                       gpu_resource=self.options.get("gpu_resource"))
+        return mapping.native_spec(self.pieces, values)
 
     async def submit(self, task: Task) -> str:
         script = Path(task.workdir) / SCRIPT_NAME
@@ -193,10 +212,7 @@ class DrmaaScheduler(Scheduler):
             partial.replace(script)
         except OSError as exc:
             raise SchedulerUnavailable(f"the DRMAA scheduler cannot write the job script: {exc.strerror}") from None
-        runtime_limits_memory = task.container is not None and self.runtime is not None and self.runtime.limits_memory
-        values = mapping.native_values(task, self.options["parallel_environment"], self.options.get("queue"),
-                                       job_memory=not runtime_limits_memory)
-        fields = mapping.job_template(task, str(script), mapping.native_spec(self.pieces, values),
+        fields = mapping.job_template(task, str(script), self.native_specification(task),
                                       self.options["environment"])
         abandoned = threading.Event()
         try:

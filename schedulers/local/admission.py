@@ -1,5 +1,6 @@
 """What the local scheduler holds in memory: the queue of waiting tasks and the slots of the jobs
-that are starting or running, with the CPUs and memory each one holds.
+that are starting or running, with the CPUs, memory and GPUs each one holds (a GPU is one job's
+alone while it runs).
 
 Admission is FIFO, except that a smaller task that fits may start before an older one that does
 not. Nothing here reads files or starts processes: the plugin does, when `admissible` says a task
@@ -30,6 +31,7 @@ class Slot:
     lease: Lease | None = None  # the pooled cgroup the job runs in
     recorded: bool = False  # its pid file is written
     launched: asyncio.Event = field(default_factory=asyncio.Event)  # the launcher answered
+    gpus: tuple[str, ...] = ()  # the ids of the GPUs it holds
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -38,11 +40,13 @@ class Slot:
 
 
 class Admission:
-    """The queue and the slots, against a pool of CPUs and a memory budget (MiB)."""
+    """The queue and the slots, against a pool of CPUs, a memory budget (MiB) and a list of GPU ids."""
 
-    def __init__(self, cpu_pool: tuple[int, ...], memory: int) -> None:
+    def __init__(self, cpu_pool: tuple[int, ...], memory: int, gpu_pool: tuple[str, ...] = ()) -> None:
         self.cpu_pool = cpu_pool
         self.memory = memory
+        self.gpu_pool = gpu_pool
+        self._free_gpus = list(gpu_pool)
         self.queue: dict[str, Task] = {}
         self.slots: dict[str, Slot] = {}
         self._free = list(cpu_pool)
@@ -51,8 +55,9 @@ class Admission:
     def waiting(self, task: Task) -> JobStatus:
         """The status of a queued task: what it waits for, and what is free as it is said."""
         cores, memory = task.cores or 1, task.memory or 0
+        gpus = f", {task.gpus} GPU(s), {len(self._free_gpus)} free" if task.gpus else ""
         return JobStatus(TaskState.QUEUED, f"waiting for {cores} {'core' if cores == 1 else 'cores'}, "
-                                           f"{len(self._free)} free, and {memory} MiB, "
+                                           f"{len(self._free)} free{gpus}, and {memory} MiB, "
                                            f"{self.memory - self._used_memory} MiB free; {len(self.queue)} queued")
 
     def enqueue(self, task: Task, front: bool = False) -> None:
@@ -86,17 +91,18 @@ class Admission:
                 yield slot
 
     def take(self, task: Task) -> Slot | None:
-        """A slot for `task` with its cores and memory, or None if they are not free."""
+        """A slot for `task` with its cores, memory and GPUs, or None if they are not free."""
         cores, memory = task.cores or 1, task.memory or 0
-        if cores > len(self._free) or self._used_memory + memory > self.memory:
+        if cores > len(self._free) or self._used_memory + memory > self.memory or task.gpus > len(self._free_gpus):
             return None
         cpus, self._free = tuple(self._free[:cores]), self._free[cores:]
-        return self.hold(Slot(task, cpus, memory))
+        return self.hold(Slot(task, cpus, memory, gpus=tuple(self._free_gpus[:task.gpus])))
 
     def hold(self, slot: Slot) -> Slot:
         """Record `slot` (e.g. a job found running after a restart) with what it holds."""
         self.slots[slot.task_id] = slot
         self._free = sorted(set(self._free) - set(slot.cpus))
+        self._free_gpus = [g for g in self._free_gpus if g not in slot.gpus]
         self._used_memory += slot.memory
         return slot
 
@@ -105,5 +111,7 @@ class Admission:
         slot = self.slots.pop(task_id, None)
         if slot is not None:
             self._free = sorted(set(self._free) | (set(slot.cpus) & set(self.cpu_pool)))
+            held = set(self._free_gpus) | (set(slot.gpus) & set(self.gpu_pool))
+            self._free_gpus = [g for g in self.gpu_pool if g in held]
             self._used_memory -= slot.memory
         return slot

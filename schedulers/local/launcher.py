@@ -4,12 +4,13 @@ Started once by the plugin as `python -I launcher.py --serve`, it imports nothin
 library (so it runs from its path) and speaks JSON lines: requests on stdin, answers on stdout.
 
 - `{"op": "run", "id": TASK, "join": [cgroup.procs, ...], "cpus": [0, 1], "rlimit_as": BYTES or 0,
-  "user": NAME or null, "stdout": PATH, "stderr": PATH, "env": {...} or null, "cwd": PATH}` plus either
+  "user": NAME or null, "stdout": PATH, "stderr": PATH, "env": {...} or null, "cwd": PATH,
+  "gpus": [ID, ...] or null}` plus either
   `"script": PATH` (a job script, run by bash) or `"argv": [...], "cputime": [SOFT, HARD] or null,
   "exit_file": PATH, "spawn": BOOL` (direct exec) is answered `{"op": "started", "id": TASK, "pid": PID,
   "start_time": TICKS}` once the job runs, or `{"op": "error", "id": TASK, "error": WHY}` if it
   could not be started. `"env": null` means the launcher's own environment; either way the job gets
-  `JOBPROXY_TASK_ID=TASK`.
+  `JOBPROXY_TASK_ID=TASK`, and with `"gpus"` a list, `CUDA_VISIBLE_DEVICES` set to those ids.
 - `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null}` says a job
   ended (it is reaped); `code` is what the launcher wrote to the exit-code file of a direct job.
 
@@ -95,6 +96,14 @@ def _job_failed(message: str, code: int) -> None:
         os._exit(code)
 
 
+def _job_environment(request: dict[str, Any]) -> dict[str, str]:
+    """The job's environment: the request's (else the launcher's), with its task id and GPUs."""
+    env = dict(os.environ if request["env"] is None else request["env"], JOBPROXY_TASK_ID=request["id"])
+    if request.get("gpus") is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(request["gpus"])
+    return env
+
+
 def _exec_direct(request: dict[str, Any], env: dict[str, str]) -> None:
     """The rest of a direct job's start, once the launcher knows it runs: its folder, its CPU-time
     limit, its command."""
@@ -144,10 +153,7 @@ def _child(request: dict[str, Any], errors: int, launcher: int) -> None:
                 script_text = f.read()
         if request["user"]:
             _become(request["user"])
-        env = request["env"]
-        if env is None:
-            env = os.environ.copy()
-        env["JOBPROXY_TASK_ID"] = request["id"]
+        env = _job_environment(request)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         for path, target in ((request["stdout"], 1), (request["stderr"], 2)):
@@ -429,8 +435,7 @@ class Launcher:
             pinned = bool(request["cpus"]) and not any("/cpuset/" in procs for procs in request["join"])
             if pinned:  # (a cpuset group pins the launcher, and so the job, by itself)
                 os.sched_setaffinity(0, request["cpus"])
-            env = request["env"]
-            env = dict(os.environ if env is None else env, JOBPROXY_TASK_ID=request["id"])
+            env = _job_environment(request)
             popen = subprocess.Popen(request["argv"], stdin=subprocess.DEVNULL, stdout=opened[0], stderr=opened[1],
                                      cwd=request["cwd"], env=env, start_new_session=True, close_fds=True,
                                      **(identity.popen_arguments() if identity is not None else {}))

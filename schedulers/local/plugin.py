@@ -88,6 +88,12 @@ class LocalScheduler(Scheduler):
                       "description": "CPU cores tasks may use in all (default: all usable CPUs)"},
             "memory": {"type": "integer", "minimum": 1,
                        "description": "MiB tasks may use in all (default: 90% of the machine's)"},
+            "gpus": {"type": "array", "default": [], "uniqueItems": True,
+                      "items": {"type": "string", "pattern": "^[A-Za-z0-9_:.-]+$",
+                                "x-error": {"pattern": "must be a GPU id as CUDA_VISIBLE_DEVICES takes it (an index "
+                                                       "or a UUID such as GPU-5a3c...)"}},
+                      "description": "ids of the GPUs tasks may use, each given to one task at a time and exported "
+                                     "to it as CUDA_VISIBLE_DEVICES (default: none)"},
             "template": TEMPLATE_OPTION,
             "cgroups": {"enum": ["auto", "off"], "default": "auto",
                         "description": "use a writable cgroup hierarchy for memory and CPU limits"},
@@ -111,7 +117,8 @@ class LocalScheduler(Scheduler):
         self.cgroups = cgroups.detect() if self.options["cgroups"] == "auto" else None
         self.pool = CgroupPool(self.cgroups, prefix_for(state_dir)) if self.cgroups else None
         self.spool = Spool(state_dir)
-        self.admission = Admission(tuple(usable[: self.cores]), self.memory)
+        self.gpus: tuple[str, ...] = tuple(self.options["gpus"])
+        self.admission = Admission(tuple(usable[: self.cores]), self.memory, self.gpus)
         self.launcher = LauncherClient(self)
         self._final: collections.OrderedDict[str, JobStatus] = collections.OrderedDict()
         self._dispatching = False
@@ -148,6 +155,9 @@ class LocalScheduler(Scheduler):
         if task.memory and task.memory > self.memory:
             raise TaskRefused(f"the task asks for {task.memory} MiB of memory; this scheduler has {self.memory} MiB "
                               "in all", "$.memory")
+        if task.gpus > len(self.gpus):
+            raise TaskRefused(f"the task asks for {task.gpus} GPU(s); this scheduler has {len(self.gpus)} in all",
+                              "$.gpus")
 
     async def submit(self, task: Task) -> str:
         command = self.job_command(task)
@@ -263,7 +273,8 @@ class LocalScheduler(Scheduler):
         lease = slot.lease
         try:
             self.spool.write_pid(slot.task_id, PidRecord(slot.pid, slot.started_at, slot.cpus, slot.memory,
-                                                         lease.name if lease else None, lease.oom_base if lease else 0))
+                                                         lease.name if lease else None, lease.oom_base if lease else 0,
+                                                         slot.gpus))
         except OSError as exc:
             log.warning("task %s: cannot write its pid file: %s", slot.task_id, exc)
 
@@ -345,6 +356,7 @@ class LocalScheduler(Scheduler):
             return
         self.launcher.send(launch.run_request(task, slot.cpus, slot.lease, command=command if direct else None,
                                               script_path=str(script), account=account, env=env,
+                                              gpus=slot.gpus if self.gpus else None,
                                               can_spawn=self.cgroups is None or self.cgroups.version == "v1"))
 
     def _watch(self, slot: Slot) -> None:

@@ -78,3 +78,15 @@ def by_task() -> dict[str, set[int]]:
             if item.startswith(b"JOBPROXY_TASK_ID=") and alive(int(entry.name), None):
                 found.setdefault(item[17:].decode(errors="replace"), set()).add(int(entry.name))
     return found
+
+
+def visible_gpus(pid: int) -> tuple[str, ...]:
+    """The GPU ids in a process's CUDA_VISIBLE_DEVICES (what the launcher gave its job), if any."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return ()
+    for item in environ:
+        if item.startswith(b"CUDA_VISIBLE_DEVICES="):
+            return tuple(g for g in item[21:].decode(errors="replace").split(",") if g)
+    return ()

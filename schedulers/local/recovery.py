@@ -28,7 +28,7 @@ def reconcile(plugin: LocalScheduler, jobs: Sequence[JobRef]) -> dict[str, JobSt
                                             canceled=plugin.spool.cancelled(task_id) is not None)
         elif record is not None and proc.alive(record.pid, record.started_at):
             slot = plugin.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at,
-                                            recorded=True))
+                                            recorded=True, gpus=record.gpus))
             if plugin.pool is not None and record.cgroup is not None:
                 slot.lease = plugin.pool.adopt(record.cgroup, record.oom_base)
             slot.status = lifecycle.running(record.pid, record.cpus, plugin.spool.pid_written(task_id))

@@ -47,6 +47,7 @@ class PidRecord:
     memory: int
     cgroup: str | None = None
     oom_base: int = 0
+    gpus: tuple[str, ...] = ()
 
 
 #: The name of the journal of submitted tasks, in the spool.
@@ -146,7 +147,7 @@ class Spool:
         partial = self._path(task_id, ".pid.part")
         with open(partial, "w", encoding="ascii") as f:
             f.write(f"{record.pid} {record.started_at} {','.join(map(str, record.cpus)) or '-'} {record.memory} "
-                    f"{record.cgroup or '-'} {record.oom_base}\n")
+                    f"{record.cgroup or '-'} {record.oom_base} {','.join(record.gpus) or '-'}\n")
         os.replace(partial, self._path(task_id, ".pid"))
 
     def read_pid(self, task_id: str) -> PidRecord | None:
@@ -160,9 +161,11 @@ class Spool:
             try:
                 pid, started, cpus, memory = fields[:4]
                 cgroup, oom_base = fields[4:6] if len(fields) >= 6 else (task_id, "0")  # older: one group per task
+                gpus = fields[6] if len(fields) >= 7 else "-"  # older: no GPUs
                 return PidRecord(int(pid), None if started == "None" else int(started),
                                  tuple(int(c) for c in cpus.split(",") if c.isdigit()), int(memory),
-                                 None if cgroup == "-" else cgroup, int(oom_base))
+                                 None if cgroup == "-" else cgroup, int(oom_base),
+                                 tuple(g for g in gpus.split(",") if g and gpus != "-"))
             except ValueError:
                 return None
         return None
@@ -199,7 +202,7 @@ class Spool:
               oom_kills: Callable[[str], int]) -> None:
         """Jobs started just before a crash, whose pid was never recorded: found by the task id in
         their environment (one scan of /proc), their pid files written with the CPUs they are
-        pinned to, their cgroup (`cgroup(pid)`) and its OOM-kill counter now (`oom_kills`).
+        pinned to, their cgroup (`cgroup(pid)`), its OOM-kill counter now (`oom_kills`) and their GPUs.
         `memory` gives each task's MiB."""
         lost = [task_id for task_id in task_ids if self.known(task_id) and not self.has_pid(task_id)]
         running = proc.by_task() if lost else {}
@@ -214,4 +217,4 @@ class Spool:
                     cpus = ()
                 group = cgroup(pid)
                 self.write_pid(task_id, PidRecord(pid, proc.start_time(pid), cpus, memory.get(task_id, 0), group,
-                                                  oom_kills(group) if group else 0))
+                                                  oom_kills(group) if group else 0, proc.visible_gpus(pid)))

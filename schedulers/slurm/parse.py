@@ -105,12 +105,22 @@ def time_limit_minutes(task: Task, default_time: int | None, factor: float) -> i
     return None
 
 
+#: The task's `slurm.*` backend parameters and the sbatch option each one sets.
+PARAMETER_OPTIONS = {"slurm.partition": "partition", "slurm.account": "account", "slurm.qos": "qos",
+                     "slurm.constraint": "constraint", "slurm.reservation": "reservation"}
+
+
 def directives(task: Task, *, time_minutes: int | None = None, partition: str | None = None,
-               account: str | None = None, qos: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+               account: str | None = None, qos: str | None = None, extra: Sequence[str] = (),
+               requeue: bool = False) -> list[str]:
     """The `#SBATCH` lines carrying the task's name, files and limits, every value quoted.
 
     `--mem` is in MiB (Slurm's `M` is 1024² bytes), the whole task on its one node; the CPU-time
-    limit is no sbatch option: the job script sets it (`run_block`).
+    limit is no sbatch option: the job script sets it (`run_block`). GPUs are a generic resource
+    (`--gres=gpu:N`). The task's `slurm.*` backend parameters (PARAMETER_OPTIONS) take the place
+    of the site's `partition`, `account` and `qos`; `requeue` lets Slurm requeue the job when it
+    is preempted (or its node fails). Other plugins that submit Slurm batch jobs (through
+    slurmrestd, say) call this too.
     """
     check_task_paths(task)
     options = [
@@ -124,11 +134,23 @@ def directives(task: Task, *, time_minutes: int | None = None, partition: str | 
     ]
     if task.memory:
         options.append(f"--mem={quote(f'{task.memory}M')}")
+    if task.gpus:
+        options.append(f"--gres={quote(f'gpu:{task.gpus}')}")
     if time_minutes:
         options.append(f"--time={quote(time_minutes)}")
-    for name, value in (("partition", partition), ("account", account), ("qos", qos)):
+    chosen = {"partition": partition, "account": account, "qos": qos}
+    for key, name in PARAMETER_OPTIONS.items():
+        value = task.backend_parameters.get(key)
+        if value is not None:
+            problem = directive_problem(value)
+            if problem:
+                raise TaskRefused(f"$.options.{key}: {value!r} {problem}", f"$.options.{key}")
+            chosen[name] = value
+    for name, value in chosen.items():
         if value:
             options.append(f"--{name}={quote(value)}")
+    if requeue:
+        options.append("--requeue")
     options += [quote(option) for option in extra]
     return [f"#SBATCH {option}" for option in options]
 
@@ -285,14 +307,21 @@ def walltime_exceeded(limit: str) -> str:
     return f"killed: wall-clock time limit of {-(-seconds // 60)} min exceeded"
 
 
-def job_status(task: Task, job: SlurmJob, recorded: int | None = None) -> JobStatus | None:
+def job_status(task: Task, job: SlurmJob, recorded: int | None = None, *, requeue: bool = False) -> JobStatus | None:
     """The status of `task` whose Slurm job is `job`; `recorded` is the exit code the job script
-    wrote to its exit-code file, if it did. None for a state JobProxy does not know."""
+    wrote to its exit-code file, if it did. None for a state JobProxy does not know.
+
+    PREEMPTED is final, unless the site lets Slurm requeue preempted jobs (`requeue`): the job
+    then waits to run again, QUEUED. (Slurm gives a preempted job no reason of its own: Reason
+    stays None, ExitCode 0:15, the SIGTERM it got.)"""
     state = STATES.get(job.state)
     if state is None:
         return None
     reason = job.reason if job.reason.upper() not in _NOT_SET else ""
-    if not state.terminal and state != TaskState.PREEMPTED:
+    if job.state == "PREEMPTED" and requeue:
+        return JobStatus(TaskState.QUEUED, f"preempted as Slurm job {job.job_id}; waiting to be requeued"
+                         + (f": {reason}" if reason else ""))
+    if not state.terminal:
         words = {TaskState.QUEUED: "pending", TaskState.INITIALIZING: "configuring",
                  TaskState.PAUSED: "suspended", TaskState.RUNNING: "running"}[state]
         if job.state not in ("PENDING", "RUNNING", "CONFIGURING", "SUSPENDED"):
@@ -320,7 +349,8 @@ def job_status(task: Task, job: SlurmJob, recorded: int | None = None) -> JobSta
     elif job.state == "CANCELLED":
         description = "cancelled in Slurm"
     elif job.state == "PREEMPTED":
-        description = f"preempted by Slurm (job {job.job_id})"
+        description = f"preempted by Slurm (job {job.job_id}): a job of higher priority took its resources" \
+            + (f" ({reason})" if reason else "")
     else:
         which = {"NODE_FAIL": "the job's node failed", "BOOT_FAIL": "the job's node failed to boot"}
         description = which.get(job.state, f"Slurm ended the job: {job.state}") + (f" ({reason})" if reason else "")

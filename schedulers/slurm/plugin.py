@@ -12,6 +12,9 @@
   lists is resolved from the exit-code file its script wrote, else `scontrol`. Jobs are matched by
   id *and* name, so a job id Slurm reuses is never taken for ours. `find` asks by name.
 - cancel: `scancel --name=<task id> <job id>`, which cannot hit another job.
+- GPUs: `--gres=gpu:N` (Slurm exports CUDA_VISIBLE_DEVICES to the job); the task's `slurm.*`
+  backend parameters (partition, account, qos, constraint, reservation) take the place of the
+  site's options. A preempted job is PREEMPTED, final, unless `requeue` lets Slurm run it again.
 - `--time`: from the task's `cputime` (× `time_factor`, + the CPU-time grace, in whole minutes,
   see `units.walltime_for_cputime`), else the admin's `default_time`, else the partition's default.
 
@@ -92,6 +95,9 @@ class SlurmScheduler(Scheduler):
                           "x-error": {"pattern": "must be one sbatch option starting with '-' (e.g. "
                                                  "\"--constraint=haswell\"), on one line, without backslashes"}},
             },
+            "requeue": {"type": "boolean", "default": False,
+                        "description": "let Slurm requeue a preempted job (sbatch --requeue): it is then QUEUED again, "
+                                       "not PREEMPTED, which is otherwise final"},
             "default_time": {"type": "integer", "minimum": 1, "maximum": 31536000000,
                              "description": "wall-clock limit in seconds of tasks without cputime "
                                             "(default: the partition's)"},
@@ -114,6 +120,7 @@ class SlurmScheduler(Scheduler):
         self.qos: str | None = self.options.get("qos")
         self.extra: list[str] = list(self.options["extra_directives"])
         self.default_time: int | None = self.options.get("default_time")
+        self.requeue = bool(self.options["requeue"])
         self.time_factor = float(self.options["time_factor"])
         self.timeout = float(self.options["command_timeout"])
         self.bin_dir: str | None = self.options.get("bin_dir")
@@ -150,7 +157,8 @@ class SlurmScheduler(Scheduler):
     def job_script(self, task: Task) -> str:
         """The job script of `task`: the template filled with its directives and the common body."""
         lines = directives(task, time_minutes=time_limit_minutes(task, self.default_time, self.time_factor),
-                           partition=self.partition, account=self.slurm_account, qos=self.qos, extra=self.extra)
+                           partition=self.partition, account=self.slurm_account, qos=self.qos, extra=self.extra,
+                           requeue=self.requeue)
         record = f"printf '%s\\n' \"$SLURM_JOB_ID\" > {quote(f'{task.workdir}/{JOB_ID_FILE}')}"
         return render(self.template, {
             "task_id": quote(task.id),
@@ -221,7 +229,8 @@ class SlurmScheduler(Scheduler):
             message = error_message(err, out)
             if unavailable(message):
                 raise SchedulerUnavailable(f"Slurm cannot take the task now: {message}")
-            raise TaskRefused(f"Slurm refused the task: {message}")
+            gres = task.gpus and any(w in message.lower() for w in ("gres", "node configuration"))
+            raise TaskRefused(f"Slurm refused the task: {message}", "$.gpus" if gres else "$")
         if err.strip():
             log.warning("task %s: sbatch said: %s", task.id, err.strip())
         try:
@@ -246,7 +255,7 @@ class SlurmScheduler(Scheduler):
     def _status(self, job: JobRef, found: SlurmJob) -> JobStatus:
         state = STATES.get(found.state)
         recorded = recorded_exit(job.task)[0] if state is None or state.terminal else None
-        status = job_status(job.task, found, recorded)
+        status = job_status(job.task, found, recorded, requeue=self.requeue)
         if status is not None:
             return status
         if (job.task_id, found.state) not in self._unknown_seen:

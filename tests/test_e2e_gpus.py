@@ -1,0 +1,145 @@
+"""GPUs and scheduler options on real schedulers: the local scheduler with a fake list of GPU ids
+(each given to one job at a time, exported as CUDA_VISIBLE_DEVICES, counted by admission, kept
+across a restart), and the dev Slurm cluster, whose node has two stand-in GPUs (`Gres=gpu:2`
+with gres.conf device files), so `--gres=gpu:N` is scheduled and Slurm sets CUDA_VISIBLE_DEVICES."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schedulers.base import JobRef, Scheduler, TaskRefused, TaskState
+
+from . import backend_drmaa, backend_slurm
+from .reporting import Reports
+from .test_contract import make_task
+from .test_e2e_drmaa import plugin as drmaa_plugin
+from .test_e2e_slurm import plugin as slurm_plugin
+
+Factory = Callable[..., Any]
+SHOW = 'echo "gpus=${CUDA_VISIBLE_DEVICES-unset}"; sleep 1'
+
+
+async def _submit(scheduler: Scheduler, task: Any) -> JobRef:
+    scheduler.admit_task(task)
+    return JobRef(task, await scheduler.submit(task))
+
+
+def _shown(job: JobRef) -> str:
+    return Path(job.task.stdout).read_text().strip()
+
+
+# ---- local ---------------------------------------------------------------------------------------
+
+
+async def test_local_gpus_are_exclusive_and_exported(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local(gpus=["0", "1", "GPU-fake-2"])
+    with pytest.raises(TaskRefused) as refused:
+        scheduler.admit_task(make_task(tmp_path, cmd="true", gpus=4))
+    assert refused.value.path == "$.gpus" and "has 3 in all" in str(refused.value)
+    two = await _submit(scheduler, make_task(tmp_path, cmd=SHOW, gpus=2))
+    one = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/sh", "-c", SHOW], gpus=1))  # a direct job
+    waits = await _submit(scheduler, make_task(tmp_path, cmd=SHOW, gpus=1))  # none left: waits for one
+    none = await _submit(scheduler, make_task(tmp_path, cmd=SHOW))
+    queued = (await scheduler.status([waits]))[waits.task_id]
+    assert queued.state == TaskState.QUEUED and "1 GPU(s), 0 free" in queued.description
+    jobs = [two, one, waits, none]
+    await reports.wait(lambda: all(j.task_id in reports.latest and reports.latest[j.task_id].state.terminal
+                                   for j in jobs), 60)
+    assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
+    assert (_shown(two), _shown(one), _shown(none)) == ("gpus=0,1", "gpus=GPU-fake-2", "gpus=")
+    assert _shown(waits) in ("gpus=0", "gpus=1", "gpus=GPU-fake-2")
+
+
+@pytest.mark.parametrize("pid_file", ["written", "lost"])
+async def test_local_gpus_held_by_a_job_survive_a_restart(local: Factory, tmp_path: Path, pid_file: str) -> None:
+    """After a restart the GPUs of a running job stay taken: from its pid file, or, when the
+    gateway died before writing that, from the job's own environment."""
+    first, reports = await local(gpus=["0", "1"])
+    held = await _submit(first, make_task(tmp_path, cmd="sleep 4", gpus=2))
+    await reports.wait(lambda: reports.latest.get(held.task_id) is not None
+                       and reports.latest[held.task_id].state == TaskState.RUNNING, 30)
+    await asyncio.sleep(0.5)  # the pid file (with the GPUs) is written shortly after the start
+    await first.close()
+    if pid_file == "lost":
+        Path(first.spool.root / f"{held.task_id}.pid").unlink()
+    second, later = await local(gpus=["0", "1"])
+    assert (await second.status([held]))[held.task_id].state == TaskState.RUNNING  # adopted, GPUs held
+    waits = await _submit(second, make_task(tmp_path, cmd=SHOW, gpus=1))
+    queued = (await second.status([waits]))[waits.task_id]
+    assert queued.state == TaskState.QUEUED and "1 GPU(s), 0 free" in queued.description
+    await later.wait(lambda: waits.task_id in later.latest and later.latest[waits.task_id].state.terminal, 60)
+    assert _shown(waits) in ("gpus=0", "gpus=1")
+
+
+# ---- Slurm ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    backend_slurm.prepare()
+
+
+def _partition() -> str:
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout
+    return out.split()[0].rstrip("*")
+
+
+async def _slurm_run(scheduler: Scheduler, job: JobRef) -> TaskState:
+    deadline = time.monotonic() + 90
+    while not (status := (await scheduler.status([job]))[job.task_id]).state.terminal:
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.3)
+    return status.state
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+async def test_slurm_gres_gpus_and_options(slurm: None, tmp_path: Path) -> None:
+    scheduler = slurm_plugin(tmp_path, command_timeout=30)
+    await scheduler.start(Reports())
+    partition = _partition()
+    gpu = make_task(tmp_path, cmd=SHOW, gpus=1, options={"slurm.partition": partition})
+    job = JobRef(gpu, await scheduler.submit(gpu))
+    assert await _slurm_run(scheduler, job) == TaskState.COMPLETE
+    assert _shown(job) == "gpus=0"  # Slurm gave it the first stand-in GPU
+    both = make_task(tmp_path, cmd=SHOW, gpus=2)
+    job = JobRef(both, await scheduler.submit(both))
+    assert await _slurm_run(scheduler, job) == TaskState.COMPLETE and _shown(job) == "gpus=0,1"
+
+    with pytest.raises(TaskRefused) as refused:  # the node has two
+        await scheduler.submit(make_task(tmp_path, cmd="true", gpus=3))
+    assert refused.value.path == "$.gpus" and "node configuration is not available" in str(refused.value)
+    with pytest.raises(TaskRefused, match="invalid partition"):
+        await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.partition": "nosuchpartition"}))
+    with pytest.raises(TaskRefused, match=r"(?i)reservation"):
+        await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.reservation": "nosuchresv"}))
+    await scheduler.close()
+
+
+# ---- Grid Engine (DRMAA) -------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.drmaa
+async def test_grid_engine_takes_the_queue_and_refuses_what_it_lacks(tmp_path: Path) -> None:
+    """The dev cluster has the queue all.q and no projects (and no GPU complex: the rendered
+    `-l gpu=N` is checked in test_task_options.py only)."""
+    backend_drmaa.prepare()
+    scheduler = await drmaa_plugin(tmp_path)
+    queued = make_task(tmp_path, cmd="echo in-queue", options={"sge.queue": "all.q"})
+    job = JobRef(queued, await scheduler.submit(queued))
+    deadline = time.monotonic() + 90
+    while not (status := (await scheduler.status([job]))[job.task_id]).state.terminal:
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.5)
+    assert status.state == TaskState.COMPLETE and _shown(job) == "in-queue"
+    for options in ({"sge.queue": "nosuch.q"}, {"sge.project": "nosuchproject"}):
+        with pytest.raises(TaskRefused):
+            await scheduler.submit(make_task(tmp_path, cmd="true", options=options))
+    await scheduler.close()
