@@ -15,11 +15,12 @@ from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quot
 from .active import ActiveSet
 from .config import Config, ConfigError
 from .idempotency import Keys
-from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
+from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STAGER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
 from .poller import Poller
 from .quota import Quotas
 from .retention import periodic as purge_finished
+from .staging.stager import Stager
 from .store import Store
 from .tes import api as tes_api
 from .validation import SchemaValidator
@@ -101,7 +102,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
     poller = Poller(store, scheduler, active, config.poll_interval)
     app[POLLER] = poller
+    app[STAGER] = stager = Stager(app)
     await scheduler.start(poller.report)
+    stager.resume()  # tasks that were waiting for their inputs: before the poller would submit them
     await poller.reconcile()  # what happened while the gateway was down, before serving
     app[KEYS] = Keys(store)
     app[QUOTAS] = Quotas(config.sections.quotas, active)
@@ -116,6 +119,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+    await stager.close()
     await scheduler.close()
     await store.flush()
     store.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -15,6 +16,9 @@ from .quota import Quotas
 from .store import Store
 from .validation import SchemaValidator
 
+if TYPE_CHECKING:
+    from .staging.stager import Stager
+
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 ACTIVE = web.AppKey("active", ActiveSet)
@@ -24,3 +28,4 @@ TASK_ROOT = web.AppKey("task_root", Path)  # resolved once
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 POLLER = web.AppKey("poller", Poller)
 TASK_VALIDATOR = web.AppKey("task_validator", SchemaValidator)
+STAGER: web.AppKey[Stager] = web.AppKey("stager")  # TES staging (gateway/staging), set at start-up

@@ -17,7 +17,7 @@ from schedulers.base import JobRef, SchedulerError, SchedulerUnavailable, Task, 
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy, reload
-from .keys import ACTIVE, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT
+from .keys import ACTIVE, POLLER, QUOTAS, SCHEDULER, STAGER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .responses import ApiError
 from .retention import remove_task_folder
@@ -84,6 +84,12 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
                        headers=RETRY) from None
     record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
+    stager = app.get(STAGER)
+    if stager is not None and stager.needs_inputs(task):  # submitted once its inputs are in (gateway/staging)
+        stager.begin(record)
+        log.info("task %s accepted for %s: fetching its inputs", task.id, task.user,
+                 extra={"task_id": task.id, "user": task.user})
+        return
     async with poller.submitting(record):
         try:
             native_id = await scheduler.submit(task)
@@ -110,7 +116,7 @@ def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | No
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
     if account is not None:
-        _give_to(account, Path(task.workdir))
+        give_to(account, Path(task.workdir))
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -118,7 +124,7 @@ def refused(exc: TaskRefused) -> ApiError:
     return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
-def _give_to(user: str, folder: Path) -> None:
+def give_to(user: str, folder: Path) -> None:
     """Make the task's folder and what it holds belong to the user the job runs as."""
     entry = pwd.getpwnam(user)
     for path in [folder, *folder.rglob("*")]:

@@ -4,7 +4,7 @@
 - BASIC: the request as received (without `inputs[].content`), `id`, `state`, `creation_time`,
   and one TaskLog: start/end times, `metadata` (owner, scheduler, the state's description and
   exit code), each ended executor's start/end times and `exit_code`, and the outputs copied back
-  with their sizes.
+  with their sizes (those the gateway sent, one entry per file, from `tes/outputs.json`).
 - FULL: BASIC plus `inputs[].content`, the tail of each executor's stdout/stderr
   (`[tes] log_tail_bytes`: the end is what explains a failure) and `system_logs`
   (notes from submission, the steps script's `tes/system.log`, and the description of a
@@ -17,6 +17,7 @@ shown too, with one executor describing its command and its job's output as that
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -115,13 +116,17 @@ def _output_logs(record: Record, request: dict[str, Any]) -> list[dict[str, Any]
     if not record.state.terminal or record.state == TaskState.CANCELED:
         return []
     found = []
-    for item in request.get("outputs", []):
+    staged = {item["where"] for item in record.task.extra.get("tes", {}).get("staging", {}).get("outputs", [])}
+    for index, item in enumerate(request.get("outputs", [])):
+        if f"outputs[{index}]" in staged:  # sent by the gateway: listed in tes/outputs.json
+            continue
         # a file:// output where it was copied to; one sent elsewhere by its size before sending
         destination = local_path(item["url"]) or str(task_folder(record.task) / "root" / item["path"].lstrip("/"))
         if not os.path.exists(destination):
             continue
         found.append({"url": item["url"], "path": item["path"], "size_bytes": str(_size(destination))})
-    return found
+    sent = _read(task_folder(record.task) / "outputs.json") if staged else None
+    return found + (json.loads(sent) if sent else [])
 
 
 def _size(path: str) -> int:
