@@ -48,10 +48,15 @@ def s3(s3_env: dict[str, str]) -> Any:
 
 
 @pytest.fixture
-def bucket(s3: Any) -> str:
+def bucket(s3: Any) -> Iterator[str]:
+    """A fresh bucket, removed with what it holds after the test."""
     name = f"jp-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
-    return name
+    yield name
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=name):
+        for item in page.get("Contents", []):
+            s3.delete_object(Bucket=name, Key=item["Key"])
+    s3.delete_bucket(Bucket=name)
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@
 #
 # Ports: S3 on $JOBPROXY_S3_PORT (default 18333); master, volume and filer on 19333, 18080, 18888.
 # SeaweedFS also listens on each port + 10000 (gRPC), so all must stay below 55000. Its Iceberg and
-# Lance listeners are turned off (they would clash with a second instance).
+# Lance listeners are turned off (they would clash with a second instance). Each bucket grows volumes of
+# its own (not preallocated): up to 1000 volumes of at most 1 GiB.
 set -euo pipefail
 
 readonly DEV_ROOT="${JOBPROXY_DEV_ROOT:-/tmp/jobproxy-dev}"
@@ -111,7 +112,7 @@ cmd_start() {
     setsid "${weed}" server -dir="${DATA}" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
         -master.port="${MASTER_PORT}" -volume.port="${VOLUME_PORT}" -filer.port="${FILER_PORT}" \
         -s3 -s3.port="${S3_PORT}" -s3.config="${S3_CONFIG}" -s3.port.iceberg=0 -s3.port.lance=0 \
-        -volume.max=0 -master.volumeSizeLimitMB=1024 \
+        -volume.max=1000 -master.volumeSizeLimitMB=1024 \
         9>&- </dev/null >>"${LOG}" 2>&1 &
     echo $! >"${PIDFILE}"
     local waited=0
