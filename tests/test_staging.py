@@ -59,15 +59,38 @@ def bucket(s3: Any) -> Iterator[str]:
     s3.delete_bucket(Bucket=name)
 
 
+class Web:
+    """What the test HTTP server shares with a test: GET /flaky/X answers 503 the first time, then
+    X; GET /slow/X waits for `release`, then answers X."""
+
+    def __init__(self, url: str, served: Path) -> None:
+        self.url, self.served = url, served
+        self.release = threading.Event()
+        self.hits: dict[str, int] = {}
+
+
 @pytest.fixture
-def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def web_server(tmp_path: Path) -> Iterator[Web]:
     """A real HTTP server on loopback: GET serves a folder, PUT stores the body there (streamed)."""
     served = tmp_path / "served"
     served.mkdir()
+    shared = Web("", served)
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self) -> None:
+            shared.hits[self.path] = shared.hits.get(self.path, 0) + 1
+            kind, _, rest = self.path.lstrip("/").partition("/")
+            if kind == "flaky" and shared.hits[self.path] == 1:
+                self.send_error(503)
+                return
+            if kind == "slow":
+                shared.release.wait(60)
+            if kind in ("flaky", "slow"):
+                self.path = "/" + rest
+            super().do_GET()
 
         def do_PUT(self) -> None:
             target = served / self.path.lstrip("/")
@@ -87,8 +110,15 @@ def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", served
+    shared.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield shared
+    shared.release.set()
     server.shutdown()
+
+
+@pytest.fixture
+def web(web_server: Web) -> tuple[str, Path]:
+    return web_server.url, web_server.served
 
 
 def need_bwrap() -> None:
@@ -227,6 +257,36 @@ def test_http_get_and_put(gateway_factory: Callable[..., Gateway], s3_env: dict[
     assert any(f"inputs[0]: fetching {url}/nothing.txt failed: HTTP 404" in line
                for line in full["logs"][0]["system_logs"]), full
     assert gateway.state(missing)["code"] == "SYSTEM_ERROR"
+
+
+def test_retries_cancel_and_restart_while_staging(gateway_factory: Callable[..., Gateway],
+                                                  s3_env: dict[str, str], web_server: Web) -> None:
+    (web_server.served / "in.txt").write_text("data\n")
+    gateway = start(gateway_factory, s3_env)
+    flaky = create(gateway, {"inputs": [{"url": f"{web_server.url}/flaky/in.txt", "path": "/data/in.txt"}],
+                             "executors": [shell("cat /data/in.txt")]})
+    full = finished(gateway, flaky)
+    assert full["state"] == "COMPLETE" and full["logs"][0]["logs"][0]["stdout"] == "data\n", full
+    assert web_server.hits["/flaky/in.txt"] == 2  # a 503, then the file
+
+    waiting = {"inputs": [{"url": f"{web_server.url}/slow/in.txt", "path": "/data/in.txt"}],
+               "executors": [shell("cat /data/in.txt")]}
+    canceled = create(gateway, waiting)
+    gateway.wait(canceled, lambda s: s["code"] == "INITIALIZING")
+    status, _, _ = gateway.request("POST", f"{TES}/tasks/{canceled}:cancel")
+    assert status == 200 and gateway.state(canceled)["code"] == "CANCELED"
+
+    # the gateway stops while a task waits for its inputs: started again, it fetches them again
+    resumed = create(gateway, waiting)
+    gateway.wait(resumed, lambda s: s["code"] == "INITIALIZING")
+    gateway.stop(kill=True)
+    gateway.start()
+    assert gateway.state(resumed)["code"] == "INITIALIZING"
+    web_server.release.set()
+    full = finished(gateway, resumed)
+    assert full["state"] == "COMPLETE" and full["logs"][0]["logs"][0]["stdout"] == "data\n", full
+    full = finished(gateway, canceled)
+    assert full["state"] == "CANCELED" and full["logs"][0]["logs"] == [], full
 
 
 def test_staging_failures_are_system_errors(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str],

@@ -217,7 +217,8 @@ class Stager:
             (Path(task.workdir) / "tes" / SENT).write_text(json.dumps(sent), encoding="utf-8")
         except OSError as exc:
             log.error("task %s: cannot record the outputs sent: %s", task.id, exc)
-        final = Change(task.id, ended.state, ended.description, ended.exit_code, ended.started, ended.finished or now())
+        # the task ends now, once its outputs are out (its executors' own times are in their logs)
+        final = Change(task.id, ended.state, ended.description, ended.exit_code, ended.started, now())
         if required and failed:
             final = Change(task.id, TaskState.SYSTEM_ERROR, f"staging outputs failed: {failed[0]}",
                            ended.exit_code, ended.started, now())

@@ -29,9 +29,10 @@ Decisions:
   script on the node, not by the gateway, so that a large input never blocks the gateway and
   staging works the same on every scheduler. With `[paths] roots` set, URLs must lie under the
   owner's roots.
-- Failures of staging (a missing input or output) make the job exit non-zero, so the task ends
-  EXECUTOR_ERROR in both APIs with the reason in `system_logs`; SYSTEM_ERROR is kept for the
-  gateway or scheduler failing.
+- Failures of the job's own staging (a missing file:// input or output) make the job exit
+  non-zero, so the task ends EXECUTOR_ERROR in both APIs with the reason in `system_logs`;
+  SYSTEM_ERROR is kept for the gateway or scheduler failing, and for the gateway's own staging
+  failing (a URL that cannot be fetched or sent).
 """
 from __future__ import annotations
 
