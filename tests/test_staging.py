@@ -21,7 +21,7 @@ import pytest
 
 from gateway.staging import local
 
-from .conftest import IN_CI, Gateway, cluster_env
+from .conftest import IN_CI, Gateway, cluster_env, writable_by_jobs
 
 pytestmark = pytest.mark.e2e
 TES = "/ga4gh/tes/v1"
@@ -130,12 +130,13 @@ def need_bwrap() -> None:
 
 
 def start(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str], staging: str = "",
-          secret: str | None = None, s3_extra: str = "") -> Gateway:
+          secret: str | None = None, s3_extra: str = "", sections: str = "") -> Gateway:
     need_bwrap()
     config = f"""
 [scheduler]
 type = "local"
 poll_interval = 0.2
+{sections}
 [tes]
 images = [{{ match = "*", run = "host" }}]
 [staging]
@@ -229,6 +230,20 @@ def test_s3_multipart_upload_of_large_outputs(gateway_factory: Callable[..., Gat
     head = s3.head_object(Bucket=bucket, Key="big")
     assert head["ContentLength"] == size and head["ETag"].strip('"').endswith("-3")  # three parts
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_file_wildcards_are_copied_by_the_job(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str],
+                                              tmp_path: Path) -> None:
+    out = writable_by_jobs(tmp_path / "results")
+    gateway = start(gateway_factory, s3_env, sections="[paths]\nroots = [\"/\"]")
+    task_id = create(gateway, {
+        "outputs": [{"url": f"file://{out}", "path": "/data/run/*/*.csv", "path_prefix": "/data/run/"}],
+        "executors": [shell("mkdir -p /data/run/a /data/run/b; echo 1 > /data/run/a/x.csv; echo 2 > /data/run/b/y.csv;"
+                            " echo no > /data/run/a/z.txt; ln -s /etc/passwd /data/run/a/link.csv")]})
+    full = finished(gateway, task_id)
+    assert full["state"] == "COMPLETE", full
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["a/x.csv", "b/y.csv"]
+    assert (out / "a" / "x.csv").read_text() == "1\n" and (out / "b" / "y.csv").read_text() == "2\n"
 
 
 def test_http_get_and_put(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str],

@@ -105,7 +105,7 @@ class Stager:
     def _seen(self, record: Record) -> None:
         """A task that ended otherwise (canceled) stops its staging."""
         job = self._jobs.get(record.id)
-        if job is not None and record.state.terminal:
+        if job is not None and record.state.terminal and job is not asyncio.current_task():  # not its own end
             job.cancel()
 
     # ---- start-up and shutdown ----

@@ -222,9 +222,17 @@ class _Builder:
             if self._staged(item["url"]):
                 self._stage_output(where, index, item)
                 continue
-            if "path_prefix" in item or staging_local.is_pattern(path):
-                raise refuse(f"{where}.path", "wildcard outputs are supported for the URL schemes the gateway "
-                                              f"stages ({', '.join(self.staged_schemes) or 'none here'}), not file://")
+            if staging_local.is_pattern(path):
+                if urlsplit(item["url"]).scheme != "file":
+                    raise refuse(f"{where}.path", "wildcard outputs work for file:// and the URL schemes the "
+                                                  f"gateway stages ({', '.join(self.staged_schemes) or 'none here'})")
+                folder = self._wildcard_folder(where, path, item.get("path_prefix"))
+                self.private.append(folder)
+                self.folders.append(folder)
+                copies.append(tes_steps.Transfer(f"outputs[{index}] ({path})",
+                                                 self._file_url(f"{where}.url", item["url"], output=True), path,
+                                                 prefix=item["path_prefix"]))
+                continue
             if urlsplit(item["url"]).scheme != "file":
                 command: list[str] | None = self._scheme_command(f"{where}.url", item["url"], "put", root + path)
                 destination = item["url"]
@@ -283,14 +291,8 @@ class _Builder:
         entry: dict[str, Any] = {"where": f"outputs[{index}]", "url": url, "path": path,
                                  "directory": item.get("type") == "DIRECTORY"}
         if staging_local.is_pattern(path):
-            folder = staging_local.static_part(path)
-            prefix = item.get("path_prefix")
-            if prefix is None:
-                raise refuse(f"{where}.path_prefix", "is required for a path with wildcards (* ? [)")
-            if not path.startswith(prefix) or staging_local.is_pattern(prefix):
-                raise refuse(f"{where}.path_prefix", f"{prefix!r} must be a beginning of the path before its "
-                                                     f"wildcards ({folder!r})")
-            entry["path_prefix"] = prefix
+            folder = self._wildcard_folder(where, path, item.get("path_prefix"))
+            entry["path_prefix"] = item["path_prefix"]
         else:
             folder = path if entry["directory"] else os.path.dirname(path)
         if folder == "/":
@@ -298,6 +300,18 @@ class _Builder:
         self.private.append(folder)
         self.folders.append(folder)
         self.staging["outputs"].append(entry)
+
+    def _wildcard_folder(self, where: str, path: str, prefix: str | None) -> str:
+        """The private folder a wildcard output's matches lie in, once its `path_prefix` is checked."""
+        folder = staging_local.static_part(path)
+        if prefix is None:
+            raise refuse(f"{where}.path_prefix", "is required for a path with wildcards (* ? [)")
+        if not path.startswith(prefix) or staging_local.is_pattern(prefix):
+            raise refuse(f"{where}.path_prefix", f"{prefix!r} must be a beginning of the path before its "
+                                                 f"wildcards ({folder!r})")
+        if folder == "/":
+            raise refuse(f"{where}.path", "an output must be in a folder below /")
+        return folder
 
     # ---- executors ----
 
