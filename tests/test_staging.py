@@ -130,12 +130,12 @@ def need_bwrap() -> None:
 
 
 def start(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str], staging: str = "",
-          secret: str | None = None, s3_extra: str = "", sections: str = "") -> Gateway:
+          secret: str | None = None, s3_extra: str = "", sections: str = "",
+          scheduler: str = 'type = "local"\npoll_interval = 0.2') -> Gateway:
     need_bwrap()
     config = f"""
 [scheduler]
-type = "local"
-poll_interval = 0.2
+{scheduler}
 {sections}
 [tes]
 images = [{{ match = "*", run = "host" }}]
@@ -244,6 +244,24 @@ def test_file_wildcards_are_copied_by_the_job(gateway_factory: Callable[..., Gat
     assert full["state"] == "COMPLETE", full
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["a/x.csv", "b/y.csv"]
     assert (out / "a" / "x.csv").read_text() == "1\n" and (out / "b" / "y.csv").read_text() == "2\n"
+
+
+@pytest.mark.slurm
+def test_s3_staging_on_slurm(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str], s3: Any,
+                             bucket: str) -> None:
+    """On a scheduler that is polled, each round sees the ended job again while its outputs are
+    sent: the task still ends once, after the upload."""
+    from . import backend_slurm
+    backend_slurm.prepare()  # the dev cluster (skips, or fails in CI, when it cannot run)
+    s3.put_object(Bucket=bucket, Key="in.txt", Body=b"on slurm\n")
+    gateway = start(gateway_factory, s3_env, scheduler='type = "slurm"\npoll_interval = 0.3')
+    task_id = create(gateway, {"inputs": [{"url": f"s3://{bucket}/in.txt", "path": "/data/in.txt"}],
+                               "outputs": [{"url": f"s3://{bucket}/out.txt", "path": "/data/out/out.txt"}],
+                               "executors": [shell("tr a-z A-Z < /data/in.txt > /data/out/out.txt")]})
+    full = finished(gateway, task_id, timeout=150)
+    assert full["state"] == "COMPLETE", full
+    assert s3.get_object(Bucket=bucket, Key="out.txt")["Body"].read() == b"ON SLURM\n"
+    assert full["logs"][0]["metadata"]["scheduler"] == "slurm" and full["logs"][0]["system_logs"] == []
 
 
 def test_http_get_and_put(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str],
