@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -262,6 +263,28 @@ def test_s3_staging_on_slurm(gateway_factory: Callable[..., Gateway], s3_env: di
     assert full["state"] == "COMPLETE", full
     assert s3.get_object(Bucket=bucket, Key="out.txt")["Body"].read() == b"ON SLURM\n"
     assert full["logs"][0]["metadata"]["scheduler"] == "slurm" and full["logs"][0]["system_logs"] == []
+
+
+def test_a_canceled_upload_is_aborted(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str],
+                                      s3: Any, bucket: str) -> None:
+    """Canceled while its output is being sent in parts: no object, and no unfinished multipart upload."""
+    gateway = start(gateway_factory, s3_env, s3_extra="part_bytes = 5242880")
+    task_id = create(gateway, {"outputs": [{"url": f"s3://{bucket}/huge", "path": "/out/huge"}],
+                               "executors": [shell("head -c 1500M /dev/zero > /out/huge")]})
+    gateway.wait(task_id, lambda s: "sending outputs" in s["description"], timeout=120)
+    deadline = time.monotonic() + 30
+    while not s3.list_multipart_uploads(Bucket=bucket).get("Uploads") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket)["Uploads"]] == ["huge"]  # under way
+    status, _, _ = gateway.request("POST", f"{TES}/tasks/{task_id}:cancel")
+    assert status == 200 and gateway.state(task_id)["code"] == "CANCELED"
+    deadline = time.monotonic() + 30
+    while s3.list_multipart_uploads(Bucket=bucket).get("Uploads") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert s3.list_objects_v2(Bucket=bucket).get("Contents", []) == []
+    full = finished(gateway, task_id)
+    assert full["state"] == "CANCELED" and full["logs"][0]["outputs"] == []
 
 
 def test_http_get_and_put(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str],
