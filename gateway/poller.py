@@ -118,7 +118,7 @@ class Poller:
         """Submit a recorded task whose submission was held back (staging): as after a crash, its
         job is looked for first; a scheduler that cannot take it now is asked again each round."""
         self._unsubmitted.add(record.id)
-        await self._recover(record)
+        await self._recover(record, staged=True)
         current = self.active.get(record.id)
         if current is not None and current.native_id is not None and current.state == TaskState.INITIALIZING:
             self.apply([Change(record.id, TaskState.QUEUED, "submitted")])
@@ -181,12 +181,15 @@ class Poller:
             elif task_id not in self._submitting and not self.held(record):
                 await self._recover(record)
 
-    async def _recover(self, record: Record) -> None:
+    async def _recover(self, record: Record, staged: bool = False) -> None:
         try:
             native = await self.scheduler.find(record.task)
             if native is None:
                 native = await self.scheduler.submit(record.task)
-                log.warning("task %s: submitted after recovery as job %s", record.id, native, extra=_about(record))
+                if staged:
+                    log.info("task %s: inputs staged, submitted as job %s", record.id, native, extra=_about(record))
+                else:
+                    log.warning("task %s: submitted after recovery as job %s", record.id, native, extra=_about(record))
             else:
                 log.warning("task %s: recovered its job %s", record.id, native, extra=_about(record))
         except SchedulerUnavailable as exc:
