@@ -18,12 +18,13 @@ from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quot
 from .active import ActiveSet
 from .config import Config, ConfigError
 from .idempotency import Keys
-from .keys import ACTIVE, CONFIG, KEYS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STORE, TASK_ROOT, TASK_VALIDATOR
+from .keys import ACTIVE, CONFIG, KEYS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
 from .poller import Poller
 from .quota import Quotas
 from .retention import periodic as purge_finished
 from .routing import Router
+from .staging.stager import Stager
 from .store import Store
 from .tes import api as tes_api
 from .validation import SchemaValidator
@@ -103,10 +104,14 @@ async def start_instance(app: web.Application, scheduler: Scheduler) -> Poller:
     to the instance's tasks while the gateway was down (`Poller.reconcile`), before serving."""
     interval = app[CONFIG].instances[scheduler.name].poll_interval
     poller = Poller(app[STORE], scheduler, app[ACTIVE], interval)
+    stager = app[STAGER]
+    stager.attach(poller)
+    app[POLLERS][scheduler.name] = poller  # the stager finds a task's poller here
     try:
         await scheduler.start(poller.report)
     except SchedulerError as exc:
         raise SchedulerStartError(scheduler.name, exc) from None
+    stager.resume(scheduler.name)  # tasks that were waiting for their inputs: before the poller would submit them
     await poller.reconcile()
     return poller
 
@@ -137,12 +142,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
     _warn_unconfigured(active, schedulers)
     app[POLLERS] = pollers = {}
+    app[STAGER] = stager = Stager(app)
     try:
         for name, scheduler in schedulers.items():
             pollers[name] = await start_instance(app, scheduler)
     except BaseException:
         for started in pollers.values():
             await started.scheduler.close()
+        await stager.close()
         store.close()
         raise
     app[KEYS] = Keys(store)
@@ -158,6 +165,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+    await stager.close()
     for scheduler in schedulers.values():
         await scheduler.close()
     await store.flush()

@@ -209,6 +209,41 @@ class TesSettings:
 
 
 @dataclass(frozen=True)
+class HttpStagingSettings:
+    """`[staging.http]`: whether outputs may be sent with PUT."""
+
+    allow_put: bool
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """`[staging.s3]`: the S3 service; None: from the standard AWS environment and files."""
+
+    endpoint_url: str | None
+    region: str | None
+    access_key_id: str | None
+    secret_access_key: str | None
+    profile: str | None
+    addressing_style: str
+    part_bytes: int
+
+
+@dataclass(frozen=True)
+class StagingSettings:
+    """`[staging]`: which URL schemes the gateway stages for TES tasks, and its limits."""
+
+    schemes: tuple[str, ...]
+    max_bytes: int
+    timeout: float
+    connect_timeout: float
+    retries: int
+    backoff: float
+    parallel: int
+    http: HttpStagingSettings
+    s3: S3Settings
+
+
+@dataclass(frozen=True)
 class Sections:
     """The typed sections of one site configuration, one per table of the schema."""
 
@@ -225,6 +260,7 @@ class Sections:
     log: LogSettings
     metrics: MetricsSettings
     tes: TesSettings
+    staging: StagingSettings
 
 
 @dataclass(frozen=True)
@@ -449,6 +485,7 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
                          for name, commands in tes["url_schemes"].items()},
             backend_parameters=tuple(tes["backend_parameters"]), log_tail_bytes=tes["log_tail_bytes"],
             service_info=tes["service_info"]),
+        staging=_staging(filled["staging"]),
     )
 
 
@@ -467,6 +504,18 @@ def _rule(table: Mapping[str, Any]) -> RouteRule:
     return RouteRule(scheduler=table["scheduler"], users=names("users"), groups=names("groups"),
                      images=names("images"), cores=bounds("cores"), memory=bounds("memory"),
                      cputime=bounds("cputime"), gpus=bounds("gpus"), requested=table["requested"])
+
+
+def _staging(staging: Mapping[str, Any]) -> StagingSettings:
+    s3 = staging["s3"]
+    return StagingSettings(
+        schemes=tuple(staging["schemes"]), max_bytes=staging["max_bytes"], timeout=float(staging["timeout"]),
+        connect_timeout=float(staging["connect_timeout"]), retries=staging["retries"],
+        backoff=float(staging["backoff"]), parallel=staging["parallel"],
+        http=HttpStagingSettings(allow_put=staging["http"]["allow_put"]),
+        s3=S3Settings(endpoint_url=s3.get("endpoint_url"), region=s3.get("region"),
+                      access_key_id=s3.get("access_key_id"), secret_access_key=s3.get("secret_access_key"),
+                      profile=s3.get("profile"), addressing_style=s3["addressing_style"], part_bytes=s3["part_bytes"]))
 
 
 def _state_path(base: Path, state_dir: Path, value: str) -> Path:
@@ -493,6 +542,9 @@ def _check(config: Config) -> None:
         problems.append("$.gateway: with http = false, [gateway.https] or socket must be configured")
     problems += _check_tes(site.tes, config.containers)
     problems += _check_routes(site.routes, list(config.instances))
+    s3 = site.staging.s3
+    if (s3.access_key_id is None) != (s3.secret_access_key is None):
+        problems.append("$.staging.s3: give both access_key_id and secret_access_key, or neither")
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -16,6 +17,9 @@ from .routing import Router
 from .store import Store
 from .validation import SchemaValidator
 
+if TYPE_CHECKING:
+    from .staging.stager import Stager
+
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 ACTIVE = web.AppKey("active", ActiveSet)
@@ -26,3 +30,4 @@ SCHEDULERS = web.AppKey("schedulers", dict[str, Scheduler])  # the instances by 
 POLLERS = web.AppKey("pollers", dict[str, Poller])  # one per instance, made when the gateway starts
 ROUTER = web.AppKey("router", Router)
 TASK_VALIDATOR = web.AppKey("task_validator", SchemaValidator)
+STAGER: web.AppKey[Stager] = web.AppKey("stager")  # TES staging (gateway/staging), set at start-up

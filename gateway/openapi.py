@@ -123,13 +123,17 @@ def _site_tes(components: dict[str, Any], config: Config) -> None:
     resources["if"] = {"required": ["backend_parameters_strict"],
                        "properties": {"backend_parameters_strict": {"const": True}}}
     resources["then"] = {"properties": {"backend_parameters": {"propertyNames": {"enum": allowed}}}}
-    # inputs: a content or a url; outputs: no wildcards (path_prefix, * ? [ in the path)
+    # inputs: a content or a url; outputs: wildcards (* ? [ in the path) with path_prefix; URLs of
+    # the schemes outputs may be sent to
     components["TesTaskRequestInput"]["anyOf"] = [{"required": ["content"]}, {"required": ["url"]}]
     output = components["TesTaskRequestOutput"]
-    del output["properties"]["path_prefix"]
-    output["properties"]["path"] = {**output["properties"]["path"], "pattern": "^[^*?\\[]*$",
-                                    "description": "no wildcards: this gateway copies one file or folder"}
-    schemes = sorted(name for name, commands in config.sections.tes.url_schemes.items() if "put" in commands)
+    staging = config.sections.staging
+    staged = [name for name in staging.schemes if staging.http.allow_put or not name.startswith("http")]
+    output["properties"]["path_prefix"]["description"] = (
+        "required with wildcards in `path`: removed from each match, the rest appended to `url` (file://, and "
+        f"the URL schemes the gateway stages: {', '.join(staged) or 'none here'})")
+    commands = config.sections.tes.url_schemes
+    schemes = sorted({*staged, *(name for name, directions in commands.items() if "put" in directions)})
     output["properties"]["url"] = {**output["properties"]["url"], "pattern": _url_pattern(["file", *schemes])}
 
 

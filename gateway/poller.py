@@ -41,6 +41,11 @@ class Poller:
         # listeners of every applied change, called with the task's record as it now is (the event
         # stream; other replicas): add with `listeners.append`; a listener must neither block nor raise
         self.listeners: list[Callable[[Record], None]] = []
+        # staging (gateway/staging): `held` tasks are not submitted by a round (their inputs are on
+        # their way; `hand_over` submits them); `defer_final` may take a task's final change over
+        # (answering True) to apply it later itself, with `apply(..., deferrable=False)`
+        self.held: Callable[[Record], bool] = _never
+        self.defer_final: Callable[[Record, Change], bool] = _never
         self._submitting: set[str] = set()  # tasks whose submit call is running right now
         self._unsubmitted: set[str] = set()  # recorded, never handed to the scheduler (a crash)
 
@@ -55,10 +60,11 @@ class Poller:
         if change is not None:
             self.apply([change])
 
-    def apply(self, changes: Iterable[Change]) -> Future[Any]:
+    def apply(self, changes: Iterable[Change], deferrable: bool = True) -> Future[Any]:
         """Apply state changes to the active set now and queue them for the store; a task that
-        became final leaves the active set once its state is on disk."""
-        changes = list(changes)
+        became final leaves the active set once its state is on disk. A final change that
+        `defer_final` takes over (when `deferrable`) is left out."""
+        changes = [c for c in changes if not (deferrable and self._deferred(c))]
         final = []
         for c in changes:
             record = self.active.get(c.task_id)
@@ -79,6 +85,11 @@ class Poller:
             loop = asyncio.get_running_loop()
             written.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(self._forget, final))
         return written
+
+    def _deferred(self, change: Change) -> bool:
+        record = self.active.get(change.task_id)
+        return (record is not None and change.state.terminal and not record.state.terminal
+                and change.state != TaskState.CANCELED and self.defer_final(record, change))
 
     def _forget(self, task_ids: list[str]) -> None:
         for task_id in task_ids:
@@ -103,6 +114,15 @@ class Poller:
         self.active.update(task_id, native_id=native_id)
         self.store.set_native_id(task_id, native_id)
 
+    async def hand_over(self, record: Record) -> None:
+        """Submit a recorded task whose submission was held back (staging): as after a crash, its
+        job is looked for first; a scheduler that cannot take it now is asked again each round."""
+        self._unsubmitted.add(record.id)
+        await self._recover(record, staged=True)
+        current = self.active.get(record.id)
+        if current is not None and current.native_id is not None and current.state == TaskState.INITIALIZING:
+            self.apply([Change(record.id, TaskState.QUEUED, "submitted")])
+
     def withdrawn(self, task_id: str) -> None:
         """The submit failed: the task is no longer active (its record is being deleted)."""
         self.active.discard(task_id)
@@ -112,7 +132,8 @@ class Poller:
     async def reconcile(self) -> None:
         """At start-up, before serving: submit what a crash left unsubmitted, and ask the
         scheduler once about every active job."""
-        self._unsubmitted = {r.id for r in self.active.of(self.scheduler.name) if r.native_id is None}
+        self._unsubmitted = {r.id for r in self.active.of(self.scheduler.name)
+                             if r.native_id is None and not self.held(r)}
         await self._recover_unsubmitted()
         await self._ask()
 
@@ -157,15 +178,18 @@ class Poller:
             record = self.active.get(task_id)
             if record is None or record.native_id is not None:
                 self._unsubmitted.discard(task_id)
-            elif task_id not in self._submitting:
+            elif task_id not in self._submitting and not self.held(record):
                 await self._recover(record)
 
-    async def _recover(self, record: Record) -> None:
+    async def _recover(self, record: Record, staged: bool = False) -> None:
         try:
             native = await self.scheduler.find(record.task)
             if native is None:
                 native = await self.scheduler.submit(record.task)
-                log.warning("task %s: submitted after recovery as job %s", record.id, native, extra=_about(record))
+                if staged:
+                    log.info("task %s: inputs staged, submitted as job %s", record.id, native, extra=_about(record))
+                else:
+                    log.warning("task %s: submitted after recovery as job %s", record.id, native, extra=_about(record))
             else:
                 log.warning("task %s: recovered its job %s", record.id, native, extra=_about(record))
         except SchedulerUnavailable as exc:
@@ -181,6 +205,11 @@ class Poller:
 
 def _ignore(*_: object) -> None:
     """No observer."""
+
+
+def _never(*_: object) -> bool:
+    """No staging."""
+    return False
 
 
 def _about(record: Record) -> dict[str, str]:

@@ -18,7 +18,7 @@ from schedulers.base import JobRef, Scheduler, SchedulerError, SchedulerUnavaila
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy, reload, routing
-from .keys import ACTIVE, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STORE, TASK_ROOT
+from .keys import ACTIVE, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .poller import Poller
 from .responses import ApiError
@@ -100,6 +100,12 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
                        headers=RETRY) from None
     record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
+    stager = app.get(STAGER)
+    if stager is not None and stager.needs_inputs(task):  # submitted once its inputs are in (gateway/staging)
+        stager.begin(record)
+        log.info("task %s accepted for %s: fetching its inputs", task.id, task.user,
+                 extra={"task_id": task.id, "user": task.user})
+        return
     async with poller.submitting(record):
         try:
             native_id = await scheduler.submit(task)
@@ -126,7 +132,7 @@ def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | No
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
     if account is not None:
-        _give_to(account, Path(task.workdir), bool(files))
+        give_to(account, Path(task.workdir), bool(files))
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -134,7 +140,7 @@ def refused(exc: TaskRefused) -> ApiError:
     return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
-def _give_to(user: str, folder: Path, has_files: bool) -> None:
+def give_to(user: str, folder: Path, has_files: bool = True) -> None:
     """Make the task's folder and what it holds (if `has_files`) belong to the user the job runs as."""
     uid, gid = _ids(user)
     for path in [folder, *folder.rglob("*")] if has_files else [folder]:

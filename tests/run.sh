@@ -3,7 +3,7 @@
 #   1. a virtualenv (.venv) with JobProxy and its test extras, and what the TES client tests need
 #      fetched once ($JOBPROXY_TEST_DEPS, default .venv/test-deps), so that no test reaches the package index;
 #   2. the linters, ruff and mypy (configured in pyproject.toml); a finding fails the run;
-#   3. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker, Podman), where
+#   3. the dev clusters the tests drive for real (etc/dev/*.sh: Slurm, Grid Engine, Docker, Podman, an S3 server), where
 #      this machine can run them (root on Debian); their environment is exported before pytest
 #      starts, since libdrmaa must see it at load time;
 #   4. pytest, with any arguments given to this script.
@@ -77,7 +77,7 @@ stop_clusters() {
 }
 trap stop_clusters EXIT
 
-for name in slurm gridengine docker podman; do
+for name in slurm gridengine docker podman s3; do
     script="etc/dev/$name.sh"
     [ -f "$script" ] || continue
     if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ]; then

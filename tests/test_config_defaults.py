@@ -75,8 +75,8 @@ def _schema_defaults() -> Iterator[tuple[str, str, Any, dict[str, Any]]]:
 def _normalized(value: Any) -> Any:
     """A section value in the shape of the TOML document: tuples as lists, mappings as dicts,
     dataclasses as tables."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _normalized(v) for k, v in dataclasses.asdict(value).items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # keys the schema leaves unset: None
+        return {k: _normalized(v) for k, v in dataclasses.asdict(value).items() if v is not None}
     if isinstance(value, Mapping):
         return {k: _normalized(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -99,6 +99,8 @@ def test_filled_defaults_are_the_schemas(tmp_path: Path, table: str, key: str, d
                                                                            ["state_dir"]["default"]))
     elif (table, key) == ("gateway", "umask"):
         expected = int(default, 8)
+    elif sub.get("type") == "object" and "properties" in sub:  # a nested table: its keys' defaults filled in
+        expected = SchemaValidator(sub).with_defaults(default)
     else:
         expected = default
     assert _normalized(value) == expected

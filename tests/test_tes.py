@@ -121,8 +121,8 @@ RUN = [shell("true")]
 @pytest.mark.parametrize(("task", "path", "message"), [
     ({"executors": [shell("true", image="centos:7")]}, "$.executors[0].image",
      "the image 'centos:7' is not allowed here (allowed: ubuntu*, python:*)"),
-    ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "s3://bucket/x"}]}, "$.inputs[0].url",
-     "only file:// URLs"),
+    ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "gs://bucket/x"}]}, "$.inputs[0].url",
+     "'gs://bucket/x': this gateway supports these URL schemes here: file, http, https, s3"),
     ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "file://otherhost/x"}]}, "$.inputs[0].url",
      "not a file:// URL of this machine"),
     ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "file:///no/such/file"}]}, "$.inputs[0].url",
@@ -130,8 +130,8 @@ RUN = [shell("true")]
     ({"executors": RUN, "inputs": [{"path": "/data/x"}]}, "$.inputs[0]", "needs a url or content"),
     ({"executors": RUN, "inputs": [{"path": "/data/x", "url": "file:///usr", "type": "FILE"}]}, "$.inputs[0].type",
      "is FILE, but '/usr' is a folder"),
-    ({"executors": RUN, "outputs": [{"path": "/data/*.txt", "url": "file:///tmp/x"}]}, "$.outputs[0].path",
-     "wildcard outputs"),
+    ({"executors": RUN, "outputs": [{"path": "/data/*.txt", "url": "file:///tmp/x"}]}, "$.outputs[0].path_prefix",
+     "is required for a path with wildcards"),
     ({"executors": RUN, "outputs": [{"path": "/proc/x", "url": "file:///tmp/x"}]}, "$.outputs[0].path",
      "cannot be a task's own path"),
     ({"executors": [shell("true", stdout="/etc/out")]}, "$.executors[0].stdout", "must lie in /tmp"),
@@ -488,9 +488,10 @@ async def test_url_schemes_the_site_enables(aiohttp_client: Any, tmp_path: Path,
     assert full["state"] == "EXECUTOR_ERROR" and full["logs"][0]["logs"] == []
     assert any(f"fetching {url}/nothing.txt failed" in line for line in full["logs"][0]["system_logs"]), full
     status, body = await call(client, "POST", f"{TES}/tasks",
-                              {"inputs": [{"url": "s3://b/k", "path": "/x"}], "executors": RUN})
+                              {"inputs": [{"url": "gs://b/k", "path": "/x"}], "executors": RUN})
     assert status == 400 and body["details"][0] == {
-        "path": "$.inputs[0].url", "message": "'s3://b/k': this gateway supports these URL schemes here: file, http"}
+        "path": "$.inputs[0].url",
+        "message": "'gs://b/k': this gateway supports these URL schemes here: file, http, https, s3"}
 
 
 async def test_site_limits_name_the_tes_fields(aiohttp_client: Any, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from aiohttp import web
 from schedulers.base import TaskState
 
 from .. import audit, auth, codec, idempotency, output, paging, service
+from ..config import StagingSettings
 from ..keys import CONFIG, KEYS, SCHEDULERS
 from ..responses import ApiError
 from ..store import Record
@@ -69,7 +70,7 @@ def service_info(request: web.Request) -> dict[str, Any]:
         "id": "org.jobproxy.tes",
         "name": "JobProxy",
         "type": {"group": "org.ga4gh", "artifact": "tes", "version": tes.TES_VERSION},
-        "description": "GA4GH TES in front of HPC batch schedulers",
+        "description": "GA4GH TES in front of HPC batch schedulers. " + _staging_note(config.sections.staging),
         "organization": {"name": "JobProxy", "url": str(request.url.origin())},
         "version": _version(),
         "storage": [f"file://{root}" for root in roots],
@@ -79,6 +80,15 @@ def service_info(request: web.Request) -> dict[str, Any]:
         body["tesResources_backend_parameters"].append("scheduler")
     body.update(config.sections.tes.service_info)
     return body
+
+
+def _staging_note(staging: StagingSettings) -> str:
+    """What service-info says about staging (TES has no field for it)."""
+    schemes = ", ".join(f"{name}://" for name in staging.schemes) or "none"
+    put = "" if staging.http.allow_put or not {"http", "https"} & set(staging.schemes) else \
+        " (http(s):// for inputs only)"
+    return (f"Inputs and outputs: file:// (copied by the job), and staged by the gateway before and after the job: "
+            f"{schemes}{put}. Streamable inputs are accepted and staged like the others, before the job starts.")
 
 
 async def get_service_info(request: web.Request) -> web.Response:

@@ -5,10 +5,11 @@
   and one TaskLog: start/end times, `metadata` (owner, scheduler, the state's description and
   exit code), a log for each executor that has started (`start_time`; `end_time` and
   `exit_code` once it ended: a running executor has no `exit_code` yet), and the outputs copied
-  back with their sizes.
+  back with their sizes (those the gateway sent, one entry per file, from `tes/outputs.json`).
 - FULL: BASIC plus `inputs[].content`, the tail of each started executor's stdout/stderr, also
   while it runs (`[tes] log_tail_bytes`: the end is what explains a failure) and `system_logs`
-  (notes from submission, the steps script's `tes/system.log`, and the description of a
+  (notes from submission, the steps script's `tes/system.log`, the gateway's staging notes
+  `tes/staging.log`, and the description of a
   SYSTEM_ERROR).
 
 Files the job wrote are read with `gateway.output.read_tail`: never through a symbolic link, only
@@ -21,6 +22,7 @@ shown too, with one executor describing its command and its job's output as that
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,9 @@ def document(record: Record, view: str, tail_bytes: int, owner: int | None = Non
     return body
 
 
+SENT_LIMIT = 64 << 20  # bytes of the list of outputs the gateway sent
+
+
 class _Reader:
     """Reads what the job wrote, safely (`read_tail`): small files whole, outputs' tails."""
 
@@ -62,6 +67,11 @@ class _Reader:
         found = read_tail(str(path), 4096, self.owner)
         return None if found["size"] is None else str(found["tail"]).strip()
 
+    def gateways(self, path: Path | str) -> str | None:
+        """A file the gateway itself wrote into the task's folder (the outputs it sent), whole."""
+        found = read_tail(str(path), SENT_LIMIT, os.geteuid())
+        return None if found["size"] is None or found["truncated"] else str(found["tail"])
+
     def tail(self, path: Path | str) -> str:
         return str(read_tail(str(path), self.tail_bytes, self.owner)["tail"])
 
@@ -72,7 +82,7 @@ def _task_log(record: Record, request: dict[str, Any], full: bool, reader: _Read
     if record.exit_code is not None:
         metadata["exit_code"] = str(record.exit_code)
     log: dict[str, Any] = {"logs": _executor_logs(record, len(request["executors"]), full, reader),
-                           "outputs": _output_logs(record, request), "metadata": metadata}
+                           "outputs": _output_logs(record, request, reader), "metadata": metadata}
     if record.started:
         log["start_time"] = rfc3339(record.started)
     if record.finished:
@@ -139,18 +149,22 @@ def _job_log(record: Record, full: bool, reader: _Reader) -> list[dict[str, Any]
     return [entry]
 
 
-def _output_logs(record: Record, request: dict[str, Any]) -> list[dict[str, Any]]:
+def _output_logs(record: Record, request: dict[str, Any], reader: _Reader) -> list[dict[str, Any]]:
     """The outputs copied back, once the task ended."""
     if not record.state.terminal or record.state == TaskState.CANCELED:
         return []
     found = []
-    for item in request.get("outputs", []):
+    staged = {item["where"] for item in record.task.extra.get("tes", {}).get("staging", {}).get("outputs", [])}
+    for index, item in enumerate(request.get("outputs", [])):
+        if f"outputs[{index}]" in staged:  # sent by the gateway: listed in tes/outputs.json
+            continue
         # a file:// output where it was copied to; one sent elsewhere by its size before sending
         destination = local_path(item["url"]) or str(task_folder(record.task) / "root" / item["path"].lstrip("/"))
         if not os.path.exists(destination):
             continue
         found.append({"url": item["url"], "path": item["path"], "size_bytes": str(_size(destination))})
-    return found
+    sent = reader.gateways(task_folder(record.task) / "outputs.json") if staged else None
+    return found + (json.loads(sent) if sent else [])
 
 
 def _size(path: str) -> int:
@@ -162,9 +176,12 @@ def _size(path: str) -> int:
 def _system_logs(record: Record, reader: _Reader) -> list[str]:
     task: Task = record.task
     lines = list(task.extra.get("tes", {}).get("notes", []))
-    written = reader.tail(task_folder(task) / "system.log").strip()
+    written = reader.tail(task_folder(task) / "system.log").strip()  # the steps script's
     if written:
         lines += written.splitlines()
+    staged = reader.gateways(task_folder(task) / "staging.log")  # the gateway's, on staging
+    if staged:
+        lines += staged.strip().splitlines()
     if record.state == TaskState.SYSTEM_ERROR and record.description:
         lines.append(record.description)
     return lines

@@ -22,17 +22,21 @@ Decisions:
 - Images: `[tes] images` rules, first match wins: `run = "host"` runs the executor on the host in
   a bubblewrap sandbox, `image = "..."` runs it in that local image through the scheduler's
   container runtime. An image no rule matches answers 400 naming it.
-- Files: `file://` URLs (on the gateway's machine, which shares its file system with the nodes),
-  and URL schemes the admin enables with a command each to get and/or put a file
+- Files: `file://` URLs (on the gateway's machine, which shares its file system with the nodes);
+  http(s):// and s3:// URLs (`[staging] schemes`), which the gateway stages itself before and
+  after the job (`gateway.staging`: planned here into `Task.extra["tes"]["staging"]`, with
+  DIRECTORY inputs from S3 and wildcard outputs with `path_prefix`); and URL schemes the admin
+  enables with a command each to get and/or put a file
   (`[tes] url_schemes`, e.g. `https = {get = ["curl", "-fsSLo", "{path}", "{url}"]}`, run on the
   node by the steps script); other schemes answer 400. file:// sources must exist when the task
   is submitted (checked here, so a mistake answers 400 at once); they are copied in by the steps
   script on the node, not by the gateway, so that a large input never blocks the gateway and
   staging works the same on every scheduler. With `[paths] roots` set, URLs must lie under the
   owner's roots.
-- Failures of staging (a missing input or output) make the job exit non-zero, so the task ends
-  EXECUTOR_ERROR in both APIs with the reason in `system_logs`; SYSTEM_ERROR is kept for the
-  gateway or scheduler failing.
+- Failures of the job's own staging (a missing file:// input or output) make the job exit
+  non-zero, so the task ends EXECUTOR_ERROR in both APIs with the reason in `system_logs`;
+  SYSTEM_ERROR is kept for the gateway or scheduler failing, and for the gateway's own staging
+  failing (a URL that cannot be fetched or sent).
 """
 from __future__ import annotations
 
@@ -55,10 +59,12 @@ from schedulers.script import command_argv
 
 from .. import service
 from ..auth import Identity
-from ..config import ImageRule, TesSettings
+from ..config import ImageRule, StagingSettings, TesSettings
 from ..keys import CONFIG, SCHEDULERS
 from ..policy import confinement_roots, user_roots
 from ..responses import ApiError
+from ..staging import local as staging_local
+from ..staging import s3 as staging_s3
 from ..validation import SchemaValidator
 from . import steps as tes_steps
 
@@ -117,12 +123,14 @@ class _Builder:
     def __init__(self, app: web.Application, request: dict[str, Any], user: str) -> None:
         self.app, self.request, self.user = app, request, user
         self.tes_config: TesSettings = app[CONFIG].sections.tes
+        self.staging_config: StagingSettings = app[CONFIG].sections.staging
         self.notes: list[str] = []
         self.private: list[str] = ["/tmp"]  # private paths to mount (covered later)
         self.folders: list[str] = ["/tmp"]  # private folders to create
         self.files: dict[str, str] = {}
         self.requested: str | None = None  # backend_parameters.scheduler
         self.scheduler_name = ""  # the instance routing chose
+        self.staging: dict[str, list[dict[str, Any]]] = {"inputs": [], "outputs": []}  # by the gateway
 
     def build(self) -> tuple[Task, dict[str, str], str]:
         resources = self.request.get("resources", {})
@@ -143,7 +151,8 @@ class _Builder:
         targets = tes_steps.cover(self.private)
         task = dataclasses.replace(base, cmd=("/bin/bash", f"{tes_dir}/steps.sh"), backend_parameters=passed,
                                    name=self.request.get("name"), tags=dict(self.request.get("tags", {})),
-                                   extra={"tes": {"request": self.request, "notes": self.notes}})
+                                   extra={"tes": {"request": self.request, "notes": self.notes,
+                                                  **({"staging": self.staging} if any(self.staging.values()) else {})}})
         steps = [self._step(task, index, executor, root, targets)
                  for index, executor in enumerate(self.request["executors"])]
         self.files["tes/steps.sh"] = tes_steps.render(task.id, tes_dir, root, sorted(set(self.folders)),
@@ -194,7 +203,8 @@ class _Builder:
         schemes = self.tes_config.url_schemes
         template = schemes.get(urlsplit(url).scheme, {}).get(direction)
         if template is None:
-            enabled = ["file", *sorted(name for name, commands in schemes.items() if direction in commands)]
+            enabled = ["file", *sorted({*self.staged_schemes,
+                                        *(name for name, commands in schemes.items() if direction in commands)})]
             if len(enabled) == 1:
                 raise refuse(where, f"only file:// URLs are supported by this gateway, not {url!r}")
             raise refuse(where, f"{url!r}: this gateway supports these URL schemes here: {', '.join(enabled)}")
@@ -226,6 +236,9 @@ class _Builder:
                 continue
             if "url" not in item:
                 raise refuse(where, "needs a url or content")
+            if self._staged(item["url"]):
+                self._stage_input(where, index, item)
+                continue
             if urlsplit(item["url"]).scheme != "file":
                 command = self._scheme_command(f"{where}.url", item["url"], "get", root + path)
                 copies.append(tes_steps.Transfer(f"inputs[{index}] ({path})", item["url"], path, command))
@@ -245,8 +258,20 @@ class _Builder:
         for index, item in enumerate(self.request.get("outputs", [])):
             where, path = f"$.outputs[{index}]", item["path"]
             self._check_path(f"{where}.path", path)
-            if "path_prefix" in item or any(c in path for c in "*?["):
-                raise refuse(f"{where}.path", "wildcard outputs are not supported by this gateway")
+            if self._staged(item["url"]):
+                self._stage_output(where, index, item)
+                continue
+            if staging_local.is_pattern(path):
+                if urlsplit(item["url"]).scheme != "file":
+                    raise refuse(f"{where}.path", "wildcard outputs work for file:// and the URL schemes the "
+                                                  f"gateway stages ({', '.join(self.staged_schemes) or 'none here'})")
+                folder = self._wildcard_folder(where, path, item.get("path_prefix"))
+                self.private.append(folder)
+                self.folders.append(folder)
+                copies.append(tes_steps.Transfer(f"outputs[{index}] ({path})",
+                                                 self._file_url(f"{where}.url", item["url"], output=True), path,
+                                                 prefix=item["path_prefix"]))
+                continue
             if urlsplit(item["url"]).scheme != "file":
                 command: list[str] | None = self._scheme_command(f"{where}.url", item["url"], "put", root + path)
                 destination = item["url"]
@@ -262,6 +287,70 @@ class _Builder:
                 self.folders.append(os.path.dirname(path))
             copies.append(tes_steps.Transfer(f"outputs[{index}] ({path})", destination, path, command))
         return copies
+
+    # ---- staged by the gateway (gateway/staging) ----
+
+    @property
+    def staged_schemes(self) -> list[str]:
+        """The schemes the gateway stages itself: `[staging] schemes` that `[tes] url_schemes`
+        (commands run on the node) does not take over."""
+        return [name for name in self.staging_config.schemes if name not in self.tes_config.url_schemes]
+
+    def _staged(self, url: str) -> bool:
+        return urlsplit(url).scheme.lower() in self.staged_schemes
+
+    def _check_url(self, where: str, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "s3":
+            try:
+                staging_s3.split(url)
+            except ValueError as exc:
+                raise refuse(where, f"{url!r}: {exc}") from None
+        elif not parts.hostname:
+            raise refuse(where, f"{url!r} names no server")
+
+    def _stage_input(self, where: str, index: int, item: Mapping[str, Any]) -> None:
+        url, path = item["url"], item["path"]
+        self._check_url(f"{where}.url", url)
+        directory = item.get("type") == "DIRECTORY"
+        if directory and not url.lower().startswith("s3:"):
+            raise refuse(f"{where}.type", f"a DIRECTORY input needs an s3:// or file:// URL (HTTP has no listing), "
+                                          f"not {url!r}")
+        if not directory and url.lower().startswith("s3:") and not staging_s3.split(url)[1]:
+            raise refuse(f"{where}.url", f"{url!r} names a bucket, not an object (type DIRECTORY for all of it)")
+        self.folders.append(path if directory else os.path.dirname(path))
+        self.staging["inputs"].append({"where": f"inputs[{index}]", "url": url, "path": path, "directory": directory})
+
+    def _stage_output(self, where: str, index: int, item: Mapping[str, Any]) -> None:
+        url, path = item["url"], item["path"]
+        self._check_url(f"{where}.url", url)
+        if url.lower().startswith("http") and not self.staging_config.http.allow_put:
+            raise refuse(f"{where}.url", f"{url!r}: this site does not send outputs over HTTP "
+                                         "([staging.http] allow_put)")
+        entry: dict[str, Any] = {"where": f"outputs[{index}]", "url": url, "path": path,
+                                 "directory": item.get("type") == "DIRECTORY"}
+        if staging_local.is_pattern(path):
+            folder = self._wildcard_folder(where, path, item.get("path_prefix"))
+            entry["path_prefix"] = item["path_prefix"]
+        else:
+            folder = path if entry["directory"] else os.path.dirname(path)
+        if folder == "/":
+            raise refuse(f"{where}.path", "an output must be in a folder below /")
+        self.private.append(folder)
+        self.folders.append(folder)
+        self.staging["outputs"].append(entry)
+
+    def _wildcard_folder(self, where: str, path: str, prefix: str | None) -> str:
+        """The private folder a wildcard output's matches lie in, once its `path_prefix` is checked."""
+        folder = staging_local.static_part(path)
+        if prefix is None:
+            raise refuse(f"{where}.path_prefix", "is required for a path with wildcards (* ? [)")
+        if not path.startswith(prefix) or staging_local.is_pattern(prefix):
+            raise refuse(f"{where}.path_prefix", f"{prefix!r} must be a beginning of the path before its "
+                                                 f"wildcards ({folder!r})")
+        if folder == "/":
+            raise refuse(f"{where}.path", "an output must be in a folder below /")
+        return folder
 
     # ---- executors ----
 

@@ -25,7 +25,8 @@ well as locally, given a file system shared with the gateway):
    goes to `tes/exec/<n>.stdout|stderr`. The first failure stops the task unless the executor has
    `ignore_error`; the script exits with the last failing executor's code.
 4. Outputs are copied back to their `file://` URLs at the end, also after a failure (what exists);
-   an output missing after success fails the task. Problems are logged to `tes/system.log`, which
+   an output missing after success fails the task. A wildcard output copies each file that
+   matches, less its `path_prefix`, into the URL's folder. Problems are logged to `tes/system.log`, which
    the TES API shows as `system_logs`.
 
 Every value enters the script through `schedulers.script.quote`.
@@ -74,6 +75,17 @@ jp_copy() {
     jp_log "$1: could not copy $2 to $3"
     return 1
 }
+# jp_glob WHAT PATTERN PREFIX TARGET: copy each regular file matching PATTERN (a private path with
+# wildcards) to TARGET/<its private path less PREFIX>; no match is no error.
+jp_glob() {
+    local IFS= jp_m jp_rel
+    local -a jp_found=("$jp_root"$2)
+    for jp_m in "${jp_found[@]}"; do
+        [ -f "$jp_m" ] && [ ! -L "$jp_m" ] || continue
+        jp_rel=${jp_m#"$jp_root$3"}
+        jp_copy "$1" "$jp_m" "$4/${jp_rel#/}" 1 || return 1
+    done
+}
 jp_failed() { [ "$jp_status" != 0 ] || jp_status=1; }
 jp_begin() { jp_now > "$jp_tes/exec/$1.start"; }
 jp_end() {
@@ -116,9 +128,13 @@ class Transfer:
     host: str
     private: str
     command: Sequence[str] | None = None
+    prefix: str | None = None  # an output whose `private` path has wildcards: the part left out of each match
 
     def line(self, inbound: bool) -> str:
         """The bash line that copies this input in (failing the task) or this output back."""
+        if self.prefix is not None:
+            return (f"jp_glob {quote(self.where)} {quote(self.private)} {quote(self.prefix)} {quote(self.host)}"
+                    " || jp_failed")
         if self.command is None:
             ends = (quote(self.host), f'"$jp_root"{quote(self.private)}')
             source, target = ends if inbound else ends[::-1]
