@@ -12,7 +12,8 @@ with it in `Task.extra["tes"]["staging"]`: `{"inputs": [...], "outputs": [...]}`
   the scheduler's answer about the ended job starts the sending again.
 - A transfer that fails is SYSTEM_ERROR, with the URL and the reason in `system_logs` (written to
   the task's `tes/staging.log`, the gateway's own file beside the steps script's `tes/system.log`).
-  After an EXECUTOR_ERROR, outputs are sent as far as they exist (as the steps script does for file://), and the state stays.
+  After an EXECUTOR_ERROR, outputs are sent as far as they exist (as the steps script does for
+  file://), and the state stays.
   An output missing after a successful job fails the task (EXECUTOR_ERROR), as for file://.
 - A task canceled while it is staged stops its transfers (an unfinished multipart upload is
   aborted).
