@@ -1,4 +1,5 @@
-"""The `jobproxy` command: serve, check-config, token create."""
+"""The `jobproxy` command: serve, check-config, token create, purge; and the client subcommands
+(submit, state, wait, logs, cancel, delete) of `gateway.cli_client`."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from schedulers.base import SchedulerError
 
-from . import auth, logs, policy, reload, retention, sdnotify
+from . import auth, cli_client, logs, policy, reload, retention, sdnotify
 from . import config as configuration
 from .app import create_app
 
@@ -157,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="days since they finished")
     purge.add_argument("--config", help="site configuration (TOML); default: the embedded defaults")
     purge.add_argument("--dry-run", action="store_true", help="only list the tasks that would be removed")
+    cli_client.register(parser, commands)
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return cli_client.run(args)
 
     if args.command == "token":
         secret = auth.new_token()
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "purge":
             return retention.command(configuration.load(args.config), args.older_than, args.dry_run)
         cfg = configuration.load(args.config, host=args.host, port=args.port,
-                                 socket=Path(args.socket).absolute() if args.socket else None)
+                                 socket=str(Path(args.socket).absolute()) if args.socket else None)
         logs.configure(cfg.log_level, cfg.log_format)
         if args.config is None:  # the embedded default must just work, also as root from under /root
             cfg = policy.first_run_task_root(cfg)
@@ -186,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(cfg)
         if args.config is not None:  # SIGHUP reads the file again, with the same command-line overrides
             app[reload.LIVE].loader = functools.partial(configuration.load, args.config, host=args.host, port=args.port,
-                                                        socket=Path(args.socket).absolute() if args.socket else None)
+                                                        socket=str(Path(args.socket).absolute()) if args.socket else None)
     except configuration.ConfigError as exc:
         _configuration_error(exc)
         return 2

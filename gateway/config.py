@@ -155,6 +155,16 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class StreamSettings:
+    """`[streams]`: task output over HTTP and the event stream."""
+
+    max_log_bytes: int
+    follow_interval: float
+    event_history: int
+    heartbeat_seconds: float
+
+
+@dataclass(frozen=True)
 class ImageRule:
     """One `[tes] images` rule: a requested image matching `match` runs on the host (`run`) or as
     the local `image`."""
@@ -192,6 +202,7 @@ class Sections:
     log: LogSettings
     metrics: MetricsSettings
     tes: TesSettings
+    streams: StreamSettings
 
 
 @dataclass(frozen=True)
@@ -414,6 +425,10 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
                          for name, commands in tes["url_schemes"].items()},
             backend_parameters=tuple(tes["backend_parameters"]), log_tail_bytes=tes["log_tail_bytes"],
             service_info=tes["service_info"]),
+        streams=StreamSettings(max_log_bytes=filled["streams"]["max_log_bytes"],
+                               follow_interval=float(filled["streams"]["follow_interval"]),
+                               event_history=filled["streams"]["event_history"],
+                               heartbeat_seconds=float(filled["streams"]["heartbeat_seconds"])),
     )
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
+from schedulers.base import Task
+
 from . import paging
 from .keys import SCHEDULER
 from .responses import ApiError, answer
@@ -60,12 +62,18 @@ async def output(request: web.Request) -> web.Response:
         limit = paging.whole_number(request.query.get("bytes"), "bytes", DEFAULT_BYTES, 1, MAX_BYTES)
     except paging.OutOfRange as exc:
         raise ApiError(400, str(exc), [{"path": "bytes", "message": exc.rule}]) from None
-    account = request.app[SCHEDULER].job_account(record.task)
-    owner = _uid(account) if os.geteuid() == 0 and account is not None else None
+    owner = reader_uid(request.app, record.task)
     loop = asyncio.get_running_loop()  # file systems can be slow (NFS): off the event loop
     streams = {name: await loop.run_in_executor(None, read_tail, path, limit, owner)
                for name, path in (("stdout", record.task.stdout), ("stderr", record.task.stderr))}
     return answer(request, {"id": record.id, "bytes": limit, **streams}, xml_root="output")
+
+
+def reader_uid(app: web.Application, task: Task) -> int | None:
+    """The uid whose files the gateway may show of `task`: the account its job runs as (its user
+    with `[run_as]`), when the gateway runs as root; None (any file the gateway can read) else."""
+    account = app[SCHEDULER].job_account(task)
+    return _uid(account) if os.geteuid() == 0 and account is not None else None
 
 
 def _uid(account: str) -> int | None:
@@ -80,25 +88,47 @@ def read_tail(path: str, limit: int, owner: int | None = None) -> dict[str, Any]
     and, when nothing could be read, `note` saying why (`size` then null). With `owner`, only a
     file of that uid is read."""
     found: dict[str, Any] = {"path": path, "size": None, "tail": "", "truncated": False}
+    opened = open_output(path, owner)
+    if isinstance(opened, str):
+        return {**found, "note": opened}
+    fd, size = opened
     try:
-        seen = os.lstat(path)
-        if not stat.S_ISREG(seen.st_mode):
-            return {**found, "note": "not a regular file"}
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {**found, "note": "not written yet"}
-    except OSError as exc:
-        return {**found, "note": f"cannot be read: {exc.strerror}"}
-    try:
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino) or not stat.S_ISREG(opened.st_mode):
-            return {**found, "note": "replaced while being read"}
-        if owner is not None and opened.st_uid != owner:
-            return {**found, "note": "not written by the task's account"}
-        start = max(0, opened.st_size - limit)
+        start = max(0, size - limit)
         data = os.pread(fd, limit, start)
     except OSError as exc:
         return {**found, "note": f"cannot be read: {exc.strerror}"}
     finally:
         os.close(fd)
-    return {**found, "size": opened.st_size, "tail": data.decode("utf-8", errors="replace"), "truncated": start > 0}
+    return {**found, "size": size, "tail": data.decode("utf-8", errors="replace"), "truncated": start > 0}
+
+
+#: What `open_output` answers for a file that does not exist (yet).
+NOT_WRITTEN = "not written yet"
+
+
+def open_output(path: str, owner: int | None = None) -> tuple[int, int] | str:
+    """Open a task's output file for reading, safely: `(fd, size)`, or a note saying why not
+    (NOT_WRITTEN for a missing file). A symbolic link at the end of the path, anything but a
+    regular file, a file swapped between look and open, and (with `owner`) a file of another uid
+    are refused. The caller closes the fd."""
+    try:
+        seen = os.lstat(path)
+        if not stat.S_ISREG(seen.st_mode):
+            return "not a regular file"
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return NOT_WRITTEN
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino) or not stat.S_ISREG(opened.st_mode):
+            note = "replaced while being read"
+        elif owner is not None and opened.st_uid != owner:
+            note = "not written by the task's account"
+        else:
+            return fd, opened.st_size
+    except OSError as exc:
+        note = f"cannot be read: {exc.strerror}"
+    os.close(fd)
+    return note
