@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "purge":
             return retention.command(configuration.load(args.config), args.older_than, args.dry_run)
-        cfg = configuration.load(args.config, host=args.host, port=args.port,
-                                 socket=str(Path(args.socket).absolute()) if args.socket else None)
+        socket_path = str(Path(args.socket).absolute()) if args.socket else None  # the schema checks strings
+        cfg = configuration.load(args.config, host=args.host, port=args.port, socket=socket_path)
         logs.configure(cfg.log_level, cfg.log_format)
         if args.config is None:  # the embedded default must just work, also as root from under /root
             cfg = policy.first_run_task_root(cfg)
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(cfg)
         if args.config is not None:  # SIGHUP reads the file again, with the same command-line overrides
             app[reload.LIVE].loader = functools.partial(configuration.load, args.config, host=args.host, port=args.port,
-                                                        socket=str(Path(args.socket).absolute()) if args.socket else None)
+                                                        socket=socket_path)
     except configuration.ConfigError as exc:
         _configuration_error(exc)
         return 2

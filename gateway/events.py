@@ -167,7 +167,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     with hub.waiting() as wake:
         try:
             await response.prepare(request)
-            await response.write(b"retry: 3000\n: connected\n\n")
+            await response.write(b": connected\n\n")
             while not hub.closed:
                 wake.clear()
                 lost, changes = hub.since(after)

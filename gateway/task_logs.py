@@ -1,7 +1,7 @@
 """`GET /v1/jobproxy/logs/{id}`: a task's stdout or stderr over HTTP, as text/plain bytes.
 
 - `stream=stdout|stderr` (default stdout);
-- `offset=N`: from byte N of the file; `tail=N`: the last N bytes (not both); neither: from the start;
+- `offset=N`: from byte N of the file (default 0); `tail=N`: only the last N bytes (of those);
 - `follow=true`: a chunked answer that keeps sending what the job writes and ends once the task
   is final (or deleted, or the gateway shuts down).
 
@@ -51,11 +51,17 @@ def _number(query: MultiMapping[str], name: str, high: int) -> int | None:
 
 
 def _follow(raw: str | None) -> bool:
-    if raw in (None, "", "false", "0"):
+    if raw in (None, "false"):
         return False
-    if raw in ("true", "1"):
+    if raw == "true":
         return True
     raise _refuse("follow", f"must be true or false, not {raw!r}")
+
+
+def _start(offset: int | None, tail: int | None, size: int) -> int:
+    """Where reading starts: at `offset` (default 0), or `tail` bytes before the end if later."""
+    start = offset or 0
+    return max(start, size - tail) if tail is not None else start
 
 
 async def _in_thread(function: Any, *args: Any) -> Any:
@@ -71,8 +77,6 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if stream not in STREAMS:
         raise _refuse("stream", f"must be stdout or stderr, not {stream!r}")
     offset, tail = _number(query, "offset", 2**62), _number(query, "tail", settings.max_log_bytes)
-    if offset is not None and tail is not None:
-        raise _refuse("tail", "give offset or tail, not both")
     follow = _follow(query.get("follow"))
     path = record.task.stdout if stream == "stdout" else record.task.stderr
     owner = reader_uid(request.app, record.task)
@@ -80,7 +84,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if isinstance(opened, str) and opened != NOT_WRITTEN:
         raise ApiError(403, f"the {stream} of task {record.id} cannot be shown: {path} is {opened}")
     fd, size = opened if isinstance(opened, tuple) else (None, 0)
-    start = offset if offset is not None else max(0, size - tail) if tail is not None else 0
+    start = _start(offset, tail, size)
     try:
         if not follow:
             data = b"" if fd is None else await _in_thread(os.pread, fd, min(settings.max_log_bytes, size), start)
@@ -114,7 +118,7 @@ async def _follow_file(request: web.Request, response: web.StreamResponse, fd: i
                     break  # swapped for something the gateway must not show
                 if isinstance(opened, tuple):
                     fd, size = opened
-                    position = max(0, size - tail) if tail is not None else position
+                    position = _start(position, tail, size)
             data = b"" if fd is None else await _in_thread(os.pread, fd, CHUNK, position)
             if data:
                 position += len(data)
