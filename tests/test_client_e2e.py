@@ -336,3 +336,69 @@ def test_logs_and_events_on_slurm(slurm_gateway: Gateway) -> None:
     assert codes[0] == "QUEUED" and codes[-1] == "COMPLETE" and "RUNNING" in codes, codes
     assert slurm_gateway.request("GET", f"/v1/jobproxy/logs/{task_id}?stream=stderr")[2] == b"two\n"
     assert Client(slurm_gateway.url).wait([task_id])[task_id]["scheduler"] == "slurm"
+
+
+def test_the_unix_socket_and_a_progress_bar_on_a_terminal(gateway_factory: Callable[..., Gateway],
+                                                          tmp_path: Path) -> None:
+    socket_path = tmp_path / "run" / "jobproxy.sock"
+    gateway = gateway_factory(CONFIG.replace("[scheduler]", f'[gateway]\nsocket = "{socket_path}"\n[scheduler]',
+                                             1)).start()
+    url = f"unix:{socket_path}"
+    ran = jobproxy(gateway, "submit", "--wait", "--", "sh", "-c", "echo over the socket; exit 7", url=url)
+    assert (ran.returncode, ran.stdout) == (7, "over the socket\n"), ran.stderr
+    ids = [jobproxy(gateway, "submit", "--", "sleep", f"0.{n}", url=url).stdout.strip() for n in (2, 5)]
+    controller, terminal = os.openpty()  # `wait` for several tasks draws a progress bar on a terminal
+    try:
+        waited = subprocess.run([_command(), "--url", url, "wait", *ids], stdout=subprocess.PIPE, stderr=terminal,
+                                env={**os.environ, "COLUMNS": "100"}, timeout=60)
+        os.close(terminal)
+        drawn = b""
+        while chunk := _read_some(controller):
+            drawn += chunk
+    finally:
+        os.close(controller)
+    assert waited.returncode == 0
+    assert b"waiting" in drawn and b"2/2" in drawn, drawn
+
+
+def _read_some(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # EIO: the terminal's other end is closed
+        return b""
+
+
+@pytest.fixture(scope="module")
+def unix_user() -> Iterator[str]:
+    """A real Unix user for [run_as], created for the test and removed after."""
+    if os.geteuid() != 0:
+        pytest.skip("creating Unix users and running jobs as them needs root")
+    name = "jp-logs-carol"
+    subprocess.run(["userdel", "-r", name], capture_output=True)
+    subprocess.run(["useradd", "--create-home", "--uid", "40020", name], check=True)
+    yield name
+    subprocess.run(["userdel", "-r", name], capture_output=True)
+
+
+def test_with_run_as_the_gateway_shows_only_what_the_user_could_read(gateway_factory: Callable[..., Gateway],
+                                                                     unix_user: str) -> None:
+    state = Path(f"/home/{unix_user}").parent / f"{unix_user}-state"  # a state folder the user may pass through
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(mode=0o755)
+    try:
+        gateway = gateway_factory(CONFIG + f'[gateway]\nstate_dir = "{state}"\n[run_as]\nenabled = true\n'
+                                  '[paths]\nroots = ["/home/{user}"]\n').start()
+        home = Path(f"/home/{unix_user}")
+        own = gateway.submit({"user": unix_user, "cmd": "id -un", "stdout": str(home / "out.txt")})
+        assert gateway.wait(own)["code"] == "COMPLETE"
+        assert gateway.request("GET", f"/v1/jobproxy/logs/{own}")[2] == f"{unix_user}\n".encode()
+        secret = home / "admins-notes"  # root's private file in the user's home: the user cannot read it
+        secret.write_text("the root password\n")
+        secret.chmod(0o600)
+        aimed = gateway.submit({"user": unix_user, "cmd": "true", "stdout": str(secret)})
+        assert gateway.wait(aimed)["code"] in ("SYSTEM_ERROR", "EXECUTOR_ERROR")  # it could not open it either
+        status, _, body = gateway.request("GET", f"/v1/jobproxy/logs/{aimed}")
+        assert status == 403 and b"password" not in body, body
+        assert b"not written by the task's account" in body
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
