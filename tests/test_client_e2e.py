@@ -24,7 +24,7 @@ from gateway import auth
 from gateway.client import Client, ClientError
 
 from . import backend_slurm
-from .conftest import Gateway
+from .conftest import IN_CI, Gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -280,6 +280,23 @@ def test_wait_uses_the_event_stream(gateway: Gateway) -> None:
     assert (ids[1], "RUNNING") in seen or (ids[1], "QUEUED") in seen  # changes came while it waited
     with pytest.raises(ClientError, match="no task with id 'nope'"):
         client.wait(["nope"])
+
+
+def test_tes_tasks_are_on_the_same_stream(gateway_factory: Callable[..., Gateway]) -> None:
+    if shutil.which("bwrap") is None:
+        if IN_CI:
+            pytest.fail("TES executors on the host need bubblewrap (bwrap); tests/run.sh installs it")
+        pytest.skip("TES executors on the host need bubblewrap (bwrap); tests/run.sh installs it")
+    gateway = gateway_factory(CONFIG + '[tes]\nimages = [{ match = "*", run = "host" }]\n').start()
+    collector = Collector(gateway)
+    status, _, body = gateway.request("POST", "/ga4gh/tes/v1/tasks", json.dumps(
+        {"executors": [{"image": "ubuntu", "command": ["echo", "from TES"]}]}).encode(),
+        {"Content-Type": "application/json"})
+    assert status == 200, body
+    task_id = json.loads(body)["id"]
+    codes = [e["code"] for e in collector.wait_for(task_id, "COMPLETE")]
+    assert codes[0] == "QUEUED" and codes[-1] == "COMPLETE", codes
+    assert gateway.request("GET", f"/v1/jobproxy/logs/{task_id}")[0] == 200  # its job's own output (the steps')
 
 
 # ---- who sees what --------------------------------------------------------------------------------
