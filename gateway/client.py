@@ -155,8 +155,9 @@ class Client:
     def wait(self, task_ids: Iterable[str], timeout: float | None = None, poll: float = 1.0,
              on_change: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
         """Wait until every task is final; answers their final State documents. Uses the event
-        stream (resuming with Last-Event-ID when it breaks), else polls every `poll` seconds.
-        `on_change` sees each state as it changes. WaitTimeout after `timeout` seconds."""
+        stream (resuming with Last-Event-ID when it breaks), else polls every `poll` seconds; a
+        gateway that answered once and then goes away (a restart) is waited for. `on_change` sees
+        each state as it changes. WaitTimeout after `timeout` seconds."""
         waiter = _Waiter(self, list(dict.fromkeys(task_ids)), timeout, on_change)
         try:
             waiter.with_events()
@@ -226,6 +227,7 @@ class _Waiter:
         self.on_change = on_change
         self.done: dict[str, dict[str, Any]] = {}
         self.seen: dict[str, str] = {}
+        self.reached = False  # the gateway answered once: later, a refused connection is a restart
 
     def remaining(self) -> float | None:
         if self.deadline is None:
@@ -249,6 +251,7 @@ class _Waiter:
     def refresh(self) -> None:
         for task_id in list(self.pending):
             self.record(self.client.state(task_id))
+        self.reached = True
 
     def with_events(self) -> None:
         last: str | None = None
@@ -288,7 +291,11 @@ class _Waiter:
 
     def polling(self, interval: float) -> None:
         while True:
-            self.refresh()
+            try:
+                self.refresh()
+            except ClientError as exc:
+                if exc.status is not None or not self.reached:
+                    raise
             if not self.pending:
                 return
             remaining = self.remaining()

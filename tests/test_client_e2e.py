@@ -282,6 +282,29 @@ def test_wait_uses_the_event_stream(gateway: Gateway) -> None:
         client.wait(["nope"])
 
 
+def test_wait_outlives_a_restart_of_the_gateway(gateway: Gateway, tmp_path: Path) -> None:
+    """The stream breaks, the gateway refuses connections for a while, then answers with a new
+    event epoch: `wait` reconnects (or polls) and still ends with the task's exit code."""
+    go = tmp_path / "go"
+    task_id = gateway.submit({"user": "alice", "cmd": f"while [ ! -e {go} ]; do sleep 0.1; done; exit 5"})
+    gateway.wait(task_id, lambda s: s["code"] == "RUNNING")
+    env = {**os.environ, "JOBPROXY_URL": gateway.url}
+    waiter = subprocess.Popen([_command(), "wait", task_id, "--timeout", "90"], stderr=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        time.sleep(3)  # connected by then (a gateway never reached at all is an error at once)
+        gateway.stop()
+        time.sleep(2)
+        gateway.start()  # the same port, the same store; the local job carried on meanwhile
+        go.touch()
+        code = waiter.wait(90)
+        said = waiter.stderr.read() if waiter.stderr else ""
+        assert (code, "Traceback" in said) == (5, False), said
+    finally:
+        waiter.kill()
+        waiter.wait()
+
+
 def test_tes_tasks_are_on_the_same_stream(gateway_factory: Callable[..., Gateway]) -> None:
     if shutil.which("bwrap") is None:
         if IN_CI:
