@@ -73,10 +73,10 @@ class EventHub:
 
     def publish(self, record: Record) -> None:
         try:
-            self._seq += 1
             data = {"id": record.id, "code": record.state.value, "description": record.description,
                     "exit_code": record.exit_code, "user": record.task.user, "time": rfc3339(now())}
-            self._history.append(Event(self._seq, record.id, record.task.user, json.dumps(data)))
+            self._history.append(Event(self._seq + 1, record.id, record.task.user, json.dumps(data)))
+            self._seq += 1
             for waiting in self._waiting:
                 waiting.set()
         except Exception:  # a listener must not break the poller
@@ -92,10 +92,10 @@ class EventHub:
         """The changes after number `seq`, and whether some of them are gone from the history."""
         if not self._history:
             return seq < self._seq, iter(())
-        oldest = self._history[0].seq
-        if seq + 1 < oldest:
+        if seq + 1 < self._history[0].seq:
             return True, iter(list(self._history))
-        return False, iter(list(itertools.islice(self._history, seq + 1 - oldest, None)))
+        newer = list(itertools.islice(reversed(self._history), self._seq - seq))  # from the end: O(new ones)
+        return False, reversed(newer)
 
     def resume_point(self, last_event_id: str | None) -> tuple[int, str | None]:
         """Where a stream starts: after `Last-Event-ID`, or after the latest change; and why a gap
