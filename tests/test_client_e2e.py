@@ -206,6 +206,11 @@ def test_logs_are_limited_per_answer_unless_following(gateway: Gateway) -> None:
     status, _, body = gateway.request("GET", f"/v1/jobproxy/logs/{task_id}?follow=true")
     assert (status, len(body)) == (200, 10000)
     assert jobproxy(gateway, "logs", "--follow", "--tail", "3", task_id).stdout == "xx\n"
+    big = gateway.submit({"user": "alice", "cmd": ["python3", "-c", "print('y' * 300000)"]})
+    gateway.wait(big)  # more than a pipe holds: the reader stops while the client still writes
+    piped = subprocess.run(["sh", "-c", f'"$0" logs --follow {big} | head -c 5', _command()], capture_output=True,
+                           text=True, env={**os.environ, "JOBPROXY_URL": gateway.url}, timeout=60)
+    assert (piped.stdout, piped.stderr) == ("yyyyy", "")  # a reader that stops early: no error, no traceback
     assert Client(gateway.url).logs(task_id) == b"x" * 9999 + b"\n"  # paged through
     for query, path in (("stream=both", "stream"), ("follow=yes", "follow"), ("offset=-1", "offset")):
         status, _, body = gateway.request("GET", f"/v1/jobproxy/logs/{task_id}?{query}")
