@@ -1,4 +1,4 @@
-"""The JobProxy v1 API: submit, state, delete, ping, under /v1."""
+"""The JobProxy v1 API: submit, state, cancel, delete, ping, under /v1."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -74,6 +74,15 @@ async def delete(request: web.Request) -> web.Response:
     await service.delete(request.app, record)
     audit.deleted(request, record, "v1")
     return web.Response(status=204)
+
+
+@routes.post("/v1/jobproxy/cancel/{id}")
+async def cancel(request: web.Request) -> web.Response:
+    """Stop the task's job if it is active; the task stays, CANCELED (TES semantics)."""
+    record = _record(request)
+    await service.cancel(request.app, record)
+    audit.write(request, "cancel", record, "v1")
+    return answer(request, state_document(service.current(request.app, record.id) or record), xml_root="state")
 
 
 @routes.get("/v1/jobproxy/ping")

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from schedulers.base import Scheduler, SchedulerError
 
-from . import api_v1, audit, auth, metrics, output, pages, plugins, policy, quota, reload, responses
+from . import api_v1, audit, auth, events, metrics, output, pages, plugins, policy, quota, reload, responses, task_logs
 from .active import ActiveSet
 from .config import Config, ConfigError
 from .idempotency import Keys
@@ -56,8 +56,10 @@ def create_app(config: Config) -> web.Application:
     app.add_routes(api_v1.routes)
     app.add_routes(tes_api.routes)
     app.add_routes(output.routes)
+    app.add_routes(task_logs.routes)
     pages.add_routes(app)
     app.cleanup_ctx.append(_lifecycle)
+    events.setup(app)  # after _lifecycle: it listens to the pollers made there
     metrics.setup(app)  # after _lifecycle: it observes the store and the poller made there
     return app
 

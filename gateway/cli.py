@@ -1,4 +1,5 @@
-"""The `jobproxy` command: serve, check-config, token create."""
+"""The `jobproxy` command: serve, check-config, token create, purge; and the client subcommands
+(submit, state, wait, logs, cancel, delete) of `gateway.cli_client`."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ from aiohttp import web
 import schemas
 from schedulers.base import SchedulerError
 
-from . import auth, logs, policy, reload, retention, routing, sdnotify
+from . import auth, cli_client, logs, policy, reload, retention, routing, sdnotify
 from . import config as configuration
 from .app import SchedulerStartError, create_app
 from .codec import DecodeError, decode
@@ -165,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     purge.add_argument("--older-than", type=float, required=True, metavar="DAYS", help="days since they finished")
     purge.add_argument("--config", help="site configuration (TOML); default: the embedded defaults")
     purge.add_argument("--dry-run", action="store_true", help="only list the tasks that would be removed")
+    cli_client.register(parser, commands)
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return cli_client.run(args)
 
     if args.command == "token":
         secret = auth.new_token()
@@ -185,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             return _explain(cfg, args.explain) if args.explain else 0
         if args.command == "purge":
             return retention.command(configuration.load(args.config), args.older_than, args.dry_run)
-        cfg = configuration.load(args.config, host=args.host, port=args.port,
-                                 socket=Path(args.socket).absolute() if args.socket else None)
+        socket_path = str(Path(args.socket).absolute()) if args.socket else None  # the schema checks strings
+        cfg = configuration.load(args.config, host=args.host, port=args.port, socket=socket_path)
         logs.configure(cfg.log_level, cfg.log_format)
         if args.config is None:  # the embedded default must just work, also as root from under /root
             cfg = policy.first_run_task_root(cfg)
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(cfg)
         if args.config is not None:  # SIGHUP reads the file again, with the same command-line overrides
             app[reload.LIVE].loader = functools.partial(configuration.load, args.config, host=args.host, port=args.port,
-                                                        socket=Path(args.socket).absolute() if args.socket else None)
+                                                        socket=socket_path)
     except configuration.ConfigError as exc:
         _configuration_error(exc)
         return 2

@@ -186,6 +186,16 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class StreamSettings:
+    """`[streams]`: task output over HTTP and the event stream."""
+
+    max_log_bytes: int
+    follow_interval: float
+    event_history: int
+    heartbeat_seconds: float
+
+
+@dataclass(frozen=True)
 class ImageRule:
     """One `[tes] images` rule: a requested image matching `match` runs on the host (`run`) or as
     the local `image`."""
@@ -261,6 +271,7 @@ class Sections:
     metrics: MetricsSettings
     tes: TesSettings
     staging: StagingSettings
+    streams: StreamSettings
 
 
 @dataclass(frozen=True)
@@ -486,6 +497,10 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
             backend_parameters=tuple(tes["backend_parameters"]), log_tail_bytes=tes["log_tail_bytes"],
             service_info=tes["service_info"]),
         staging=_staging(filled["staging"]),
+        streams=StreamSettings(max_log_bytes=filled["streams"]["max_log_bytes"],
+                               follow_interval=float(filled["streams"]["follow_interval"]),
+                               event_history=filled["streams"]["event_history"],
+                               heartbeat_seconds=float(filled["streams"]["heartbeat_seconds"])),
     )
 
 

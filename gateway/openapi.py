@@ -59,6 +59,8 @@ def document(config: Config) -> dict[str, Any]:
         token = _parameter(operation, "page_token")
         token["schema"]["pattern"] = f"^(?:{TES_PAGE_TOKEN_PATTERN[1:-1]})?$"  # empty: the first page
         token["description"] = "opaque: the next_page_token of the previous page (empty or absent: the first page)"
+    for operation in _operations(spec, "v1Logs"):
+        _parameter(operation, "tail")["schema"]["maximum"] = config.sections.streams.max_log_bytes
     _site_task(components, config)
     _site_tes(components, config)
     _check_self_contained(spec)

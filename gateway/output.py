@@ -74,8 +74,8 @@ async def output(request: web.Request) -> web.Response:
 
 
 def job_owner(app: web.Application, task: Task) -> int | None:
-    """The uid whose files `read_tail` may read for `task` (its job's account) when the gateway
-    runs as root, else None (the gateway's own rights decide)."""
+    """The uid whose files the gateway may show of `task`: the account its job runs as (its user
+    with `[run_as]`), when the gateway runs as root; None (any file the gateway can read) else."""
     # the job account follows the site policy, the same for every scheduler instance
     account = next(iter(app[SCHEDULERS].values())).job_account(task)
     return _uid(account) if os.geteuid() == 0 and account is not None else None
@@ -93,25 +93,47 @@ def read_tail(path: str, limit: int, owner: int | None = None) -> dict[str, Any]
     and, when nothing could be read, `note` saying why (`size` then null). With `owner`, only a
     file of that uid is read."""
     found: dict[str, Any] = {"path": path, "size": None, "tail": "", "truncated": False}
+    opened = open_output(path, owner)
+    if isinstance(opened, str):
+        return {**found, "note": opened}
+    fd, size = opened
     try:
-        seen = os.lstat(path)
-        if not stat.S_ISREG(seen.st_mode):
-            return {**found, "note": "not a regular file"}
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return {**found, "note": "not written yet"}
-    except OSError as exc:
-        return {**found, "note": f"cannot be read: {exc.strerror}"}
-    try:
-        opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino) or not stat.S_ISREG(opened.st_mode):
-            return {**found, "note": "replaced while being read"}
-        if owner is not None and opened.st_uid != owner:
-            return {**found, "note": "not written by the task's account"}
-        start = max(0, opened.st_size - limit)
+        start = max(0, size - limit)
         data = os.pread(fd, limit, start)
     except OSError as exc:
         return {**found, "note": f"cannot be read: {exc.strerror}"}
     finally:
         os.close(fd)
-    return {**found, "size": opened.st_size, "tail": data.decode("utf-8", errors="replace"), "truncated": start > 0}
+    return {**found, "size": size, "tail": data.decode("utf-8", errors="replace"), "truncated": start > 0}
+
+
+#: What `open_output` answers for a file that does not exist (yet).
+NOT_WRITTEN = "not written yet"
+
+
+def open_output(path: str, owner: int | None = None) -> tuple[int, int] | str:
+    """Open a task's output file for reading, safely: `(fd, size)`, or a note saying why not
+    (NOT_WRITTEN for a missing file). A symbolic link at the end of the path, anything but a
+    regular file, a file swapped between look and open, and (with `owner`) a file of another uid
+    are refused. The caller closes the fd."""
+    try:
+        seen = os.lstat(path)
+        if not stat.S_ISREG(seen.st_mode):
+            return "not a regular file"
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return NOT_WRITTEN
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (seen.st_dev, seen.st_ino) or not stat.S_ISREG(opened.st_mode):
+            note = "replaced while being read"
+        elif owner is not None and opened.st_uid != owner:
+            note = "not written by the task's account"
+        else:
+            return fd, opened.st_size
+    except OSError as exc:
+        note = f"cannot be read: {exc.strerror}"
+    os.close(fd)
+    return note

@@ -101,9 +101,12 @@ class Poller:
 
     @contextlib.asynccontextmanager
     async def submitting(self, record: Record) -> AsyncIterator[None]:
-        """Around a submit call: the task is active, and no round recovers it meanwhile."""
+        """Around a submit call: the task is active (its listeners hear of it, QUEUED), and no round
+        recovers it meanwhile."""
         self._submitting.add(record.id)
         self.active.put(record)
+        for listener in self.listeners:
+            listener(record)
         try:
             yield
         finally:
