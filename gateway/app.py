@@ -17,10 +17,12 @@ from .config import Config, ConfigError
 from .idempotency import Keys
 from .keys import ACTIVE, CONFIG, KEYS, POLLER, QUOTAS, SCHEDULER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
+from .pgstore import PgStore
 from .poller import Poller
 from .quota import Quotas
+from .replicas import Replication
 from .retention import periodic as purge_finished
-from .store import Store
+from .taskstore import StoreUnavailable, TaskStore, open_store
 from .tes import api as tes_api
 from .validation import SchemaValidator
 
@@ -73,7 +75,7 @@ def _path_error(config: Config, what: str, path: Path, setting: str, exc: Except
     return ConfigError(f"{config.source}: cannot {what} {path} ({setting}): {reason}{failed}")
 
 
-async def _expire_keys(store: Store, retention: timedelta) -> None:
+async def _expire_keys(store: TaskStore, retention: timedelta) -> None:
     """Forget idempotency keys older than `retention`, now and then once an hour."""
     while True:
         try:
@@ -87,10 +89,15 @@ async def _expire_keys(store: Store, retention: timedelta) -> None:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, scheduler = app[CONFIG], app[SCHEDULER]
+    settings = config.sections.store
     try:
-        store = Store(config.store_path)
+        store = open_store(settings.url, config.store_path, settings.password_file)
+    except StoreUnavailable as exc:
+        raise ConfigError(f"{config.source}: cannot open the task store {settings.url} ([store] url): "
+                          f"{exc.message}") from None
     except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: a store newer than this JobProxy
-        raise _path_error(config, "open the task store", config.store_path, "[store] path", exc) from None
+        where = ("[store] url", settings.url) if settings.url else ("[store] path", config.store_path)
+        raise _path_error(config, "open the task store", Path(where[1]), where[0], exc) from None
     app[STORE] = store
     try:
         _prepare_task_root(config, scheduler.account)
@@ -102,20 +109,26 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     poller = Poller(store, scheduler, active, config.poll_interval)
     app[POLLER] = poller
     await scheduler.start(poller.report)
-    await poller.reconcile()  # what happened while the gateway was down, before serving
+    replication = Replication(store, {scheduler.name: poller}) if isinstance(store, PgStore) else None
+    if replication is None:
+        await poller.reconcile()  # what happened while the gateway was down, before serving
+    else:
+        await replication.start()  # the lease holder reconciles
     app[KEYS] = Keys(store)
     app[QUOTAS] = Quotas(config.sections.quotas, active)
     runner = asyncio.create_task(poller.run(), name=f"poller-{scheduler.name}")
     retention = timedelta(hours=config.sections.store.idempotency_hours)
     expiry = asyncio.create_task(_expire_keys(store, retention), name="idempotency-expiry")
     purge = asyncio.create_task(purge_finished(app), name="retention-purge")
-    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name, config.store_path,
-             store.count(), len(active))
+    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", scheduler.name,
+             settings.url or config.store_path, store.count(), len(active))
     yield
     for background in (runner, expiry, purge):
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+    if replication is not None:
+        await replication.close()
     await scheduler.close()
     await store.flush()
     store.close()

@@ -66,11 +66,13 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """`[store]`: the SQLite database."""
+    """`[store]`: the SQLite database, or a PostgreSQL one (`url`)."""
 
     path: Path
     idempotency_hours: float
     retain_days: float
+    url: str | None = None  # PostgreSQL instead of SQLite (gateway.pgstore)
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -390,7 +392,9 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
             umask=int(gateway["umask"], 8), allow_remote_without_auth=gateway["allow_remote_without_auth"]),
         store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"]),
                             idempotency_hours=float(filled["store"]["idempotency_hours"]),
-                            retain_days=float(filled["store"]["retain_days"])),
+                            retain_days=float(filled["store"]["retain_days"]), url=filled["store"].get("url"),
+                            password_file=base / filled["store"]["password_file"]
+                            if "password_file" in filled["store"] else None),
         scheduler=SchedulerSettings(type=scheduler["type"], poll_interval=float(scheduler["poll_interval"]),
                                     options=scheduler["options"], container=scheduler.get("container")),
         auth=AuthSettings(enabled=filled["auth"]["enabled"], tokens=tuple(

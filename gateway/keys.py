@@ -12,11 +12,11 @@ from .config import Config
 from .idempotency import Keys
 from .poller import Poller
 from .quota import Quotas
-from .store import Store
+from .taskstore import TaskStore
 from .validation import SchemaValidator
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
+STORE: web.AppKey[TaskStore] = web.AppKey("store")
 ACTIVE = web.AppKey("active", ActiveSet)
 KEYS = web.AppKey("idempotency_keys", Keys)
 QUOTAS = web.AppKey("quotas", Quotas)

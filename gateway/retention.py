@@ -35,6 +35,7 @@ from .keys import ACTIVE, CONFIG, SCHEDULER, STORE, TASK_ROOT
 from .model import now, rfc3339
 from .plugins import create_scheduler
 from .store import Record, Store
+from .taskstore import TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Purged:
     kept: list[tuple[Record, str]] = field(default_factory=list)  # (task, why)
 
 
-async def purge(store: Store, scheduler: Scheduler, task_root: Path, before: datetime, *,
+async def purge(store: TaskStore, scheduler: Scheduler, task_root: Path, before: datetime, *,
                 active: Container[str] = (), dry_run: bool = False, batch: int = BATCH) -> Purged:
     """Forget every finished task that ended before `before`, `batch` at a time; never one whose
     id is in `active`. `dry_run`: only answer what would go."""

@@ -84,6 +84,10 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
                        headers=RETRY) from None
     record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
+    if poller.hand_over(record):  # replicas: the holder of the scheduler's lease submits it
+        log.info("task %s recorded for %s, handed to the replica that runs %s jobs", task.id, task.user,
+                 scheduler.name, extra={"task_id": task.id, "user": task.user})
+        return
     async with poller.submitting(record):
         try:
             native_id = await scheduler.submit(task)
