@@ -71,8 +71,8 @@ class StoreSettings:
     path: Path
     idempotency_hours: float
     retain_days: float
-    url: str | None = None  # PostgreSQL instead of SQLite (gateway.pgstore)
-    password_file: Path | None = None
+    url: str | None  # PostgreSQL instead of SQLite (gateway.pgstore)
+    password_file: Path | None
 
 
 @dataclass(frozen=True)

@@ -203,7 +203,7 @@ class PgStore:
                 self._commit(db, batch)
                 self.on_commit(time.perf_counter() - started)
             except (StoreUnavailable, psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                reason = exc.message if isinstance(exc, StoreUnavailable) else _reason(exc)
+                reason = exc.reason if isinstance(exc, StoreUnavailable) else _reason(exc)
                 log.error("task store: the database is unavailable: %s", reason)
                 for item in batch:
                     if item.keep and not stopping:

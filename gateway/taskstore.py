@@ -25,6 +25,7 @@ class StoreUnavailable(ApiError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(503, f"the task store is unavailable right now: {reason}", headers=RETRY)
+        self.reason = reason
 
 
 class TaskStore(Protocol):
