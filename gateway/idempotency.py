@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .errors import ApiError
 from .store import IdempotencyKey
-from .taskstore import TaskStore
+from .taskstore import KeyTaken, TaskStore
 
 HEADER = "Idempotency-Key"
 _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -65,6 +65,9 @@ class Keys:
         self._running[name] = done
         try:
             return await make(), True
+        except KeyTaken:  # another replica recorded the same key meanwhile: its task answers
+            pass
         finally:
             del self._running[name]
             done.set_result(None)
+        return await self.once(key, make)

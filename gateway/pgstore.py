@@ -41,7 +41,7 @@ from schedulers.base import ACTIVE, Task, TaskState
 
 from .model import now, parse_rfc3339, rfc3339
 from .store import Change, IdempotencyKey, Record
-from .taskstore import StoreUnavailable
+from .taskstore import KeyTaken, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,6 +129,7 @@ class PgStore:
         self._migrate(writer)
         self._db: Db | None = self._connect()
         self._db_lock = threading.Lock()
+        self._notes: dict[str, list[str]] = {}  # the writer's transaction's notifications, by kind
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, args=(writer,), name="pgstore-writer", daemon=True)
         self._writer.start()
@@ -241,20 +242,27 @@ class PgStore:
                 item.done.set_result(result)
 
     def _transaction(self, db: Db, writes: list[_Write]) -> list[Any]:
+        self._notes = {}
         with db.transaction():
             results = [write(db) for write in writes]
+            for kind, task_ids in self._notes.items():  # at the end: one notification per kind (and size)
+                chunk: list[str] = []
+                for task_id in task_ids:
+                    chunk.append(task_id)
+                    if len(chunk) * (len(task_id) + 1) > _PAYLOAD:
+                        self._send(db, kind, chunk)
+                        chunk = []
+                if chunk:
+                    self._send(db, kind, chunk)
         self.commits += 1
         return results
 
     def _notify(self, db: Db, kind: str, task_ids: Sequence[str]) -> None:
-        chunk: list[str] = []
-        for task_id in task_ids:
-            chunk.append(task_id)
-            if sum(len(t) + 1 for t in chunk) > _PAYLOAD:
-                db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin} {kind} {' '.join(chunk)}"))
-                chunk = []
-        if chunk:
-            db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin} {kind} {' '.join(chunk)}"))
+        """Tell the other replicas, when this transaction commits, that `task_ids` changed."""
+        self._notes.setdefault(kind, []).extend(task_ids)
+
+    def _send(self, db: Db, kind: str, task_ids: list[str]) -> None:
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin} {kind} {' '.join(task_ids)}"))
 
     async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None) -> Record:
         """Record a new task, QUEUED and not yet handed to its scheduler; durable when it returns.
@@ -264,17 +272,23 @@ class PgStore:
                task.stdout, task.stderr, rfc3339(created))
 
         def insert(db: Db) -> int:
-            cur = db.execute('INSERT INTO tasks (id, "user", scheduler, spec, state, stdout, stderr, created)'
-                             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq", row)
+            # one statement: the row, and the submit lock of this replica's session
+            cur = db.execute('WITH t AS (INSERT INTO tasks (id, "user", scheduler, spec, state, stdout, stderr,'
+                             " created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq, id)"
+                             " SELECT seq, pg_advisory_lock(hashtextextended(id, 0)) FROM t", row)
             seq = int(_one(cur)["seq"])
             if key is not None:
                 db.execute('INSERT INTO idempotency ("user", key, digest, task_id, created)'
                            " VALUES (%s, %s, %s, %s, %s)", (key.user, key.key, key.digest, task.id, row[-1]))
-            db.execute(f"SELECT {_LOCK}", (task.id,))
             self._notify(db, "add", [task.id])
             return seq
 
-        seq = await self._write(insert)
+        try:
+            seq = await self._write(insert)
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "idempotency_pkey":
+                raise KeyTaken(task.id) from None
+            raise
         return Record(seq, task, scheduler, None, TaskState.QUEUED, "", None, created, None, None)
 
     def set_native_id(self, task_id: str, native_id: str) -> Future[Any]:

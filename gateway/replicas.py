@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import psycopg
@@ -41,6 +42,7 @@ class Replication:
         self.store = store
         self.pollers = dict(pollers)
         self._tasks: list[asyncio.Task[None]] = []
+        self._claimed: dict[str, float] = {}  # task id: when this replica claimed it
         for poller in self.pollers.values():
             poller.leading = False
             poller.hand_over = self._hand_over_for(poller)
@@ -88,8 +90,21 @@ class Replication:
             poller.leading = False
 
     async def _adopt(self, poller: Poller) -> None:
+        """Claim the tasks without a job whose replica let go of them; recover each once its grace
+        has passed (`grace`)."""
+        wait = grace(poller)
+
+        async def claim(task_ids: list[str]) -> list[str]:
+            fresh = [t for t in task_ids if t not in self._claimed]
+            if fresh:
+                for task_id in await asyncio.wrap_future(self.store.claim(fresh)):
+                    self._claimed[task_id] = time.monotonic()
+            ready = [t for t in task_ids if t in self._claimed and time.monotonic() - self._claimed[t] >= wait]
+            for task_id in ready:
+                del self._claimed[task_id]
+            return ready
         try:
-            await poller.adopt(lambda ids: asyncio.wrap_future(self.store.claim(ids)))
+            await poller.adopt(claim)
         except Exception as exc:  # the next round tries again
             log.warning("replica %s: could not adopt orphaned tasks: %s", self.store.origin, exc)
 
@@ -144,6 +159,17 @@ class Replication:
             owner = self.pollers.get(record.scheduler)
             if owner is not None:
                 owner.observed(record)
+
+
+def grace(poller: Poller) -> float:
+    """Seconds between claiming a task and recovering it. A replica killed during its submit call
+    may leave that call running (e.g. an sbatch child, which outlives it): wait until it must have
+    ended, its scheduler's command timeout and a second, so that `Scheduler.find` sees its job. A
+    scheduler that reports its own changes is submitted to only by the lease holder: no wait."""
+    if poller.scheduler.reports_changes:
+        return 0.0
+    timeout = getattr(poller.scheduler, "timeout", None)
+    return (float(timeout) if isinstance(timeout, int | float) else 30.0) + 1.0
 
 
 class Lease:

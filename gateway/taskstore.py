@@ -28,6 +28,11 @@ class StoreUnavailable(ApiError):
         self.reason = reason
 
 
+class KeyTaken(Exception):
+    """`add` with an idempotency key another gateway recorded meanwhile (replicas): nothing was
+    added; the key's task is the answer."""
+
+
 class TaskStore(Protocol):
     """All reads and writes of task records (one instance per process).
 

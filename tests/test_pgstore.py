@@ -114,3 +114,19 @@ async def test_two_replicas_see_each_others_tasks(aiohttp_client: Callable[..., 
     while task_id in first.server.app[ACTIVE] and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert task_id not in first.server.app[ACTIVE] and first.server.app[ACTIVE].count_of("b") == 0
+
+
+async def test_one_key_sent_to_two_replicas_at_once_makes_one_task(aiohttp_client: Callable[..., Any],
+                                                                    tmp_path: Path,
+                                                                    database: tuple[str, Path]) -> None:
+    first = await aiohttp_client(create_app(pg_config(tmp_path, database, "one")))
+    second = await aiohttp_client(create_app(pg_config(tmp_path, database, "one")))
+    body = json.dumps({"user": "k", "cmd": "true"})
+    for n in range(20):
+        headers = {**JSON, "Idempotency-Key": f"both-{n}"}
+        answers = await asyncio.gather(first.post("/v1/jobproxy/submit", data=body, headers=headers),
+                                       second.post("/v1/jobproxy/submit", data=body, headers=headers))
+        assert [a.status for a in answers] == [200, 200]
+        ids = {(await a.json())["id"] for a in answers}
+        assert len(ids) == 1, f"key both-{n} made two tasks"
+    assert first.server.app[STORE].count() == 20
