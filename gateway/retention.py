@@ -34,8 +34,8 @@ from .config import Config
 from .keys import ACTIVE, CONFIG, SCHEDULER, STORE, TASK_ROOT
 from .model import now, rfc3339
 from .plugins import create_scheduler
-from .store import Record, Store
-from .taskstore import TaskStore
+from .store import Record
+from .taskstore import TaskStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +120,12 @@ async def periodic(app: web.Application) -> None:
 
 
 async def _command(config: Config, days: float, dry_run: bool) -> int:
-    store_path = Path(config.store_path)
-    if not store_path.exists():
+    store_path, settings = Path(config.store_path), config.sections.store
+    if settings.url is None and not store_path.exists():
         print(f"no task store at {store_path}: nothing to purge")
         return 0
     scheduler = create_scheduler(config)  # never started: release() only removes its files
-    store = Store(store_path)
+    store = open_store(settings.url, store_path, settings.password_file)
     try:
         before = now() - timedelta(days=days)
         done = await purge(store, scheduler, Path(config.task_root).resolve(), before, dry_run=dry_run)

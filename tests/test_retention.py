@@ -161,9 +161,12 @@ def jobproxy_purge(config_file: Path, *args: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=env, timeout=120)
 
 
-async def test_jobproxy_purge_while_the_gateway_runs(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_jobproxy_purge_while_the_gateway_runs(aiohttp_client: Any, tmp_path: Path,
+                                                     store_section: dict[str, str]) -> None:
     config_file = tmp_path / "jobproxy.toml"
-    config_file.write_text('[gateway]\nstate_dir = "state"\n[scheduler]\ntype = "local"\npoll_interval = 0.1\n')
+    store = "".join(f'{key} = "{value}"\n' for key, value in store_section.items())
+    config_file.write_text('[gateway]\nstate_dir = "state"\n[scheduler]\ntype = "local"\npoll_interval = 0.1\n'
+                           f"[store]\n{store}")
     config = configuration.load(config_file)
     client = await aiohttp_client(create_app(config))
     old, recent = await submit(client, "echo old"), await submit(client, "echo recent")
