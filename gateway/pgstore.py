@@ -109,7 +109,10 @@ class _Item:
 def conninfo(url: str, password_file: Path | None = None) -> str:
     """The libpq connection string for `url`; the password comes from `password_file` or, as
     libpq does by itself, from PGPASSWORD or ~/.pgpass, never from the config."""
-    params: dict[str, Any] = {"connect_timeout": 5, "application_name": "jobproxy"}
+    # a database host that stops answering (not just refusing) is noticed within seconds, not minutes
+    params: dict[str, Any] = {"connect_timeout": 5, "application_name": "jobproxy", "keepalives": 1,
+                              "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                              "tcp_user_timeout": 10000}
     if password_file is not None:
         params["password"] = password_file.read_text().strip()
     return psycopg.conninfo.make_conninfo(url, **params)
@@ -129,6 +132,7 @@ class PgStore:
         self._migrate(writer)
         self._db: Db | None = self._connect()
         self._db_lock = threading.Lock()
+        self._down_until, self._down_reason = 0.0, ""  # point reads fail fast for a second after a failure
         self._notes: dict[str, list[str]] = {}  # the writer's transaction's notifications, by kind
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, args=(writer,), name="pgstore-writer", daemon=True)
@@ -371,11 +375,17 @@ class PgStore:
     def _read(self, read: Callable[[Db], T]) -> T:
         """Run `read` on the caller's connection, opened again if the database went away."""
         with self._db_lock:
+            if time.monotonic() < self._down_until:  # failed a moment ago: answer at once, no new try
+                raise StoreUnavailable(self._down_reason)
             try:
                 if self._db is None or self._db.closed or self._db.broken:
                     self._db = self._connect()
                 return read(self._db)
+            except StoreUnavailable as exc:
+                self._down_until, self._down_reason = time.monotonic() + 1.0, exc.reason
+                raise
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._down_until, self._down_reason = time.monotonic() + 1.0, _reason(exc)
                 raise StoreUnavailable(_reason(exc)) from None
 
     def get(self, task_id: str) -> Record | None:

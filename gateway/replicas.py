@@ -70,7 +70,10 @@ class Replication:
         try:
             while True:
                 await asyncio.sleep(poller.interval)
-                await self._round(poller, lease)
+                try:
+                    await self._round(poller, lease)
+                except Exception:  # the lease task must outlive any one bad round
+                    log.exception("replica %s: lease round of scheduler %s failed", self.store.origin, lease.name)
         finally:
             await lease.close()
 
@@ -79,10 +82,10 @@ class Replication:
         held = await lease.hold()
         if held and not poller.leading:
             log.info("replica %s: holds the lease of scheduler %s, polls it from now on", self.store.origin, lease.name)
-            poller.leading = True
-            self._refresh(poller)
+            self._refresh(poller)  # if a step fails, the next round takes over again from the start
             await self._adopt(poller)
             await poller.catch_up()
+            poller.leading = True
         elif held:
             await self._adopt(poller)
         elif poller.leading:
@@ -137,7 +140,7 @@ class Replication:
                             self._refresh(poller)
                     async for note in db.notifies():
                         self._heard(note.payload)
-            except (psycopg.Error, OSError) as exc:
+            except Exception as exc:  # psycopg's, or StoreUnavailable: listen again in a second
                 log.warning("replica %s: listening for changes failed, again in 1 s: %s", self.store.origin, exc)
             await asyncio.sleep(1.0)
 
