@@ -130,3 +130,30 @@ async def test_one_key_sent_to_two_replicas_at_once_makes_one_task(aiohttp_clien
         ids = {(await a.json())["id"] for a in answers}
         assert len(ids) == 1, f"key both-{n} made two tasks"
     assert first.server.app[STORE].count() == 20
+
+
+async def test_a_tes_task_made_on_one_replica_is_read_on_the_other(aiohttp_client: Callable[..., Any],
+                                                                   tmp_path: Path,
+                                                                   database: tuple[str, Path]) -> None:
+    from .test_tes import shell, tes_config
+
+    url, password_file = database
+    store = {"store": {"url": url, "password_file": str(password_file)}}
+    first = await aiohttp_client(create_app(tes_config(tmp_path, **store)))
+    second = await aiohttp_client(create_app(tes_config(tmp_path, **store)))
+    made = await first.post("/ga4gh/tes/v1/tasks", data=json.dumps({"executors": [shell("echo hello")]}),
+                            headers=JSON)
+    assert made.status == 200, await made.text()
+    task_id = (await made.json())["id"]
+    deadline = time.monotonic() + 60
+    state: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        response = await second.get(f"/ga4gh/tes/v1/tasks/{task_id}?view=FULL")
+        state = await response.json()
+        if response.status == 200 and state["state"] == "COMPLETE":
+            break
+        await asyncio.sleep(0.1)
+    assert state.get("state") == "COMPLETE", state
+    assert state["logs"][0]["logs"][0]["stdout"] == "hello\n"
+    listed = await (await second.get("/ga4gh/tes/v1/tasks")).json()
+    assert [t["id"] for t in listed["tasks"]] == [task_id]
