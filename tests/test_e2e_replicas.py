@@ -170,7 +170,7 @@ def test_slurm(replicas: list[Gateway], tmp_path: Path) -> None:
     figures = _kill_the_leader_during_submits(replicas)
     others = figures.pop("others")
     ids = set(_states(others[0]))
-    _settle(others, ids)
+    _settle(others, ids, timeout=600)  # a shared Slurm may take its time to run 300 jobs
     assert _states(others[0]) == _states(others[1])
     _ran_once(state_dir, ids)
     listed = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%j|%Z"], capture_output=True,
