@@ -20,12 +20,14 @@ from .config import Config, ConfigError
 from .idempotency import Keys
 from .keys import ACTIVE, CONFIG, KEYS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
+from .pgstore import PgStore
 from .poller import Poller
 from .quota import Quotas
+from .replicas import Replication
 from .retention import periodic as purge_finished
 from .routing import Router
 from .staging.stager import Stager
-from .store import Store
+from .taskstore import StoreUnavailable, TaskStore, open_store
 from .tes import api as tes_api
 from .validation import SchemaValidator
 
@@ -89,7 +91,7 @@ def _path_error(config: Config, what: str, path: Path, setting: str, exc: Except
     return ConfigError(f"{config.source}: cannot {what} {path} ({setting}): {reason}{failed}")
 
 
-async def _expire_keys(store: Store, retention: timedelta) -> None:
+async def _expire_keys(store: TaskStore, retention: timedelta) -> None:
     """Forget idempotency keys older than `retention`, now and then once an hour."""
     while True:
         try:
@@ -102,8 +104,9 @@ async def _expire_keys(store: Store, retention: timedelta) -> None:
 
 
 async def start_instance(app: web.Application, scheduler: Scheduler) -> Poller:
-    """Start one scheduler instance with its own poller: the plugin's `start`, then what happened
-    to the instance's tasks while the gateway was down (`Poller.reconcile`), before serving."""
+    """Start one scheduler instance with its own poller: the plugin's `start`, and the staging of
+    inputs a restart interrupted; the caller then reconciles what happened to the instance's tasks
+    while the gateway was down (`Poller.reconcile`, or the replicas' lease holder), before serving."""
     interval = app[CONFIG].instances[scheduler.name].poll_interval
     poller = Poller(app[STORE], scheduler, app[ACTIVE], interval)
     stager = app[STAGER]
@@ -114,7 +117,6 @@ async def start_instance(app: web.Application, scheduler: Scheduler) -> Poller:
     except SchedulerError as exc:
         raise SchedulerStartError(scheduler.name, exc) from None
     stager.resume(scheduler.name)  # tasks that were waiting for their inputs: before the poller would submit them
-    await poller.reconcile()
     return poller
 
 
@@ -129,10 +131,15 @@ def _warn_unconfigured(active: ActiveSet, configured: dict[str, Scheduler]) -> N
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config, schedulers = app[CONFIG], app[SCHEDULERS]
+    settings = config.sections.store
     try:
-        store = Store(config.store_path)
+        store = open_store(settings.url, config.store_path, settings.password_file)
+    except StoreUnavailable as exc:
+        raise ConfigError(f"{config.source}: cannot open the task store {settings.url} ([store] url): "
+                          f"{exc.message}") from None
     except (OSError, sqlite3.Error, RuntimeError) as exc:  # RuntimeError: a store newer than this JobProxy
-        raise _path_error(config, "open the task store", config.store_path, "[store] path", exc) from None
+        where = ("[store] url", settings.url) if settings.url else ("[store] path", config.store_path)
+        raise _path_error(config, "open the task store", Path(where[1]), where[0], exc) from None
     app[STORE] = store
     try:
         for account in sorted({s.account for s in schedulers.values()}, key=str):
@@ -145,9 +152,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     _warn_unconfigured(active, schedulers)
     app[POLLERS] = pollers = {}
     app[STAGER] = stager = Stager(app)
+    replication = None
     try:
         for name, scheduler in schedulers.items():
             pollers[name] = await start_instance(app, scheduler)
+        if isinstance(store, PgStore):
+            replication = Replication(store, pollers)
+            await replication.start()  # the holder of each instance's lease reconciles it
+        else:
+            for poller in pollers.values():
+                await poller.reconcile()  # what happened while the gateway was down, before serving
     except BaseException:
         for started in pollers.values():
             await started.scheduler.close()
@@ -160,13 +174,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     retention = timedelta(hours=config.sections.store.idempotency_hours)
     expiry = asyncio.create_task(_expire_keys(store, retention), name="idempotency-expiry")
     purge = asyncio.create_task(purge_finished(app), name="retention-purge")
-    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", ", ".join(schedulers), config.store_path,
-             store.count(), len(active))
+    log.info("gateway ready: scheduler %s, store %s (%d tasks, %d active)", ", ".join(schedulers),
+             settings.url or config.store_path, store.count(), len(active))
     yield
     for background in (*runners, expiry, purge):
         background.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await background
+    if replication is not None:
+        await replication.close()
     await stager.close()
     for scheduler in schedulers.values():
         await scheduler.close()

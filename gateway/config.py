@@ -71,11 +71,13 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    """`[store]`: the SQLite database."""
+    """`[store]`: the SQLite database, or a PostgreSQL one (`url`)."""
 
     path: Path
     idempotency_hours: float
     retain_days: float
+    url: str | None  # PostgreSQL instead of SQLite (gateway.pgstore)
+    password_file: Path | None
 
 
 @dataclass(frozen=True)
@@ -471,7 +473,9 @@ def sections(filled: Mapping[str, Any], base: Path) -> Sections:
             umask=int(gateway["umask"], 8), allow_remote_without_auth=gateway["allow_remote_without_auth"]),
         store=StoreSettings(path=_state_path(base, state_dir, filled["store"]["path"]),
                             idempotency_hours=float(filled["store"]["idempotency_hours"]),
-                            retain_days=float(filled["store"]["retain_days"])),
+                            retain_days=float(filled["store"]["retain_days"]), url=filled["store"].get("url"),
+                            password_file=base / filled["store"]["password_file"]
+                            if "password_file" in filled["store"] else None),
         scheduler=_scheduler(filled["scheduler"]),
         schedulers={name: _scheduler(table) for name, table in (filled.get("schedulers") or {}).items()},
         routes=tuple(_rule(rule) for rule in filled["routes"]),

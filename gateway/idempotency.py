@@ -18,7 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from .errors import ApiError
-from .store import IdempotencyKey, Store
+from .store import IdempotencyKey
+from .taskstore import KeyTaken, TaskStore
 
 HEADER = "Idempotency-Key"
 _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -40,7 +41,7 @@ class Keys:
     """The keys of requests under way in this process, so that a retry arriving while the first
     request still runs waits for it instead of racing it."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: TaskStore) -> None:
         self.store = store
         self._running: dict[tuple[str, str], asyncio.Future[None]] = {}
 
@@ -64,6 +65,9 @@ class Keys:
         self._running[name] = done
         try:
             return await make(), True
+        except KeyTaken:  # another replica recorded the same key meanwhile: its task answers
+            pass
         finally:
             del self._running[name]
             done.set_result(None)
+        return await self.once(key, make)

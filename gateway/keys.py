@@ -14,14 +14,14 @@ from .idempotency import Keys
 from .poller import Poller
 from .quota import Quotas
 from .routing import Router
-from .store import Store
+from .taskstore import TaskStore
 from .validation import SchemaValidator
 
 if TYPE_CHECKING:
     from .staging.stager import Stager
 
 CONFIG = web.AppKey("config", Config)
-STORE = web.AppKey("store", Store)
+STORE: web.AppKey[TaskStore] = web.AppKey("store")
 ACTIVE = web.AppKey("active", ActiveSet)
 KEYS = web.AppKey("idempotency_keys", Keys)
 QUOTAS = web.AppKey("quotas", Quotas)

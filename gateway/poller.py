@@ -15,21 +15,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 from schedulers.base import JobRef, JobStatus, Scheduler, SchedulerError, SchedulerUnavailable, TaskState
 
 from .active import ActiveSet
 from .model import now
-from .store import Change, Record, Store
+from .store import Change, Record
+from .taskstore import TaskStore
 
 log = logging.getLogger(__name__)
 
 
 class Poller:
-    def __init__(self, store: Store, scheduler: Scheduler, active: ActiveSet, interval: float) -> None:
+    def __init__(self, store: TaskStore, scheduler: Scheduler, active: ActiveSet, interval: float) -> None:
         self.store = store
         self.scheduler = scheduler
         self.active = active
@@ -46,6 +48,10 @@ class Poller:
         # (answering True) to apply it later itself, with `apply(..., deferrable=False)`
         self.held: Callable[[Record], bool] = _never
         self.defer_final: Callable[[Record, Change], bool] = _never
+        # replicas (gateway/replicas.py): only the holder of the scheduler's lease polls; another
+        # replica may hand a task it recorded to the holder instead of submitting it (True)
+        self.leading = True
+        self.to_leader: Callable[[Record], bool] = _keep
         self._submitting: set[str] = set()  # tasks whose submit call is running right now
         self._unsubmitted: set[str] = set()  # recorded, never handed to the scheduler (a crash)
 
@@ -90,6 +96,21 @@ class Poller:
         record = self.active.get(change.task_id)
         return (record is not None and change.state.terminal and not record.state.terminal
                 and change.state != TaskState.CANCELED and self.defer_final(record, change))
+
+    def observed(self, record: Record) -> None:
+        """A change another replica made (already in the store): into the active set and to the
+        listeners, never written again. A record older than what the set holds is ignored."""
+        current = self.active.get(record.id)
+        if current is not None and _rank(record.state) < _rank(current.state):
+            return
+        if current is not None and record.native_id is None:
+            record = replace(record, native_id=current.native_id)
+        if record.state.terminal:
+            self.active.discard(record.id)
+        else:
+            self.active.put(record)
+        for listener in self.listeners:
+            listener(record)
 
     def _forget(self, task_ids: list[str]) -> None:
         for task_id in task_ids:
@@ -140,11 +161,26 @@ class Poller:
         await self._recover_unsubmitted()
         await self._ask()
 
+    async def adopt(self, claim: Callable[[list[str]], Awaitable[list[str]]]) -> None:
+        """Replicas: recover, from the next round on, the tasks without a job that `claim` gives
+        this replica (handed over, or left by a replica that died before submitting them)."""
+        candidates = [r.id for r in self.active.of(self.scheduler.name) if r.native_id is None
+                      and r.id not in self._submitting and r.id not in self._unsubmitted]
+        if candidates:
+            self._unsubmitted.update(await claim(candidates))
+
+    async def catch_up(self) -> None:
+        """Replicas: a new lease holder's reconcile (what was adopted, and every active job)."""
+        await self._recover_unsubmitted()
+        await self._ask()
+
     async def run(self) -> None:
         """One round per interval: recovery of unsubmitted tasks (rare) and, for a scheduler that
         does not report its changes, one batched status query."""
         while True:
             await asyncio.sleep(self.interval)
+            if not self.leading:
+                continue
             started = time.perf_counter()
             try:
                 await self._recover_unsubmitted()
@@ -213,6 +249,16 @@ def _ignore(*_: object) -> None:
 def _never(*_: object) -> bool:
     """No staging."""
     return False
+
+
+def _keep(record: Record) -> bool:
+    """A single gateway submits every task itself."""
+    return False
+
+
+def _rank(state: TaskState) -> int:
+    """How far along a task in `state` is: a replica's active set never goes back."""
+    return 2 if state.terminal else 1 if state in (TaskState.RUNNING, TaskState.PAUSED) else 0
 
 
 def _about(record: Record) -> dict[str, str]:

@@ -34,7 +34,8 @@ from .config import Config
 from .keys import ACTIVE, CONFIG, SCHEDULERS, STORE, TASK_ROOT
 from .model import now, rfc3339
 from .plugins import create_schedulers
-from .store import Record, Store
+from .store import Record
+from .taskstore import TaskStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Purged:
     kept: list[tuple[Record, str]] = field(default_factory=list)  # (task, why)
 
 
-async def purge(store: Store, schedulers: dict[str, Scheduler], task_root: Path, before: datetime, *,
+async def purge(store: TaskStore, schedulers: dict[str, Scheduler], task_root: Path, before: datetime, *,
                 active: Container[str] = (), dry_run: bool = False, batch: int = BATCH) -> Purged:
     """Forget every finished task that ended before `before`, `batch` at a time; never one whose
     id is in `active`, nor one whose scheduler instance (in `schedulers`, by name) is not
@@ -123,12 +124,12 @@ async def periodic(app: web.Application) -> None:
 
 
 async def _command(config: Config, days: float, dry_run: bool) -> int:
-    store_path = Path(config.store_path)
-    if not store_path.exists():
+    store_path, settings = Path(config.store_path), config.sections.store
+    if settings.url is None and not store_path.exists():
         print(f"no task store at {store_path}: nothing to purge")
         return 0
     schedulers = create_schedulers(config)  # never started: release() only removes their files
-    store = Store(store_path)
+    store = open_store(settings.url, store_path, settings.password_file)
     try:
         before = now() - timedelta(days=days)
         done = await purge(store, schedulers, Path(config.task_root).resolve(), before, dry_run=dry_run)

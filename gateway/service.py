@@ -99,12 +99,20 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         log.error("cannot create the folder of task %s: %s", task.id, exc)
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
                        headers=RETRY) from None
-    record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
+    try:
+        record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
+    except Exception:  # e.g. the database away (503), or another replica took the key: no folder kept
+        shutil.rmtree(task.workdir, ignore_errors=True)
+        raise
     stager = app.get(STAGER)
     if stager is not None and stager.needs_inputs(task):  # submitted once its inputs are in (gateway/staging)
         stager.begin(record)
         log.info("task %s accepted for %s: fetching its inputs", task.id, task.user,
                  extra={"task_id": task.id, "user": task.user})
+        return
+    if poller.to_leader(record):  # replicas: the holder of the scheduler's lease submits it
+        log.info("task %s recorded for %s, handed to the replica that runs %s jobs", task.id, task.user,
+                 scheduler.name, extra={"task_id": task.id, "user": task.user})
         return
     async with poller.submitting(record):
         try:

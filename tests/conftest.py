@@ -285,3 +285,8 @@ async def local(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     yield factory
     for instance in started:
         await instance.close()
+
+
+# ---- PostgreSQL: a fresh database, and the store tests' two stores -------------------------------
+
+from .pg import _drop_test_databases, database, store_factory, store_section  # noqa: E402,F401  (fixtures)

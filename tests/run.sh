@@ -77,7 +77,7 @@ stop_clusters() {
 }
 trap stop_clusters EXIT
 
-for name in slurm gridengine docker podman s3; do
+for name in slurm gridengine docker podman s3 postgresql; do
     script="etc/dev/$name.sh"
     [ -f "$script" ] || continue
     if [ "$(id -u)" != 0 ] || [ ! -f /etc/debian_version ]; then

@@ -8,14 +8,25 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from gateway import config as configuration
 from gateway.app import create_app
 from gateway.keys import STORE
 from gateway.model import now
-from gateway.store import Store
+from gateway.taskstore import TaskStore
 
 from .conftest import final, wait_state
 
 JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+def config(tmp_path: Path, store_section: dict[str, str]) -> configuration.Config:
+    """A local-scheduler gateway on each store (SQLite, PostgreSQL)."""
+    document = {"gateway": {"state_dir": str(tmp_path / "state")}, "store": store_section,
+                "scheduler": {"type": "local", "poll_interval": 0.1}}
+    return configuration.from_document(document, tmp_path, "test config")
 
 
 def _headers(key: str) -> dict[str, str]:
@@ -107,11 +118,11 @@ async def test_tes_create_takes_a_key(aiohttp_client: Callable[..., Any], tmp_pa
     assert changed.status == 422
 
 
-async def test_keys_expire(tmp_path: Path) -> None:
+async def test_keys_expire(store_factory: Callable[[], TaskStore]) -> None:
     from gateway.store import IdempotencyKey
     from schedulers.base import Task
 
-    store = Store(tmp_path / "s.db")
+    store = store_factory()
     await store.add(Task(id="t1", user="u", workdir="/w", stdout="/o", stderr="/e"), "local",
                     IdempotencyKey("u", "k", "d"))
     assert store.keyed("u", "k") == ("d", "t1")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from gateway.keys import ACTIVE, SCHEDULERS, STORE, TASK_ROOT
 from gateway.model import now, rfc3339
 
 from .conftest import ROOT, Gateway, final, wait_state
+from .pg import execute
 
 JSON = {"Content-Type": "application/json"}
 OLD = now() - timedelta(days=40)
@@ -44,10 +44,12 @@ async def submit(client: Any, cmd: str, user: str = "alice") -> str:
 
 def age(config: configuration.Config, task_id: str, *, finished: bool = True) -> None:
     """Make a task look as if it was made (and, if `finished`, ended) 40 days ago: a second
-    connection, as an admin's sqlite3 would."""
-    with sqlite3.connect(config.store_path) as db:
-        db.execute("UPDATE tasks SET created = ?" + (", finished = ?" if finished else "") + " WHERE id = ?",
-                   (rfc3339(OLD), *([rfc3339(OLD)] if finished else []), task_id))
+    connection, as an admin's sqlite3 (or psql) would."""
+    settings = config.sections.store
+    store = {"url": settings.url, "password_file": str(settings.password_file)} if settings.url else None
+    execute(store, config.store_path,
+            "UPDATE tasks SET created = ?" + (", finished = ?" if finished else "") + " WHERE id = ?",
+            (rfc3339(OLD), *([rfc3339(OLD)] if finished else []), task_id))
 
 
 def job_files(config: configuration.Config, task_id: str) -> list[Path]:
@@ -61,8 +63,9 @@ async def exists(client: Any, task_id: str) -> bool:
     return bool(response.status == 200)
 
 
-async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path: Path) -> None:
-    config = retention_config(tmp_path)
+async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path: Path,
+        store_section: dict[str, str]) -> None:
+    config = retention_config(tmp_path, **store_section)
     app = create_app(config)
     client = await aiohttp_client(app)
     old, recent = await submit(client, "echo old"), await submit(client, "echo recent")
@@ -89,8 +92,9 @@ async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path
     await client.delete(f"/v1/jobproxy/delete/{running}")
 
 
-async def test_purge_works_in_batches_and_spares_the_active_set(aiohttp_client: Any, tmp_path: Path) -> None:
-    config = retention_config(tmp_path)
+async def test_purge_works_in_batches_and_spares_the_active_set(aiohttp_client: Any, tmp_path: Path,
+        store_section: dict[str, str]) -> None:
+    config = retention_config(tmp_path, **store_section)
     app = create_app(config)
     client = await aiohttp_client(app)
     ids = [await submit(client, f"echo {n}") for n in range(5)]
@@ -109,8 +113,9 @@ async def test_purge_works_in_batches_and_spares_the_active_set(aiohttp_client: 
     assert await exists(client, ids[0]) and not any([await exists(client, task_id) for task_id in ids[1:]])
 
 
-async def test_the_store_never_deletes_an_active_task(aiohttp_client: Any, tmp_path: Path) -> None:
-    config = retention_config(tmp_path)
+async def test_the_store_never_deletes_an_active_task(aiohttp_client: Any, tmp_path: Path,
+        store_section: dict[str, str]) -> None:
+    config = retention_config(tmp_path, **store_section)
     app = create_app(config)
     client = await aiohttp_client(app)
     running = await submit(client, "sleep 300")
@@ -156,9 +161,12 @@ def jobproxy_purge(config_file: Path, *args: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True, env=env, timeout=120)
 
 
-async def test_jobproxy_purge_while_the_gateway_runs(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_jobproxy_purge_while_the_gateway_runs(aiohttp_client: Any, tmp_path: Path,
+                                                     store_section: dict[str, str]) -> None:
     config_file = tmp_path / "jobproxy.toml"
-    config_file.write_text('[gateway]\nstate_dir = "state"\n[scheduler]\ntype = "local"\npoll_interval = 0.1\n')
+    store = "".join(f'{key} = "{value}"\n' for key, value in store_section.items())
+    config_file.write_text('[gateway]\nstate_dir = "state"\n[scheduler]\ntype = "local"\npoll_interval = 0.1\n'
+                           f"[store]\n{store}")
     config = configuration.load(config_file)
     client = await aiohttp_client(create_app(config))
     old, recent = await submit(client, "echo old"), await submit(client, "echo recent")

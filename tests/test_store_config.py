@@ -1,17 +1,21 @@
-"""The SQLite store and the configuration loader."""
+"""The task stores (SQLite and PostgreSQL, the same tests for both) and the configuration loader."""
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gateway import config as configuration
+from gateway import pgstore
 from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from gateway.store import MIGRATIONS, Change, Store
+from gateway.taskstore import TaskStore
 from schedulers.base import Task, TaskState
 
 
@@ -19,8 +23,11 @@ def _task(n: int, user: str = "u") -> Task:
     return task_from_document({"user": user, "cmd": "true"}, f"t{n:03d}", f"/w/t{n}")
 
 
-async def test_store_round_trip_and_changes(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db" / "s.db")
+Opener = Callable[[], TaskStore]
+
+
+async def test_store_round_trip_and_changes(store_factory: Opener) -> None:
+    store = store_factory()
     assert store.schema_version == len(MIGRATIONS)
     await store.add(_task(1), "local")
     store.set_native_id("t001", "42")
@@ -30,38 +37,42 @@ async def test_store_round_trip_and_changes(tmp_path: Path) -> None:
     assert record.state == TaskState.EXECUTOR_ERROR and record.task == _task(1)
     assert store.active("local") == [] and store.count() == 1
     store.close()
-    reopened = Store(tmp_path / "db" / "s.db")
+    reopened = store_factory()
     assert reopened.get("t001") == record and reopened.count() == 1
     assert await reopened.delete("t001") and reopened.get("t001") is None and reopened.count() == 0
     reopened.close()
 
 
-async def test_writes_arriving_together_share_one_commit(tmp_path: Path) -> None:
+async def test_writes_arriving_together_share_one_commit(store_factory: Opener, tmp_path: Path) -> None:
     """Group commit: 200 concurrent adds are all on disk when awaited, in far fewer transactions."""
-    store = Store(tmp_path / "s.db")
+    store = store_factory()
     await store.flush()
     before = store.commits
     await asyncio.gather(*(store.add(_task(n), "local") for n in range(200)))
     assert store.count() == 200 and len(store.active("local")) == 200
     assert store.commits - before < 200
     store.close()
-    with sqlite3.connect(tmp_path / "s.db") as db:  # durable: another connection sees them all
-        assert db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 200
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reopened = store_factory()  # durable: another connection sees them all
+    assert reopened.count() == 200
+    reopened.close()
+    if isinstance(store, Store):
+        with sqlite3.connect(store.path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_a_failing_write_fails_alone(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+async def test_a_failing_write_fails_alone(store_factory: Opener) -> None:
+    store = store_factory()
     await store.add(_task(1), "local")
     duplicate, fresh = await asyncio.gather(store.add(_task(1), "local"), store.add(_task(2), "local"),
                                             return_exceptions=True)
-    assert isinstance(duplicate, sqlite3.IntegrityError) and not isinstance(fresh, BaseException)
+    assert isinstance(duplicate, sqlite3.IntegrityError | psycopg.errors.UniqueViolation), duplicate
+    assert not isinstance(fresh, BaseException)
     assert [r.id for r in store.page()] == ["t001", "t002"]
     store.close()
 
 
-async def test_pages_and_filters(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s.db")
+async def test_pages_and_filters(store_factory: Opener) -> None:
+    store = store_factory()
     for n in range(10):
         await store.add(_task(n, "a" if n % 2 else "b"), "local")
     page = store.page(limit=4)
@@ -74,13 +85,19 @@ async def test_pages_and_filters(tmp_path: Path) -> None:
     store.close()
 
 
-def test_newer_store_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    Store(path).close()
-    with sqlite3.connect(path) as db:
-        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+def test_newer_store_is_refused(store_factory: Opener) -> None:
+    store = store_factory()
+    assert store.schema_version == len(MIGRATIONS) == len(pgstore.MIGRATIONS)
+    if isinstance(store, Store):
+        with sqlite3.connect(store.path) as db:
+            db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    else:
+        assert isinstance(store, pgstore.PgStore)
+        with psycopg.connect(store.dsn, autocommit=True) as db:
+            db.execute("UPDATE jobproxy_schema SET version = %s", (len(MIGRATIONS) + 1,))
+    store.close()
     with pytest.raises(RuntimeError, match="newer than this JobProxy knows"):
-        Store(path)
+        store_factory()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -129,13 +146,13 @@ def test_plugin_options_are_validated(tmp_path: Path) -> None:
         create_scheduler(configuration.from_document(too_many, tmp_path, "t"))
 
 
-async def test_a_waiter_that_gives_up_leaves_the_writer_working(tmp_path: Path) -> None:
+async def test_a_waiter_that_gives_up_leaves_the_writer_working(store_factory: Opener) -> None:
     """A write whose waiter was cancelled (e.g. at shutdown) still commits, and the writer goes on."""
     import threading
 
-    store = Store(tmp_path / "s.db")
+    store = store_factory()
     hold = threading.Event()
-    store._submit(lambda db: hold.wait(10))  # keeps the writer busy while the next write is queued
+    store._submit(lambda db: hold.wait(10))  # type: ignore[attr-defined]  # keeps the writer busy while the next write is queued
     adding = asyncio.ensure_future(store.add(_task(1), "local"))
     await asyncio.sleep(0.05)
     adding.cancel()
