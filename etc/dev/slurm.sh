@@ -5,14 +5,18 @@
 #
 #   start   Install the Debian packages if missing, make sure munged runs, write a
 #           private configuration and start slurmctld + slurmd, then wait until the
-#           node is idle and a trivial `srun true` has completed. Idempotent: does
+#           node is idle and a trivial `srun true` has completed; then start
+#           slurmrestd (Slurm's REST API, JWT auth) on 127.0.0.1:$JOBPROXY_SLURMRESTD_PORT
+#           and check that a token from `scontrol token` is accepted. Idempotent: does
 #           nothing if the cluster is already up and healthy.
-#   stop    Stop slurmd and slurmctld (no error if they are not running). munged is
-#           left running on purpose: it is a machine-wide service others may share.
-#           Jobs still running keep running (slurmstepd survives) and are picked up
-#           again by the next `start`.
-#   status  Exit 0 if both daemons run and the node accepts work, non-zero otherwise.
-#   env     Print `export SLURM_CONF=...` for `eval "$(etc/dev/slurm.sh env)"`.
+#   stop    Stop slurmrestd, slurmd and slurmctld (no error if they are not running).
+#           munged is left running on purpose: it is a machine-wide service others may
+#           share. Jobs still running keep running (slurmstepd survives) and are picked
+#           up again by the next `start`.
+#   status  Exit 0 if the three daemons run, the node accepts work and slurmrestd
+#           answers, non-zero otherwise.
+#   env     Print `export SLURM_CONF=...` and `export JOBPROXY_SLURMRESTD_URL=...`
+#           for `eval "$(etc/dev/slurm.sh env)"`.
 #
 # Everything lives under ${JOBPROXY_DEV_ROOT:-/tmp/jobproxy-dev}/slurm (config,
 # state, spool, logs, pid files); /etc/slurm is never written. Environment knobs:
@@ -20,6 +24,11 @@
 #   JOBPROXY_SLURM_CGROUP      auto (default) | v1 | none: memory/core enforcement
 #                              through cgroup v1, or the no-cgroup fallback
 #   JOBPROXY_SLURM_TIMEOUT     seconds to wait for the cluster to come up (default 60)
+#   JOBPROXY_SLURMRESTD_PORT   slurmrestd's port on 127.0.0.1 (default 6820)
+#
+# slurmrestd refuses to run as root: it runs as the system user `slurmrestd` (created
+# if absent) with SLURM_JWT=daemon; slurmctld checks each request's token against the
+# key $ROOT/jwt.key (AuthAltTypes=auth/jwt), which only root (SlurmUser) may read.
 #
 # Needs root (installs packages, runs the daemons as root). Written for Debian 12
 # (Slurm 22.05) without systemd; see shared/notes/platform.md for the background.
@@ -36,14 +45,18 @@ readonly RUN_DIR="$ROOT/run"
 readonly FAKE_CGROUP_DIR="$ROOT/no-cgroup"   # fallback CgroupMountpoint
 readonly CTLD_PID="$RUN_DIR/slurmctld.pid"
 readonly SLURMD_PID="$RUN_DIR/slurmd.pid"
+readonly RESTD_PID="$RUN_DIR/slurmrestd.pid"
+readonly RESTD_PORT="${JOBPROXY_SLURMRESTD_PORT:-6820}"
+readonly RESTD_USER=slurmrestd
+readonly JWT_KEY="$ROOT/jwt.key"
 readonly LOCK_FILE="$ROOT/.lock"
 readonly CGROUP_MODE="${JOBPROXY_SLURM_CGROUP:-auto}"
 readonly TIMEOUT="${JOBPROXY_SLURM_TIMEOUT:-60}"
-readonly PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client)
+readonly PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client slurmrestd slurm-wlm-jwt-plugin)
 readonly MUNGE_KEY=/etc/munge/munge.key
 # Bumped whenever write_config changes what it writes: a running cluster with an older
 # configuration is restarted by `start` (running jobs survive).
-readonly CONFIG_REVISION=2
+readonly CONFIG_REVISION=3
 NODE=$(hostname -s)
 readonly NODE
 
@@ -57,7 +70,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 dump_logs() {
     local f
     for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" \
-        "$LOG_DIR/slurmctld.out" "$LOG_DIR/slurmd.out"; do
+        "$LOG_DIR/slurmctld.out" "$LOG_DIR/slurmd.out" "$LOG_DIR/slurmrestd.out"; do
         [[ -s $f ]] || continue
         printf '\n----- tail of %s -----\n' "$f" >&2
         tail -n 30 "$f" >&2 || true
@@ -264,6 +277,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# Tokens for slurmrestd (scontrol token), checked against a key only root can read.
+AuthAltTypes=auth/jwt
+AuthAltParameters=jwt_key=$JWT_KEY
 # Default ports; Grid Engine uses 6444/6445.
 SlurmctldPort=6817
 SlurmdPort=6818
@@ -360,6 +376,100 @@ EOF
     mv -f "$tmp" "$CGROUP_CONF"
 }
 
+# ---------------------------------------------------------------- slurmrestd
+
+# ensure_jwt_key: the random key slurmctld signs and checks tokens with, for root only.
+ensure_jwt_key() {
+    [[ -s $JWT_KEY ]] || (umask 077 && dd if=/dev/urandom of="$JWT_KEY" bs=32 count=1 status=none)
+    chown root:root "$JWT_KEY"
+    chmod 0600 "$JWT_KEY"
+}
+
+# ensure_restd_user: the unprivileged system account slurmrestd runs as.
+ensure_restd_user() {
+    getent passwd "$RESTD_USER" >/dev/null && return 0
+    log "creating the system user $RESTD_USER"
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "$RESTD_USER" \
+        || die "could not create the system user $RESTD_USER"
+}
+
+# restd_ours PID: PID is a slurmrestd started by this script with this root.
+restd_ours() {
+    proc_alive "$1" slurmrestd || return 1
+    tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "slurmrestd -f $CONF " || return 1
+}
+
+# restd_pid: print the pid of our running slurmrestd (its pid file, else a search by
+# command line), fail if none.
+restd_pid() {
+    local pid d
+    if { read -r pid <"$RESTD_PID"; } 2>/dev/null && restd_ours "$pid"; then
+        printf '%s\n' "$pid"
+        return 0
+    fi
+    for d in /proc/[0-9]*; do
+        pid=${d#/proc/}
+        if restd_ours "$pid"; then
+            printf '%s\n' "$pid" | tee "$RESTD_PID"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# restd_answers: a token from `scontrol token` is accepted and slurmctld answers
+# slurmrestd's ping: one HTTP request through bash's /dev/tcp (no client needed), the
+# answer read up to its Content-Length (slurmrestd keeps the connection open).
+restd_answers() {
+    local token fd line status length=0 body
+    token=$(timeout 10 scontrol token username=root lifespan=60 2>/dev/null) || return 1
+    token=${token#SLURM_JWT=}
+    { exec {fd}<>"/dev/tcp/127.0.0.1/$RESTD_PORT"; } 2>/dev/null || return 1
+    printf 'GET /slurm/v0.0.38/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nX-SLURM-USER-NAME: root\r\nX-SLURM-USER-TOKEN: %s\r\n\r\n' \
+        "$token" >&"$fd"
+    IFS= read -r -t 10 status <&"$fd" || { exec {fd}>&-; return 1; }
+    while IFS= read -r -t 10 line <&"$fd"; do
+        line=${line%$'\r'}
+        [[ -n $line ]] || break
+        [[ ${line,,} =~ ^content-length:\ *([0-9]+) ]] && length=${BASH_REMATCH[1]}
+    done
+    body=
+    ((length == 0)) || IFS= read -r -t 10 -N "$length" body <&"$fd" || true
+    exec {fd}>&-
+    [[ $status =~ ^HTTP/1\.[01]\ 200 ]] && [[ $body == *'"UP"'* ]]
+}
+
+restd_healthy() { restd_pid >/dev/null && restd_answers; }
+
+stop_restd() {
+    local pid
+    if ! pid=$(restd_pid); then
+        rm -f "$RESTD_PID"
+        return 0
+    fi
+    log "stopping slurmrestd (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! gone_within 100 "$pid" slurmrestd; then
+        kill -KILL "$pid" 2>/dev/null || true
+        gone_within 50 "$pid" slurmrestd || true
+    fi
+    proc_alive "$pid" slurmrestd && die "could not stop slurmrestd (pid $pid)"
+    rm -f "$RESTD_PID"
+}
+
+# start_restd: slurmrestd in the foreground of a background job whose pid is the
+# daemon's own (spawn execs it; setpriv drops to $RESTD_USER without forking).
+start_restd() {
+    ensure_restd_user
+    local uid gid
+    uid=$(id -u "$RESTD_USER") && gid=$(id -g "$RESTD_USER") || die "no uid/gid for $RESTD_USER"
+    SLURM_JWT=daemon spawn "$LOG_DIR/slurmrestd.out" setpriv --reuid="$uid" --regid="$gid" \
+        --clear-groups -- slurmrestd -f "$CONF" -a rest_auth/jwt -s openapi/v0.0.38 "127.0.0.1:$RESTD_PORT" &
+    rm -f "$RESTD_PID"
+    wait_for "$TIMEOUT" "slurmrestd to accept a token on 127.0.0.1:$RESTD_PORT" restd_healthy
+    log "slurmrestd (pid $(restd_pid)) on http://127.0.0.1:$RESTD_PORT"
+}
+
 # ---------------------------------------------------------------- health
 
 ctld_up() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
@@ -423,8 +533,13 @@ cmd_start() {
             log "running with enforcement '$(config_mode)', '$mode' wanted: restarting"
         elif ! grep -qx "# revision $CONFIG_REVISION" "$CONF"; then
             log "running with an older configuration: restarting"
-        else
+        elif restd_healthy; then
             log "already running (node $NODE $(node_state))"
+            return 0
+        else
+            log "cluster up, slurmrestd not answering: restarting slurmrestd only"
+            stop_restd
+            start_restd
             return 0
         fi
     fi
@@ -437,11 +552,13 @@ cmd_start() {
 
     # Something half-up (one daemon died, node drained by a crash...): restart both.
     # Running jobs survive this, their slurmstepd processes are independent.
+    stop_restd
     stop_daemon slurmd "$SLURMD_PID"
     stop_daemon slurmctld "$CTLD_PID"
     others="$(other_pids slurmctld)$(other_pids slurmd)"
     [[ -z $others ]] || die "Slurm daemons not started from $ROOT are running (pids: $others); stop them first"
 
+    ensure_jwt_key
     write_config "$mode"
     log "config $CONF (enforcement: $([[ $mode == v1 ]] && echo cgroup v1 || echo 'no cgroups, OverMemoryKill'))"
 
@@ -471,12 +588,14 @@ cmd_start() {
     timeout "$TIMEOUT" srun --quiet --job-name=jobproxy-dev-smoke --time=1 --mem=64 \
         --ntasks=1 --chdir=/ true </dev/null >"$LOG_DIR/smoke.out" 2>&1 9>&- \
         || { cat "$LOG_DIR/smoke.out" >&2; fail "smoke test 'srun true' failed"; }
+    start_restd
     log "up in $((SECONDS - t0)) s: node $NODE $(node_state); eval \"\$($0 env)\" to use it"
 }
 
 cmd_stop() {
     mkdir -p "$ROOT"
     take_lock
+    stop_restd
     stop_daemon slurmd "$SLURMD_PID"
     stop_daemon slurmctld "$CTLD_PID"
     log "stopped (munged left running)"
@@ -484,13 +603,22 @@ cmd_stop() {
 
 cmd_status() {
     if healthy; then
-        printf 'slurm: up, node %s %s, SLURM_CONF=%s\n' "$NODE" "$(node_state)" "$CONF"
-        return 0
+        if restd_healthy; then
+            printf 'slurm: up, node %s %s, SLURM_CONF=%s, slurmrestd http://127.0.0.1:%s\n' \
+                "$NODE" "$(node_state)" "$CONF" "$RESTD_PORT"
+            return 0
+        fi
+        printf 'slurm: up, node %s %s, but slurmrestd does not answer on 127.0.0.1:%s\n' \
+            "$NODE" "$(node_state)" "$RESTD_PORT"
+        return 1
     fi
     printf 'slurm: down or unusable (SLURM_CONF=%s)\n' "$CONF"
     return 1
 }
 
-cmd_env() { printf 'export SLURM_CONF=%q\n' "$CONF"; }
+cmd_env() {
+    printf 'export SLURM_CONF=%q\n' "$CONF"
+    printf 'export JOBPROXY_SLURMRESTD_URL=%q\n' "http://127.0.0.1:$RESTD_PORT"
+}
 
 dispatch "$@"
