@@ -90,6 +90,9 @@ REST_OPTIONS: dict[str, Any] = {
                                         "signs its own tokens"},
         "token_lifespan": {"type": "integer", "minimum": 60, "maximum": 31536000, "default": 1800,
                            "description": "seconds a new token is valid; renewed before it expires"},
+        "listing_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 60,
+                            "description": "seconds a listing of Slurm's whole job table (the status query, "
+                                           "recovery) may take; other requests take command_timeout"},
         "environment": {"type": "object", "additionalProperties": {"type": "string"},
                         "default": {"PATH": "/usr/local/bin:/usr/bin:/bin"},
                         "description": "the environment of jobs that run as the gateway's own account (jobs of "

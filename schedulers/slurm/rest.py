@@ -5,9 +5,9 @@ API (openapi/v0.0.38), so the gateway needs no Slurm client, munge key or slurm.
 - submit: `POST /job/submit` with the rendered job script and its `#SBATCH` lines as the job's
   properties (rest_parse.submission), as the job's Slurm user (`job_account`, else the `rest.user`)
   with that user's token; at most `submit_concurrency` requests at once.
-- status: one `GET /jobs?update_time=T` per poll. Slurm answers 304 when no job changed since T,
-  else its whole job table, from which the gateway's jobs are kept (by id *and* name, as over
-  squeue); a full listing at least every `FULL_EVERY` seconds bounds what a clock skew could hide.
+- status: one `GET /jobs?update_time=T` per poll (given `rest.listing_timeout`, as `find`).
+  Slurm answers 304 when no job changed since T, else its whole job table, from which the
+  gateway's jobs are kept (by id *and* name, as over squeue); a full listing at least every `FULL_EVERY` seconds bounds what a clock skew could hide.
   A job Slurm no longer lists is resolved as over the CLI: exit-code file, `GET /job/{id}`.
 - cancel: `DELETE /job/{id}`, after `GET /job/{id}` has shown it still carries the task's name.
 - find: the job table, by name; else the job-id file the script wrote.
@@ -69,6 +69,7 @@ class SlurmRestScheduler(SlurmScheduler):
         self.url = str(rest["url"]).rstrip("/")
         self.user = str(rest.get("user") or own_user())
         self.environment: dict[str, str] = dict(rest["environment"])
+        self.listing_timeout = float(rest["listing_timeout"])
         self.tokens = Tokens(command=rest["token_command"], file=rest.get("token_file"),
                              key_file=rest.get("jwt_key_file"), lifespan=int(rest["token_lifespan"]),
                              timeout=self.timeout)
@@ -85,7 +86,7 @@ class SlurmRestScheduler(SlurmScheduler):
     async def start(self, report: Report) -> None:
         await Scheduler.start(self, report)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self.session = aiohttp.ClientSession()
         answer = await self._request("GET", "/ping", what="ping")
         pings = answer.get("pings") if isinstance(answer, dict) else None
         up = [p.get("hostname") for p in pings or [] if isinstance(p, dict) and p.get("ping") == "UP"]
@@ -130,7 +131,7 @@ class SlurmRestScheduler(SlurmScheduler):
         now = time.time()
         full = now - self._full_at >= FULL_EVERY or not wanted <= self._table.keys() | self._unlisted_ids
         path = "/jobs" if full else f"/jobs?update_time={int(self._listed_at) - SLACK}"
-        answer = await self._request("GET", path, what="status", allow_not_modified=True)
+        answer = await self._request("GET", path, what="status", allow_not_modified=True, listing=True)
         if answer is not None:
             self._table = parse_jobs(answer, lambda job: job.job_id in wanted)
             self._unlisted_ids = wanted - self._table.keys()
@@ -176,7 +177,7 @@ class SlurmRestScheduler(SlurmScheduler):
     # ---- inside ----
 
     async def _named(self, name: str) -> list[str]:
-        answer = await self._request("GET", "/jobs", what="find")
+        answer = await self._request("GET", "/jobs", what="find", listing=True)
         return list(parse_jobs(answer, lambda job: job.name == name))
 
     async def _scontrol(self, job_id: str) -> SlurmJob | None:
@@ -215,23 +216,27 @@ class SlurmRestScheduler(SlurmScheduler):
                   task_id, problem)
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *, user: str | None = None,
-                       what: str, refusal: str | None = None, allow_not_modified: bool = False) -> Any:
+                       what: str, refusal: str | None = None, allow_not_modified: bool = False,
+                       listing: bool = False) -> Any:
         """One request to slurmrestd as `user` (default: `rest.user`): its JSON answer (None for a
         304 when `allow_not_modified`). Slurm's `errors` raise TaskRefused with `refusal` as the
         prefix (if given), SchedulerUnavailable when they say Slurm cannot answer now, else
-        SchedulerError; a request that gets no answer within `command_timeout` raises CommandTimeout."""
+        SchedulerError; a request that gets no answer within `command_timeout` (`listing_timeout`
+        for a `listing` of the whole job table) raises CommandTimeout."""
         if self.session is None:
             raise SchedulerUnavailable("the Slurm scheduler is not started")
         user = user or self.user
+        seconds = self.listing_timeout if listing else self.timeout
         for attempt in (1, 2):
             token = await self.tokens.token(user)
             headers = {"X-SLURM-USER-NAME": user, "X-SLURM-USER-TOKEN": token}
             try:
-                async with self.session.request(method, self.url + API + path, json=body, headers=headers) as reply:
+                async with self.session.request(method, self.url + API + path, json=body, headers=headers,
+                                                timeout=aiohttp.ClientTimeout(total=seconds)) as reply:
                     status = reply.status
                     text = await reply.text()
             except TimeoutError:
-                raise CommandTimeout(f"Slurm did not answer within {self.timeout:g} s (slurmrestd)") from None
+                raise CommandTimeout(f"Slurm did not answer within {seconds:g} s (slurmrestd)") from None
             except aiohttp.ClientError as exc:
                 raise SchedulerUnavailable(f"Slurm cannot answer now: slurmrestd at {self.url} cannot be reached "
                                            f"({exc})") from None

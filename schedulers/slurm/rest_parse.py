@@ -154,7 +154,9 @@ def submission(script: str, environment: Mapping[str, str], user_environment: bo
     on the node, as sbatch's `--export=NONE` does for jobs submitted on another's behalf."""
     job = job_properties(script, environment)
     if user_environment:
-        job["get_user_environment"] = True
+        # sbatch's --get-user-env=10: the login environment, read within 10 s (v0.0.38 takes
+        # sbatch's string, not the boolean its description announces)
+        job["get_user_environment"] = "10"
     return {"script": script, "job": job}
 
 
