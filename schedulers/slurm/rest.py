@@ -7,7 +7,8 @@ API (openapi/v0.0.38), so the gateway needs no Slurm client, munge key or slurm.
   with that user's token; at most `submit_concurrency` requests at once.
 - status: one `GET /jobs?update_time=T` per poll (given `rest.listing_timeout`, as `find`).
   Slurm answers 304 when no job changed since T, else its whole job table, from which the
-  gateway's jobs are kept (by id *and* name, as over squeue); a full listing at least every `FULL_EVERY` seconds bounds what a clock skew could hide.
+  gateway's jobs are kept (by id *and* name, as over squeue); a full listing at least every
+  `FULL_EVERY` seconds bounds what a clock skew could hide.
   A job Slurm no longer lists is resolved as over the CLI: exit-code file, `GET /job/{id}`.
 - cancel: `DELETE /job/{id}`, after `GET /job/{id}` has shown it still carries the task's name.
 - find: the job table, by name; else the job-id file the script wrote.
@@ -44,7 +45,7 @@ from ..commands import CommandTimeout
 from ..task import Task
 from .parse import SlurmJob, no_such_job, unavailable
 from .plugin import JOB_ID_FILE, SlurmScheduler
-from .rest_parse import NOT_MODIFIED, error_text, parse_jobs, submission
+from .rest_parse import NOT_MODIFIED, check_options, error_text, parse_jobs, submission
 from .token import Tokens, own_user
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ class SlurmRestScheduler(SlurmScheduler):
             raise SchedulerConfigError('scheduler.options.rest.url: required with api = "rest" (slurmrestd\'s '
                                        'address, e.g. "http://slurm-head:6820")')
         self.url = str(rest["url"]).rstrip("/")
+        try:
+            check_options(self.extra)
+        except ValueError as exc:
+            raise SchedulerConfigError(f'scheduler.options.extra_directives: {exc}, so it cannot be used with '
+                                       'api = "rest"') from None
         self.user = str(rest.get("user") or own_user())
         self.environment: dict[str, str] = dict(rest["environment"])
         self.listing_timeout = float(rest["listing_timeout"])

@@ -95,13 +95,25 @@ OPTIONS: dict[str, tuple[str, Callable[[str], Any]] | None] = {
     "cpus-per-gpu": ("cpus_per_gpu", _text),
     "licenses": ("licenses", _text),
     "wckey": ("wckey", _text),
+    "mail-type": ("mail_type", _text),
+    "mail-user": ("mail_user", _text),
     "nice": ("nice", _integer),
     "exclusive": ("exclusive", lambda v: v or "exclusive"),
+    "requeue": ("requeue", lambda v: True),
+    "no-requeue": ("requeue", lambda v: False),
     "propagate": None,
 }
+#: Options that take no value (or only an optional `=value`).
+_FLAGS = frozenset({"exclusive", "requeue", "no-requeue"})
 _SHORT = {"J": "job-name", "o": "output", "e": "error", "i": "input", "D": "chdir", "N": "nodes", "n": "ntasks",
           "c": "cpus-per-task", "t": "time", "p": "partition", "A": "account", "q": "qos", "C": "constraint",
           "G": "gpus"}
+
+
+def check_options(options: Iterable[str]) -> None:
+    """ValueError unless each of `options` (sbatch options, e.g. the admin's `extra_directives`)
+    has a REST counterpart."""
+    job_properties("#!/bin/bash\n" + "".join(f"#SBATCH {shlex.quote(option)}\n" for option in options), {})
 
 
 def sbatch_lines(script: str) -> list[str]:
@@ -136,7 +148,7 @@ def job_properties(script: str, environment: Mapping[str, str]) -> dict[str, Any
         if name not in OPTIONS:
             raise ValueError(f"#SBATCH --{name} has no counterpart in Slurm's REST API (v0.0.38)")
         target = OPTIONS[name]
-        if not has_value and name != "exclusive":
+        if not has_value and name not in _FLAGS:
             value = next(words, "")
         if target is None:
             continue
