@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import doctest
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import pytest
 
 from gateway.model import task_from_document
 from gateway.validation import SchemaValidator
-from schedulers.base import SchedulerConfigError, TaskState
+from schedulers.base import SchedulerConfigError, SchedulerUnavailable, TaskState
+from schedulers.commands import CommandTimeout
 from schedulers.slurm import rest_parse
 from schedulers.slurm.parse import job_status, output_pattern
 from schedulers.slurm.plugin import SlurmScheduler
@@ -129,3 +131,32 @@ async def test_token_sources(tmp_path: Path) -> None:
     (tmp_path / "key").write_bytes(b"secret")
     keyed = Tokens(command=[], file=None, key_file=str(tmp_path / "key"), lifespan=120, timeout=5)
     assert abs((expiry(await keyed.token("dave")) or 0) - time.time() - 120) < 5
+
+
+async def test_slurmrestd_down_or_silent_is_unavailable(tmp_path: Path) -> None:
+    """Nobody listening: 503-style SchedulerUnavailable naming slurmrestd; a listener that never
+    answers: CommandTimeout after `command_timeout`. The gateway starts either way."""
+    (tmp_path / "key").write_bytes(b"secret")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    task = task_from_document({"user": "u", "cmd": "true"}, "18c1b2e4d5f6a7b8c9d", str(workdir))
+    try:
+        for port, expected, problem in ((closed_port, SchedulerUnavailable, "cannot be reached"),
+                                        (silent.getsockname()[1], CommandTimeout, "did not answer within 1 s")):
+            plugin = scheduler(tmp_path, command_timeout=1,
+                               rest={"url": f"http://127.0.0.1:{port}", "jwt_key_file": str(tmp_path / "key")})
+            await plugin.start(lambda *_: None)
+            started = time.monotonic()
+            with pytest.raises(expected, match=problem):
+                await plugin.submit(task)
+            assert time.monotonic() - started < 3
+            await plugin.close()
+    finally:
+        silent.close()

@@ -93,7 +93,12 @@ class SlurmRestScheduler(SlurmScheduler):
         await Scheduler.start(self, report)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.session = aiohttp.ClientSession()
-        answer = await self._request("GET", "/ping", what="ping")
+        try:  # as over the commands, a Slurm that cannot answer now does not stop the gateway
+            answer = await self._request("GET", "/ping", what="ping")
+        except SchedulerError as exc:
+            log.warning("slurm scheduler %s: Slurm's REST API at %s does not answer now (%s); submissions get "
+                        "503 until it does", self.name, self.url, exc)
+            answer = {}
         pings = answer.get("pings") if isinstance(answer, dict) else None
         up = [p.get("hostname") for p in pings or [] if isinstance(p, dict) and p.get("ping") == "UP"]
         log.info("slurm scheduler %s: Slurm's REST API at %s (slurmctld %s), as %s, %s; partition %s", self.name,
