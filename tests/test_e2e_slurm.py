@@ -565,3 +565,27 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
     eventually(lambda: f"task {refused}: its submission failed; cancelled the Slurm job" in gateway.log.read_text(),
                60, "scancel --name of the refused task, once slurmctld answers")
     assert [t["id"] for t in json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [first]
+
+
+async def test_rest_tokens_signed_with_the_clusters_key(cluster: None, tmp_path: Path) -> None:
+    """`rest.jwt_key_file`: the gateway signs its own tokens with the cluster's JWT key (the dev
+    cluster's, readable by root only) and slurmctld accepts them: no Slurm command is run."""
+    key = Path(os.environ.get("JOBPROXY_DEV_ROOT", "/tmp/jobproxy-dev")) / "slurm" / "jwt.key"
+    if not os.access(key, os.R_OK):
+        pytest.skip(f"{key} is not readable here (it is root's)")
+    options = {"api": "rest", "rest": {"url": os.environ["JOBPROXY_SLURMRESTD_URL"], "jwt_key_file": str(key),
+                                       "token_command": ["/bin/false"]}}  # would fail, were it run
+    scheduler = SlurmScheduler("slurm", SchemaValidator(SlurmScheduler.options_schema).with_defaults(options),
+                               tmp_path / "state")
+    await scheduler.start(lambda *_: None)
+    workdir = tmp_path / "signed"
+    workdir.mkdir()
+    task = task_from_document({"user": "a", "cmd": "exit 7"}, new_task_id(), str(workdir))
+    job = JobRef(task, await scheduler.submit(task))
+    deadline = time.monotonic() + 120
+    while not (status := (await scheduler.status([job]))[task.id]).state.terminal:
+        assert time.monotonic() < deadline, "the job did not end"
+        await asyncio.sleep(0.5)
+    assert (status.state, status.exit_code) == (TaskState.EXECUTOR_ERROR, 7)
+    assert scontrol(job.native_id)["JobName"] == task.id
+    await scheduler.close()
