@@ -56,10 +56,10 @@ readonly PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client slurmrestd slur
 readonly MUNGE_KEY=/etc/munge/munge.key
 # Bumped whenever write_config changes what it writes: a running cluster with an older
 # configuration is restarted by `start` (running jobs survive).
-readonly CONFIG_REVISION=3
+readonly CONFIG_REVISION=4
 # Older revisions this configuration only adds to: a script of such a revision (e.g. on
 # another branch, sharing the same dev cluster) takes it as current and does not restart it.
-readonly CONFIG_SATISFIES=(2)
+readonly CONFIG_SATISFIES=(2 3)
 NODE=$(hostname -s)
 readonly NODE
 
@@ -304,8 +304,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1024
 EnforcePartLimits=ALL
-# Finished jobs stay visible to scontrol/squeue for an hour.
+# Finished jobs stay visible to scontrol/squeue for an hour; room for the jobs of an hour of
+# several test runs and benchmarks at once (Slurm's default of 10000 fills up).
 MinJobAge=3600
+MaxJobCount=20000
 KillWait=5
 InactiveLimit=0
 Waittime=0
