@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -74,7 +75,10 @@ class SlurmRestScheduler(SlurmScheduler):
             raise SchedulerConfigError(f'scheduler.options.extra_directives: {exc}, so it cannot be used with '
                                        'api = "rest"') from None
         self.user = str(rest.get("user") or own_user())
-        self.environment: dict[str, str] = dict(rest["environment"])
+        # sbatch hands every job the submitter's umask (SLURM_UMASK, applied by slurmstepd): so does this
+        umask = os.umask(0o077)
+        os.umask(umask)
+        self.environment: dict[str, str] = {**rest["environment"], "SLURM_UMASK": f"{umask:04o}"}
         self.listing_timeout = float(rest["listing_timeout"])
         self.tokens = Tokens(command=rest["token_command"], file=rest.get("token_file"),
                              key_file=rest.get("jwt_key_file"), lifespan=int(rest["token_lifespan"]),
