@@ -61,6 +61,7 @@ def test_the_properties_are_the_job_scripts_sbatch_lines(tmp_path: Path) -> None
                        extra_directives=["--constraint=haswell", "--no-requeue"])
     script = plugin.job_script(task)
     assert script == SlurmScheduler.job_script(plugin, task)  # the CLI plugin's own rendering
+    assert isinstance(plugin, SlurmRestScheduler)
     assert plugin.environment["SLURM_UMASK"] == f"{os.umask(os.umask(0o22)):04o}"
     body = submission(script, ENV, user_environment=False)
     assert body["script"] == script
