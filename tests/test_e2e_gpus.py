@@ -100,8 +100,10 @@ async def _slurm_run(scheduler: Scheduler, job: JobRef) -> TaskState:
 
 @pytest.mark.e2e
 @pytest.mark.slurm
-async def test_slurm_gres_gpus_and_options(slurm: None, tmp_path: Path) -> None:
-    scheduler = slurm_plugin(tmp_path, command_timeout=30)
+@pytest.mark.parametrize("api", ["cli", "rest"])
+async def test_slurm_gres_gpus_and_options(slurm: None, tmp_path: Path, api: str) -> None:
+    """Over sbatch and over slurmrestd alike."""
+    scheduler = slurm_plugin(tmp_path, api, command_timeout=30)
     await scheduler.start(Reports())
     partition = _partition()
     gpu = make_task(tmp_path, cmd=SHOW, gpus=1, options={"slurm.partition": partition})

@@ -1,10 +1,12 @@
 """End to end: `jobproxy serve` as a real process on the Slurm scheduler, against the real
-single-node cluster of etc/dev/slurm.sh, driven over HTTP.
+single-node cluster of etc/dev/slurm.sh, driven over HTTP; every test runs twice, through Slurm's
+commands (`api = "cli"`) and through its slurmrestd (`api = "rest"`).
 
 The gateway runs Slurm's commands through a folder of small wrappers (option `bin_dir`) that log
-every call before running the real command: that is how the tests count squeue calls, and how
-one test holds an sbatch that Slurm has already answered, to crash the gateway in the middle of a
-submission.
+every call before running the real command, or reaches slurmrestd through a logging proxy
+(tests/slurmrest_proxy.py) that logs each request under the command it stands for: that is how
+the tests count status queries, and how one test holds a submission that Slurm has already
+answered, to crash the gateway in the middle of it.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from schedulers.slurm.plugin import COMMANDS, JOB_ID_FILE, SlurmScheduler
 
 from . import backend_slurm
 from .conftest import ROOT, Gateway, writable_by_jobs
+from .slurmrest_proxy import RestProxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm]
 
@@ -47,15 +50,32 @@ def cluster() -> None:
     backend_slurm.prepare()  # starts the dev cluster, puts SLURM_CONF into os.environ (skips, or fails in CI)
 
 
+@pytest.fixture(params=["cli", "rest"])
+def api(request: pytest.FixtureRequest) -> str:
+    """How the plugin reaches Slurm: its commands, or slurmrestd."""
+    return str(request.param)
+
+
 @dataclass
 class Wrappers:
-    """Slurm's commands behind logging wrappers (a line when each starts, `<name>-done` when it
-    ends); `hold` makes sbatch wait after Slurm answered, `slow` makes it wait 0.5 s before."""
+    """Slurm's commands behind logging wrappers, or slurmrestd behind a logging proxy (`url`):
+    a line when each command (request) starts, `<name>-done` when it ends; `hold` makes a
+    submission wait after Slurm answered, `slow` makes it wait 0.5 s before."""
 
     bin_dir: Path
     calls: Path
     hold: Path
     slow: Path
+    api: str = "cli"
+    url: str = ""
+
+    def submitted_task(self, index: int) -> str:
+        """The task id of the `index`-th submission (sbatch's `--job-name=`, the script coming on
+        stdin; or the REST job's name)."""
+        args = self.lines("sbatch")[index][1]
+        found = re.search(r" name=(\S+)" if self.api == "rest" else r"--job-name=(\S+)", args)
+        assert found, args
+        return found.group(1)
 
     def lines(self, command: str) -> list[tuple[float, str]]:
         found = []
@@ -67,8 +87,13 @@ class Wrappers:
 
 
 @pytest.fixture
-def wrappers(cluster: None, tmp_path: Path) -> Wrappers:
+def wrappers(cluster: None, tmp_path: Path, api: str) -> Iterator[Wrappers]:
     bin_dir, calls, hold = tmp_path / "slurm-bin", tmp_path / "slurm-calls.log", tmp_path / "hold-sbatch"
+    if api == "rest":
+        proxy = RestProxy(os.environ["JOBPROXY_SLURMRESTD_URL"], calls, hold, tmp_path / "slow-sbatch").start()
+        yield Wrappers(bin_dir, calls, hold, tmp_path / "slow-sbatch", api, proxy.url)
+        proxy.stop()
+        return
     bin_dir.mkdir()
     for name in COMMANDS:
         real = shutil.which(name)
@@ -83,12 +108,22 @@ def wrappers(cluster: None, tmp_path: Path) -> Wrappers:
             f"{slow}{quote(real)} \"$@\"\nstatus=$?\n{held}"
             f"printf '%s %s %s\\n' \"$(date +%s.%N)\" {name}-done \"$*\" >> {quote(str(calls))}\nexit $status\n")
         (bin_dir / name).chmod(0o755)
-    return Wrappers(bin_dir, calls, hold, tmp_path / "slow-sbatch")
+    yield Wrappers(bin_dir, calls, hold, tmp_path / "slow-sbatch")
 
 
-def config(wrappers: Wrappers, interval: float = 0.5, timeout: float = 30) -> str:
-    return (f'[scheduler]\ntype = "slurm"\npoll_interval = {interval}\n[scheduler.options]\n'
-            f"bin_dir = {json.dumps(str(wrappers.bin_dir))}\ncommand_timeout = {timeout}\n")
+def config(wrappers: Wrappers, interval: float = 0.5, timeout: float | None = 30) -> str:
+    """The [scheduler] tables of a gateway on the dev cluster through `wrappers` (None: the
+    default command_timeout)."""
+    text = f'[scheduler]\ntype = "slurm"\npoll_interval = {interval}\n[scheduler.options]\n'
+    text += "" if timeout is None else f"command_timeout = {timeout}\n"
+    if wrappers.api == "rest":
+        return text + f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(wrappers.url)}\n'
+    return text + f"bin_dir = {json.dumps(str(wrappers.bin_dir))}\n"
+
+
+def timed_out(wrappers: Wrappers, seconds: int) -> str:
+    """The error of a submission Slurm did not answer in time."""
+    return f"Slurm did not answer within {seconds} s ({'slurmrestd' if wrappers.api == 'rest' else 'sbatch'})"
 
 
 @pytest.fixture
@@ -183,13 +218,15 @@ def test_delete_cancels_the_slurm_job(gateway: Gateway) -> None:
 
 
 @pytest.mark.parametrize("what", ["cores", "memory"])
-def test_requests_slurm_can_never_satisfy_are_refused(gateway: Gateway, what: str) -> None:
+def test_requests_slurm_can_never_satisfy_are_refused(gateway: Gateway, what: str, api: str) -> None:
     size = node()
     task: dict[str, Any] = {"user": "a", "cmd": "true"}
     if what == "cores":
         task["cores"], reason = int(size["CPUTot"]) + 1, "More processors requested than permitted"
-    else:
-        task["memory"], reason = int(size["RealMemory"]) + 1024, "Memory specification can not be satisfied"
+    else:  # sbatch checks memory before it asks slurmctld, whose own words slurmrestd passes on
+        task["memory"] = int(size["RealMemory"]) + 1024
+        reason = ("Requested node configuration is not available" if api == "rest"
+                  else "Memory specification can not be satisfied")
     status, _, body = submit_raw(gateway, task)
     assert status == 400, body
     assert body["error"].startswith("Slurm refused the task: ") and reason in body["error"]
@@ -227,6 +264,9 @@ def test_fifty_tasks_with_one_squeue_call_per_interval(gateway_factory: Callable
     calls = [(stamp, args) for stamp, args in wrappers.lines("squeue") if submitted <= stamp <= finished]
     rounds = (finished - submitted) / interval
     assert len(calls) <= rounds + 2, f"{len(calls)} squeue calls in {finished - submitted:.1f} s"
+    assert len(wrappers.lines("scontrol")) == 0  # every job was resolved from the status queries alone
+    if wrappers.api == "rest":
+        return  # one GET /jobs per interval: slurmrestd 22.05 filters the job table by update time only
     first = calls[0][1]
     listed = re.search(r"--jobs=(\S+)", first)
     assert listed and "--name=" not in first, first
@@ -298,8 +338,8 @@ def test_submit_that_times_out_leaves_no_job_running(gateway_factory: Callable[.
     finally:
         wrappers.hold.unlink()
     assert status == 503, body
-    assert body["error"] == "Slurm did not answer within 2 s (sbatch)"
-    task_id = _job_name(wrappers.lines("sbatch")[0][1])
+    assert body["error"] == timed_out(wrappers, 2)
+    task_id = wrappers.submitted_task(0)
     eventually(lambda: job_of(task_id)["JobState"] == "CANCELLED", 30, f"the job of {task_id} CANCELLED")
     assert json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"] == []
 
@@ -343,8 +383,14 @@ def test_unreachable_slurm_answers_503_and_states_catch_up(gateway_factory: Call
 # ---- jobs Slurm no longer lists (the plugin itself, against the cluster) ---------------------------
 
 
-def plugin(tmp_path: Path, **options: Any) -> SlurmScheduler:
-    """The plugin with `options` as the gateway hands them over: checked, defaults filled in."""
+def plugin(tmp_path: Path, api: str, wrappers: Wrappers | None = None, **options: Any) -> SlurmScheduler:
+    """The plugin over `api` (through `wrappers` if given) with `options` as the gateway hands
+    them over: checked, defaults filled in."""
+    if api == "rest":
+        options = {**options, "api": "rest",
+                   "rest": {"url": wrappers.url if wrappers else os.environ["JOBPROXY_SLURMRESTD_URL"]}}
+    elif wrappers is not None:
+        options = {**options, "bin_dir": str(wrappers.bin_dir)}
     validator = SchemaValidator(SlurmScheduler.options_schema)
     assert validator.problems(options) == []
     return SlurmScheduler("slurm", validator.with_defaults(options), tmp_path / "state")
@@ -353,7 +399,7 @@ def plugin(tmp_path: Path, **options: Any) -> SlurmScheduler:
 async def test_one_squeue_call_per_status_asks_for_just_those_jobs(wrappers: Wrappers, tmp_path: Path) -> None:
     """N jobs, every state from pending to done: each status() is one squeue call, `--jobs=` with
     exactly their ids (never `--name=`, which makes slurmctld list every job), and no scontrol."""
-    scheduler = plugin(tmp_path, bin_dir=str(wrappers.bin_dir))
+    scheduler = plugin(tmp_path, wrappers.api, wrappers)
     await scheduler.start(lambda *_: None)
     jobs = []
     for i in range(24):
@@ -374,7 +420,7 @@ async def test_one_squeue_call_per_status_asks_for_just_those_jobs(wrappers: Wra
     assert set(states.values()) == {TaskState.COMPLETE}
     calls = [args for _, args in wrappers.lines("squeue")]
     assert len(calls) == rounds, f"{len(calls)} squeue calls for {rounds} status() calls"
-    for args in calls:
+    for args in calls if wrappers.api == "cli" else []:
         listed = re.search(r"--jobs=(\S+)", args)
         assert listed and "--name=" not in args, args
         assert listed.group(1).split(",") == [job.native_id for job in jobs]
@@ -384,7 +430,7 @@ async def test_one_squeue_call_per_status_asks_for_just_those_jobs(wrappers: Wra
 
 async def test_submissions_run_concurrently_up_to_submit_concurrency(wrappers: Wrappers, tmp_path: Path) -> None:
     """Ten submissions at once with submit_concurrency = 3: sbatch runs in parallel, never more than 3 at a time."""
-    scheduler = plugin(tmp_path, bin_dir=str(wrappers.bin_dir), submit_concurrency=3)
+    scheduler = plugin(tmp_path, wrappers.api, wrappers, submit_concurrency=3)
     await scheduler.start(lambda *_: None)
     tasks = []
     for i in range(10):
@@ -410,9 +456,9 @@ async def test_submissions_run_concurrently_up_to_submit_concurrency(wrappers: W
     await scheduler.close()
 
 
-async def test_jobs_squeue_no_longer_lists_are_resolved(cluster: None, tmp_path: Path) -> None:
+async def test_jobs_squeue_no_longer_lists_are_resolved(cluster: None, tmp_path: Path, api: str) -> None:
     """The exit-code file decides; else scontrol, which must name the task; else the job is lost."""
-    scheduler = plugin(tmp_path)
+    scheduler = plugin(tmp_path, api)
     await scheduler.start(lambda *_: None)
 
     def task(name: str, cmd: str) -> Task:
@@ -465,7 +511,8 @@ def test_run_as_user_submits_on_the_users_behalf(gateway_factory: Callable[..., 
         assert (int(uid), home) == (entry.pw_uid, entry.pw_dir)
         assert os.stat(done["stdout"]).st_uid == entry.pw_uid and os.stat(done["stdout"]).st_mode & 0o077 == 0
         assert os.stat(Path(done["stdout"]).parent / "mine").st_uid == entry.pw_uid
-        assert any(f"--uid={entry.pw_uid}" in args for _, args in wrappers.lines("sbatch"))
+        on_behalf = f"user={name}" if wrappers.api == "rest" else f"--uid={entry.pw_uid}"
+        assert any(on_behalf in args for _, args in wrappers.lines("sbatch"))
         status, _, body = gateway.request("POST", "/v1/jobproxy/submit",
                                           json.dumps({"user": "root", "cmd": "id"}).encode(),
                                           {"Content-Type": "application/json"})
@@ -488,8 +535,7 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
     """slurmctld stopped (SIGSTOP): a submit answers 503 with Retry-After within the default 5 s
     `command_timeout` (not sbatch's own 10 s, nor the old 30 s default); state reads answer from the
     store meanwhile; once slurmctld runs again, the refused task has left no job behind."""
-    gateway = gateway_factory(f'[scheduler]\ntype = "slurm"\npoll_interval = 0.5\n[scheduler.options]\n'
-                              f"bin_dir = {json.dumps(str(wrappers.bin_dir))}\n").start()
+    gateway = gateway_factory(config(wrappers, timeout=None)).start()
     first = gateway.submit({"user": "a", "cmd": "sleep 2; echo survived"})
     gateway.wait(first, lambda s: s["code"] == "RUNNING")
     pid = _slurmctld_pid()
@@ -504,11 +550,11 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
         os.kill(pid, signal.SIGCONT)
     assert status == 503, body
     assert "Retry-After" in headers, headers
-    assert body["error"] == "Slurm did not answer within 5 s (sbatch)", body
+    assert body["error"] == timed_out(wrappers, 5), body
     assert took < 6.5, f"the submit took {took:.1f} s"
     caught_up = gateway.wait(first, timeout=90)
     assert (caught_up["code"], caught_up["exit_code"]) == ("COMPLETE", 0)
-    refused = _job_name(wrappers.lines("sbatch")[-1][1])
+    refused = wrappers.submitted_task(-1)
 
     def no_orphan() -> bool:
         states = slurm("squeue", "--noheader", "--states=all", f"--name={refused}", "--format=%T").split()
@@ -520,8 +566,25 @@ def test_hung_slurmctld_answers_503_within_the_default_command_timeout(gateway_f
     assert [t["id"] for t in json.loads(gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [first]
 
 
-def _job_name(sbatch_args: str) -> str:
-    """The task id an sbatch call named its job after (`--job-name=`; the script comes on stdin)."""
-    found = re.search(r"--job-name=(\S+)", sbatch_args)
-    assert found, f"no --job-name in sbatch {sbatch_args}"
-    return found.group(1)
+async def test_rest_tokens_signed_with_the_clusters_key(cluster: None, tmp_path: Path) -> None:
+    """`rest.jwt_key_file`: the gateway signs its own tokens with the cluster's JWT key (the dev
+    cluster's, readable by root only) and slurmctld accepts them: no Slurm command is run."""
+    key = Path(os.environ.get("JOBPROXY_DEV_ROOT", "/tmp/jobproxy-dev")) / "slurm" / "jwt.key"
+    if not os.access(key, os.R_OK):
+        pytest.skip(f"{key} is not readable here (it is root's)")
+    options = {"api": "rest", "rest": {"url": os.environ["JOBPROXY_SLURMRESTD_URL"], "jwt_key_file": str(key),
+                                       "token_command": ["/bin/false"]}}  # would fail, were it run
+    scheduler = SlurmScheduler("slurm", SchemaValidator(SlurmScheduler.options_schema).with_defaults(options),
+                               tmp_path / "state")
+    await scheduler.start(lambda *_: None)
+    workdir = tmp_path / "signed"
+    workdir.mkdir()
+    task = task_from_document({"user": "a", "cmd": "exit 7"}, new_task_id(), str(workdir))
+    job = JobRef(task, await scheduler.submit(task))
+    deadline = time.monotonic() + 120
+    while not (status := (await scheduler.status([job]))[task.id]).state.terminal:
+        assert time.monotonic() < deadline, "the job did not end"
+        await asyncio.sleep(0.5)
+    assert (status.state, status.exit_code) == (TaskState.EXECUTOR_ERROR, 7)
+    assert scontrol(job.native_id)["JobName"] == task.id
+    await scheduler.close()

@@ -72,6 +72,38 @@ PLACEHOLDERS = ("task_id", "workdir", "resources", "directives", "run")
 #: Written by the job script into the task's folder: the job id, for `find` after Slurm forgot it.
 JOB_ID_FILE = "slurm_job_id"
 
+#: `[scheduler.options.rest]`: slurmrestd's address and where its JWT tokens come from (token.py).
+REST_OPTIONS: dict[str, Any] = {
+    "type": "object", "additionalProperties": False, "default": {},
+    "description": "with api = \"rest\": slurmrestd and its tokens",
+    "properties": {
+        "url": {"type": "string", "pattern": "^https?://[^\\s/]+", "x-error": {"pattern": "must be an http(s) URL"},
+                "description": "slurmrestd's address, e.g. http://slurm-head:6820 (required with api = \"rest\")"},
+        "user": {"type": "string", "minLength": 1, "pattern": "^[^\\s:]+$",
+                 "description": "Slurm user of the status queries and of jobs that run as the gateway's own "
+                                "account (default: the gateway's Unix user name)"},
+        "token_command": {"type": "array", "minItems": 1, "items": {"type": "string"},
+                          "default": ["scontrol", "token", "username={user}", "lifespan={lifespan}"],
+                          "description": "argv printing a token ({user}, {lifespan} replaced); used unless "
+                                         "token_file or jwt_key_file is set"},
+        "token_file": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
+                       "description": "file holding the token ({user} in the path: one file per user), re-read "
+                                      "when it changes"},
+        "jwt_key_file": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
+                         "description": "the cluster's JWT key (slurm.conf AuthAltParameters=jwt_key): the gateway "
+                                        "signs its own tokens"},
+        "token_lifespan": {"type": "integer", "minimum": 60, "maximum": 31536000, "default": 1800,
+                           "description": "seconds a new token is valid; renewed before it expires"},
+        "listing_timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600, "default": 60,
+                            "description": "seconds a listing of Slurm's whole job table (the status query, "
+                                           "recovery) may take; other requests take command_timeout"},
+        "environment": {"type": "object", "additionalProperties": {"type": "string"},
+                        "default": {"PATH": "/usr/local/bin:/usr/bin:/bin"},
+                        "description": "the environment of jobs that run as the gateway's own account (jobs of "
+                                       "other accounts get their login environment)"},
+    },
+}
+
 _ONE_LINE = {"type": "string", "minLength": 1, "pattern": "^[^\\u0000-\\u001f\\\\]*$",
              "x-error": {"pattern": "must be one line without backslashes"}}
 
@@ -110,8 +142,19 @@ class SlurmScheduler(Scheduler):
                                    "description": "sbatch calls that may run at once; more submissions wait"},
             "bin_dir": {"type": "string", "pattern": "^/", "x-error": {"pattern": "must be an absolute path"},
                         "description": "folder of sbatch, squeue, scontrol and scancel (default: PATH)"},
+            "api": {"enum": ["cli", "rest"], "default": "cli",
+                    "description": "how to reach Slurm: its commands (cli), or slurmrestd (rest, see `rest`)"},
+            "rest": REST_OPTIONS,
         },
     }
+
+    def __new__(cls, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> SlurmScheduler:
+        """With `api = "rest"`, the plugin is its REST variant (rest.py): same options, job script
+        and state mapping, requests to slurmrestd instead of Slurm's commands."""
+        if cls is SlurmScheduler and options.get("api") == "rest":
+            from .rest import SlurmRestScheduler
+            return super().__new__(SlurmRestScheduler)
+        return super().__new__(cls)
 
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, **contract: Any) -> None:
         super().__init__(name, options, state_dir, **contract)
