@@ -61,3 +61,18 @@ def test_no_compaction_while_most_lines_are_needed(tmp_path: Path, monkeypatch: 
         spool.write_marker(task_id)
     spool.compact(lambda: ids[5:])
     assert len((tmp_path / "submitted").read_text().split()) == 20
+
+
+def test_replicas_sharing_a_spool_see_each_others_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas on one machine share the spool: a new lease holder knows what the old one
+    submitted after both started, and a journal written again by one is the one the other appends to."""
+    monkeypatch.setattr(spool_module, "JOURNAL_LINES", 2)
+    old, new = Spool(tmp_path), Spool(tmp_path)
+    new.write_marker("n1")  # `new` holds the journal open for appending
+    for n in range(1, 6):
+        old.write_marker(f"o{n}")
+    assert new.known("o1") and new.known("o5") and not new.known("x9")
+    old.compact(lambda: ["n1", "o5"])  # over the limit: written again, a new file at the path
+    assert sorted((tmp_path / "submitted").read_text().split()) == ["n1", "o5"]  # n1 too, which `old` never wrote
+    new.write_marker("n2")
+    assert Spool(tmp_path).known("n2"), (tmp_path / "submitted").read_text()

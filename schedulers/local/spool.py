@@ -66,6 +66,13 @@ class Spool:
         self._journal: int | None = None  # the journal's file, opened for appending at the first submit
         self._submitted: set[str] = set()
         self._lines = 0
+        self._torn = False
+        self._read_journal()
+        self.inherited: set[str] | None = set(self._submitted)  # kept by `compact` until the plugin reconciled
+
+    def _read_journal(self) -> None:
+        """Take in the ids of the journal as it is on disk (it may have grown since: the journal of a
+        spool shared by replicas, written by whichever of them runs the jobs)."""
         try:
             with open(self._journal_path, "rb") as f:
                 text = f.read()
@@ -75,7 +82,6 @@ class Spool:
         self._torn = bool(lines[-1])  # a line cut short (power loss): ignored, and ended before the next
         self._submitted.update(line.decode("ascii", "replace") for line in lines[:-1] if line)
         self._lines = len(lines) - 1
-        self.inherited: set[str] | None = set(self._submitted)  # kept by `compact` until the plugin reconciled
 
     def _path(self, task_id: str, suffix: str) -> str:
         return self._prefix + task_id + suffix
@@ -98,6 +104,9 @@ class Spool:
     def write_marker(self, task_id: str) -> None:
         """Say that a job for the task may start (one that needs no script), in the journal: there
         for a gateway restarted after a crash once this returns (OSError on failure)."""
+        if self._journal is not None and not self._journal_is_current():
+            os.close(self._journal)  # another process (a replica) wrote the journal again meanwhile
+            self._journal = None
         if self._journal is None:
             self._journal = os.open(self._journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         line = task_id.encode("ascii") + b"\n"
@@ -114,9 +123,11 @@ class Spool:
         has grown past `JOURNAL_LINES` lines and twice what it keeps; atomic (a `.part` renamed over
         it). `keep` names every task the plugin may still be asked about: queued, running, ended
         lately; until the plugin reconciled (`inherited` set to None), the ids found at start-up
-        are kept too."""
+        are kept too. Only the replica that runs the jobs writes the journal, but one that ran them
+        before may have left ids in it that this one has not read yet: they are read first."""
         if self._lines <= JOURNAL_LINES:
             return
+        self._read_journal()  # with what another replica sharing the spool wrote
         kept = self._submitted.intersection(keep())
         if self.inherited is not None:
             kept |= self._submitted & self.inherited
@@ -137,10 +148,26 @@ class Spool:
             os.close(self._journal)
             self._journal = None
 
+    def _journal_is_current(self) -> bool:
+        """Whether the journal open for appending is still the one at its path."""
+        assert self._journal is not None
+        try:
+            on_disk = os.stat(self._journal_path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(self._journal)
+        return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
+
     def known(self, task_id: str) -> bool:
-        """Whether a job for the task was submitted here: it may have started."""
-        return (task_id in self._submitted or os.path.exists(self._path(task_id, ".job"))
-                or os.path.exists(self._path(task_id, ".sh")) or self.legacy_script(task_id).exists())
+        """Whether a job for the task was submitted here: it may have started. An id not seen yet
+        is looked for again in the journal on disk (another replica may have written it)."""
+        if task_id in self._submitted:
+            return True
+        if os.path.exists(self._path(task_id, ".job")) or os.path.exists(self._path(task_id, ".sh")) \
+                or self.legacy_script(task_id).exists():
+            return True
+        self._read_journal()
+        return task_id in self._submitted
 
     def write_pid(self, task_id: str, record: PidRecord) -> None:
         """Record the running job's pid atomically."""
