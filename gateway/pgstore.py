@@ -89,6 +89,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX tasks_by_end ON tasks (COALESCE(finished, created));
     """,
+    # TES tags are the client's own: the owner the gateway used to add as `tags.user` goes (as the
+    # SQLite store's migration 5)
+    """
+    UPDATE tasks SET spec = (spec #- '{tags,user}') #- '{extra,tes,request,tags,user}'
+    WHERE spec #> '{extra,tes,request}' IS NOT NULL
+      AND spec #>> '{extra,tes,request,tags,user}' = "user";
+    """,
 )
 _FINAL = [s.value for s in TaskState if s not in ACTIVE]
 _LOCK = "pg_advisory_lock(hashtextextended(%s, 0))"

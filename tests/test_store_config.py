@@ -182,3 +182,26 @@ def test_migration_drops_the_owner_from_stored_tes_tags(tmp_path: Path) -> None:
     assert first.task.tags == {"p": "1"} and first.task.extra["tes"]["request"]["tags"] == {"p": "1"}
     assert second.task.tags == {"user": "bob"}  # not the owner (an admin's task for another): kept
     store.close()
+
+
+def test_postgresql_migration_drops_the_owner_from_stored_tes_tags(database: tuple[str, Path]) -> None:
+    """The same migration in the PostgreSQL store: a database at version 4 is brought up to date."""
+    url, password_file = database
+    with psycopg.connect(pgstore.conninfo(url, password_file), autocommit=True) as db:
+        db.execute("CREATE TABLE jobproxy_schema (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO jobproxy_schema VALUES (4)")
+        for script in pgstore.MIGRATIONS[:4]:
+            db.execute(script.encode())
+        for task_id, user, tags in (("t1", "ann", {"user": "ann", "p": "1"}), ("t2", "root", {"user": "bob"})):
+            task = Task(id=task_id, user=user, workdir="/w", stdout="/o", stderr="/e", tags=tags,
+                        extra={"tes": {"request": {"executors": [], "tags": tags}, "notes": []}})
+            db.execute('INSERT INTO tasks (id, "user", scheduler, spec, state, stdout, stderr, created) '
+                       "VALUES (%s, %s, 'local', %s, 'COMPLETE', '/o', '/e', '2026-01-01T00:00:00Z')",
+                       (task_id, user, json.dumps(task.to_json())))
+    store = pgstore.PgStore(url, password_file=password_file)
+    first, second = store.get("t1"), store.get("t2")
+    assert store.schema_version == len(pgstore.MIGRATIONS) == len(MIGRATIONS)
+    assert first is not None and second is not None
+    assert first.task.tags == {"p": "1"} and first.task.extra["tes"]["request"]["tags"] == {"p": "1"}
+    assert second.task.tags == {"user": "bob"}
+    store.close()
