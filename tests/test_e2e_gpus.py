@@ -117,7 +117,7 @@ async def test_slurm_gres_gpus_and_options(slurm: None, tmp_path: Path, api: str
     with pytest.raises(TaskRefused) as refused:  # the node has two
         await scheduler.submit(make_task(tmp_path, cmd="true", gpus=3))
     assert refused.value.path == "$.gpus" and "node configuration is not available" in str(refused.value)
-    with pytest.raises(TaskRefused, match="invalid partition"):
+    with pytest.raises(TaskRefused, match=r"(?i)invalid partition"):
         await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.partition": "nosuchpartition"}))
     with pytest.raises(TaskRefused, match=r"(?i)reservation"):
         await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.reservation": "nosuchresv"}))

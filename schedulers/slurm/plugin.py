@@ -272,8 +272,7 @@ class SlurmScheduler(Scheduler):
             message = error_message(err, out)
             if unavailable(message):
                 raise SchedulerUnavailable(f"Slurm cannot take the task now: {message}")
-            gres = task.gpus and any(w in message.lower() for w in ("gres", "node configuration"))
-            raise TaskRefused(f"Slurm refused the task: {message}", "$.gpus" if gres else "$")
+            raise TaskRefused(f"Slurm refused the task: {message}", refusal_path(task, message))
         if err.strip():
             log.warning("task %s: sbatch said: %s", task.id, err.strip())
         try:
@@ -384,3 +383,11 @@ class SlurmScheduler(Scheduler):
     async def _argv(self, argv: list[str]) -> tuple[int, str, str]:
         done = await run(argv, self.timeout, service="Slurm")
         return done.status, done.stdout, done.stderr
+
+
+def refusal_path(task: Task, message: str) -> str:
+    """Where in the task Slurm's refusal `message` points: its GPUs when it asks for some and Slurm
+    speaks of GRES or of a node configuration it lacks (the words also used for too much memory:
+    a best guess), else the task as a whole."""
+    gres = task.gpus and any(word in message.lower() for word in ("gres", "node configuration"))
+    return "$.gpus" if gres else "$"

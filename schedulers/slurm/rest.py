@@ -45,7 +45,7 @@ from ..base import (
 from ..commands import CommandTimeout
 from ..task import Task
 from .parse import SlurmJob, no_such_job, unavailable
-from .plugin import JOB_ID_FILE, SlurmScheduler
+from .plugin import JOB_ID_FILE, SlurmScheduler, refusal_path
 from .rest_parse import NOT_MODIFIED, check_options, error_text, parse_jobs, submission
 from .token import Tokens, own_user
 
@@ -131,6 +131,8 @@ class SlurmRestScheduler(SlurmScheduler):
         except CommandTimeout:  # slurmctld may have taken the job all the same: it must not run unseen
             self._later(self._cancel_by_name(task.id))
             raise
+        except TaskRefused as exc:
+            raise TaskRefused(str(exc), refusal_path(task, str(exc))) from None
         job_id = answer.get("job_id")
         if not isinstance(job_id, int):
             self._later(self._cancel_by_name(task.id))
