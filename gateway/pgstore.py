@@ -14,6 +14,11 @@ What SQLite does not need:
   `delete` or `release` gives back: while it is held the replica that made the task is alive and
   still submitting it, so the lease holder's recovery (`claim`) leaves it alone, and a task whose
   replica died is submitted (or found) exactly once;
+- `add` with `active_limit` enforces the user's `[quotas] active_tasks` across replicas: the
+  transaction takes a transaction advisory lock on the user (the two-key form, in the namespace
+  `hashtext('jobproxy active_tasks')`, apart from the one-key locks on tasks and leases), counts the
+  user's tasks that have not ended, and inserts only below the limit; every add of a batch is
+  counted by the next, and the users' locks are taken in sorted order, so replicas never deadlock;
 - the database may go away: an awaited write or a read then raises `StoreUnavailable` (503, nothing
   acknowledged), while queued state changes are kept and written once it is back.
 """
@@ -41,7 +46,7 @@ from schedulers.base import ACTIVE, Task, TaskState
 
 from .model import now, parse_rfc3339, rfc3339
 from .store import Change, IdempotencyKey, Record
-from .taskstore import KeyTaken, StoreUnavailable
+from .taskstore import KeyTaken, QuotaExceeded, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,6 +105,9 @@ MIGRATIONS: tuple[str, ...] = (
 _FINAL = [s.value for s in TaskState if s not in ACTIVE]
 _LOCK = "pg_advisory_lock(hashtextextended(%s, 0))"
 _UNLOCK = "pg_advisory_unlock(hashtextextended(%s, 0))"
+# per-user quota locks: two int4 keys, which never meet the one-bigint locks above (pg_locks objsubid 2, not 1)
+_QUOTA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('jobproxy active_tasks'), hashtext(u)) FROM unnest(%s::text[]) u"
+_ACTIVE_STATES = [s.value for s in ACTIVE]
 
 Db = psycopg.Connection[DictRow]
 _Write = Callable[[Db], Any]
@@ -111,6 +119,7 @@ class _Item:
     write: _Write
     done: Future[Any]
     keep: bool  # a queued change: kept and written again while the database is away
+    user: str | None = None  # an add under a quota: the user whose lock its transaction takes first
 
 
 def conninfo(url: str, password_file: Path | None = None) -> str:
@@ -184,13 +193,13 @@ class PgStore:
 
     # ---- writes: queued to the writer thread, committed in groups ----
 
-    def _submit(self, write: _Write, keep: bool = False) -> Future[Any]:
+    def _submit(self, write: _Write, keep: bool = False, user: str | None = None) -> Future[Any]:
         done: Future[Any] = Future()
-        self._queue.put(_Item(write, done, keep))
+        self._queue.put(_Item(write, done, keep, user))
         return done
 
-    async def _write(self, write: _Write) -> Any:
-        return await asyncio.wrap_future(self._submit(write))
+    async def _write(self, write: _Write, user: str | None = None) -> Any:
+        return await asyncio.wrap_future(self._submit(write, user=user))
 
     def _write_loop(self, db: Db | None) -> None:
         stopping = False
@@ -231,14 +240,14 @@ class PgStore:
         """Run `batch` in one transaction; if a write fails (not the connection), each runs again
         in its own transaction so that the bad one fails alone."""
         try:
-            results = self._transaction(db, [item.write for item in batch])
+            results = self._transaction(db, batch)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             raise
         except Exception:
             results = []
             for item in batch:
                 try:
-                    results.append(self._transaction(db, [item.write])[0])
+                    results.append(self._transaction(db, [item])[0])
                 except (psycopg.OperationalError, psycopg.InterfaceError):
                     raise
                 except Exception as exc:
@@ -252,10 +261,13 @@ class PgStore:
             else:
                 item.done.set_result(result)
 
-    def _transaction(self, db: Db, writes: list[_Write]) -> list[Any]:
+    def _transaction(self, db: Db, items: list[_Item]) -> list[Any]:
         self._notes = {}
         with db.transaction():
-            results = [write(db) for write in writes]
+            users = sorted({item.user for item in items if item.user is not None})
+            if users:  # first, and in one order on every replica: no two transactions wait for each other
+                db.execute(_QUOTA_LOCK, (users,))
+            results = [item.write(db) for item in items]
             for kind, task_ids in self._notes.items():  # at the end: one notification per kind (and size)
                 chunk: list[str] = []
                 for task_id in task_ids:
@@ -275,14 +287,24 @@ class PgStore:
     def _send(self, db: Db, kind: str, task_ids: list[str]) -> None:
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{self.origin} {kind} {' '.join(task_ids)}"))
 
-    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None) -> Record:
+    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None, *,
+                  active_limit: int | None = None) -> Record:
         """Record a new task, QUEUED and not yet handed to its scheduler; durable when it returns.
-        With `key`, the key is recorded in the same transaction: both or neither."""
+        With `key`, the key is recorded in the same transaction: both or neither.
+
+        With `active_limit`, `QuotaExceeded` (nothing added) if the task's user already holds that
+        many tasks that have not ended, counted by the database under the user's lock: whichever
+        replicas the user's submits reach, at most `active_limit` are accepted."""
         created = now()
         row = (task.id, task.user, scheduler, Jsonb(task.to_json()), TaskState.QUEUED.value,
                task.stdout, task.stderr, rfc3339(created))
 
-        def insert(db: Db) -> int:
+        def insert(db: Db) -> int | None:
+            if active_limit is not None:  # the transaction holds the user's lock (`_transaction`)
+                held = _one(db.execute('SELECT COUNT(*) AS n FROM tasks WHERE "user" = %s AND state = ANY(%s)',
+                                       (task.user, _ACTIVE_STATES)))["n"]
+                if held >= active_limit:
+                    return None  # refused without failing the batch: the others of it stand
             # one statement: the row, and the submit lock of this replica's session
             cur = db.execute('WITH t AS (INSERT INTO tasks (id, "user", scheduler, spec, state, stdout, stderr,'
                              " created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq, id)"
@@ -295,11 +317,14 @@ class PgStore:
             return seq
 
         try:
-            seq = await self._write(insert)
+            seq = await self._write(insert, user=task.user if active_limit is not None else None)
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "idempotency_pkey":
                 raise KeyTaken(task.id) from None
             raise
+        if seq is None:
+            assert active_limit is not None
+            raise QuotaExceeded(task.user, active_limit)
         return Record(seq, task, scheduler, None, TaskState.QUEUED, "", None, created, None, None)
 
     def set_native_id(self, task_id: str, native_id: str) -> Future[Any]:

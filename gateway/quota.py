@@ -16,9 +16,7 @@ from . import auth
 from .active import ActiveSet
 from .config import QuotaSettings
 from .errors import ApiError
-
-#: Seconds a client is told to wait when it holds too many active tasks.
-ACTIVE_RETRY = 30
+from .taskstore import QuotaExceeded
 
 
 class Quotas:
@@ -31,11 +29,14 @@ class Quotas:
     @contextlib.contextmanager
     def admitting(self, user: str) -> Iterator[None]:
         """Around accepting one task of `user`: refuse it (429) if the user already holds
-        `active_tasks` tasks, counting those being accepted right now."""
+        `active_tasks` tasks, counting those being accepted right now.
+
+        This is the fast path, and on SQLite (one writer) the whole check. Replicas learn of each
+        other's tasks a moment late, so on PostgreSQL the store's `add` checks again, exactly, with
+        `active_limit` (see `limit`)."""
         limit = self.settings.active_tasks
         if limit and self.active.count_of(user) + self._admitting[user] >= limit:
-            raise ApiError(429, f"{user} has {limit} tasks that have not ended, the most this site allows one "
-                                "user; submit again when some have ended", headers={"Retry-After": str(ACTIVE_RETRY)})
+            raise QuotaExceeded(user, limit)
         self._admitting[user] += 1
         try:
             yield
@@ -43,6 +44,11 @@ class Quotas:
             self._admitting[user] -= 1
             if not self._admitting[user]:
                 del self._admitting[user]
+
+    @property
+    def limit(self) -> int | None:
+        """The active tasks one user may hold, for the store's `add` (None: no limit)."""
+        return self.settings.active_tasks or None
 
     def wait_for(self, caller: str, now: float | None = None) -> float:
         """Take one request from `caller`'s bucket: 0 if it may go ahead, else the seconds until it

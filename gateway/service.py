@@ -100,8 +100,10 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         raise ApiError(503, f"the gateway cannot create the task's folder right now: {exc.strerror}",
                        headers=RETRY) from None
     try:
-        record = await store.add(task, scheduler.name, key)  # on disk before the scheduler hears of it
-    except Exception:  # e.g. the database away (503), or another replica took the key: no folder kept
+        # on disk before the scheduler hears of it; replicas: the user's quota checked again, exactly
+        record = await store.add(task, scheduler.name, key, active_limit=app[QUOTAS].limit)
+    except Exception:  # e.g. the database away (503), another replica took the key, over the quota (429):
+        # no folder kept
         shutil.rmtree(task.workdir, ignore_errors=True)
         raise
     stager = app.get(STAGER)

@@ -247,9 +247,13 @@ class Store:
         self.commits += 1
         return results
 
-    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None) -> Record:
+    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None, *,
+                  active_limit: int | None = None) -> Record:
         """Record a new task, QUEUED and not yet handed to its scheduler; on disk when it returns.
-        With `key`, the key is recorded in the same transaction: both or neither."""
+        With `key`, the key is recorded in the same transaction: both or neither.
+
+        `active_limit` is accepted and ignored: this process is the store's only writer, so the
+        in-memory count of the user's active tasks (`gateway.quota`) is already exact."""
         created = now()
         row = (task.id, task.user, scheduler, json.dumps(task.to_json()), TaskState.QUEUED.value,
                task.stdout, task.stderr, rfc3339(created))

@@ -33,6 +33,22 @@ class KeyTaken(Exception):
     added; the key's task is the answer."""
 
 
+#: Seconds a client is told to wait when it holds too many active tasks.
+ACTIVE_RETRY = 30
+
+
+class QuotaExceeded(ApiError):
+    """`user` already holds `limit` tasks that have not ended (`[quotas] active_tasks`): the task
+    is refused with 429 and nothing was added. Raised by the in-memory check (`gateway.quota`) and,
+    on PostgreSQL, by `add` itself, which counts every replica's tasks under a per-user lock."""
+
+    def __init__(self, user: str, limit: int) -> None:
+        super().__init__(429, f"{user} has {limit} tasks that have not ended, the most this site allows one "
+                              "user; submit again when some have ended", headers={"Retry-After": str(ACTIVE_RETRY)})
+        self.user = user
+        self.limit = limit
+
+
 class TaskStore(Protocol):
     """All reads and writes of task records (one instance per process).
 
@@ -49,7 +65,12 @@ class TaskStore(Protocol):
 
     def close(self) -> None: ...
 
-    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None) -> Record: ...
+    async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None, *,
+                  active_limit: int | None = None) -> Record:
+        """Record a new task (and its idempotency `key`) durably. With `active_limit`, a store
+        shared by several writers refuses it with `QuotaExceeded` when its user already holds that
+        many tasks that have not ended; a store with one writer may ignore it."""
+        ...
 
     def set_native_id(self, task_id: str, native_id: str) -> Future[Any]: ...
 
