@@ -215,8 +215,7 @@ class SlurmScheduler(Scheduler):
         return await self._sbatch(task, self.job_script(task))
 
     async def find(self, task: Task) -> str | None:
-        argv = squeue_name_argv(self._path("squeue"), task.id)
-        named = sorted((j.job_id for j in (await self._squeue(argv)).values() if j.name == task.id), key=int)
+        named = sorted(await self._named(task.id), key=int)
         if len(named) > 1:
             log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named),
                         named[0])
@@ -227,6 +226,11 @@ class SlurmScheduler(Scheduler):
         except OSError:
             return None
         return recorded if recorded.isdigit() else None
+
+    async def _named(self, name: str) -> list[str]:
+        """The ids of the jobs Slurm knows by the name `name` (a task's id)."""
+        argv = squeue_name_argv(self._path("squeue"), name)
+        return [j.job_id for j in (await self._squeue(argv)).values() if j.name == name]
 
     async def status(self, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
         if not jobs:

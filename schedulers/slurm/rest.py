@@ -45,7 +45,7 @@ from ..base import (
 from ..commands import CommandTimeout
 from ..task import Task
 from .parse import SlurmJob, no_such_job, unavailable
-from .plugin import JOB_ID_FILE, SlurmScheduler, refusal_path
+from .plugin import SlurmScheduler, refusal_path
 from .rest_parse import NOT_MODIFIED, check_options, error_text, parse_jobs, submission
 from .token import Tokens, own_user
 
@@ -177,19 +177,6 @@ class SlurmRestScheduler(SlurmScheduler):
             if not ("already completing or completed" in str(exc).lower() or no_such_job(str(exc))):
                 raise SchedulerError(f"Slurm could not cancel job {job.native_id}: {exc}") from None
         log.info("task %s: cancelled Slurm job %s", job.task_id, job.native_id)
-
-    async def find(self, task: Task) -> str | None:
-        named = sorted(await self._named(task.id), key=int)
-        if len(named) > 1:
-            log.warning("task %s: Slurm has several jobs named after it (%s); taking %s", task.id, ", ".join(named),
-                        named[0])
-        if named:
-            return named[0]
-        try:
-            recorded = (Path(task.workdir) / JOB_ID_FILE).read_text().strip()
-        except OSError:
-            return None
-        return recorded if recorded.isdigit() else None
 
     # ---- inside ----
 
