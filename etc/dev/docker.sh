@@ -46,14 +46,7 @@ log() { printf 'docker.sh: %s\n' "$*" >&2; }
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # Print a message and the tail of the daemon log, then exit 1.
-die() {
-    log "ERROR: $*"
-    if [[ -s "${LOG}" ]]; then
-        log "last lines of ${LOG}:"
-        tail -n 30 "${LOG}" | sed 's/^/    /' >&2
-    fi
-    exit 1
-}
+die() { die_showing "$LOG" "$@"; }
 
 
 # The command line of PID with spaces between the arguments (fails if PID is gone).

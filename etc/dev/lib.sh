@@ -8,6 +8,19 @@ die() {
     exit 1
 }
 
+# die_showing LOGFILE MESSAGE: say what went wrong, then the last lines of a daemon's LOGFILE, and
+# exit 1 (a script whose daemon writes a log redefines `die` with it).
+die_showing() {
+    local file=$1
+    shift
+    log "ERROR: $*"
+    if [[ -s $file ]]; then
+        log "last lines of $file:"
+        tail -n 30 "$file" | sed 's/^/    /' >&2
+    fi
+    exit 1
+}
+
 # alive PID: PID is a live process. PID 1 reaps slowly here, so a dead daemon can linger as a
 # zombie for a while and `kill -0` alone would still succeed: read its state from /proc.
 alive() {

@@ -36,14 +36,8 @@ log() { printf 's3.sh: %s\n' "$*" >&2; }
 # shellcheck source=etc/dev/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-die() {
-    log "ERROR: $*"
-    if [[ -s "${LOG}" ]]; then
-        log "last lines of ${LOG}:"
-        tail -n 30 "${LOG}" | sed 's/^/    /' >&2
-    fi
-    exit 1
-}
+# Print a message and the tail of the daemon log, then exit 1.
+die() { die_showing "$LOG" "$@"; }
 
 weed_binary() {
     local found
