@@ -160,24 +160,24 @@ async def _until(scheduler: Scheduler, job: JobRef, done: Callable[[TaskState], 
 @pytest.mark.e2e
 @pytest.mark.slurm
 @pytest.mark.parametrize("api", ["cli", "rest"])
-@pytest.mark.parametrize("requeue", [False, True], ids=["cancel", "requeue"])
-async def test_slurm_preempted_job(slurm: None, tmp_path: Path, api: str, requeue: bool) -> None:
-    """A job holding all the node's cores is preempted by a job of the partition `urgent`: without
-    `requeue` it ends PREEMPTED, final; with `requeue` (its partition requeues what it preempts)
-    Slurm requeues it and it is QUEUED again, waiting to run."""
+@pytest.mark.parametrize(("requeue", "partition"), [(False, "debug"), (True, "requeueable"), (True, "debug")],
+                         ids=["cancel", "requeue", "requeue-cancelled"])
+async def test_slurm_preempted_job(slurm: None, tmp_path: Path, api: str, requeue: bool, partition: str) -> None:
+    """A job holding all the node's cores is preempted by a job of the partition `urgent`: from
+    `debug` (PreemptMode CANCEL) it ends PREEMPTED, final, with option `requeue` or without; with
+    `requeue` from `requeueable` (PreemptMode REQUEUE) Slurm requeues it: QUEUED again, waiting to run."""
     node, cores = _node()
     await _node_idle(node)
     scheduler = slurm_plugin(tmp_path, api, command_timeout=30, requeue=requeue)
     await scheduler.start(Reports())
     jobs: list[JobRef] = []
     try:
-        low = {"slurm.partition": "requeueable"} if requeue else {}
-        blocker = make_task(tmp_path, cmd="sleep 600", cores=cores, memory=100, options=low)
+        blocker = make_task(tmp_path, cmd="sleep 600", cores=cores, memory=100, options={"slurm.partition": partition})
         jobs.append(JobRef(blocker, await scheduler.submit(blocker)))
         await _until(scheduler, jobs[0], lambda state: state == TaskState.RUNNING)
         urgent = make_task(tmp_path, cmd="true", cores=cores, memory=100, options={"slurm.partition": "urgent"})
         jobs.append(JobRef(urgent, await scheduler.submit(urgent)))
-        if requeue:
+        if partition == "requeueable":
             preempted = await _until(scheduler, jobs[0], lambda state: state != TaskState.RUNNING)
             assert preempted.state == TaskState.QUEUED, preempted
             assert await _slurm_run(scheduler, jobs[1]) == TaskState.COMPLETE
@@ -194,6 +194,7 @@ async def test_slurm_preempted_job(slurm: None, tmp_path: Path, api: str, requeu
             preempted = await _until(scheduler, jobs[0], lambda state: state.terminal)
             assert preempted.state == TaskState.PREEMPTED, preempted
             assert "preempted" in preempted.description, preempted
+            assert ("rather than requeue it" in preempted.description) == requeue, preempted
             assert await _slurm_run(scheduler, jobs[1]) == TaskState.COMPLETE
             print(f"preempted: {preempted.state.name} {preempted.description!r}")
     finally:

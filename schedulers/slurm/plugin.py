@@ -14,7 +14,8 @@
 - cancel: `scancel --name=<task id> <job id>`, which cannot hit another job.
 - GPUs: `--gres=gpu:N` (Slurm exports CUDA_VISIBLE_DEVICES to the job); the task's `slurm.*`
   backend parameters (partition, account, qos, constraint, reservation) take the place of the
-  site's options. A preempted job is PREEMPTED, final, unless `requeue` lets Slurm run it again.
+  site's options. A preempted job is PREEMPTED, final, unless `requeue` lets Slurm requeue it
+  (where its partition's PreemptMode is REQUEUE): it is then QUEUED again.
 - `--time`: from the task's `cputime` (× `time_factor`, + the CPU-time grace, in whole minutes,
   see `units.walltime_for_cputime`), else the admin's `default_time`, else the partition's default.
 
@@ -128,8 +129,9 @@ class SlurmScheduler(Scheduler):
                                                  "\"--constraint=haswell\"), on one line, without backslashes"}},
             },
             "requeue": {"type": "boolean", "default": False,
-                        "description": "let Slurm requeue a preempted job (sbatch --requeue): it is then QUEUED again, "
-                                       "not PREEMPTED, which is otherwise final"},
+                        "description": "let Slurm requeue a preempted job (sbatch --requeue): where the job's "
+                                       "partition has PreemptMode REQUEUE it is then QUEUED again, not "
+                                       "PREEMPTED, which is otherwise final"},
             "default_time": {"type": "integer", "minimum": 1, "maximum": 31536000000,
                              "description": "wall-clock limit in seconds of tasks without cputime "
                                             "(default: the partition's)"},
