@@ -294,6 +294,13 @@ def unavailable(message: str) -> bool:
     return bool(_UNAVAILABLE.search(message))
 
 
+def refused_path(task: Task, message: str) -> str:
+    """The JSON path of the part of `task` a Slurm refusal `message` is about: `$.gpus` when a task
+    with GPUs is refused for its gres or an impossible node configuration, else `$`."""
+    gres = task.gpus and any(word in message.lower() for word in ("gres", "node configuration"))
+    return "$.gpus" if gres else "$"
+
+
 def no_such_job(message: str) -> bool:
     return bool(_NO_SUCH_JOB.search(message))
 

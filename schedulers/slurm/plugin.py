@@ -60,6 +60,7 @@ from .parse import (
     parse_scontrol,
     parse_squeue,
     parse_submit,
+    refused_path,
     squeue_argvs,
     squeue_name_argv,
     time_limit_minutes,
@@ -274,8 +275,7 @@ class SlurmScheduler(Scheduler):
             message = error_message(err, out)
             if unavailable(message):
                 raise SchedulerUnavailable(f"Slurm cannot take the task now: {message}")
-            gres = task.gpus and any(w in message.lower() for w in ("gres", "node configuration"))
-            raise TaskRefused(f"Slurm refused the task: {message}", "$.gpus" if gres else "$")
+            raise TaskRefused(f"Slurm refused the task: {message}", refused_path(task, message))
         if err.strip():
             log.warning("task %s: sbatch said: %s", task.id, err.strip())
         try:
