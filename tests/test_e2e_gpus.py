@@ -1,7 +1,9 @@
 """GPUs and scheduler options on real schedulers: the local scheduler with a fake list of GPU ids
 (each given to one job at a time, exported as CUDA_VISIBLE_DEVICES, counted by admission, kept
 across a restart), and the dev Slurm cluster, whose node has two stand-in GPUs (`Gres=gpu:2`
-with gres.conf device files), so `--gres=gpu:N` is scheduled and Slurm sets CUDA_VISIBLE_DEVICES."""
+with gres.conf device files), so `--gres=gpu:N` is scheduled and Slurm sets CUDA_VISIBLE_DEVICES.
+The dev Slurm also preempts by partition: a job of `urgent` takes the cores of a job of `debug`
+(cancelled, PREEMPTED) or of `requeueable` (requeued when submitted with --requeue)."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +18,7 @@ import pytest
 from schedulers.base import JobRef, Scheduler, TaskRefused, TaskState
 
 from . import backend_drmaa, backend_slurm
+from .conftest import IN_CI
 from .reporting import Reports
 from .test_contract import make_task
 from .test_e2e_drmaa import plugin as drmaa_plugin
@@ -122,6 +125,81 @@ async def test_slurm_gres_gpus_and_options(slurm: None, tmp_path: Path, api: str
     with pytest.raises(TaskRefused, match=r"(?i)reservation"):
         await scheduler.submit(make_task(tmp_path, cmd="true", options={"slurm.reservation": "nosuchresv"}))
     await scheduler.close()
+
+
+def _node() -> tuple[str, int]:
+    """The dev node's name and core count, from `scontrol show node`."""
+    line = subprocess.run(["scontrol", "-o", "show", "node"], capture_output=True, text=True, check=True).stdout
+    fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+    return fields["NodeName"], int(fields["CPUTot"])
+
+
+async def _node_idle(node: str, within: float = 60) -> None:
+    """Wait until no job runs on `node`: a preempting job must find only this test's blocker there.
+    Skips when the node stays busy (jobs of others); in CI that is a failure."""
+    deadline = time.monotonic() + within
+    while (state := subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], capture_output=True,
+                                   text=True, check=True).stdout.split()[0]) != "idle":
+        if time.monotonic() > deadline:
+            reason = f"Slurm node {node} did not become idle within {within:g} s (state {state}): other jobs run there"
+            if IN_CI:
+                pytest.fail(reason)
+            pytest.skip(reason)
+        await asyncio.sleep(1)
+
+
+async def _until(scheduler: Scheduler, job: JobRef, done: Callable[[TaskState], bool], timeout: float = 90) -> Any:
+    """Poll `job` until its state satisfies `done`; its status then."""
+    deadline = time.monotonic() + timeout
+    while not done((status := (await scheduler.status([job]))[job.task_id]).state):
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(0.3)
+    return status
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+@pytest.mark.parametrize("api", ["cli", "rest"])
+@pytest.mark.parametrize(("requeue", "partition"), [(False, "debug"), (True, "requeueable"), (True, "debug")],
+                         ids=["cancel", "requeue", "requeue-cancelled"])
+async def test_slurm_preempted_job(slurm: None, tmp_path: Path, api: str, requeue: bool, partition: str) -> None:
+    """A job holding all the node's cores is preempted by a job of the partition `urgent`: from
+    `debug` (PreemptMode CANCEL) it ends PREEMPTED, final, with option `requeue` or without; with
+    `requeue` from `requeueable` (PreemptMode REQUEUE) Slurm requeues it: QUEUED again, waiting to run."""
+    node, cores = _node()
+    await _node_idle(node)
+    scheduler = slurm_plugin(tmp_path, api, command_timeout=30, requeue=requeue)
+    await scheduler.start(Reports())
+    jobs: list[JobRef] = []
+    try:
+        blocker = make_task(tmp_path, cmd="sleep 600", cores=cores, memory=100, options={"slurm.partition": partition})
+        jobs.append(JobRef(blocker, await scheduler.submit(blocker)))
+        await _until(scheduler, jobs[0], lambda state: state == TaskState.RUNNING)
+        urgent = make_task(tmp_path, cmd="true", cores=cores, memory=100, options={"slurm.partition": "urgent"})
+        jobs.append(JobRef(urgent, await scheduler.submit(urgent)))
+        if partition == "requeueable":
+            preempted = await _until(scheduler, jobs[0], lambda state: state != TaskState.RUNNING)
+            assert preempted.state == TaskState.QUEUED, preempted
+            assert await _slurm_run(scheduler, jobs[1]) == TaskState.COMPLETE
+            again = (await scheduler.status([jobs[0]]))[blocker.id]
+            assert again.state in (TaskState.QUEUED, TaskState.RUNNING), again  # not final: it runs again
+            shown = subprocess.run(["scontrol", "-o", "show", "job", jobs[0].native_id], capture_output=True,
+                                   text=True, check=True).stdout
+            assert "Restarts=1" in shown, shown
+            print(f"requeued: {preempted.state.name} {preempted.description!r}; then {again.state.name}")
+            await scheduler.cancel(jobs[0])
+            cancelled = await _until(scheduler, jobs[0], lambda state: state.terminal)
+            assert cancelled.state == TaskState.CANCELED, cancelled
+        else:
+            preempted = await _until(scheduler, jobs[0], lambda state: state.terminal)
+            assert preempted.state == TaskState.PREEMPTED, preempted
+            assert "preempted" in preempted.description, preempted
+            assert ("rather than requeue it" in preempted.description) == requeue, preempted
+            assert await _slurm_run(scheduler, jobs[1]) == TaskState.COMPLETE
+            print(f"preempted: {preempted.state.name} {preempted.description!r}")
+    finally:
+        subprocess.run(["scancel", *(job.native_id for job in jobs)], capture_output=True, check=False)
+        await scheduler.close()
 
 
 # ---- Grid Engine (DRMAA) -------------------------------------------------------------------------

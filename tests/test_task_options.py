@@ -100,9 +100,11 @@ def test_preempted_is_final_with_the_reason(kind: str) -> None:
     assert status is not None and status.state == TaskState.PREEMPTED and status.state.terminal
     assert status.description.startswith("preempted by Slurm (job 18042)") and status.exit_code == 143
     assert status.finished is not None
-    again = job_status(task(), job, None, requeue=True)  # the site lets Slurm requeue it
-    assert again is not None and again.state == TaskState.QUEUED and not again.state.terminal
-    assert "preempted as Slurm job 18042" in again.description
+    # Submitted with --requeue but PREEMPTED all the same: Slurm cancelled it (PreemptMode CANCEL),
+    # it does not run again (a job Slurm requeues is PENDING at once, never PREEMPTED).
+    again = job_status(task(), job, None, requeue=True)
+    assert again is not None and again.state == TaskState.PREEMPTED and again.state.terminal
+    assert "cancelled it rather than requeue it" in again.description
 
 
 def test_captured_cancel_and_run_are_read_as_before() -> None:

@@ -56,10 +56,10 @@ readonly PACKAGES=(munge slurm-wlm slurmctld slurmd slurm-client slurmrestd slur
 readonly MUNGE_KEY=/etc/munge/munge.key
 # Bumped whenever write_config changes what it writes: a running cluster with an older
 # configuration is restarted by `start` (running jobs survive).
-readonly CONFIG_REVISION=4
+readonly CONFIG_REVISION=5
 # Older revisions this configuration only adds to: a script of such a revision (e.g. on
 # another branch, sharing the same dev cluster) takes it as current and does not restart it.
-readonly CONFIG_SATISFIES=(2 3)
+readonly CONFIG_SATISFIES=(2 3 4)
 NODE=$(hostname -s)
 readonly NODE
 
@@ -319,6 +319,11 @@ JobCompLoc=$LOG_DIR/jobcomp.txt
 JobAcctGatherType=jobacct_gather/linux
 # Two stand-in GPUs (gres.conf: device files that are /dev/null) for the gpus tests.
 GresTypes=gpu
+# Preemption by partition: a job of the partition 'urgent' (PriorityTier 2) takes the cores of
+# jobs of 'debug' or 'requeueable' (tier 1). A preempted debug job is cancelled and ends
+# PREEMPTED; a preempted job of 'requeueable' submitted with --requeue waits to run again.
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 EOF
         if [[ $mode == v1 ]]; then
             cat <<EOF
@@ -337,7 +342,9 @@ JobAcctGatherFrequency=task=1
 EOF
         fi
         node_line
-        echo "PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP"
+        echo "PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1"
+        echo "PartitionName=requeueable Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE"
+        echo "PartitionName=urgent Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=2"
     } >"$tmp"
     chmod 0644 "$tmp"
     mv -f "$tmp" "$CONF"

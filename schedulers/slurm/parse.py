@@ -294,6 +294,13 @@ def unavailable(message: str) -> bool:
     return bool(_UNAVAILABLE.search(message))
 
 
+def refused_path(task: Task, message: str) -> str:
+    """The JSON path of the part of `task` a Slurm refusal `message` is about: `$.gpus` when a task
+    with GPUs is refused for its gres or an impossible node configuration, else `$`."""
+    gres = task.gpus and any(word in message.lower() for word in ("gres", "node configuration"))
+    return "$.gpus" if gres else "$"
+
+
 def no_such_job(message: str) -> bool:
     return bool(_NO_SUCH_JOB.search(message))
 
@@ -311,16 +318,15 @@ def job_status(task: Task, job: SlurmJob, recorded: int | None = None, *, requeu
     """The status of `task` whose Slurm job is `job`; `recorded` is the exit code the job script
     wrote to its exit-code file, if it did. None for a state JobProxy does not know.
 
-    PREEMPTED is final, unless the site lets Slurm requeue preempted jobs (`requeue`): the job
-    then waits to run again, QUEUED. (Slurm gives a preempted job no reason of its own: Reason
-    stays None, ExitCode 0:15, the SIGTERM it got.)"""
+    PREEMPTED is final. A job Slurm requeues when it is preempted (submitted with --requeue,
+    `requeue`, in a partition whose PreemptMode is REQUEUE) never shows PREEMPTED: it is PENDING
+    (REQUEUED while it ends) at once, so QUEUED. A --requeue job that shows PREEMPTED was cancelled
+    (PreemptMode CANCEL) and does not run again. (Slurm gives a preempted job no reason of its
+    own: Reason stays None, ExitCode 0:15, the SIGTERM it got.)"""
     state = STATES.get(job.state)
     if state is None:
         return None
     reason = job.reason if job.reason.upper() not in _NOT_SET else ""
-    if job.state == "PREEMPTED" and requeue:
-        return JobStatus(TaskState.QUEUED, f"preempted as Slurm job {job.job_id}; waiting to be requeued"
-                         + (f": {reason}" if reason else ""))
     if not state.terminal:
         words = {TaskState.QUEUED: "pending", TaskState.INITIALIZING: "configuring",
                  TaskState.PAUSED: "suspended", TaskState.RUNNING: "running"}[state]
@@ -350,7 +356,9 @@ def job_status(task: Task, job: SlurmJob, recorded: int | None = None, *, requeu
         description = "cancelled in Slurm"
     elif job.state == "PREEMPTED":
         description = f"preempted by Slurm (job {job.job_id}): a job of higher priority took its resources" \
-            + (f" ({reason})" if reason else "")
+            + (f" ({reason})" if reason else "") \
+            + ("; Slurm cancelled it rather than requeue it (its partition's PreemptMode is not REQUEUE)"
+               if requeue else "")
     else:
         which = {"NODE_FAIL": "the job's node failed", "BOOT_FAIL": "the job's node failed to boot"}
         description = which.get(job.state, f"Slurm ended the job: {job.state}") + (f" ({reason})" if reason else "")

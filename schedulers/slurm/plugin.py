@@ -14,7 +14,8 @@
 - cancel: `scancel --name=<task id> <job id>`, which cannot hit another job.
 - GPUs: `--gres=gpu:N` (Slurm exports CUDA_VISIBLE_DEVICES to the job); the task's `slurm.*`
   backend parameters (partition, account, qos, constraint, reservation) take the place of the
-  site's options. A preempted job is PREEMPTED, final, unless `requeue` lets Slurm run it again.
+  site's options. A preempted job is PREEMPTED, final, unless `requeue` lets Slurm requeue it
+  (where its partition's PreemptMode is REQUEUE): it is then QUEUED again.
 - `--time`: from the task's `cputime` (× `time_factor`, + the CPU-time grace, in whole minutes,
   see `units.walltime_for_cputime`), else the admin's `default_time`, else the partition's default.
 
@@ -59,6 +60,7 @@ from .parse import (
     parse_scontrol,
     parse_squeue,
     parse_submit,
+    refused_path,
     squeue_argvs,
     squeue_name_argv,
     time_limit_minutes,
@@ -128,8 +130,9 @@ class SlurmScheduler(Scheduler):
                                                  "\"--constraint=haswell\"), on one line, without backslashes"}},
             },
             "requeue": {"type": "boolean", "default": False,
-                        "description": "let Slurm requeue a preempted job (sbatch --requeue): it is then QUEUED again, "
-                                       "not PREEMPTED, which is otherwise final"},
+                        "description": "let Slurm requeue a preempted job (sbatch --requeue): where the job's "
+                                       "partition has PreemptMode REQUEUE it is then QUEUED again, not "
+                                       "PREEMPTED, which is otherwise final"},
             "default_time": {"type": "integer", "minimum": 1, "maximum": 31536000000,
                              "description": "wall-clock limit in seconds of tasks without cputime "
                                             "(default: the partition's)"},
@@ -276,7 +279,7 @@ class SlurmScheduler(Scheduler):
             message = error_message(err, out)
             if unavailable(message):
                 raise SchedulerUnavailable(f"Slurm cannot take the task now: {message}")
-            raise TaskRefused(f"Slurm refused the task: {message}", refusal_path(task, message))
+            raise TaskRefused(f"Slurm refused the task: {message}", refused_path(task, message))
         if err.strip():
             log.warning("task %s: sbatch said: %s", task.id, err.strip())
         try:
@@ -388,10 +391,3 @@ class SlurmScheduler(Scheduler):
         done = await run(argv, self.timeout, service="Slurm")
         return done.status, done.stdout, done.stderr
 
-
-def refusal_path(task: Task, message: str) -> str:
-    """Where in the task Slurm's refusal `message` points: its GPUs when it asks for some and Slurm
-    speaks of GRES or of a node configuration it lacks (the words also used for too much memory:
-    a best guess), else the task as a whole."""
-    gres = task.gpus and any(word in message.lower() for word in ("gres", "node configuration"))
-    return "$.gpus" if gres else "$"

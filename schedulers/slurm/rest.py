@@ -44,8 +44,8 @@ from ..base import (
 )
 from ..commands import CommandTimeout
 from ..task import Task
-from .parse import SlurmJob, no_such_job, unavailable
-from .plugin import SlurmScheduler, refusal_path
+from .parse import SlurmJob, no_such_job, refused_path, unavailable
+from .plugin import SlurmScheduler
 from .rest_parse import NOT_MODIFIED, check_options, error_text, parse_jobs, submission
 from .token import Tokens, own_user
 
@@ -128,11 +128,11 @@ class SlurmRestScheduler(SlurmScheduler):
             async with self._submit_slots:
                 answer = await self._request("POST", "/job/submit", body, user=account or self.user, what="submit",
                                              refusal="Slurm refused the task")
+        except TaskRefused as refused:  # the part of the task refused, as over sbatch
+            raise TaskRefused(str(refused), refused_path(task, str(refused))) from None
         except CommandTimeout:  # slurmctld may have taken the job all the same: it must not run unseen
             self._later(self._cancel_by_name(task.id))
             raise
-        except TaskRefused as exc:
-            raise TaskRefused(str(exc), refusal_path(task, str(exc))) from None
         job_id = answer.get("job_id")
         if not isinstance(job_id, int):
             self._later(self._cancel_by_name(task.id))
