@@ -17,11 +17,18 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 IMAGE = "jobproxy-test/busybox:latest"
 
 
+def _toml(value: object) -> str:
+    """A plugin option's value in TOML: a table inline, anything else as JSON writes it (the same)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+    return json.dumps(value)
+
+
 @pytest.fixture(params=[name for name in backends.NAMES if name != "local"])
 def gateway(request: pytest.FixtureRequest, gateway_factory: Callable[..., Gateway], tmp_path: Path) -> Gateway:
     docker_host = cluster_env("docker")["DOCKER_HOST"]
     kind, options = backends.prepare(request.param)
-    option_lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in options.items())
+    option_lines = "".join(f"{key} = {_toml(value)}\n" for key, value in options.items())
     gateway = gateway_factory(f"""
 [run_as]
 allow_root_jobs = true   # the engine is root's, and DRMAA cannot run jobs as another account
