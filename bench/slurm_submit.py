@@ -7,7 +7,9 @@ In one run:
 
 1. baseline, first half: `sbatch --wrap true` TASKS/2 times, 8 at a time (like 8 parallel shells);
 2. a real gateway process (`python -m gateway.cli serve`, Slurm scheduler, poll_interval POLL)
-   takes TASKS tasks `["/bin/true"]` over HTTP, CONCURRENCY requests at a time;
+   takes TASKS tasks `["/bin/true"]` over HTTP, CONCURRENCY requests at a time; its Slurm plugin
+   submits with sbatch (`--api cli`, the default) or through slurmrestd (`--api rest`, which
+   needs the dev cluster's slurmrestd: `slurm.sh env` gives JOBPROXY_SLURMRESTD_URL);
 3. baseline, second half; the ratio is against the baseline's rate over both halves (a noisy
    machine drifts). With --plugin-alone, the Slurm plugin alone (SlurmScheduler.submit in this
    process, no HTTP, no store) takes TASKS tasks too.
@@ -56,6 +58,14 @@ def cluster_env() -> dict[str, str]:
                              check=True).stdout
     found = dict(re.findall(r"^export (\w+)=(.*)$", printed, re.M))
     return {k: v.strip("'\"") for k, v in found.items()}
+
+
+def restd_url() -> str:
+    """slurmrestd's address, from `etc/dev/slurm.sh env` (JOBPROXY_SLURMRESTD_URL)."""
+    url = os.environ.get("JOBPROXY_SLURMRESTD_URL")
+    if not url:
+        sys.exit("etc/dev/slurm.sh env gives no JOBPROXY_SLURMRESTD_URL: start the dev cluster with slurmrestd")
+    return url
 
 
 def rpc_counts() -> dict[str, int]:
@@ -126,7 +136,7 @@ def wrappers(folder: Path, calls: Path) -> None:
 class GatewayProcess:
     """`python -m gateway.cli serve` on the Slurm scheduler, in a temporary folder."""
 
-    def __init__(self, work: Path, poll: float) -> None:
+    def __init__(self, work: Path, poll: float, api: str = "cli") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.squeue_log = work / "squeue.log"
@@ -134,7 +144,9 @@ class GatewayProcess:
         config = work / "jobproxy.toml"
         config.write_text(f'[gateway]\nstate_dir = {json.dumps(str(work / "state"))}\n'
                           f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
-                          f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n')
+                          f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n'
+                          + (f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(restd_url())}\n'
+                             if api == "rest" else ""))
         self.log = open(work / "gateway.log", "wb")  # noqa: SIM115 - open while the gateway runs, closed in stop()
         self.process = subprocess.Popen([PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
                                          "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
@@ -238,6 +250,8 @@ async def main() -> None:
     parser.add_argument("--poll", type=float, default=2.0, help="the gateway's poll_interval, seconds")
     parser.add_argument("--after", type=float, default=10.0, help="seconds counted after the burst")
     parser.add_argument("--profile", help="record the gateway with py-spy during the burst into this file (raw format)")
+    parser.add_argument("--api", choices=("cli", "rest"), default="cli",
+                        help="how the gateway's Slurm plugin reaches Slurm: sbatch and squeue, or slurmrestd")
     parser.add_argument("--plugin-alone", action="store_true", help="also time SlurmScheduler.submit in this process")
     args = parser.parse_args()
     os.environ.update(cluster_env())
@@ -254,7 +268,7 @@ async def main() -> None:
         half = args.tasks // 2
         before_raw = await raw_sbatch(half, 8, raw_ids)
         alone = await plugin_alone(work, args.tasks, raw_ids) if args.plugin_alone else None
-        gateway = GatewayProcess(work, args.poll)
+        gateway = GatewayProcess(work, args.poll, args.api)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
             await gateway.ready(session)
             quiet = rpc_counts()  # others' job-info requests while the gateway is idle: the background
@@ -274,12 +288,13 @@ async def main() -> None:
             still_active = await tidy(session, gateway.url, ids)
         baseline = args.tasks / (half / before_raw + (args.tasks - half) / after_raw)
         infos = job_info(counts_before, counts_after)
+        via = "over slurmrestd" if args.api == "rest" else "over sbatch"
         allowed = math.ceil(window / args.poll) + 1
         submits = counts_after.get("REQUEST_SUBMIT_BATCH_JOB", 0) - counts_before.get("REQUEST_SUBMIT_BATCH_JOB", 0)
         print(f"baseline: raw sbatch --wrap true, {args.tasks} jobs 8 at a time: {before_raw:.0f}/s before the "
               f"gateway, {after_raw:.0f}/s after, {baseline:.0f}/s over both halves")
-        print(f"gateway: {rate:.0f} tasks/s ({args.tasks} tasks over HTTP, {args.concurrency} at a time) | ratio "
-              f"{rate / baseline:.2f}x of the baseline (target >= 0.9x)")
+        print(f"gateway ({via}): {rate:.0f} tasks/s ({args.tasks} tasks over HTTP, {args.concurrency} at a time) "
+              f"| ratio {rate / baseline:.2f}x of the baseline (target >= 0.9x)")
         if alone is not None:
             print(f"  plugin alone (SlurmScheduler.submit in this process, no HTTP, no store): {alone:.0f}/s, "
                   f"{alone / baseline:.2f}x")
