@@ -20,18 +20,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiohttp import web
 
 from . import auth
 from .keys import CONFIG, POLLERS
-from .model import now, rfc3339
+from .model import rfc3339
 from .responses import ApiError
 from .store import Record
 
@@ -45,12 +48,24 @@ STREAM_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Con
 
 @dataclass(frozen=True)
 class Event:
-    """One state change: its number in this process, whose task it is, and the event's data."""
+    """One state change: its number in this process, whose task it is, what it changed to and
+    when (seconds since the epoch). Its JSON is made when a stream first sends it: a gateway
+    nobody listens to spends nothing on it."""
 
     seq: int
     task_id: str
     user: str
-    data: str
+    code: str
+    description: str
+    exit_code: int | None
+    seen: float
+
+    @functools.cached_property
+    def data(self) -> str:
+        """The event's data: one line of JSON."""
+        return json.dumps({"id": self.task_id, "code": self.code, "description": self.description,
+                           "exit_code": self.exit_code, "user": self.user,
+                           "time": rfc3339(datetime.fromtimestamp(self.seen, UTC))})
 
 
 class EventHub:
@@ -73,9 +88,8 @@ class EventHub:
 
     def publish(self, record: Record) -> None:
         try:
-            data = {"id": record.id, "code": record.state.value, "description": record.description,
-                    "exit_code": record.exit_code, "user": record.task.user, "time": rfc3339(now())}
-            self._history.append(Event(self._seq + 1, record.id, record.task.user, json.dumps(data)))
+            self._history.append(Event(self._seq + 1, record.id, record.task.user, record.state.value,
+                                       record.description, record.exit_code, time.time()))
             self._seq += 1
             for waiting in self._waiting:
                 waiting.set()
