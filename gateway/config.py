@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .staging import reach
 from .validation import SchemaValidator
 
 #: The placeholder for the state folder in path settings (their defaults use it).
@@ -222,9 +223,11 @@ class TesSettings:
 
 @dataclass(frozen=True)
 class HttpStagingSettings:
-    """`[staging.http]`: whether outputs may be sent with PUT."""
+    """`[staging.http]`: whether outputs may be sent with PUT; the hosts beyond the public ones
+    that staging may reach (gateway/staging/reach.py)."""
 
     allow_put: bool
+    allow_hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -531,7 +534,8 @@ def _staging(staging: Mapping[str, Any]) -> StagingSettings:
         schemes=tuple(staging["schemes"]), max_bytes=staging["max_bytes"], timeout=float(staging["timeout"]),
         connect_timeout=float(staging["connect_timeout"]), retries=staging["retries"],
         backoff=float(staging["backoff"]), parallel=staging["parallel"],
-        http=HttpStagingSettings(allow_put=staging["http"]["allow_put"]),
+        http=HttpStagingSettings(allow_put=staging["http"]["allow_put"],
+                                 allow_hosts=tuple(staging["http"]["allow_hosts"])),
         s3=S3Settings(endpoint_url=s3.get("endpoint_url"), region=s3.get("region"),
                       access_key_id=s3.get("access_key_id"), secret_access_key=s3.get("secret_access_key"),
                       profile=s3.get("profile"), addressing_style=s3["addressing_style"], part_bytes=s3["part_bytes"]))
@@ -561,6 +565,11 @@ def _check(config: Config) -> None:
         problems.append("$.gateway: with http = false, [gateway.https] or socket must be configured")
     problems += _check_tes(site.tes, config.containers)
     problems += _check_routes(site.routes, list(config.instances))
+    for index, entry in enumerate(site.staging.http.allow_hosts):
+        try:
+            reach.split([entry])
+        except ValueError as exc:
+            problems.append(f"$.staging.http.allow_hosts[{index}]: {exc}")
     s3 = site.staging.s3
     if (s3.access_key_id is None) != (s3.secret_access_key is None):
         problems.append("$.staging.s3: give both access_key_id and secret_access_key, or neither")

@@ -132,7 +132,9 @@ def need_bwrap() -> None:
 
 def start(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str], staging: str = "",
           secret: str | None = None, s3_extra: str = "", sections: str = "",
-          scheduler: str = 'type = "local"\npoll_interval = 0.2') -> Gateway:
+          scheduler: str = 'type = "local"\npoll_interval = 0.2', http: str = "",
+          allow_hosts: str = '["127.0.0.1"]') -> Gateway:
+    """A gateway staging from the dev S3 server; `allow_hosts`: the test's HTTP server on loopback."""
     need_bwrap()
     config = f"""
 [scheduler]
@@ -144,6 +146,9 @@ images = [{{ match = "*", run = "host" }}]
 retries = 1
 backoff = 0.1
 {staging}
+[staging.http]
+allow_hosts = {allow_hosts}
+{http}
 [staging.s3]
 endpoint_url = "{s3_env['JOBPROXY_S3_ENDPOINT']}"
 region = "us-east-1"
@@ -291,7 +296,7 @@ def test_http_get_and_put(gateway_factory: Callable[..., Gateway], s3_env: dict[
                           web: tuple[str, Path]) -> None:
     url, served = web
     (served / "in.txt").write_text("over http\n")
-    gateway = start(gateway_factory, s3_env, staging="[staging.http]\nallow_put = true")
+    gateway = start(gateway_factory, s3_env, http="allow_put = true")
     task_id = create(gateway, {
         "inputs": [{"url": f"{url}/in.txt", "path": "/data/in/in.txt"}],
         "outputs": [{"url": f"{url}/results/out.txt", "path": "/data/out.txt"},
@@ -455,3 +460,16 @@ host_readable = ["{sys.prefix}", "{wheels}"]
     status, _, listed = gateway.request("GET", f"{TES}/tasks?view=BASIC")
     tasks = json.loads(listed)["tasks"]
     assert status == 200 and [t["state"] for t in tasks] == ["COMPLETE", "COMPLETE"]
+
+
+def test_http_inputs_reach_only_public_hosts_unless_allowed(gateway_factory: Callable[..., Gateway],
+                                                            s3_env: dict[str, str], web: tuple[str, Path]) -> None:
+    url, served = web
+    (served / "in.txt").write_text("private\n")
+    gateway = start(gateway_factory, s3_env, allow_hosts="[]")  # the default: the test server's loopback is out
+    task_id = create(gateway, {"inputs": [{"url": f"{url}/in.txt", "path": "/data/in.txt"}],
+                               "executors": [shell("cat /data/in.txt")]})
+    full = finished(gateway, task_id)
+    assert full["state"] == "SYSTEM_ERROR" and full["logs"][0]["logs"] == [], full
+    assert any(f"fetching {url}/in.txt failed: not fetched or sent: 127.0.0.1 is not a public address, and "
+               "[staging.http] allow_hosts does not name it" in line for line in full["logs"][0]["system_logs"]), full

@@ -14,6 +14,8 @@ and credentials never reach a job: they stay in the gateway's configuration.
   symbolic link, never out of the task's folder), wildcard matching, writes that only appear
   whole.
 - `http`, `s3`: one module per scheme, streaming in chunks: a file is never held in memory whole.
+- `reach`: the hosts http(s) staging may connect to: public addresses, and what
+  `[staging.http] allow_hosts` names (a task's URL must not reach into the gateway's network).
 
 file:// inputs and outputs stay with the job's steps script (`gateway.tes.steps`): they lie on the
 file system the nodes share, and copying them as the job's own account keeps the file system's
