@@ -1,19 +1,25 @@
-"""What the benchmarks share: a server process they start and stop by its pid, and the readings
-they take of it (CPU, memory) and of their own samples."""
+"""What the benchmarks share: a server process they start and stop by its pid, the submit load
+they drive it with, and the readings they take of it (CPU, memory) and of their own samples."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
 import aiohttp
 
 TICKS = os.sysconf("SC_CLK_TCK")
+JSON = {"Content-Type": "application/json"}
+#: The task of a submit load: the smallest job there is.
+TRUE = json.dumps({"user": "bench", "cmd": ["/bin/true"]}).encode()
 
 
 def free_port() -> int:
@@ -31,8 +37,11 @@ def rss_mib(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) process `pid` has used so far."""
-    text = Path(f"/proc/{pid}/stat").read_text()
+    """CPU time (user + system) process `pid` has used so far (0 if it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
     fields = text[text.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
 
@@ -51,11 +60,35 @@ def gone(pid: int) -> bool:
     return text[text.rindex(")") + 2:].split()[0] in ("Z", "X")
 
 
-class Server:
-    """A process serving HTTP at `base`, started on entry and stopped by its pid on exit."""
+async def submit_many(session: aiohttp.ClientSession, urls: Sequence[str], count: int, concurrency: int,
+                      body: bytes = TRUE) -> tuple[float, list[str]]:
+    """POST `body` `count` times, `concurrency` at a time, to `urls` in turn (as a round-robin
+    load balancer would); answers (submits per second, the task ids in the order answered). A
+    submit not answered 200 stops the load with RuntimeError."""
+    left, ids, turn = count, [], itertools.cycle(urls)
 
-    def __init__(self, argv: list[str], cwd: Path, base: str, env: dict[str, str] | None = None) -> None:
-        self.argv, self.cwd, self.base, self.env = argv, cwd, base, env
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.post(next(turn), data=body, headers=JSON) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"submit answered {response.status}: {answer[:200]!r}")
+                ids.append(json.loads(answer)["id"])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(ids) / (time.perf_counter() - start), ids
+
+
+class Server:
+    """A process serving HTTP at `base`, started on entry and stopped by its pid on exit; what it
+    prints goes to `log` (by default a new server-N.log in `cwd`)."""
+
+    def __init__(self, argv: list[str], cwd: Path, base: str, env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
+        self.argv, self.cwd, self.base, self.env, self.log_path = argv, cwd, base, env, log
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -64,7 +97,8 @@ class Server:
         return self.process.pid
 
     def __enter__(self) -> Server:
-        self.log = open(self.cwd / f"server-{len(os.listdir(self.cwd))}.log", "wb")
+        self.log_path = self.log_path or self.cwd / f"server-{len(os.listdir(self.cwd))}.log"
+        self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.argv, cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=self.env, start_new_session=True)
         return self
@@ -74,7 +108,9 @@ class Server:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
-                assert self.process is not None and self.process.poll() is None, f"{self.argv[0]} exited"
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.argv[0]} exited with {self.process.returncode}; see {self.log_path}")
                 try:
                     async with session.get(f"{self.base}/v1/jobproxy/ping") as response:
                         await response.read()

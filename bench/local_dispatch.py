@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,26 +26,11 @@ from pathlib import Path
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Server, cpu_seconds, free_port, submit_many
+
 ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
-JSON = {"Content-Type": "application/json"}
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (0 if it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def children(pid: int) -> list[int]:
@@ -75,26 +56,6 @@ async def baseline(count: int, parallel: int) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(parallel)))
     return count / (time.perf_counter() - start)
-
-
-async def submit_all(session: aiohttp.ClientSession, url: str, count: int, concurrency: int) -> list[str]:
-    """Submit `count` tasks, `concurrency` at a time; answer their ids in submission order."""
-    body = json.dumps({"user": "bench", "cmd": ["/bin/true"]}).encode()
-    ids: list[str] = []
-    left = count
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with session.post(f"{url}/submit", data=body, headers=JSON) as response:
-                answer = await response.json()
-                if response.status != 200:
-                    raise RuntimeError(f"submit answered {response.status}: {answer}")
-                ids.append(answer["id"])
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return ids
 
 
 async def listed(session: aiohttp.ClientSession, url: str, state: str) -> set[str]:
@@ -134,35 +95,21 @@ async def run_gateway(root: Path, args: argparse.Namespace) -> tuple[float, floa
         f'[scheduler.options]\ncores = {args.cores}\ncgroups = "{args.cgroups}"\n'
         '[log]\nlevel = "WARNING"\n')
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(root / "jobproxy.toml"),
                "--port", str(port)]
-    with open(root / "gateway.log", "wb") as log:
-        server = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1/jobproxy"
-    try:
+    with Server(command, root, f"http://127.0.0.1:{port}", env={**os.environ, "PYTHONPATH": str(ROOT)},
+                log=root / "gateway.log") as server:
+        await server.ready(timeout=30)
+        url = f"{server.base}/v1/jobproxy"
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
-            for _ in range(300):
-                if server.poll() is not None:
-                    raise RuntimeError(f"the gateway exited: {(root / 'gateway.log').read_text()[-2000:]}")
-                try:
-                    async with session.get(f"{url}/ping") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
             launchers = children(server.pid)
             cpu_before = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in launchers)
             start = time.perf_counter()
-            ids = await submit_all(session, url, args.tasks, args.concurrency)
+            _, ids = await submit_many(session, [f"{url}/submit"], args.tasks, args.concurrency)
             submitted = time.perf_counter() - start
             await wait_complete(session, url, ids, timeout=600)
             elapsed = time.perf_counter() - start
             cpu_after = cpu_seconds(server.pid), sum(cpu_seconds(p) for p in launchers)
-    finally:
-        if server.poll() is None:
-            os.kill(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
     return args.tasks / elapsed, submitted, cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1]
 
 

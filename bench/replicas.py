@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -32,12 +30,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Server, free_port
+from bench.common import Server, free_port, submit_many
 from gateway.pgstore import conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK = json.dumps({"user": "bench", "cmd": ["/bin/true"], "cores": 1, "memory": 10}).encode()
-JSON = {"Content-Type": "application/json"}
 
 
 def dev_postgresql() -> tuple[str, Path]:
@@ -52,19 +49,8 @@ def dev_postgresql() -> tuple[str, Path]:
 
 async def drive(bases: list[str], count: int, concurrency: int) -> tuple[float, list[str]]:
     """Submits per second over `bases` in turn; the ids answered."""
-    left, ids, turn = count, [], itertools.cycle(bases)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency * 2)) as session:
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                async with session.post(f"{next(turn)}/v1/jobproxy/submit", data=TASK, headers=JSON) as response:
-                    body = await response.read()
-                    assert response.status == 200, (response.status, body[:200])
-                    ids.append(json.loads(body)["id"])
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return len(ids) / (time.perf_counter() - started), ids
+        return await submit_many(session, [f"{base}/v1/jobproxy/submit" for base in bases], count, concurrency, TASK)
 
 
 async def setup(folder: Path, replicas: int, store: str, submits: int, concurrency: int,

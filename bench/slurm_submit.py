@@ -36,16 +36,17 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import Server, cpu_seconds, free_port, submit_many
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -87,12 +88,6 @@ def headroom() -> tuple[int, int]:
     return len(listed.split()), int(found.group(1)) if found else 10000
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid`, from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def raw_sbatch(count: int, parallel: int, ids: list[str]) -> float:
     """`sbatch --wrap true` `count` times, `parallel` at a time; answers jobs per second."""
     slots = asyncio.Semaphore(parallel)
@@ -112,12 +107,6 @@ async def raw_sbatch(count: int, parallel: int, ids: list[str]) -> float:
     return count / (time.perf_counter() - start)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wrappers(folder: Path, calls: Path) -> None:
     """Slurm's commands for the gateway: squeue behind a logging wrapper, the others as they are."""
     folder.mkdir()
@@ -133,68 +122,25 @@ def wrappers(folder: Path, calls: Path) -> None:
             (folder / name).symlink_to(real)
 
 
-class GatewayProcess:
-    """`python -m gateway.cli serve` on the Slurm scheduler, in a temporary folder."""
-
-    def __init__(self, work: Path, poll: float, api: str = "cli") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.squeue_log = work / "squeue.log"
-        wrappers(work / "bin", self.squeue_log)
-        config = work / "jobproxy.toml"
-        config.write_text(f'[gateway]\nstate_dir = {json.dumps(str(work / "state"))}\n'
-                          f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
-                          f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n'
-                          + (f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(restd_url())}\n'
-                             if api == "rest" else ""))
-        self.log = open(work / "gateway.log", "wb")  # noqa: SIM115 - open while the gateway runs, closed in stop()
-        self.process = subprocess.Popen([PYTHON, "-m", "gateway.cli", "serve", "--config", str(config),
-                                         "--port", str(self.port)], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-
-    async def ready(self, session: aiohttp.ClientSession) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                async with session.get(f"{self.url}/v1/jobproxy/ping") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise RuntimeError("the gateway did not answer within 30 s")
-
-    def squeue_calls(self) -> int:
-        return len(self.squeue_log.read_text().splitlines()) if self.squeue_log.exists() else 0
-
-    def stop(self) -> None:
-        """SIGTERM to our gateway's pid, SIGKILL if it does not end within 30 s."""
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=30)
-        self.log.close()
+def gateway(work: Path, poll: float, api: str = "cli") -> Server:
+    """`python -m gateway.cli serve` on the Slurm scheduler, in `work` (its squeue calls logged:
+    `squeue_calls`), over sbatch (`api` cli) or slurmrestd (rest); started when entered."""
+    wrappers(work / "bin", work / "squeue.log")
+    config = work / "jobproxy.toml"
+    config.write_text(f'[gateway]\nstate_dir = {json.dumps(str(work / "state"))}\n'
+                      f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
+                      f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n'
+                      + (f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(restd_url())}\n'
+                         if api == "rest" else ""))
+    port = free_port()
+    return Server([PYTHON, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)], ROOT,
+                  f"http://127.0.0.1:{port}", log=work / "gateway.log")
 
 
-async def burst(session: aiohttp.ClientSession, url: str, count: int, concurrency: int) -> tuple[float, list[str]]:
-    """POST `count` tasks, `concurrency` at a time; answers (tasks per second, task ids)."""
-    slots, ids = asyncio.Semaphore(concurrency), []
-    body = {"user": "bench", "cmd": ["/bin/true"]}
-
-    async def one() -> None:
-        async with slots, session.post(f"{url}/v1/jobproxy/submit", json=body) as response:
-            answer: Any = await response.json()
-            if response.status != 200:
-                raise RuntimeError(f"submit answered {response.status}: {answer}")
-            ids.append(str(answer["id"]))
-
-    start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(count)))
-    return count / (time.perf_counter() - start), ids
+def squeue_calls(work: Path) -> int:
+    """How many times the gateway in `work` has called squeue."""
+    calls = work / "squeue.log"
+    return len(calls.read_text().splitlines()) if calls.exists() else 0
 
 
 async def tidy(session: aiohttp.ClientSession, url: str, ids: list[str]) -> int:
@@ -263,29 +209,29 @@ async def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="jobproxy-bench-slurm-"))
     work.chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their task folders
     raw_ids: list[str] = []
-    gateway: GatewayProcess | None = None
     try:
         half = args.tasks // 2
         before_raw = await raw_sbatch(half, 8, raw_ids)
         alone = await plugin_alone(work, args.tasks, raw_ids) if args.plugin_alone else None
-        gateway = GatewayProcess(work, args.poll, args.api)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
-            await gateway.ready(session)
-            quiet = rpc_counts()  # others' job-info requests while the gateway is idle: the background
-            await asyncio.sleep(args.after)
-            squeue_before, counts_before = gateway.squeue_calls(), rpc_counts()
-            background = sum(job_info(quiet, counts_before).values())
-            spy = profiler(gateway.process.pid, args.profile)
-            start, cpu = time.monotonic(), cpu_seconds(gateway.process.pid)
-            rate, ids = await burst(session, gateway.url, args.tasks, args.concurrency)
-            burst_time, burst_cpu = time.monotonic() - start, cpu_seconds(gateway.process.pid) - cpu
-            await asyncio.sleep(args.after)
-            window = time.monotonic() - start
-            counts_after, squeue_after = rpc_counts(), gateway.squeue_calls()
-            if spy is not None:
-                spy.wait(timeout=60)
-            after_raw = await raw_sbatch(args.tasks - half, 8, raw_ids)
-            still_active = await tidy(session, gateway.url, ids)
+        with gateway(work, args.poll, args.api) as server:
+            await server.ready(timeout=30)
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
+                quiet = rpc_counts()  # others' job-info requests while the gateway is idle: the background
+                await asyncio.sleep(args.after)
+                squeue_before, counts_before = squeue_calls(work), rpc_counts()
+                background = sum(job_info(quiet, counts_before).values())
+                spy = profiler(server.pid, args.profile)
+                start, cpu = time.monotonic(), cpu_seconds(server.pid)
+                rate, ids = await submit_many(session, [f"{server.base}/v1/jobproxy/submit"], args.tasks,
+                                              args.concurrency)
+                burst_time, burst_cpu = time.monotonic() - start, cpu_seconds(server.pid) - cpu
+                await asyncio.sleep(args.after)
+                window = time.monotonic() - start
+                counts_after, squeue_after = rpc_counts(), squeue_calls(work)
+                if spy is not None:
+                    spy.wait(timeout=60)
+                after_raw = await raw_sbatch(args.tasks - half, 8, raw_ids)
+                still_active = await tidy(session, server.base, ids)
         baseline = args.tasks / (half / before_raw + (args.tasks - half) / after_raw)
         infos = job_info(counts_before, counts_after)
         via = "over slurmrestd" if args.api == "rest" else "over sbatch"
@@ -310,8 +256,6 @@ async def main() -> None:
         print(f"clean-up: {still_active} gateway tasks still active were deleted through the API; "
               f"{len(raw_ids)} baseline{' and plugin' if alone is not None else ''} jobs cancelled by id")
     finally:
-        if gateway is not None:
-            gateway.stop()
         if raw_ids:
             for i in range(0, len(raw_ids), 500):
                 subprocess.run(["scancel", *raw_ids[i:i + 500]], capture_output=True)

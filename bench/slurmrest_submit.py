@@ -32,8 +32,8 @@ import aiohttp
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Server, cpu_seconds, free_port
-from bench.slurm_submit import burst, cluster_env, headroom, tidy
+from bench.common import Server, cpu_seconds, free_port, submit_many
+from bench.slurm_submit import cluster_env, headroom, tidy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,8 @@ async def main() -> None:
                 for _ in range(args.rounds):
                     for api, server in servers.items():
                         used = cpu_seconds(server.pid)
-                        rate, done = await burst(session, server.base, args.tasks, args.concurrency)
+                        rate, done = await submit_many(session, [f"{server.base}/v1/jobproxy/submit"], args.tasks,
+                                                       args.concurrency)
                         cpu[api] += cpu_seconds(server.pid) - used
                         seconds[api] += args.tasks / rate
                         rates[api].append(rate)

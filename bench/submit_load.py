@@ -29,7 +29,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Server, cpu_seconds, free_port, percentile, rss_mib
+from bench.common import JSON, Server, cpu_seconds, free_port, percentile, rss_mib, submit_many
 from gateway.model import new_task_id, now, task_from_document
 from gateway.store import Change, Store
 from schedulers.base import TaskState
@@ -50,7 +50,6 @@ TRIVIAL = textwrap.dedent("""
     web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """)
 TASK = json.dumps({"user": "bench", "cmd": ["/bin/true"], "cores": 1, "memory": 10}).encode()
-JSON = {"Content-Type": "application/json"}
 
 
 async def seed(path: Path, count: int) -> None:
@@ -63,25 +62,6 @@ async def seed(path: Path, count: int) -> None:
         done = now()
         await asyncio.wrap_future(store.apply(Change(i, TaskState.COMPLETE, "exit code 0", 0, done, done) for i in ids))
     store.close()
-
-
-async def submits(session: aiohttp.ClientSession, url: str, count: int,
-                  concurrency: int = 32) -> tuple[float, list[str]]:
-    """Submits per second for `count` submits, `concurrency` at a time; the ids answered."""
-    left, ids = count, []
-
-    async def worker() -> None:
-        nonlocal left
-        while left > 0:
-            left -= 1
-            async with session.post(url, data=TASK, headers=JSON) as response:
-                body = await response.read()
-                assert response.status == 200, (response.status, body[:200])
-                ids.append(json.loads(body)["id"])
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return count / (time.perf_counter() - start), ids
 
 
 async def sample(session: aiohttp.ClientSession, urls: dict[str, str], stop: asyncio.Event) -> dict[str, list[float]]:
@@ -105,7 +85,7 @@ async def measure(url: str, count: int, probe_id: str | None) -> tuple[float, li
             probes["state"] = f"{url}/state/{probe_id}"
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample(session, probes, stop))
-        rate, ids = await submits(session, f"{url}/submit", count)
+        rate, ids = await submit_many(session, [f"{url}/submit"], count, 32, TASK)
         stop.set()
         return rate, ids, await sampler
 

@@ -4,7 +4,8 @@ It behaves as the SQLite store (`gateway.store`) does and has the same four migr
 for PostgreSQL: writes go to one writer thread that commits whatever arrived together in one
 transaction; point reads run on the caller's thread, scans on a reader thread. The driver is
 psycopg 3, whose synchronous connections serve those threads and whose asynchronous one listens
-for the other replicas' notifications (`gateway.replicas`).
+for the other replicas' notifications (`gateway.replicas`). The scans and the batching of writes
+are the SQLite store's, written once in `gateway.storecommon`.
 
 What SQLite does not need:
 - every write transaction also NOTIFYs channel `CHANNEL` with `ORIGIN KIND ID...` (KIND: add,
@@ -25,7 +26,6 @@ What SQLite does not need:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
@@ -42,10 +42,11 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 
-from schedulers.base import ACTIVE, Task, TaskState
+from schedulers.base import Task, TaskState
 
-from .model import now, parse_rfc3339, rfc3339
-from .store import Change, IdempotencyKey, Record
+from . import storecommon as common
+from .model import now, rfc3339
+from .store import Change, IdempotencyKey, Record, record
 from .taskstore import KeyTaken, QuotaExceeded, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -102,16 +103,31 @@ MIGRATIONS: tuple[str, ...] = (
       AND spec #>> '{extra,tes,request,tags,user}' = "user";
     """,
 )
-_FINAL = [s.value for s in TaskState if s not in ACTIVE]
 _LOCK = "pg_advisory_lock(hashtextextended(%s, 0))"
 _UNLOCK = "pg_advisory_unlock(hashtextextended(%s, 0))"
 # per-user quota locks: two int4 keys, which never meet the one-bigint locks above (pg_locks objsubid 2, not 1)
 _QUOTA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('jobproxy active_tasks'), hashtext(u)) FROM unnest(%s::text[]) u"
-_ACTIVE_STATES = [s.value for s in ACTIVE]
+_FAILED_CONNECTION = (psycopg.OperationalError, psycopg.InterfaceError)
 
 Db = psycopg.Connection[DictRow]
 _Write = Callable[[Db], Any]
-_STOP = object()
+
+
+def _tag(key: str, value: str | None) -> common.Clause:
+    if value is None:
+        return "jsonb_exists(spec -> 'tags', %s)", [key]
+    return "jsonb_typeof(spec -> 'tags' -> %s) = 'string' AND spec -> 'tags' ->> %s = %s", [key, key, value]
+
+
+#: How PostgreSQL spells the scans of `gateway.storecommon` (`?` is a jsonb operator there).
+POSTGRESQL = common.Dialect(
+    mark="%s",
+    user='"user"',
+    in_states=lambda values: ("state = ANY(%s)", [list(values)]),
+    name_prefix=lambda prefix: ("jsonb_typeof(spec -> 'name') = 'string' AND substr(spec ->> 'name', 1, %s) = %s",
+                                [len(prefix), prefix]),
+    tag=_tag,
+)
 
 
 @dataclass
@@ -134,8 +150,10 @@ def conninfo(url: str, password_file: Path | None = None) -> str:
     return psycopg.conninfo.make_conninfo(url, **params)
 
 
-class PgStore:
+class PgStore(common.Scans[Db]):
     """All reads and writes of task records, in PostgreSQL. One instance per process."""
+
+    dialect = POSTGRESQL
 
     def __init__(self, url: str, *, password_file: Path | None = None, max_batch: int = 1000) -> None:
         self.url = url
@@ -143,7 +161,7 @@ class PgStore:
         self.origin = uuid.uuid4().hex[:12]  # this replica, in its notifications
         self.max_batch = max_batch
         self.commits = 0
-        self.on_commit: Callable[[float], None] = _ignore
+        self.on_commit: Callable[[float], None] = common.ignore
         writer = self._connect()
         self._migrate(writer)
         self._db: Db | None = self._connect()
@@ -164,7 +182,7 @@ class PgStore:
 
     def close(self) -> None:
         """Finish the writes already queued (while the database answers), close every connection."""
-        self._queue.put(_STOP)
+        self._queue.put(common.STOP)
         self._writer.join()
         self._readers.shutdown(wait=True)
         for db in (self._reader_db, self._db):
@@ -205,16 +223,8 @@ class PgStore:
         stopping = False
         waiting: list[_Item] = []  # queued changes kept while the database is away
         while not stopping or waiting:
-            batch = waiting or [self._queue.get()]
-            waiting = []
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if any(item is _STOP for item in batch):
-                stopping = True
-                batch = [item for item in batch if item is not _STOP]
+            batch, stop = common.top_up(self._queue, waiting or [self._queue.get()], self.max_batch)
+            waiting, stopping = [], stopping or stop
             if not batch:
                 continue
             started = time.perf_counter()
@@ -239,27 +249,8 @@ class PgStore:
     def _commit(self, db: Db, batch: list[_Item]) -> None:
         """Run `batch` in one transaction; if a write fails (not the connection), each runs again
         in its own transaction so that the bad one fails alone."""
-        try:
-            results = self._transaction(db, batch)
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            raise
-        except Exception:
-            results = []
-            for item in batch:
-                try:
-                    results.append(self._transaction(db, [item])[0])
-                except (psycopg.OperationalError, psycopg.InterfaceError):
-                    raise
-                except Exception as exc:
-                    log.error("task store: a write failed: %s", exc)
-                    results.append(exc)
-        for item, result in zip(batch, results, strict=True):
-            if item.done.done():  # its waiter gave up; the write stands
-                continue
-            if isinstance(result, Exception):
-                item.done.set_exception(result)
-            else:
-                item.done.set_result(result)
+        results = common.run_group(lambda items: self._transaction(db, items), batch, log, _FAILED_CONNECTION)
+        common.settle(zip([item.done for item in batch], results, strict=True))
 
     def _transaction(self, db: Db, items: list[_Item]) -> list[Any]:
         self._notes = {}
@@ -302,7 +293,7 @@ class PgStore:
         def insert(db: Db) -> int | None:
             if active_limit is not None:  # the transaction holds the user's lock (`_transaction`)
                 held = _one(db.execute('SELECT COUNT(*) AS n FROM tasks WHERE "user" = %s AND state = ANY(%s)',
-                                       (task.user, _ACTIVE_STATES)))["n"]
+                                       (task.user, common.ACTIVE_STATES)))["n"]
                 if held >= active_limit:
                     return None  # refused without failing the batch: the others of it stand
             # one statement: the row, and the submit lock of this replica's session
@@ -354,8 +345,7 @@ class PgStore:
     def apply(self, changes: Iterable[Change]) -> Future[Any]:
         """Write state changes (committed with the next group, kept while the database is away);
         the future answers how many tasks changed."""
-        rows = [(c.state.value, c.description, c.exit_code, rfc3339(c.started), rfc3339(c.finished), c.task_id)
-                for c in changes]
+        rows = common.change_rows(changes)
 
         def write(db: Db) -> int:
             with db.cursor() as cur:
@@ -380,7 +370,7 @@ class PgStore:
         ids deleted. An active task is never deleted, whatever the caller believed."""
         def remove(db: Db) -> list[str]:
             rows = db.execute("DELETE FROM tasks WHERE id = ANY(%s) AND state = ANY(%s) RETURNING id",
-                              (list(task_ids), _FINAL)).fetchall()
+                              (list(task_ids), common.FINAL)).fetchall()
             gone = [r["id"] for r in rows]
             self._notify(db, "delete", gone)
             return gone
@@ -422,59 +412,19 @@ class PgStore:
 
     def get(self, task_id: str) -> Record | None:
         row = self._read(lambda db: db.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone())
-        return _record(row) if row else None
+        return record(row) if row else None
 
     def get_many(self, task_ids: Sequence[str]) -> list[Record]:
         """The records of those of `task_ids` that exist."""
         rows = self._read(lambda db: db.execute("SELECT * FROM tasks WHERE id = ANY(%s)", (list(task_ids),)).fetchall())
-        return [_record(r) for r in rows]
+        return [record(r) for r in rows]
 
-    def page(
-        self,
-        *,
-        user: str | None = None,
-        states: Sequence[TaskState] = (),
-        after: int = 0,
-        limit: int = 1000,
-        newest_first: bool = False,
-        before: int | None = None,
-        name_prefix: str | None = None,
-        tags: Sequence[tuple[str, str | None]] = (),
-        db: Db | None = None,
-    ) -> list[Record]:
-        """Tasks in submission order, after the cursor `after` (a `seq`), at most `limit`; as
-        `Store.page`."""
-        sql = ["SELECT * FROM tasks WHERE seq > %s"]
-        args: list[object] = [after]
-        if before is not None:
-            sql.append("AND seq < %s")
-            args.append(before)
-        if user is not None:
-            sql.append('AND "user" = %s')
-            args.append(user)
-        if states:
-            sql.append("AND state = ANY(%s)")
-            args.append([s.value for s in states])
-        if name_prefix is not None:
-            sql.append("AND jsonb_typeof(spec -> 'name') = 'string' AND substr(spec ->> 'name', 1, %s) = %s")
-            args.extend([len(name_prefix), name_prefix])
-        for key, value in tags:
-            if value is None:
-                sql.append("AND jsonb_exists(spec -> 'tags', %s)")
-                args.append(key)
-            else:
-                sql.append("AND jsonb_typeof(spec -> 'tags' -> %s) = 'string' AND spec -> 'tags' ->> %s = %s")
-                args.extend([key, key, value])
-        sql.append(f"ORDER BY seq {'DESC' if newest_first else ''} LIMIT %s")
-        args.append(limit)
-        query = " ".join(sql).encode()
+    def _scan(self, query: common.Clause, db: Db | None = None) -> list[Record]:
+        """The records `query` selects, on `db` (the reader thread's) or the caller's connection."""
+        sql, args = query[0].encode(), query[1]
         if db is not None:
-            return [_record(r) for r in db.execute(query, args)]
-        return [_record(r) for r in self._read(lambda db: db.execute(query, args).fetchall())]
-
-    async def page_async(self, **query: Any) -> list[Record]:
-        """`page`, run on the reader thread so that a long scan never holds the event loop."""
-        return await self._on_reader(lambda db: self.page(db=db, **query))
+            return [record(r) for r in db.execute(sql, args)]
+        return [record(r) for r in self._read(lambda db: db.execute(sql, args).fetchall())]
 
     async def _on_reader(self, read: Callable[[Db], T]) -> T:
         def run() -> T:
@@ -486,36 +436,9 @@ class PgStore:
                 raise StoreUnavailable(_reason(exc)) from None
         return await asyncio.get_running_loop().run_in_executor(self._readers, run)
 
-    def active(self, scheduler: str | None = None) -> list[Record]:
-        """Every task (of `scheduler`) that has not reached a final state, oldest first."""
-        sql = "SELECT * FROM tasks WHERE state = ANY(%s)"
-        args: list[object] = [[s.value for s in ACTIVE]]
-        if scheduler is not None:
-            sql += " AND scheduler = %s"
-            args.append(scheduler)
-        return [_record(r) for r in self._read(lambda db: db.execute(sql + " ORDER BY seq", args).fetchall())]
-
-    def ended_before(self, moment: datetime, limit: int, offset: int = 0, db: Db | None = None) -> list[Record]:
-        """At most `limit` tasks in a final state that ended before `moment`, oldest first, past
-        the first `offset` of them (as `Store.ended_before`)."""
-        sql = ("SELECT * FROM tasks WHERE COALESCE(finished, created) < %s AND state = ANY(%s)"
-               " ORDER BY COALESCE(finished, created), seq LIMIT %s OFFSET %s")
-        args = (rfc3339(moment), _FINAL, limit, offset)
-        if db is not None:
-            return [_record(r) for r in db.execute(sql, args)]
-        return [_record(r) for r in self._read(lambda db: db.execute(sql, args).fetchall())]
-
-    async def ended_before_async(self, moment: datetime, limit: int, offset: int = 0) -> list[Record]:
-        """`ended_before`, on the reader thread."""
-        return await self._on_reader(lambda db: self.ended_before(moment, limit, offset, db))
-
     def count(self) -> int:
         """How many tasks the store holds (every replica's: counted by the database)."""
         return int(self._read(lambda db: _one(db.execute("SELECT COUNT(*) AS n FROM tasks")))["n"])
-
-
-def _ignore(seconds: float) -> None:
-    """No observer of the store's transactions."""
 
 
 def _one(cur: psycopg.Cursor[DictRow]) -> DictRow:
@@ -528,20 +451,3 @@ def _reason(exc: BaseException) -> str:
     """The first line of a driver error, without the connection string."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _record(row: DictRow) -> Record:
-    spec = row["spec"]
-    return Record(
-        seq=row["seq"],
-        task=Task.from_json(spec if isinstance(spec, dict) else json.loads(spec)),
-        scheduler=row["scheduler"],
-        native_id=row["native_id"],
-        state=TaskState(row["state"]),
-        description=row["description"],
-        exit_code=row["exit_code"],
-        created=parse_rfc3339(row["created"]) or now(),
-        started=parse_rfc3339(row["started"]),
-        finished=parse_rfc3339(row["finished"]),
-    )
-

@@ -24,10 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from schedulers.base import ACTIVE, Task, TaskState
+from schedulers.base import Task, TaskState
 
+from . import storecommon as common
 from .model import now, parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,33 @@ class IdempotencyKey:
 
 
 _Write = Callable[[sqlite3.Connection], Any]
-_STOP = object()
 
 
-class Store:
+def _marks(count: int) -> str:
+    return ",".join("?" * count)
+
+
+def _tag(key: str, value: str | None) -> common.Clause:
+    has = "EXISTS (SELECT 1 FROM json_each(spec, '$.tags') AS e WHERE e.key = ?"
+    if value is None:
+        return has + ")", [key]
+    return has + " AND e.type = 'text' AND e.value = ?)", [key, value]
+
+
+#: How SQLite spells the scans of `gateway.storecommon`.
+SQLITE = common.Dialect(
+    mark="?",
+    user="user",
+    in_states=lambda values: (f"state IN ({_marks(len(values))})", list(values)),
+    name_prefix=lambda prefix: ("substr(json_extract(spec, '$.name'), 1, ?) = ?", [len(prefix), prefix]),
+    tag=_tag,
+)
+
+
+class Store(common.Scans[sqlite3.Connection]):
     """All reads and writes of task records. One instance per process."""
+
+    dialect = SQLITE
 
     def __init__(self, path: str | Path, *, max_batch: int = 1000) -> None:
         self.path = str(path)
@@ -142,7 +165,8 @@ class Store:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.max_batch = max_batch
         self.commits = 0  # transactions the writer committed (each one fsync)
-        self.on_commit: Callable[[float], None] = _ignore  # each group commit's seconds, on the writer thread (metrics)
+        # each group commit's seconds, on the writer thread (metrics)
+        self.on_commit: Callable[[float], None] = common.ignore
         writer = self._connect()
         self._migrate(writer)
         self._db = self._connect()  # reads on the caller's thread
@@ -166,7 +190,7 @@ class Store:
 
     def close(self) -> None:
         """Finish the writes already queued, then close every connection."""
-        self._queue.put(_STOP)
+        self._queue.put(common.STOP)
         self._writer.join()
         self._readers.shutdown(wait=True)
         if self._reader_db is not None:
@@ -200,15 +224,7 @@ class Store:
     def _write_loop(self, db: sqlite3.Connection) -> None:
         stopping = False
         while not stopping:
-            batch = [self._queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if _STOP in batch:
-                stopping = True
-                batch = [item for item in batch if item is not _STOP]
+            batch, stopping = common.top_up(self._queue, [self._queue.get()], self.max_batch)
             if batch:
                 started = time.perf_counter()
                 self._commit(db, batch)
@@ -218,23 +234,8 @@ class Store:
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:
         """Run `batch` in one transaction. If a write fails, the transaction is rolled back and the
         writes run again one transaction each, so that the bad one fails alone."""
-        try:
-            results = self._transaction(db, [write for write, _ in batch])
-        except Exception:
-            results = []
-            for write, _ in batch:
-                try:
-                    results.append(self._transaction(db, [write])[0])
-                except Exception as exc:
-                    log.error("task store: a write failed: %s", exc)
-                    results.append(exc)
-        for (_, done), result in zip(batch, results, strict=True):
-            if done.cancelled():  # its waiter gave up (e.g. at shutdown); the write stands
-                continue
-            if isinstance(result, Exception):
-                done.set_exception(result)
-            else:
-                done.set_result(result)
+        results = common.run_group(lambda writes: self._transaction(db, writes), [write for write, _ in batch], log)
+        common.settle(zip([done for _, done in batch], results, strict=True))
 
     def _transaction(self, db: sqlite3.Connection, writes: list[_Write]) -> list[Any]:
         db.execute("BEGIN IMMEDIATE")
@@ -278,8 +279,7 @@ class Store:
     def apply(self, changes: Iterable[Change]) -> Future[Any]:
         """Write state changes (committed with the next group); the future answers how many
         tasks changed."""
-        rows = [(c.state.value, c.description, c.exit_code, rfc3339(c.started), rfc3339(c.finished), c.task_id)
-                for c in changes]
+        rows = common.change_rows(changes)
         return self._submit(lambda db: db.executemany(
             "UPDATE tasks SET state = ?, description = ?, exit_code = ?,"
             " started = COALESCE(started, ?), finished = COALESCE(finished, ?) WHERE id = ?", rows).rowcount)
@@ -292,8 +292,8 @@ class Store:
     async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
         """Forget those of `task_ids` that are in a final state, in one transaction; answers the
         ids deleted. An active task is never deleted, whatever the caller believed."""
-        final = [s.value for s in TaskState if s not in ACTIVE]
-        marks = ",".join("?" * len(final))
+        final = common.FINAL
+        marks = _marks(len(final))
 
         def remove(db: sqlite3.Connection) -> list[str]:
             gone = []
@@ -325,52 +325,10 @@ class Store:
 
     def get(self, task_id: str) -> Record | None:
         row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return _record(row) if row else None
+        return record(row) if row else None
 
-    def page(
-        self,
-        *,
-        user: str | None = None,
-        states: Sequence[TaskState] = (),
-        after: int = 0,
-        limit: int = 1000,
-        newest_first: bool = False,
-        before: int | None = None,
-        name_prefix: str | None = None,
-        tags: Sequence[tuple[str, str | None]] = (),
-        db: sqlite3.Connection | None = None,
-    ) -> list[Record]:
-        """Tasks in submission order, after the cursor `after` (a `seq`), at most `limit`.
-
-        `newest_first` reverses the order; `before` (a `seq`) is then the cursor. `name_prefix`
-        keeps tasks whose name starts with it (case-sensitive, no wildcards); each `(key, value)`
-        of `tags` keeps tasks with that tag, with that value unless it is None.
-        """
-        sql = ["SELECT * FROM tasks WHERE seq > ?"]
-        args: list[object] = [after]
-        if before is not None:
-            sql.append("AND seq < ?")
-            args.append(before)
-        if user is not None:
-            sql.append("AND user = ?")
-            args.append(user)
-        if states:
-            sql.append(f"AND state IN ({','.join('?' * len(states))})")
-            args.extend(s.value for s in states)
-        if name_prefix is not None:
-            sql.append("AND substr(json_extract(spec, '$.name'), 1, ?) = ?")
-            args.extend([len(name_prefix), name_prefix])
-        for key, value in tags:
-            sql.append("AND EXISTS (SELECT 1 FROM json_each(spec, '$.tags') AS e WHERE e.key = ?"
-                       + (" AND e.type = 'text' AND e.value = ?)" if value is not None else ")"))
-            args.extend([key] + ([value] if value is not None else []))
-        sql.append(f"ORDER BY seq {'DESC' if newest_first else ''} LIMIT ?")
-        args.append(limit)
-        return [_record(r) for r in (db or self._db).execute(" ".join(sql), args)]
-
-    async def page_async(self, **query: Any) -> list[Record]:
-        """`page`, run on the reader thread so that a long scan never holds the event loop."""
-        return await self._on_reader(lambda db: self.page(db=db, **query))
+    def _scan(self, query: common.Clause, db: sqlite3.Connection | None = None) -> list[Record]:
+        return [record(r) for r in (db or self._db).execute(*query)]
 
     async def _on_reader(self, read: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
@@ -378,42 +336,23 @@ class Store:
             return read(self._reader_db)
         return await asyncio.get_running_loop().run_in_executor(self._readers, run)
 
-    def active(self, scheduler: str | None = None) -> list[Record]:
-        """Every task (of `scheduler`) that has not reached a final state, oldest first."""
-        marks = ",".join("?" * len(ACTIVE))
-        sql = f"SELECT * FROM tasks WHERE state IN ({marks})"
-        args: list[object] = [s.value for s in ACTIVE]
-        if scheduler is not None:
-            sql += " AND scheduler = ?"
-            args.append(scheduler)
-        return [_record(r) for r in self._db.execute(sql + " ORDER BY seq", args)]
-
-    def ended_before(self, moment: datetime, limit: int, offset: int = 0,
-                     db: sqlite3.Connection | None = None) -> list[Record]:
-        """At most `limit` tasks in a final state that ended (finished, or were made if they never
-        ran) before `moment`, oldest first, past the first `offset` of them."""
-        final = [s.value for s in TaskState if s not in ACTIVE]
-        sql = (f"SELECT * FROM tasks WHERE COALESCE(finished, created) < ? AND state IN ({','.join('?' * len(final))})"
-               " ORDER BY COALESCE(finished, created), seq LIMIT ? OFFSET ?")
-        return [_record(r) for r in (db or self._db).execute(sql, (rfc3339(moment), *final, limit, offset))]
-
-    async def ended_before_async(self, moment: datetime, limit: int, offset: int = 0) -> list[Record]:
-        """`ended_before`, on the reader thread."""
-        return await self._on_reader(lambda db: self.ended_before(moment, limit, offset, db))
-
     def count(self) -> int:
         """How many tasks the store holds (kept in memory: no scan)."""
         return self._count
 
 
-def _ignore(seconds: float) -> None:
-    """No observer of the store's transactions."""
+class Row(Protocol):
+    """A row of `tasks` as either database's driver answers it: its columns by name."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
 
 
-def _record(row: sqlite3.Row) -> Record:
+def record(row: Row) -> Record:
+    """The record of a row of `tasks` (its `spec` as JSON text, SQLite, or decoded, PostgreSQL)."""
+    spec = row["spec"]
     return Record(
         seq=row["seq"],
-        task=Task.from_json(json.loads(row["spec"])),
+        task=Task.from_json(spec if isinstance(spec, dict) else json.loads(spec)),
         scheduler=row["scheduler"],
         native_id=row["native_id"],
         state=TaskState(row["state"]),

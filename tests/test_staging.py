@@ -405,28 +405,12 @@ def test_refusals(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str
     assert "Streamable inputs are accepted and staged like the others" in json.loads(body)["description"]
 
 
-SNAKEFILE = """
-rule all:
-    input: "results/c.txt"
-
-rule first:
-    input: "data/in.txt"
-    output: "results/a.txt"
-    shell: "cat {input} > {output}; echo first >> {output}"
-
-rule second:
-    input: "results/a.txt"
-    output: "results/c.txt"
-    shell: "cat {input} > {output}; echo second >> {output}"
-"""
-
-
 def test_snakemake_workflow_in_s3(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str], s3: Any,
                                   bucket: str, tmp_path: Path) -> None:
     """Snakemake's TES executor with its S3 storage plugin: the workflow's files live in S3. The
     plugin moves them inside each job (Snakemake does not give storage files to TES as inputs), so
     the jobs reach the S3 server themselves, with the keys Snakemake passes them."""
-    from .test_tes_clients import TEST_DEPS, need, need_deps
+    from .test_tes_clients import TEST_DEPS, chain_snakefile, need, need_deps
     need("bwrap")
     wheels = need_deps(TEST_DEPS / "wheels", "the wheels of Snakemake's storage plugins")
     s3.put_object(Bucket=bucket, Key="wf/data/in.txt", Body=b"input\n")
@@ -444,7 +428,7 @@ host_readable = ["{sys.prefix}", "{wheels}"]
 """, env=offline).start()
     project = tmp_path / "project"
     project.mkdir()
-    (project / "Snakefile").write_text(SNAKEFILE)
+    (project / "Snakefile").write_text(chain_snakefile("first", "second"))
     result = subprocess.run(
         [f"{VENV_BIN}/snakemake", "--executor", "tes", "--tes-url", f"{gateway.url}/ga4gh/tes", "--jobs", "1",
          "--default-storage-provider", "s3", "--default-storage-prefix", f"s3://{bucket}/wf",

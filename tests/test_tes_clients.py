@@ -136,25 +136,18 @@ def test_py_tes(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None
     assert [t.state for t in long.list_tasks().tasks] == ["EXECUTOR_ERROR", "CANCELED", "COMPLETE", "EXECUTOR_ERROR"]
 
 
-SNAKEFILE = """
-rule all:
-    input: "results/c.txt"
-
-rule first:
-    input: "data/in.txt"
-    output: "results/a.txt"
-    shell: "cat {input} > {output}; echo first >> {output}"
-
-rule second:
-    input: "results/a.txt"
-    output: "results/b.txt"
-    shell: "cat {input} > {output}; echo second >> {output}"
-
-rule third:
-    input: "results/b.txt"
-    output: "results/c.txt"
-    shell: "cat {input} > {output}; echo third >> {output}"
-"""
+def chain_snakefile(*rules: str) -> str:
+    """A Snakemake workflow of `rules` in a chain: the first reads data/in.txt, each copies what
+    the one before wrote and appends its own name; the last writes results/c.txt, which rule `all`
+    asks for. The others write results/RULE.txt."""
+    text = 'rule all:\n    input: "results/c.txt"\n'
+    source = "data/in.txt"
+    for number, rule in enumerate(rules, start=1):
+        target = "results/c.txt" if number == len(rules) else f"results/{rule}.txt"
+        text += (f'\nrule {rule}:\n    input: "{source}"\n    output: "{target}"\n'
+                 f'    shell: "cat {{input}} > {{output}}; echo {rule} >> {{output}}"\n')
+        source = target
+    return text
 
 
 def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: Path) -> None:
@@ -172,7 +165,7 @@ def test_snakemake_workflow(gateway_factory: Callable[..., Gateway], tmp_path: P
                     "[run_as]\nallow_root_jobs = true", env=offline)
     project = tmp_path / "project"
     project.mkdir()
-    (project / "Snakefile").write_text(SNAKEFILE)
+    (project / "Snakefile").write_text(chain_snakefile("first", "second", "third"))
     began = time.monotonic()
     result = subprocess.run(
         [f"{VENV_BIN}/snakemake", "--executor", "tes", "--tes-url", f"{gateway.url}/ga4gh/tes", "--jobs", "1",

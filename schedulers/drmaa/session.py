@@ -132,35 +132,38 @@ class DrmaaSession:
     def probe(self, job_ids: Sequence[str]) -> dict[str, tuple[str, Any]]:
         """Per job: (DRMAA state, None) while active; ("ended", JobInfo or None) once done or
         failed; ("gone", None) when the session does not know it; ("error", message)."""
-        self.open()
-        errors, answers = self.lib.errors, {}
-        for job_id in job_ids:
-            with self.lock:
-                info = self.infos.get(job_id)
-            if info is not None:
-                answers[job_id] = ("ended", info)
-                continue
+        errors = self.lib.errors
+
+        def status(job_id: str) -> tuple[str, Any]:
             try:
                 self.counts["jobStatus"] += 1
                 state = self.session.jobStatus(job_id)
-            except errors.InvalidJobException:
-                answers[job_id] = ("gone", None)
-                continue
-            except (errors.DrmCommunicationException, errors.TryLaterException):
+            except (errors.InvalidJobException, errors.DrmCommunicationException, errors.TryLaterException):
                 raise
             except errors.DrmaaException as exc:
-                answers[job_id] = ("error", str(exc))
-                continue
-            answers[job_id] = ("ended", self._reap(job_id)) if state in mapping.ENDED_STATES else (state, None)
-        return answers
+                return ("error", str(exc))
+            return ("ended", self._reap(job_id)) if state in mapping.ENDED_STATES else (state, None)
+
+        return self._each(job_ids, status)
 
     def reap(self, job_ids: Sequence[str]) -> dict[str, tuple[str, Any]]:
         """For jobs the DRM no longer lists, without asking their state: per job ("ended", JobInfo
         or None) if this session has seen it end; ("lagging", None) if the session still has it
         as active (its news of the end is on its way); ("gone", None) if it never knew the job
         (submitted before a restart, or already reaped and forgotten)."""
+        def ended(job_id: str) -> tuple[str, Any]:
+            try:
+                return ("ended", self._wait(job_id))
+            except self.lib.errors.ExitTimeoutException:
+                return ("lagging", None)
+
+        return self._each(job_ids, ended)
+
+    def _each(self, job_ids: Sequence[str], ask: Callable[[str], tuple[str, Any]]) -> dict[str, tuple[str, Any]]:
+        """Per job: ("ended", its JobInfo) if this session keeps it, else what `ask` answers;
+        ("gone", None) when the session does not know the job."""
         self.open()
-        errors, answers = self.lib.errors, {}
+        answers = {}
         for job_id in job_ids:
             with self.lock:
                 info = self.infos.get(job_id)
@@ -168,10 +171,8 @@ class DrmaaSession:
                 answers[job_id] = ("ended", info)
                 continue
             try:
-                answers[job_id] = ("ended", self._wait(job_id))
-            except errors.ExitTimeoutException:
-                answers[job_id] = ("lagging", None)
-            except errors.InvalidJobException:
+                answers[job_id] = ask(job_id)
+            except self.lib.errors.InvalidJobException:
                 answers[job_id] = ("gone", None)
         return answers
 
