@@ -20,10 +20,8 @@ from .config import Config, ConfigError
 from .idempotency import Keys
 from .keys import ACTIVE, CONFIG, KEYS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT, TASK_VALIDATOR
 from .model import now
-from .pgstore import PgStore
 from .poller import Poller
 from .quota import Quotas
-from .replicas import Replication
 from .retention import periodic as purge_finished
 from .routing import Router
 from .staging.stager import Stager
@@ -156,7 +154,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         for name, scheduler in schedulers.items():
             pollers[name] = await start_instance(app, scheduler)
-        if isinstance(store, PgStore):
+        if settings.url is not None:  # PostgreSQL, maybe shared by replicas (psycopg is loaded only then)
+            from .pgstore import PgStore
+            from .replicas import Replication
+            assert isinstance(store, PgStore)
             replication = Replication(store, pollers)
             await replication.start()  # the holder of each instance's lease reconciles it
         else:
