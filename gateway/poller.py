@@ -7,7 +7,9 @@ scheduler that `reports_changes` is asked about its jobs only at start-up, to re
 happened while the gateway was down.
 
 It also finishes what a crash interrupted: a task recorded but never handed to its scheduler is
-found again by its id (`Scheduler.find`) or submitted now, so nothing accepted is lost.
+found again by its id (`Scheduler.find`) or submitted now, so nothing accepted is lost. Such a task
+whose inputs the gateway stages is given to the stager first (`restage`), which fetches them again
+and then submits it (`hand_over`): never before all its inputs are in.
 """
 from __future__ import annotations
 
@@ -45,9 +47,12 @@ class Poller:
         self.listeners: list[Callable[[Record], None]] = []
         # staging (gateway/staging): `held` tasks are not submitted by a round (their inputs are on
         # their way; `hand_over` submits them); `defer_final` may take a task's final change over
-        # (answering True) to apply it later itself, with `apply(..., deferrable=False)`
+        # (answering True) to apply it later itself, with `apply(..., deferrable=False)`; `restage` may
+        # take a task without a job that this poller takes on (at start-up, or adopted from another
+        # replica) to fetch its inputs first (answering True: it is held, then handed over)
         self.held: Callable[[Record], bool] = _never
         self.defer_final: Callable[[Record, Change], bool] = _never
+        self.restage: Callable[[Record], bool] = _never
         # replicas (gateway/replicas.py): only the holder of the scheduler's lease polls; another
         # replica may hand a task it recorded to the holder instead of submitting it (True)
         self.leading = True
@@ -154,20 +159,26 @@ class Poller:
     # ---- rounds ----
 
     async def reconcile(self) -> None:
-        """At start-up, before serving: submit what a crash left unsubmitted, and ask the
-        scheduler once about every active job."""
+        """At start-up, before serving: submit what a crash left unsubmitted (or stage its inputs
+        again first), and ask the scheduler once about every active job."""
         self._unsubmitted = {r.id for r in self.active.of(self.scheduler.name)
-                             if r.native_id is None and not self.held(r)}
+                             if r.native_id is None and not self.held(r) and not self.restage(r)}
         await self._recover_unsubmitted()
         await self._ask()
 
     async def adopt(self, claim: Callable[[list[str]], Awaitable[list[str]]]) -> None:
         """Replicas: recover, from the next round on, the tasks without a job that `claim` gives
-        this replica (handed over, or left by a replica that died before submitting them)."""
-        candidates = [r.id for r in self.active.of(self.scheduler.name) if r.native_id is None
-                      and r.id not in self._submitting and r.id not in self._unsubmitted]
-        if candidates:
-            self._unsubmitted.update(await claim(candidates))
+        this replica (handed over, or left by a replica that died before submitting them, or while
+        it staged their inputs: those are staged again first, `restage`)."""
+        candidates = [r.id for r in self.active.of(self.scheduler.name)
+                      if r.native_id is None and not r.state.terminal and r.id not in self._submitting
+                      and r.id not in self._unsubmitted and not self.held(r)]
+        if not candidates:
+            return
+        for task_id in await claim(candidates):
+            record = self.active.get(task_id)
+            if record is None or not self.restage(record):
+                self._unsubmitted.add(task_id)
 
     async def catch_up(self) -> None:
         """Replicas: a new lease holder's reconcile (what was adopted, and every active job)."""
@@ -215,7 +226,7 @@ class Poller:
     async def _recover_unsubmitted(self) -> None:
         for task_id in sorted(self._unsubmitted):
             record = self.active.get(task_id)
-            if record is None or record.native_id is not None:
+            if record is None or record.native_id is not None or record.state.terminal:
                 self._unsubmitted.discard(task_id)
             elif task_id not in self._submitting and not self.held(record):
                 await self._recover(record)
