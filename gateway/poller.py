@@ -147,7 +147,11 @@ class Poller:
         """Submit a recorded task whose submission was held back (staging): as after a crash, its
         job is looked for first; a scheduler that cannot take it now is asked again each round."""
         self._unsubmitted.add(record.id)
-        await self._recover(record, staged=True)
+        self._submitting.add(record.id)  # no round recovers it meanwhile
+        try:
+            await self._recover(record, staged=True)
+        finally:
+            self._submitting.discard(record.id)
         current = self.active.get(record.id)
         if current is not None and current.native_id is not None and current.state == TaskState.INITIALIZING:
             self.apply([Change(record.id, TaskState.QUEUED, "submitted")])
