@@ -43,8 +43,11 @@ class Poller:
         self.on_round: Callable[[float], None] = _ignore
         self.on_final: Callable[[str, TaskState], None] = _ignore
         # listeners of every applied change, called with the task's record as it now is (the event
-        # stream; other replicas): add with `listeners.append`; a listener must neither block nor raise
+        # stream; other replicas): add with `listeners.append`; a listener must neither block nor raise.
+        # They hear of a new task only once it is accepted: its scheduler took it, or its inputs are
+        # being staged; a task its scheduler refuses (and whose record is deleted) is never heard of
         self.listeners: list[Callable[[Record], None]] = []
+        self._unheard: dict[str, list[Record]] = {}  # new tasks not accepted yet: what they will hear
         # staging (gateway/staging): `held` tasks are not submitted by a round (their inputs are on
         # their way; `hand_over` submits them); `defer_final` may take a task's final change over
         # (answering True) to apply it later itself, with `apply(..., deferrable=False)`; `restage` may
@@ -84,9 +87,8 @@ class Poller:
             changed = self.active.update(c.task_id, state=c.state, description=c.description,
                                          exit_code=c.exit_code, started=record.started or c.started,
                                          finished=record.finished or c.finished)
-            for listener in self.listeners:
-                if changed is not None:
-                    listener(changed)
+            if changed is not None:
+                self._tell(changed)
             if c.state.terminal:
                 final.append(c.task_id)
                 if not record.state.terminal:
@@ -114,6 +116,26 @@ class Poller:
             self.active.discard(record.id)
         else:
             self.active.put(record)
+        if record.native_id is None and record.state == TaskState.QUEUED:  # its submit may yet be refused
+            self._unheard.setdefault(record.id, [record])
+            return
+        self._unheard.pop(record.id, None)  # the record as it is now says all
+        self._tell(record)
+
+    def _tell(self, record: Record) -> None:
+        """The listeners hear of `record`: now, or once the new task is accepted (`submitted`). A
+        state past QUEUED (its job runs, its inputs are being fetched, it ended) means it was:
+        told at once, after what was held back."""
+        held = self._unheard.get(record.id)
+        if held is not None:
+            held.append(record)
+            if record.state == TaskState.QUEUED:
+                return
+            del self._unheard[record.id]
+        for told in held or [record]:
+            self._notify(told)
+
+    def _notify(self, record: Record) -> None:
         for listener in self.listeners:
             listener(record)
 
@@ -127,21 +149,28 @@ class Poller:
 
     @contextlib.asynccontextmanager
     async def submitting(self, record: Record) -> AsyncIterator[None]:
-        """Around a submit call: the task is active (its listeners hear of it, QUEUED), and no round
-        recovers it meanwhile."""
+        """Around a submit call: the task is active, and no round recovers it meanwhile. Its
+        listeners hear of it (QUEUED, and whatever changed during the call) once the scheduler took
+        it (`submitted`), never if it refused it (`withdrawn`)."""
         self._submitting.add(record.id)
         self.active.put(record)
-        for listener in self.listeners:
-            listener(record)
+        self._unheard[record.id] = [record]
         try:
             yield
         finally:
             self._submitting.discard(record.id)
+            self._hear(record.id)  # e.g. an unexpected error: the task stays recorded
 
     def submitted(self, task_id: str, native_id: str) -> None:
         """The scheduler took the task as job `native_id`."""
         self.active.update(task_id, native_id=native_id)
         self.store.set_native_id(task_id, native_id)
+        self._hear(task_id)
+
+    def _hear(self, task_id: str) -> None:
+        """A new task is accepted: its listeners hear what was held back."""
+        for record in self._unheard.pop(task_id, []):
+            self._notify(record)
 
     async def hand_over(self, record: Record) -> None:
         """Submit a recorded task whose submission was held back (staging): as after a crash, its
@@ -157,8 +186,10 @@ class Poller:
             self.apply([Change(record.id, TaskState.QUEUED, "submitted")])
 
     def withdrawn(self, task_id: str) -> None:
-        """The submit failed: the task is no longer active (its record is being deleted)."""
+        """The task's record is being deleted (its submit failed here, or another replica deleted
+        it): no longer active, and what its listeners have not heard yet they never will."""
         self.active.discard(task_id)
+        self._unheard.pop(task_id, None)
 
     # ---- rounds ----
 

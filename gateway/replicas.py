@@ -157,7 +157,7 @@ class Replication:
         if kind == "delete":
             for task_id in task_ids:
                 for poller in self.pollers.values():
-                    poller.active.discard(task_id)
+                    poller.withdrawn(task_id)
             return
         try:
             records = self.store.get_many(task_ids)
