@@ -146,9 +146,10 @@ class Stager:
         if record.native_id is not None or record.state.terminal or not self.needs_inputs(record.task):
             return False
         if record.id not in self._holding:
-            log.info("task %s: fetching its inputs again", record.id, extra={"task_id": record.id,
-                                                                             "user": record.task.user})
-            if record.state != TaskState.INITIALIZING:  # e.g. handed over by a replica before staging
+            again = " again" if record.state == TaskState.INITIALIZING else ""  # else handed over before staging
+            log.info("task %s: fetching its inputs%s", record.id, again,
+                     extra={"task_id": record.id, "user": record.task.user})
+            if not again:
                 self._poller(record).apply([Change(record.id, TaskState.INITIALIZING, "fetching inputs")])
             self._begin(record)
         return True
