@@ -117,3 +117,8 @@ def test_the_next_lease_holder_stages_again_what_a_killed_one_was_staging(
     logs = leader.log.read_text() + survivor.log.read_text()
     for task_id in (a, b):
         assert logs.count(f"task {task_id}: inputs staged, submitted as job") == 1, logs[-3000:]
+        assert f"task {task_id}: fetching its inputs again" in survivor.log.read_text()
+    # the replica that accepted b handed it over at once: the lease holder fetched its inputs first
+    assert any(f"task {b} recorded for " in line and "handed to the replica that runs" in line
+               for line in survivor.log.read_text().splitlines())
+    assert f"task {b}: fetching its inputs" in leader.log.read_text()
