@@ -102,9 +102,10 @@ async def _expire_keys(store: TaskStore, retention: timedelta) -> None:
 
 
 async def start_instance(app: web.Application, scheduler: Scheduler) -> Poller:
-    """Start one scheduler instance with its own poller: the plugin's `start`, and the staging of
-    inputs a restart interrupted; the caller then reconciles what happened to the instance's tasks
-    while the gateway was down (`Poller.reconcile`, or the replicas' lease holder), before serving."""
+    """Start one scheduler instance with its own poller: the plugin's `start`; the caller then
+    reconciles what happened to the instance's tasks while the gateway was down (`Poller.reconcile`,
+    or the replicas' lease holder), before serving; that also stages again the inputs a crash
+    interrupted (`Poller.restage`)."""
     interval = app[CONFIG].instances[scheduler.name].poll_interval
     poller = Poller(app[STORE], scheduler, app[ACTIVE], interval)
     stager = app[STAGER]
@@ -114,7 +115,6 @@ async def start_instance(app: web.Application, scheduler: Scheduler) -> Poller:
         await scheduler.start(poller.report)
     except SchedulerError as exc:
         raise SchedulerStartError(scheduler.name, exc) from None
-    stager.resume(scheduler.name)  # tasks that were waiting for their inputs: before the poller would submit them
     return poller
 
 

@@ -4,7 +4,12 @@ Events (text/event-stream), for both APIs' tasks.
 Each change is one event named `state` whose data is `{id, code, description, exit_code, user,
 time}` (the task's id, its new state and when the gateway saw it), the same visibility as the
 state (users see their own tasks, admins all); `id=` (repeatable) narrows the stream to some tasks.
-A new task's first event is QUEUED, sent when it is accepted; a task deleted leaves no event.
+
+A task's events begin once it is accepted: QUEUED when its scheduler has taken it (INITIALIZING
+for a TES task whose inputs the gateway fetches first), and they end with its final state. A task
+refused at submit (answered 400 or 503, nothing kept: e.g. sbatch refused it after the gateway
+recorded it) sends no event at all, on any replica, so no client waits on an id that never was a
+task. Deleting a task sends no event (an active one is canceled first: CANCELED).
 
 Event ids are `<epoch>-<n>`: `n` counts the changes of this gateway process, `epoch` names the
 process. The last `[streams] event_history` changes stay in memory: a client reconnecting with

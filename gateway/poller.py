@@ -7,7 +7,9 @@ scheduler that `reports_changes` is asked about its jobs only at start-up, to re
 happened while the gateway was down.
 
 It also finishes what a crash interrupted: a task recorded but never handed to its scheduler is
-found again by its id (`Scheduler.find`) or submitted now, so nothing accepted is lost.
+found again by its id (`Scheduler.find`) or submitted now, so nothing accepted is lost. Such a task
+whose inputs the gateway stages is given to the stager first (`restage`), which fetches them again
+and then submits it (`hand_over`): never before all its inputs are in.
 """
 from __future__ import annotations
 
@@ -41,13 +43,19 @@ class Poller:
         self.on_round: Callable[[float], None] = _ignore
         self.on_final: Callable[[str, TaskState], None] = _ignore
         # listeners of every applied change, called with the task's record as it now is (the event
-        # stream; other replicas): add with `listeners.append`; a listener must neither block nor raise
+        # stream; other replicas): add with `listeners.append`; a listener must neither block nor raise.
+        # They hear of a new task only once it is accepted: its scheduler took it, or its inputs are
+        # being staged; a task its scheduler refuses (and whose record is deleted) is never heard of
         self.listeners: list[Callable[[Record], None]] = []
+        self._unheard: dict[str, list[Record]] = {}  # new tasks not accepted yet: what they will hear
         # staging (gateway/staging): `held` tasks are not submitted by a round (their inputs are on
         # their way; `hand_over` submits them); `defer_final` may take a task's final change over
-        # (answering True) to apply it later itself, with `apply(..., deferrable=False)`
+        # (answering True) to apply it later itself, with `apply(..., deferrable=False)`; `restage` may
+        # take a task without a job that this poller takes on (at start-up, or adopted from another
+        # replica) to fetch its inputs first (answering True: it is held, then handed over)
         self.held: Callable[[Record], bool] = _never
         self.defer_final: Callable[[Record, Change], bool] = _never
+        self.restage: Callable[[Record], bool] = _never
         # replicas (gateway/replicas.py): only the holder of the scheduler's lease polls; another
         # replica may hand a task it recorded to the holder instead of submitting it (True)
         self.leading = True
@@ -79,9 +87,8 @@ class Poller:
             changed = self.active.update(c.task_id, state=c.state, description=c.description,
                                          exit_code=c.exit_code, started=record.started or c.started,
                                          finished=record.finished or c.finished)
-            for listener in self.listeners:
-                if changed is not None:
-                    listener(changed)
+            if changed is not None:
+                self._tell(changed)
             if c.state.terminal:
                 final.append(c.task_id)
                 if not record.state.terminal:
@@ -109,6 +116,26 @@ class Poller:
             self.active.discard(record.id)
         else:
             self.active.put(record)
+        if record.native_id is None and record.state == TaskState.QUEUED:  # its submit may yet be refused
+            self._unheard.setdefault(record.id, [record])
+            return
+        self._unheard.pop(record.id, None)  # the record as it is now says all
+        self._tell(record)
+
+    def _tell(self, record: Record) -> None:
+        """The listeners hear of `record`: now, or once the new task is accepted (`submitted`). A
+        state past QUEUED (its job runs, its inputs are being fetched, it ended) means it was:
+        told at once, after what was held back."""
+        held = self._unheard.get(record.id)
+        if held is not None:
+            held.append(record)
+            if record.state == TaskState.QUEUED:
+                return
+            del self._unheard[record.id]
+        for told in held or [record]:
+            self._notify(told)
+
+    def _notify(self, record: Record) -> None:
         for listener in self.listeners:
             listener(record)
 
@@ -122,52 +149,71 @@ class Poller:
 
     @contextlib.asynccontextmanager
     async def submitting(self, record: Record) -> AsyncIterator[None]:
-        """Around a submit call: the task is active (its listeners hear of it, QUEUED), and no round
-        recovers it meanwhile."""
+        """Around a submit call: the task is active, and no round recovers it meanwhile. Its
+        listeners hear of it (QUEUED, and whatever changed during the call) once the scheduler took
+        it (`submitted`), never if it refused it (`withdrawn`)."""
         self._submitting.add(record.id)
         self.active.put(record)
-        for listener in self.listeners:
-            listener(record)
+        self._unheard[record.id] = [record]
         try:
             yield
         finally:
             self._submitting.discard(record.id)
+            self._hear(record.id)  # e.g. an unexpected error: the task stays recorded
 
     def submitted(self, task_id: str, native_id: str) -> None:
         """The scheduler took the task as job `native_id`."""
         self.active.update(task_id, native_id=native_id)
         self.store.set_native_id(task_id, native_id)
+        self._hear(task_id)
+
+    def _hear(self, task_id: str) -> None:
+        """A new task is accepted: its listeners hear what was held back."""
+        for record in self._unheard.pop(task_id, []):
+            self._notify(record)
 
     async def hand_over(self, record: Record) -> None:
         """Submit a recorded task whose submission was held back (staging): as after a crash, its
         job is looked for first; a scheduler that cannot take it now is asked again each round."""
         self._unsubmitted.add(record.id)
-        await self._recover(record, staged=True)
+        self._submitting.add(record.id)  # no round recovers it meanwhile
+        try:
+            await self._recover(record, staged=True)
+        finally:
+            self._submitting.discard(record.id)
         current = self.active.get(record.id)
         if current is not None and current.native_id is not None and current.state == TaskState.INITIALIZING:
             self.apply([Change(record.id, TaskState.QUEUED, "submitted")])
 
     def withdrawn(self, task_id: str) -> None:
-        """The submit failed: the task is no longer active (its record is being deleted)."""
+        """The task's record is being deleted (its submit failed here, or another replica deleted
+        it): no longer active, and what its listeners have not heard yet they never will."""
         self.active.discard(task_id)
+        self._unheard.pop(task_id, None)
 
     # ---- rounds ----
 
     async def reconcile(self) -> None:
-        """At start-up, before serving: submit what a crash left unsubmitted, and ask the
-        scheduler once about every active job."""
+        """At start-up, before serving: submit what a crash left unsubmitted (or stage its inputs
+        again first), and ask the scheduler once about every active job."""
         self._unsubmitted = {r.id for r in self.active.of(self.scheduler.name)
-                             if r.native_id is None and not self.held(r)}
+                             if r.native_id is None and not self.held(r) and not self.restage(r)}
         await self._recover_unsubmitted()
         await self._ask()
 
     async def adopt(self, claim: Callable[[list[str]], Awaitable[list[str]]]) -> None:
         """Replicas: recover, from the next round on, the tasks without a job that `claim` gives
-        this replica (handed over, or left by a replica that died before submitting them)."""
-        candidates = [r.id for r in self.active.of(self.scheduler.name) if r.native_id is None
-                      and r.id not in self._submitting and r.id not in self._unsubmitted]
-        if candidates:
-            self._unsubmitted.update(await claim(candidates))
+        this replica (handed over, or left by a replica that died before submitting them, or while
+        it staged their inputs: those are staged again first, `restage`)."""
+        candidates = [r.id for r in self.active.of(self.scheduler.name)
+                      if r.native_id is None and not r.state.terminal and r.id not in self._submitting
+                      and r.id not in self._unsubmitted and not self.held(r)]
+        if not candidates:
+            return
+        for task_id in await claim(candidates):
+            record = self.active.get(task_id)
+            if record is None or not self.restage(record):
+                self._unsubmitted.add(task_id)
 
     async def catch_up(self) -> None:
         """Replicas: a new lease holder's reconcile (what was adopted, and every active job)."""
@@ -215,7 +261,7 @@ class Poller:
     async def _recover_unsubmitted(self) -> None:
         for task_id in sorted(self._unsubmitted):
             record = self.active.get(task_id)
-            if record is None or record.native_id is not None:
+            if record is None or record.native_id is not None or record.state.terminal:
                 self._unsubmitted.discard(task_id)
             elif task_id not in self._submitting and not self.held(record):
                 await self._recover(record)

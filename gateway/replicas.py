@@ -17,6 +17,12 @@ Any replica answers any request; what differs is who talks to a scheduler on its
   adopts tasks without a job whose submit lock is free (`PgStore.claim`): handed over, or left
   by a replica that died between its store write and its submit; its recovery finds a job by the
   task's id (`Scheduler.find`) before submitting, so no job is submitted twice.
+- **Staging.** The replica that records a TES task with inputs to fetch (gateway/staging) holds its
+  submit lock while it fetches them, then submits it (or hands it over as above). A task whose
+  replica died while fetching is adopted like any task without a job, and its adopter fetches the
+  inputs again before it submits it (`Poller.restage`); no replica fetches again at its own start.
+  Outputs being sent when the lease holder died are sent again by the next holder, whose first
+  status query sees the ended job (`Poller.defer_final`).
 """
 from __future__ import annotations
 
@@ -151,7 +157,7 @@ class Replication:
         if kind == "delete":
             for task_id in task_ids:
                 for poller in self.pollers.values():
-                    poller.active.discard(task_id)
+                    poller.withdrawn(task_id)
             return
         try:
             records = self.store.get_many(task_ids)

@@ -106,15 +106,15 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         # no folder kept
         shutil.rmtree(task.workdir, ignore_errors=True)
         raise
+    if poller.to_leader(record):  # replicas: the holder of the scheduler's lease stages and submits it
+        log.info("task %s recorded for %s, handed to the replica that runs %s jobs", task.id, task.user,
+                 scheduler.name, extra={"task_id": task.id, "user": task.user})
+        return
     stager = app.get(STAGER)
     if stager is not None and stager.needs_inputs(task):  # submitted once its inputs are in (gateway/staging)
         stager.begin(record)
         log.info("task %s accepted for %s: fetching its inputs", task.id, task.user,
                  extra={"task_id": task.id, "user": task.user})
-        return
-    if poller.to_leader(record):  # replicas: the holder of the scheduler's lease submits it
-        log.info("task %s recorded for %s, handed to the replica that runs %s jobs", task.id, task.user,
-                 scheduler.name, extra={"task_id": task.id, "user": task.user})
         return
     async with poller.submitting(record):
         try:

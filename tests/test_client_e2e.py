@@ -387,6 +387,23 @@ def test_logs_and_events_on_slurm(slurm_gateway: Gateway) -> None:
     assert Client(slurm_gateway.url).wait([task_id])[task_id]["scheduler"] == "slurm"
 
 
+@pytest.mark.slurm
+def test_a_task_slurm_refuses_at_submit_sends_no_event(slurm_gateway: Gateway) -> None:
+    """sbatch refuses the task after the gateway recorded it (400, nothing kept): the stream says
+    nothing of it, not even QUEUED, so no client waits on an id that never was a task."""
+    from .test_e2e_slurm import node
+    collector = Collector(slurm_gateway)
+    too_many = {"user": "alice", "cmd": "true", "cores": int(node()["CPUTot"]) + 1}
+    status, _, body = slurm_gateway.request("POST", "/v1/jobproxy/submit", json.dumps(too_many).encode(),
+                                            {"Content-Type": "application/json"})
+    assert status == 400 and json.loads(body)["error"].startswith("Slurm refused the task: "), body
+    accepted = slurm_gateway.submit({"user": "alice", "cmd": "true"})
+    collector.wait_for(accepted, "QUEUED", timeout=60)  # events come in order: the refused one's would be first
+    collector.stop.set()
+    assert {json.loads(e.data)["id"] for e in collector.events if e.event == "state"} == {accepted}
+    assert [s["id"] for s in json.loads(slurm_gateway.request("GET", "/v1/jobproxy/state")[2])["state"]] == [accepted]
+
+
 def test_the_unix_socket_and_a_progress_bar_on_a_terminal(gateway_factory: Callable[..., Gateway],
                                                           tmp_path: Path) -> None:
     socket_path = tmp_path / "run" / "jobproxy.sock"

@@ -18,6 +18,7 @@ import pytest
 
 from . import backend_slurm
 from .conftest import Gateway, final
+from .test_client_e2e import Collector
 
 pytestmark = pytest.mark.e2e
 
@@ -179,3 +180,23 @@ def test_slurm(replicas: list[Gateway], tmp_path: Path) -> None:
     ours = [line.split("|")[0] for line in listed if line.split("|")[-1].startswith(str(state_dir / "tasks"))]
     assert sorted(ours) == sorted(ids), "a task has no Slurm job, or more than one"
     print("slurm replicas:", figures, "tasks:", len(ids), "jobs:", len(ours))
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("replicas", ["slurm"], indirect=True)
+def test_a_task_slurm_refuses_sends_no_event_on_any_replica(replicas: list[Gateway]) -> None:
+    """The other replicas hear of the refused task's record before its submit fails (and of its
+    deletion after): no replica's stream says anything of it; an accepted task's tells each change once."""
+    from .test_e2e_slurm import node
+    collectors = [Collector(g) for g in replicas]
+    too_many = {"user": "u0", "cmd": ["true"], "cores": int(node()["CPUTot"]) + 1}
+    for gateway in replicas:
+        status, _, body = gateway.request("POST", "/v1/jobproxy/submit", json.dumps(too_many).encode(),
+                                          {"Content-Type": "application/json"})
+        assert status == 400 and json.loads(body)["error"].startswith("Slurm refused the task: "), body
+    accepted = replicas[1].submit({"user": "u0", "cmd": ["true"]})
+    for collector in collectors:
+        seen = [(e["code"], e["description"]) for e in collector.wait_for(accepted, "COMPLETE", timeout=120)]
+        collector.stop.set()
+        assert seen[0][0] == "QUEUED" and all(a != b for a, b in itertools.pairwise(seen)), seen  # each change once
+        assert {json.loads(e.data)["id"] for e in collector.events if e.event == "state"} == {accepted}

@@ -5,6 +5,7 @@ Inputs are in the task's folder before its job starts, outputs are in S3 or on t
 when the task is COMPLETE; a staging failure is SYSTEM_ERROR with the URL in `system_logs`."""
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -60,19 +61,47 @@ def bucket(s3: Any) -> Iterator[str]:
     s3.delete_bucket(Bucket=name)
 
 
+class Gate:
+    """One request to /stall/...: `reached` once it has moved half of its body, then it waits
+    until `opened`."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+
 class Web:
     """What the test HTTP server shares with a test: GET /flaky/X answers 503 the first time, then
-    X; GET /slow/X waits for `release`, then answers X."""
+    X; GET /slow/X waits for `release`, then answers X; GET /stall/X sends the headers and half of
+    X, PUT /stall/X reads half of its body, then each waits for its gate (`gate`)."""
 
     def __init__(self, url: str, served: Path) -> None:
         self.url, self.served = url, served
         self.release = threading.Event()
         self.hits: dict[str, int] = {}
+        self._gates: dict[tuple[str, int], Gate] = {}
+        self._lock = threading.Lock()
+
+    def gate(self, path: str, n: int) -> Gate:
+        """The gate of the `n`-th request (from 1) to `path` (e.g. "/stall/in.txt")."""
+        with self._lock:
+            return self._gates.setdefault((path, n), Gate())
+
+    def open_all(self) -> None:
+        with self._lock:
+            for gate in self._gates.values():
+                gate.opened.set()
+
+    def hit(self, path: str) -> int:
+        with self._lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return self.hits[path]
 
 
 @pytest.fixture
 def web_server(tmp_path: Path) -> Iterator[Web]:
-    """A real HTTP server on loopback: GET serves a folder, PUT stores the body there (streamed)."""
+    """A real HTTP server on loopback: GET serves a folder, PUT stores the body there (streamed,
+    in place once whole)."""
     served = tmp_path / "served"
     served.mkdir()
     shared = Web("", served)
@@ -82,9 +111,12 @@ def web_server(tmp_path: Path) -> Iterator[Web]:
             super().__init__(*args, directory=str(served), **kwargs)
 
         def do_GET(self) -> None:
-            shared.hits[self.path] = shared.hits.get(self.path, 0) + 1
+            n = shared.hit(self.path)
             kind, _, rest = self.path.lstrip("/").partition("/")
-            if kind == "flaky" and shared.hits[self.path] == 1:
+            if kind == "stall":
+                self._stalled_get(shared.gate(self.path, n), (served / rest).read_bytes())
+                return
+            if kind == "flaky" and n == 1:
                 self.send_error(503)
                 return
             if kind == "slow":
@@ -93,15 +125,43 @@ def web_server(tmp_path: Path) -> Iterator[Web]:
                 self.path = "/" + rest
             super().do_GET()
 
+        def _stalled_get(self, gate: Gate, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            gate.reached.set()
+            gate.opened.wait(120)
+            with contextlib.suppress(OSError):  # the client may be gone (killed)
+                self.wfile.write(body[len(body) // 2:])
+
         def do_PUT(self) -> None:
-            target = served / self.path.lstrip("/")
+            n = shared.hit(self.path)
+            kind, _, rest = self.path.lstrip("/").partition("/")
+            stall = shared.gate(self.path, n) if kind == "stall" else None
+            target = served / (rest if stall is not None else self.path.lstrip("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
-            left = int(self.headers["Content-Length"])
-            with open(target, "wb") as out:
+            size = left = int(self.headers["Content-Length"])
+            partial = target.with_name(f".{target.name}.{n}")  # renamed into place once whole
+            with open(partial, "wb") as out:
                 while left:
-                    chunk = self.rfile.read(min(left, 1 << 20))
+                    want = min(left, 1 << 20)
+                    if stall is not None and not stall.reached.is_set():
+                        if size - left >= size // 2:
+                            stall.reached.set()
+                            stall.opened.wait(120)
+                        else:
+                            want = min(want, size // 2 - (size - left))
+                    try:
+                        chunk = self.rfile.read(want)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:  # the client went away: nothing is stored
+                        return
                     out.write(chunk)
                     left -= len(chunk)
+            partial.replace(target)
             self.send_response(201)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -114,6 +174,7 @@ def web_server(tmp_path: Path) -> Iterator[Web]:
     shared.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield shared
     shared.release.set()
+    shared.open_all()
     server.shutdown()
 
 

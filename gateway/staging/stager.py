@@ -5,11 +5,14 @@ with it in `Task.extra["tes"]["staging"]`: `{"inputs": [...], "outputs": [...]}`
 
 - Inputs: a task with staged inputs is recorded, then INITIALIZING; the poller holds it back
   (`Poller.held`) until its inputs are in the task's folder, then it is handed to the scheduler
-  (`Poller.hand_over`). A restart fetches the inputs of a task that was still INITIALIZING again.
+  (`Poller.hand_over`). A task still without a job that a poller takes on (after a restart, or
+  adopted by the lease holder from a replica that died, see `gateway.replicas`) gets its inputs
+  fetched again before it is submitted (`Poller.restage`): only the one replica that claimed it does.
 - Outputs: when the job of a task with staged outputs ends (COMPLETE or EXECUTOR_ERROR), the
   poller lets the stager take that final change (`Poller.defer_final`): the task stays RUNNING
-  ("sending outputs"), the outputs are sent, then the final change is applied. After a restart,
-  the scheduler's answer about the ended job starts the sending again.
+  ("sending outputs"), the outputs are sent, then the final change is applied. After a restart
+  (or on the replica that takes the lease over), the scheduler's answer about the ended job starts
+  the sending again.
 - A transfer that fails is SYSTEM_ERROR, with the URL and the reason in `system_logs` (written to
   the task's `tes/staging.log`, the gateway's own file beside the steps script's `tes/system.log`).
   After an EXECUTOR_ERROR, outputs are sent as far as they exist (as the steps script does for
@@ -116,6 +119,7 @@ class Stager:
         """Hook into a scheduler instance's poller, before its scheduler starts."""
         poller.held = self.holds
         poller.defer_final = self.defer_final
+        poller.restage = self.restage
         poller.listeners.append(self._seen)
 
     def _poller(self, record: Record) -> Poller:
@@ -135,6 +139,21 @@ class Stager:
             self._start(record.id, self._stage_out(record, change))
         return True
 
+    def restage(self, record: Record) -> bool:
+        """A task without a job that the poller takes on (its own after a restart, or one adopted
+        from another replica): one with inputs to stage is submitted only after they are fetched
+        again (what an interrupted fetch left is never trusted)."""
+        if record.native_id is not None or record.state.terminal or not self.needs_inputs(record.task):
+            return False
+        if record.id not in self._holding:
+            again = " again" if record.state == TaskState.INITIALIZING else ""  # else handed over before staging
+            log.info("task %s: fetching its inputs%s", record.id, again,
+                     extra={"task_id": record.id, "user": record.task.user})
+            if not again:
+                self._poller(record).apply([Change(record.id, TaskState.INITIALIZING, "fetching inputs")])
+            self._begin(record)
+        return True
+
     def _seen(self, record: Record) -> None:
         """A task that ended otherwise (canceled) stops its staging."""
         job = self._jobs.get(record.id)
@@ -142,14 +161,6 @@ class Stager:
             job.cancel()
 
     # ---- start-up and shutdown ----
-
-    def resume(self, scheduler: str) -> None:
-        """After a restart: fetch again the inputs of the instance's tasks that were still waiting
-        for them. Call before its poller's `reconcile`, which would otherwise submit them."""
-        for record in self.app[ACTIVE].of(scheduler):
-            if record.native_id is None and plan_of(record.task).get("inputs") and not record.state.terminal:
-                log.info("task %s: fetching its inputs again after a restart", record.id)
-                self._begin(record)
 
     async def close(self) -> None:
         for job in list(self._jobs.values()):
