@@ -29,6 +29,7 @@ retries = 1
 backoff = 0.1
 [staging.http]
 allow_put = true
+allow_hosts = ["127.0.0.1"]  # the test's HTTP server
 """
 
 
