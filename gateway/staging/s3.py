@@ -5,7 +5,9 @@ codes) on aiohttp, which the gateway already runs on: transfers stream in the ev
 threads. Downloads stream the object's body in chunks; uploads of files larger than one part are
 multipart uploads of `part_bytes` parts, aborted when anything fails, so no partial object ever
 appears, and at most one part is in memory at a time. botocore's own retries are off: the runner
-retries, with the site's backoff. A DIRECTORY input is every object under `key/`.
+retries, with the site's backoff. A DIRECTORY input is every object under `key/`. aiobotocore and
+botocore are imported when the first S3 transfer starts (or fails): a gateway that never stages
+from S3 does not load them.
 """
 from __future__ import annotations
 
@@ -14,10 +16,6 @@ import contextlib
 import re
 from pathlib import Path
 from typing import Any
-
-from aiobotocore.config import AioConfig
-from aiobotocore.session import AioSession
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from ..config import StagingSettings
 from . import local
@@ -55,6 +53,9 @@ class S3:
     async def _get(self) -> Any:
         async with self._lock:
             if self._client is None:
+                from aiobotocore.config import AioConfig
+                from aiobotocore.session import AioSession
+
                 s3 = self.settings.s3
                 config = AioConfig(s3={"addressing_style": s3.addressing_style},
                                    retries={"total_max_attempts": 1, "mode": "standard"},
@@ -79,7 +80,7 @@ class S3:
                     relative = item["Key"][len(prefix):]
                     if relative and not relative.endswith("/"):  # "folder" markers have no content
                         found.append((relative, f"s3://{bucket}/{item['Key']}"))
-        except (ClientError, BotoCoreError) as exc:
+        except _errors() as exc:
             raise _failure(exc) from None
         return sorted(found)
 
@@ -100,7 +101,7 @@ class S3:
             if size != expected:
                 raise StagingError(f"the server sent {size} of {expected} bytes", passing=True)
             return size
-        except (ClientError, BotoCoreError) as exc:
+        except _errors() as exc:
             raise _failure(exc) from None
 
     async def send(self, source: Path, size: int, url: str) -> None:
@@ -127,7 +128,7 @@ class S3:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload))
                     raise
-        except (ClientError, BotoCoreError) as exc:
+        except _errors() as exc:
             raise _failure(exc) from None
 
     async def close(self) -> None:
@@ -135,7 +136,16 @@ class S3:
         self._client = None
 
 
+def _errors() -> tuple[type[Exception], ...]:
+    """What botocore raises (an `except` clause evaluates this only when something was raised)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return ClientError, BotoCoreError
+
+
 def _failure(exc: Exception) -> StagingError:
+    from botocore.exceptions import ClientError, NoCredentialsError
+
     if isinstance(exc, NoCredentialsError):
         return StagingError("no S3 credentials: set [staging.s3] access_key_id and secret_access_key, "
                             "or the standard AWS environment")
