@@ -106,7 +106,9 @@ class Poller:
 
     def observed(self, record: Record) -> None:
         """A change another replica made (already in the store): into the active set and to the
-        listeners, never written again. A record older than what the set holds is ignored."""
+        listeners, never written again. A record older than what the set holds is ignored; one
+        that says what the set holds already (a new lease holder reading every active task again)
+        is not told twice."""
         current = self.active.get(record.id)
         if current is not None and _rank(record.state) < _rank(current.state):
             return
@@ -116,6 +118,9 @@ class Poller:
             self.active.discard(record.id)
         else:
             self.active.put(record)
+        if current is not None and (current.state, current.description, current.exit_code) == \
+                (record.state, record.description, record.exit_code):
+            return
         if record.native_id is None and record.state == TaskState.QUEUED:  # its submit may yet be refused
             self._unheard.setdefault(record.id, [record])
             return
