@@ -241,6 +241,11 @@ class SlurmScheduler(Scheduler):
         listed: dict[str, SlurmJob] = {}
         for argv in squeue_argvs(self._path("squeue"), dict.fromkeys(job.native_id for job in jobs)):
             listed.update(await self._squeue(argv))
+        return await self._answers(jobs, listed)
+
+    async def _answers(self, jobs: Sequence[JobRef], listed: Mapping[str, SlurmJob]) -> dict[str, JobStatus]:
+        """Each job's status: from `listed` (Slurm's listing, by job id) where it is there under
+        its task's name, else as a job Slurm no longer lists."""
         answers: dict[str, JobStatus] = {}
         for job in jobs:
             found = listed.get(job.native_id)

@@ -155,14 +155,7 @@ class SlurmRestScheduler(SlurmScheduler):
             self._listed_at = now
             if full:
                 self._full_at = now
-        answers: dict[str, JobStatus] = {}
-        for job in jobs:
-            found = self._table.get(job.native_id)
-            if found is not None and found.name == job.task_id:
-                answers[job.task_id] = self._status(job, found)
-            else:
-                answers[job.task_id] = await self._unlisted(job)
-        return answers
+        return await self._answers(jobs, self._table)
 
     async def cancel(self, job: JobRef) -> None:
         found = await self._scontrol(job.native_id)
