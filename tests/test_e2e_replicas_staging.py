@@ -17,7 +17,8 @@ import pytest
 
 from .conftest import Gateway, final
 from .test_e2e_replicas import LEASE, _config, _leaders
-from .test_staging import Web, create, finished, need_bwrap, shell, web_server  # noqa: F401  (its fixture)
+from .test_staging import Web, create, finished, shell, web_server  # noqa: F401  (its fixture)
+from .test_tes import need_bwrap
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,8 @@ import pytest
 
 from gateway.staging import local
 
-from .conftest import IN_CI, Gateway, cluster_env, writable_by_jobs
+from .conftest import Gateway, cluster_env, writable_by_jobs
+from .test_tes import need_bwrap
 
 pytestmark = pytest.mark.e2e
 TES = "/ga4gh/tes/v1"
@@ -181,14 +182,6 @@ def web_server(tmp_path: Path) -> Iterator[Web]:
 @pytest.fixture
 def web(web_server: Web) -> tuple[str, Path]:
     return web_server.url, web_server.served
-
-
-def need_bwrap() -> None:
-    if shutil.which("bwrap") is None:
-        reason = "TES executors on the host need bubblewrap (bwrap); tests/run.sh installs it"
-        if IN_CI:
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 def start(gateway_factory: Callable[..., Gateway], s3_env: dict[str, str], staging: str = "",
