@@ -79,6 +79,19 @@ def job_info(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {name: after.get(name, 0) - before.get(name, 0) for name in JOB_INFO}
 
 
+def api_options(api: str) -> str:
+    """The lines of `[scheduler.options]` that make the Slurm plugin use `api` (cli: none)."""
+    return f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(restd_url())}\n' if api == "rest" else ""
+
+
+def check_room(needed: int) -> None:
+    """Stop the run unless slurmctld can take `needed` more jobs and keep a tenth of its room."""
+    held, most = headroom()
+    if held + needed > most * 0.9:
+        sys.exit(f"slurmctld holds {held} jobs (finished ones stay for MinJobAge) and takes at most {most}: this run "
+                 f"would add {needed}; wait until old jobs age out, or pass fewer --tasks")
+
+
 def headroom() -> tuple[int, int]:
     """(jobs slurmctld holds now, finished ones included; its MaxJobCount)."""
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
@@ -130,8 +143,7 @@ def gateway(work: Path, poll: float, api: str = "cli") -> Server:
     config.write_text(f'[gateway]\nstate_dir = {json.dumps(str(work / "state"))}\n'
                       f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
                       f'[scheduler.options]\nbin_dir = {json.dumps(str(work / "bin"))}\n'
-                      + (f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(restd_url())}\n'
-                         if api == "rest" else ""))
+                      + api_options(api))
     port = free_port()
     return Server([PYTHON, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)], ROOT,
                   f"http://127.0.0.1:{port}", log=work / "gateway.log")
@@ -201,11 +213,7 @@ async def main() -> None:
     parser.add_argument("--plugin-alone", action="store_true", help="also time SlurmScheduler.submit in this process")
     args = parser.parse_args()
     os.environ.update(cluster_env())
-    held, most = headroom()
-    needed = args.tasks * (3 if args.plugin_alone else 2)
-    if held + needed > most * 0.9:
-        sys.exit(f"slurmctld holds {held} jobs (finished ones stay for MinJobAge) and takes at most {most}: this run "
-                 f"would add {needed}; wait until old jobs age out, or pass fewer --tasks")
+    check_room(args.tasks * (3 if args.plugin_alone else 2))
     work = Path(tempfile.mkdtemp(prefix="jobproxy-bench-slurm-"))
     work.chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their task folders
     raw_ids: list[str] = []

@@ -33,20 +33,19 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import Server, cpu_seconds, free_port, submit_many
-from bench.slurm_submit import cluster_env, headroom, tidy
+from bench.slurm_submit import api_options, check_room, cluster_env, restd_url, tidy
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def gateway(work: Path, api: str, url: str, poll: float) -> Server:
+def gateway(work: Path, api: str, poll: float) -> Server:
     """A gateway on the dev cluster through `api`, in its own folder of `work`."""
     folder = work / api
     folder.mkdir()
     folder.chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their task folders
-    options = f'api = "rest"\n[scheduler.options.rest]\nurl = {json.dumps(url)}\n' if api == "rest" else ""
     (folder / "jobproxy.toml").write_text(f'[gateway]\nstate_dir = {json.dumps(str(folder / "state"))}\n'
                                           f'[scheduler]\ntype = "slurm"\npoll_interval = {poll}\n'
-                                          f"[scheduler.options]\n{options}")
+                                          f"[scheduler.options]\n{api_options(api)}")
     port = free_port()
     return Server([sys.executable, "-m", "gateway.cli", "serve", "--config", str(folder / "jobproxy.toml"),
                    "--port", str(port)], folder, f"http://127.0.0.1:{port}",
@@ -61,21 +60,15 @@ async def main() -> None:
     parser.add_argument("--poll", type=float, default=2.0, help="the gateways' poll_interval, seconds")
     args = parser.parse_args()
     os.environ.update(cluster_env())
-    url = os.environ.get("JOBPROXY_SLURMRESTD_URL")
-    if not url:
-        sys.exit("etc/dev/slurm.sh env gives no JOBPROXY_SLURMRESTD_URL: start the dev cluster with slurmrestd")
-    held, most = headroom()
-    needed = 2 * args.tasks * args.rounds
-    if held + needed > most * 0.9:
-        sys.exit(f"slurmctld holds {held} jobs (finished ones stay for MinJobAge) and takes at most {most}: this run "
-                 f"would add {needed}; wait until old jobs age out, or pass fewer --tasks")
+    restd_url()  # stops the run without slurmrestd
+    check_room(2 * args.tasks * args.rounds)
     work = Path(tempfile.mkdtemp(prefix="jobproxy-bench-slurmrest-"))
     work.chmod(0o711)
     seconds = {"cli": 0.0, "rest": 0.0}
     cpu = {"cli": 0.0, "rest": 0.0}
     rates: dict[str, list[float]] = {"cli": [], "rest": []}
     try:
-        with gateway(work, "cli", url, args.poll) as cli, gateway(work, "rest", url, args.poll) as rest:
+        with gateway(work, "cli", args.poll) as cli, gateway(work, "rest", args.poll) as rest:
             servers = {"cli": cli, "rest": rest}
             await cli.ready()
             await rest.ready()
