@@ -2,6 +2,7 @@
 against a baseline measured in the same run on the same machine.
 
   /work/main/.venv/bin/python bench/local_dispatch.py [--tasks 1000] [--concurrency 32] [--cores 2]
+      [--launchers N]
 
 - gateway: `python -m gateway.cli serve` (this tree's code) with the local scheduler on `--cores`
   cores and its state in a temporary folder; `--tasks` tasks `{"user": "bench", "cmd": ["/bin/true"]}`
@@ -93,7 +94,8 @@ async def run_gateway(root: Path, args: argparse.Namespace) -> tuple[float, floa
         '[gateway]\nstate_dir = "state"\n'
         f'[scheduler]\ntype = "local"\npoll_interval = {args.poll_interval}\n'
         f'[scheduler.options]\ncores = {args.cores}\ncgroups = "{args.cgroups}"\n'
-        '[log]\nlevel = "WARNING"\n')
+        + (f'launchers = {args.launchers}\n' if args.launchers else '')
+        + '[log]\nlevel = "WARNING"\n')
     port = free_port()
     command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(root / "jobproxy.toml"),
                "--port", str(port)]
@@ -120,6 +122,8 @@ async def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--cgroups", choices=("auto", "off"), default="auto",
                         help="the local scheduler's cgroups option")
+    parser.add_argument("--launchers", type=int, default=0,
+                        help="the local scheduler's launchers option (default: the scheduler's default)")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the gateway's scheduler.poll_interval")
     args = parser.parse_args()
     before = await baseline(args.tasks, args.cores)

@@ -114,14 +114,7 @@ async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: P
     flag = tmp_path / "go"
     job = await _submit(scheduler, make_task(tmp_path, cmd=f"until [ -e {flag} ]; do sleep 0.05; done; echo survived"))
     await reports.wait(lambda: reports.state(job.task_id) == TaskState.RUNNING, 30)
-    old = scheduler.launcher.pid
-    assert old is not None
-    os.kill(old, signal.SIGKILL)
-    for _ in range(600):
-        if scheduler.launcher.pid not in (None, old):
-            break
-        await asyncio.sleep(0.05)
-    assert scheduler.launcher.pid not in (None, old), "no new launcher"
+    await _kill_launcher_of(scheduler, job)
     assert reports.latest[job.task_id].state == TaskState.RUNNING  # the job did not die with its launcher
     flag.touch()
     await _ended(reports, job)
@@ -135,6 +128,60 @@ async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: P
     after = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/echo", "new launcher"]))
     await _ended(reports, after)
     assert reports.latest[after.task_id].state == TaskState.COMPLETE
+
+
+async def _kill_launcher_of(scheduler: local_plugin.LocalScheduler, job: JobRef) -> int:
+    """Kill the launcher that started `job` and wait for its replacement; answers the old pid."""
+    index = scheduler.admission.slots[job.task_id].launcher
+    assert index is not None
+    launcher = scheduler.launchers[index]
+    old = launcher.pid
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    for _ in range(600):
+        if launcher.pid not in (None, old):
+            break
+        await asyncio.sleep(0.05)
+    assert launcher.pid not in (None, old), "no new launcher"
+    return old
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+async def test_jobs_start_side_by_side_from_several_launchers(local: Factory, tmp_path: Path) -> None:
+    """Two cores, two launchers (the default): two jobs at once are children of different
+    launchers. When one launcher dies, only its own job loses its exit status; the other
+    launcher's job is still its child, reported by its exit notice with its exit code."""
+    scheduler, reports = await local(cores=2)
+    assert len(scheduler.launchers) == 2
+    flag = tmp_path / "go"
+    wait = f"while [ ! -e {flag} ]; do sleep 0.05; done; exit 3"
+    jobs = [await _submit(scheduler, make_task(tmp_path, cmd=["/bin/sh", "-c", wait])) for _ in range(2)]
+    await reports.wait(lambda: all(reports.state(j.task_id) == TaskState.RUNNING for j in jobs), 30)
+    slots = [scheduler.admission.slots[j.task_id] for j in jobs]
+    assert sorted(slot.launcher for slot in slots) == [0, 1]
+    assert {_parent(slot.pid) for slot in slots if slot.pid} == {launcher.pid for launcher in scheduler.launchers}
+    killed, kept = sorted(jobs, key=lambda j: scheduler.admission.slots[j.task_id].launcher != 0)
+    await _kill_launcher_of(scheduler, killed)
+    assert scheduler.admission.slots[killed.task_id].pidfd is not None  # watched: no longer a child
+    assert scheduler.admission.slots[kept.task_id].pidfd is None  # still its launcher's child
+    flag.touch()
+    await _ended(reports, *jobs)
+    assert (reports.latest[kept.task_id].state, reports.latest[kept.task_id].exit_code) == (
+        TaskState.EXECUTOR_ERROR, 3)
+    assert (reports.latest[killed.task_id].state, reports.latest[killed.task_id].description) == (
+        TaskState.SYSTEM_ERROR, f"the job did not finish normally: {lifecycle.NO_EXIT_STATUS}")
+
+
+async def test_one_launcher_when_asked(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local(cores=2, launchers=1)
+    assert len(scheduler.launchers) == 1
+    jobs = [await _submit(scheduler, make_task(tmp_path, cmd=["/bin/true"])) for _ in range(4)]
+    await _ended(reports, *jobs)
+    assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
 
 
 async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_path: Path) -> None:
@@ -159,7 +206,8 @@ async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_pa
     assert answers[queued.task_id].description.startswith("waiting for 1 core, 0 free, and 0 MiB, ")
     assert answers[queued.task_id].description.endswith("MiB free; 1 queued")
     assert answers[done.task_id].state == TaskState.CANCELED
-    assert second.launcher.pid is not None and pid not in (second.launcher.pid,)
+    assert all(launcher.pid is not None for launcher in second.launchers)
+    assert pid not in [launcher.pid for launcher in second.launchers]
     flag.touch()
     await _ended(reports, running, queued)
     ended = reports.latest[running.task_id]

@@ -33,6 +33,7 @@ class Slot:
     launched: asyncio.Event = field(default_factory=asyncio.Event)  # the launcher answered
     gpus: tuple[str, ...] = ()  # the ids of the GPUs it holds
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    launcher: int | None = None  # the index of the launcher asked to start it (None: adopted)
 
     @property
     def task_id(self) -> str:

@@ -1,5 +1,6 @@
-"""The gateway's side of the job launcher (launcher.py): start it once, send it job requests, hand
-its answers to the plugin as they arrive, and start a new one if it dies.
+"""The gateway's side of a job launcher (launcher.py): start it once, send it job requests, hand
+its answers to the plugin as they arrive, and start a new one if it dies. The local scheduler runs
+several, each with its own client, so that jobs start side by side on a machine with more cores.
 
 Requests made while no launcher runs wait in a buffer and go to the next one. When a launcher dies,
 the plugin is told which requests it never answered; the jobs it had started are no longer anyone's
@@ -38,8 +39,9 @@ class Events(Protocol):
         """The job of `task_id` (`pid`) ended with wait status `status`; `code` is the exit status
         the launcher wrote to its exit-code file (a direct job), if it did."""
 
-    def launcher_lost(self, unanswered: list[str]) -> None:
-        """A new launcher replaced one that died without answering the requests of `unanswered`."""
+    def launcher_lost(self, index: int, unanswered: list[str]) -> None:
+        """A new launcher replaced launcher `index`, which died without answering the requests of
+        `unanswered`."""
 
 
 #: Launchers of closed clients that still wait for their jobs, kept (and reaped) until they end.
@@ -62,13 +64,15 @@ class _Process:
 
 
 class LauncherClient:
-    """One launcher process at a time, restarted when it dies."""
+    """One launcher process at a time, restarted when it dies; `index` names it among the
+    scheduler's launchers."""
 
     #: Seconds to wait before starting a launcher again when the last one lived less than this.
     RESTART_DELAY = 1.0
 
-    def __init__(self, events: Events) -> None:
+    def __init__(self, events: Events, index: int = 0) -> None:
         self.events = events
+        self.index = index
         self._process: _Process | None = None
         self._buffer: list[tuple[str, bytes]] = []
         self._unanswered: set[str] = set()
@@ -126,7 +130,7 @@ class LauncherClient:
         reading, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
                                                   popen.stdout)
         writer, _ = await loop.connect_write_pipe(asyncio.Protocol, popen.stdin)
-        log.info("local job launcher started as pid %d", popen.pid)
+        log.info("local job launcher %d started as pid %d", self.index, popen.pid)
         process = _Process(popen, reader, writer, reading)
         self._process = process
         buffered, self._buffer = self._buffer, []
@@ -147,7 +151,7 @@ class LauncherClient:
             self._process = None
             if self._closing:
                 return
-            log.warning("the local job launcher (pid %d) ended (%s); starting a new one", process.pid, code)
+            log.warning("local job launcher %d (pid %d) ended (%s); starting a new one", self.index, process.pid, code)
             if loop.time() - born < self.RESTART_DELAY:
                 await asyncio.sleep(self.RESTART_DELAY)
             lost, self._unanswered = sorted(self._unanswered), set()
@@ -160,7 +164,7 @@ class LauncherClient:
                     await asyncio.sleep(self.RESTART_DELAY)
             if self._closing:
                 return
-            self.events.launcher_lost(lost)
+            self.events.launcher_lost(self.index, lost)
 
     async def _read(self, process: _Process) -> None:
         while True:

@@ -1,7 +1,8 @@
-"""The local scheduler's job launcher: one long-lived process that forks each job.
+"""The local scheduler's job launcher: a long-lived process that forks each job it is asked for.
 
-Started once by the plugin as `python -I launcher.py --serve`, it imports nothing but the standard
-library (so it runs from its path) and speaks JSON lines: requests on stdin, answers on stdout.
+The plugin starts a few (option `launchers`) as `python -I launcher.py --serve`, so that jobs
+start side by side. Each imports nothing but the standard library (so it runs from its path) and
+speaks JSON lines: requests on stdin, answers on stdout.
 
 - `{"op": "run", "id": TASK, "join": [cgroup.procs, ...], "cpus": [0, 1], "rlimit_as": BYTES or 0,
   "user": NAME or null, "stdout": PATH, "stderr": PATH, "env": {...} or null, "cwd": PATH,

@@ -1,7 +1,8 @@
 """The local scheduler: runs tasks on the gateway's own machine, with their limits enforced.
 
-One long-lived launcher process (launcher.py, see client.py) forks each job in its own session:
-it joins the job's cgroup (memory limit, CPU quota, cpuset) where a hierarchy is writable, pins
+Long-lived launcher processes (launcher.py, see client.py) start the jobs, each in its own session;
+a job's launcher is chosen by its first CPU, so several start jobs side by side (option
+`launchers`). The launcher joins the job's cgroup (memory limit, CPU quota, cpuset) where a hierarchy is writable, pins
 the job to its CPUs, falls back to an address-space rlimit for memory where no cgroup is, and
 becomes the task's user. With the built-in template and a command that needs no bash around it,
 the launcher then execs the command itself, with the CPU-time rlimit the job script would set, and
@@ -62,6 +63,9 @@ CANCEL_WAIT = 10.0
 #: Seconds after its start that a job's pid file is written, unless it ended: most short jobs
 #: never need one. A job a crash catches before is still found (spool.adopt).
 PID_FILE_DELAY = 0.1
+#: The most launchers the scheduler starts unless option `launchers` says otherwise: each is a small
+#: interpreter (about 10 MiB) that sleeps while no job starts or ends.
+DEFAULT_LAUNCHERS = 4
 #: Seconds a watched job that ended may stay a zombie of its launcher, which writes its exit-code
 #: file before it reaps it, before its end is taken as it is.
 REAP_WAIT = 5.0
@@ -97,6 +101,10 @@ class LocalScheduler(Scheduler):
             "template": TEMPLATE_OPTION,
             "cgroups": {"enum": ["auto", "off"], "default": "auto",
                         "description": "use a writable cgroup hierarchy for memory and CPU limits"},
+            "launchers": {"type": "integer", "minimum": 1, "maximum": 64,
+                          "description": "job launcher processes that start and reap jobs side by side, each "
+                                         "serving the jobs of some of the CPUs (default: one per core, at most "
+                                         f"{DEFAULT_LAUNCHERS})"},
             "kill_grace": {"type": "number", "minimum": 0, "maximum": 600, "default": 5,
                            "description": "seconds between SIGTERM and SIGKILL when a task is deleted"},
         },
@@ -119,7 +127,8 @@ class LocalScheduler(Scheduler):
         self.spool = Spool(state_dir)
         self.gpus: tuple[str, ...] = tuple(self.options["gpus"])
         self.admission = Admission(tuple(usable[: self.cores]), self.memory, self.gpus)
-        self.launcher = LauncherClient(self)
+        self.launchers = [LauncherClient(self, index)
+                          for index in range(int(self.options.get("launchers", min(self.cores, DEFAULT_LAUNCHERS))))]
         self._final: collections.OrderedDict[str, JobStatus] = collections.OrderedDict()
         self._dispatching = False
         self._dispatch_again = False
@@ -127,7 +136,8 @@ class LocalScheduler(Scheduler):
     async def start(self, report: Report) -> None:
         await super().start(report)
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        await self.launcher.start()
+        for launcher in self.launchers:
+            await launcher.start()
         memory_how = f"cgroup {self.cgroups.version}" if self.cgroups else "RLIMIT_AS (no writable cgroup)"
         cpu_how = f"CPU pinning + cgroup {self.cgroups.version} CPU quota" if self.cgroups else "CPU pinning"
         log.info("local scheduler %s: %d cores %s, %d MiB; memory limits by %s, cores by %s, CPU time by RLIMIT_CPU",
@@ -141,7 +151,8 @@ class LocalScheduler(Scheduler):
                 loop.remove_reader(slot.pidfd)
                 os.close(slot.pidfd)
                 slot.pidfd = None
-        await self.launcher.close()
+        for launcher in self.launchers:
+            await launcher.close()
         self.spool.close()
         if self.pool is not None:
             self.pool.close()
@@ -293,11 +304,12 @@ class LocalScheduler(Scheduler):
         if slot is not None and slot.pid == pid:
             self._ended(slot, status, code=code)
 
-    def launcher_lost(self, unanswered: list[str]) -> None:
-        """A new launcher replaced one that died: watch its jobs by pidfd; find the ones it may have
-        started without saying so, and put the others back at the front of the queue."""
+    def launcher_lost(self, index: int, unanswered: list[str]) -> None:
+        """A new launcher replaced launcher `index`, which died: watch its jobs by pidfd; find the
+        ones it may have started without saying so, and put the others back at the front of the
+        queue."""
         for slot in list(self.admission.slots.values()):
-            if slot.pid is not None and slot.pidfd is None:
+            if slot.pid is not None and slot.pidfd is None and slot.launcher == index:
                 self._watch(slot)
         lost = [self.admission.slots[task_id] for task_id in unanswered
                 if task_id in self.admission.slots and self.admission.slots[task_id].pid is None]
@@ -354,10 +366,11 @@ class LocalScheduler(Scheduler):
         except (OSError, KeyError, SchedulerError) as exc:
             self._ended(slot, None, _not_started(str(exc)))
             return
-        self.launcher.send(launch.run_request(task, slot.cpus, slot.lease, command=command if direct else None,
-                                              script_path=str(script), account=account, env=env,
-                                              gpus=slot.gpus if self.gpus else None,
-                                              can_spawn=self.cgroups is None or self.cgroups.version == "v1"))
+        slot.launcher = self.admission.cpu_pool.index(slot.cpus[0]) % len(self.launchers)
+        self.launchers[slot.launcher].send(launch.run_request(
+            task, slot.cpus, slot.lease, command=command if direct else None, script_path=str(script),
+            account=account, env=env, gpus=slot.gpus if self.gpus else None,
+            can_spawn=self.cgroups is None or self.cgroups.version == "v1"))
 
     def _watch(self, slot: Slot) -> None:
         """Watch a job that is not the launcher's child through a pidfd."""
