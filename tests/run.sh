@@ -18,6 +18,13 @@ if ! python3 -m venv --help >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && apt-get install -y -qq python3-venv python3-pip >/dev/null
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
+# the launcher's compiled spawn (schedulers/local/_spawn.c) needs a C compiler and Python's headers;
+# an install without them works, but the tests of the spawn want it built
+if [ "$(id -u)" = 0 ] && ! { command -v gcc >/dev/null && .venv/bin/python -c \
+        'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; }; then
+    log "installing a C compiler and Python's headers"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev python3-dev >/dev/null
+fi
 log "installing JobProxy and its test dependencies into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 

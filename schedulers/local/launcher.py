@@ -27,13 +27,14 @@ that cannot be executed 126, as in bash). Its exit status (128+N for signal N, l
 written to the exit-code file by this process, atomically and as the task's user, before the job is
 reaped, so whoever watches the job through a pidfd finds the file once the zombie is gone.
 A direct job with `"spawn": true` needs nothing of its own process (no rlimit, no memory limit)
-but its session and its user: it is started by subprocess (vfork and exec; for another user, a
-fork in C that sets the groups and ids before the exec) rather than a fork of this interpreter,
-several times cheaper, with the launcher inside the job's v1 cgroups and CPUs for that moment (it
-enters them by its own thread id, and goes back to its own at once); the job inherits them. Its
-output files are opened, and its folder checked, with the user's rights first. If that start fails
-(no such folder or command, a folder the user cannot enter), the job is forked instead, which fails
-as described.
+but its session and its user: it is spawned rather than forked from this interpreter, several
+times cheaper, by the compiled `_spawn` beside this file (built at install: a vfork-like clone
+that takes the user's ids with raw system calls, see _spawn.c), else by subprocess (vfork and
+exec, or for another user a fork in C that sets the ids before the exec). The launcher is inside
+the job's v1 cgroups and CPUs for that moment (it enters them by its own thread id, and goes back
+to its own at once); the job inherits them. Its output files are opened, and its folder checked,
+with the user's rights first. If that start fails (no such folder or command, a folder the user
+cannot enter), the job is forked instead, which fails as described.
 
 Forking here rather than in the threaded gateway keeps it safe, and saves an interpreter start per
 job. When stdin closes (the gateway stopped or crashed) the launcher takes no more requests but
@@ -45,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import importlib
 import json
 import os
 import pwd
@@ -58,10 +60,31 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+#: `_spawn.spawn(executables, argv, envp, cwd, uid, gid, groups, fds) -> pid` (see _spawn.c)
+Spawn = Callable[[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...], bytes, int, int,
+                  tuple[int, ...] | None, tuple[int, int, int]], int]
 SCRIPT_FD = 3
 #: The exit status of a child that could not start its job.
 CANNOT_START = 255
 _QUIET = (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
+
+
+def compiled_spawn() -> Spawn | None:
+    """The compiled spawn beside this file, if it was built (this file runs as a script, with its
+    folder first on the path), else None: subprocess does the job."""
+    try:
+        spawn: Spawn = importlib.import_module("_spawn").spawn
+    except ImportError:
+        return None
+    return spawn
+
+
+def _executables(argv0: str, env: dict[str, str]) -> tuple[bytes, ...]:
+    """Where to look for the command `argv0`, in order: itself if it names a path, else every
+    folder of the job's PATH, as subprocess and execvp search."""
+    if os.path.dirname(argv0):
+        return (os.fsencode(argv0),)
+    return tuple(os.path.join(os.fsencode(folder), os.fsencode(argv0)) for folder in os.get_exec_path(env))
 
 
 def _become(user: str) -> None:
@@ -271,6 +294,9 @@ class _Identity:
     def popen_arguments(self) -> dict[str, Any]:
         return {"user": self.uid, "group": self.gid, "extra_groups": self.groups}
 
+    def spawn_arguments(self) -> tuple[int, int, tuple[int, ...] | None]:
+        return self.uid, self.gid, tuple(self.groups)
+
 
 class _Accounts:
     """Users' identities, looked up again after `TTL` seconds (a changed account is seen soon)."""
@@ -359,8 +385,10 @@ class _Job:
 class Launcher:
     """The serving loop: requests in, jobs forked, answers and exit notices out."""
 
-    def __init__(self, requests: int, answers: int) -> None:
+    def __init__(self, requests: int, answers: int, spawn: Spawn | None = None) -> None:
         self.requests = requests
+        self.compiled_spawn = spawn
+        self.null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         self.answers: int | None = answers  # None once nobody reads them
         self.jobs: dict[int, _Job] = {}
         self.selector = selectors.DefaultSelector()
@@ -405,12 +433,12 @@ class Launcher:
 
     def spawn(self, request: dict[str, Any]) -> bool:
         """Start a direct job that needs nothing set in its own process but its session and its
-        user: by subprocess (vfork and exec; fork, setgroups, setregid, setreuid and exec in C for
-        another user), much cheaper than a fork of this interpreter that runs Python before its
-        exec, from inside the job's cgroups (v1) and CPUs, which the job inherits; the launcher
-        goes back to its own at once. The output files are opened, and the job's folder checked,
-        with the user's rights. False if it must be forked instead (which also says why a start
-        fails)."""
+        user: by the compiled spawn if there is one, else by subprocess (vfork and exec; for another
+        user, fork, setgroups, setregid, setreuid and exec in C), much cheaper than a fork of this
+        interpreter that runs Python before its exec. It starts from inside the job's cgroups (v1)
+        and CPUs, which the job inherits; the launcher goes back to its own at once. The output
+        files are opened, and the job's folder checked, with the user's rights. False if it must be
+        forked instead (which also says why a start fails)."""
         homes = [self.home.tasks_for(procs) for procs in request["join"]]
         if None in homes:
             return False
@@ -437,9 +465,19 @@ class Launcher:
             if pinned:  # (a cpuset group pins the launcher, and so the job, by itself)
                 os.sched_setaffinity(0, request["cpus"])
             env = _job_environment(request)
-            popen = subprocess.Popen(request["argv"], stdin=subprocess.DEVNULL, stdout=opened[0], stderr=opened[1],
-                                     cwd=request["cwd"], env=env, start_new_session=True, close_fds=True,
-                                     **(identity.popen_arguments() if identity is not None else {}))
+            popen = None
+            if self.compiled_spawn is not None:
+                uid, gid, groups = identity.spawn_arguments() if identity is not None else (-1, -1, None)
+                pid = self.compiled_spawn(_executables(request["argv"][0], env),
+                                          tuple(os.fsencode(arg) for arg in request["argv"]),
+                                          tuple(os.fsencode(f"{k}={v}") for k, v in env.items()),
+                                          os.fsencode(request["cwd"]), uid, gid, groups,
+                                          (self.null, opened[0], opened[1]))
+            else:
+                popen = subprocess.Popen(request["argv"], stdin=self.null, stdout=opened[0], stderr=opened[1],
+                                         cwd=request["cwd"], env=env, start_new_session=True, close_fds=True,
+                                         **(identity.popen_arguments() if identity is not None else {}))
+                pid = popen.pid
         except (OSError, ValueError):
             return False
         finally:
@@ -454,8 +492,8 @@ class Launcher:
                       flush=True)
             for fd in opened:
                 os.close(fd)
-        job = _Job(request, popen.pid, None, popen)
-        self.jobs[popen.pid] = job
+        job = _Job(request, pid, None, popen)
+        self.jobs[pid] = job
         self.send({"op": "started", "id": job.task_id, "pid": job.pid, "start_time": job.start_time})
         return True
 
@@ -575,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    Launcher(requests, answers).serve()
+    Launcher(requests, answers, compiled_spawn()).serve()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""The launcher's compiled spawn (schedulers/local/_spawn.c): a job started as another user gets
+exactly that user's ids and groups, a new session, its three descriptors and nothing else, the
+signal state a subprocess would have, and its folder; the launcher keeps its own ids; a step
+that fails says which and why and leaves no child. Real processes as a real other user."""
+from __future__ import annotations
+
+import importlib
+import os
+import pwd
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schedulers.local import launcher
+
+from .conftest import IN_CI
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def spawn() -> launcher.Spawn:
+    try:
+        module = importlib.import_module("schedulers.local._spawn")
+    except ImportError as exc:
+        if IN_CI:
+            pytest.fail(f"the compiled spawn must be built in CI (pip install -e . with a C compiler): {exc}")
+        pytest.skip(f"the compiled spawn is not built here: {exc}")
+    spawn: launcher.Spawn = module.spawn
+    return spawn
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody may enter and write to, outside pytest's private tree."""
+    path = Path(f"/tmp/jobproxy-spawn-{os.getpid()}")
+    path.mkdir(mode=0o777, exist_ok=True)
+    path.chmod(0o777)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def _run(spawn: launcher.Spawn, folder: Path, script: str, **kw: Any) -> tuple[int, str]:
+    """Run `script` by /bin/sh through `spawn` (as nobody unless told); its wait status and output."""
+    out = os.open(folder / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    uid, gid, groups = kw.get("ids", (NOBODY.pw_uid, NOBODY.pw_gid, tuple(os.getgrouplist("nobody", NOBODY.pw_gid))))
+    try:
+        pid = spawn((b"/bin/sh",), (b"sh", b"-c", script.encode()), (b"PATH=/usr/bin:/bin", b"HELLO=there"),
+                    os.fsencode(kw.get("cwd", folder)), uid, gid, groups, (null, out, out))
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(out)
+        os.close(null)
+    return status, (folder / "out").read_text()
+
+
+def _children() -> set[int]:
+    found: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
+def _status_fields(text: str) -> dict[str, str]:
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if v}
+
+
+def test_the_job_is_the_user_and_nothing_of_the_launcher(spawn: launcher.Spawn, folder: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    leaked = os.open("/dev/null", os.O_RDONLY)  # inheritable: close_fds must keep it from the job
+    os.set_inheritable(leaked, True)
+    try:
+        status, out = _run(spawn, folder, "cat /proc/self/status; echo cwd=$(pwd) hello=$HELLO; "
+                                          "ls /proc/self/fd | sort -n | tr '\\n' ' '; echo; "
+                                          "ps -o sid= -o pgid= -p $$")
+    finally:
+        os.close(leaked)
+    assert status == 0, out
+    fields = _status_fields(out)
+    assert fields["Uid"].split() == [str(NOBODY.pw_uid)] * 4  # real, effective, saved, filesystem
+    assert fields["Gid"].split() == [str(NOBODY.pw_gid)] * 4
+    assert sorted(fields["Groups"].split()) == sorted(str(g) for g in os.getgrouplist("nobody", NOBODY.pw_gid))
+    mine = _status_fields(Path("/proc/self/status").read_text())
+    python_ignores = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))  # reset, as by subprocess
+    assert int(fields["SigIgn"], 16) == int(mine["SigIgn"], 16) & ~python_ignores
+    assert int(fields["SigBlk"], 16) == int(mine["SigBlk"], 16)
+    lines = out.splitlines()
+    assert f"cwd={folder} hello=there" in lines
+    fds = next(line for line in lines if line.startswith("0 1 2"))
+    assert fds.split() == ["0", "1", "2", "3"]  # 3: ls's own reading of the folder
+    sid, pgid = lines[-1].split()
+    assert sid == pgid  # a session of its own, which it leads
+    assert os.getresuid() == (0, 0, 0) and os.getresgid() == (0, 0, 0)  # the caller's ids never moved
+
+
+def test_a_signal_the_launcher_catches_is_the_default_in_the_job(spawn: launcher.Spawn, folder: Path) -> None:
+    before = signal.signal(signal.SIGUSR1, lambda *_: None)
+    try:
+        status, out = _run(spawn, folder, "kill -USR1 $$; echo still here", ids=(-1, -1, None))
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGUSR1, out
+    assert "still here" not in out
+
+
+def test_without_ids_the_job_keeps_the_launchers(spawn: launcher.Spawn, folder: Path) -> None:
+    status, out = _run(spawn, folder, "id -u", ids=(-1, -1, None))
+    assert status == 0 and out.strip() == str(os.geteuid())
+
+
+@pytest.mark.parametrize("case, error, step", [
+    ("no such command", FileNotFoundError, "execve"),
+    ("not executable", PermissionError, "execve"),
+    ("folder out of reach", PermissionError, "chdir"),
+])
+def test_a_failed_step_says_which_and_leaves_no_child(spawn: launcher.Spawn, folder: Path, case: str,
+                                                      error: type[OSError], step: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    private = folder / "private"
+    private.mkdir(mode=0o700)
+    (folder / "plain").write_text("not a program\n")
+    executables = {"no such command": (b"/nonexistent/x", b"/also/not/here"), "not executable": (
+        os.fsencode(folder / "plain"),), "folder out of reach": (b"/bin/true",)}[case]
+    cwd = private if case == "folder out of reach" else folder
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    before = _children()
+    try:
+        with pytest.raises(error) as raised:
+            spawn(executables, (b"x",), (), os.fsencode(cwd), NOBODY.pw_uid, NOBODY.pw_gid, (NOBODY.pw_gid,),
+                  (null, null, null))
+    finally:
+        os.close(null)
+    assert raised.value.filename == step
+    assert _children() <= before  # the failed child was reaped already
+
+
+@pytest.mark.parametrize("arguments, words", [
+    (((b"/bin/true",), (b"true",), (), b"/", 0, -1, None, (3, 3, 3)), "given together"),
+    (((b"/bin/true",), (), (), b"/", -1, -1, None, (3, 3, 3)), "must not be empty"),
+    (((b"/bin/true",), (b"a\0b",), (), b"/", -1, -1, None, (3, 3, 3)), "without NUL"),
+    (((b"/bin/true",), (b"true",), (), b"/", -1, -1, None, (0, 3, 3)), "at 3 or above"),
+])
+def test_bad_arguments_are_refused_before_any_child(spawn: launcher.Spawn, arguments: tuple[Any, ...],
+                                                    words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        spawn(*arguments)
+
+
+def test_the_launcher_finds_it_beside_itself() -> None:
+    """launcher.py runs as a script, with its own folder first on the path."""
+    found = subprocess.run([sys.executable, "-I", "-S", "-c",
+                            f"import sys; sys.path.insert(0, {str(Path(launcher.__file__).parent)!r}); "
+                            "from launcher import compiled_spawn; print(compiled_spawn() is not None)"],
+                           capture_output=True, text=True, check=True)
+    built = any(Path(launcher.__file__).parent.glob("_spawn*.so"))
+    if IN_CI:
+        assert built, "the compiled spawn must be built in CI"
+    assert found.stdout.strip() == str(built)
