@@ -46,7 +46,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import pwd
@@ -70,13 +71,25 @@ _QUIET = (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.
 
 
 def compiled_spawn() -> Spawn | None:
-    """The compiled spawn beside this file, if it was built (this file runs as a script, with its
-    folder first on the path), else None: subprocess does the job."""
-    try:
-        spawn: Spawn = importlib.import_module("_spawn").spawn
-    except ImportError:
-        return None
-    return spawn
+    """The compiled spawn beside this file, if it was built, else None: subprocess does the job.
+    Loaded from this file's folder by name, since an isolated interpreter (`-I`, as the launcher
+    runs) does not put a script's folder on the path."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(folder, "_spawn" + suffix)
+        spec = importlib.util.spec_from_file_location("_spawn", path) if os.path.exists(path) else None
+        if spec is None or spec.loader is None:
+            continue
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except ImportError as exc:  # built for another interpreter, or damaged: the launcher says so
+            print(f"jobproxy launcher: cannot load {path}, starting jobs by subprocess: {exc}", file=sys.stderr,
+                  flush=True)
+            return None
+        spawn: Spawn = module.spawn
+        return spawn
+    return None
 
 
 def _executables(argv0: str, env: dict[str, str]) -> tuple[bytes, ...]:
