@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from schedulers.local import launcher
+from schedulers.local import cgroups, launcher
 
 from .conftest import IN_CI
 
@@ -165,3 +165,43 @@ def test_the_launcher_finds_it_beside_itself() -> None:
     if IN_CI:
         assert built, "the compiled spawn must be built in CI"
     assert found.stdout.split() == [str(built), "False"], found.stderr
+
+
+def test_the_launcher_keeps_its_cgroup_files_and_opens_a_removed_groups_again() -> None:
+    """The launcher moves itself in and out of a job's v1 group through `tasks` files it keeps
+    open; a group removed and made again under the same name is entered all the same."""
+    hierarchy = cgroups.detect()
+    if hierarchy is None or hierarchy.version != "v1":
+        pytest.skip("needs a writable cgroup v1 hierarchy (the only one the launcher moves itself on)")
+    group = Path("/sys/fs/cgroup/cpu/jobproxy") / f"spawn-test-{os.getpid()}"
+    script = f"""
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(launcher.__file__).parent)!r})
+from launcher import _CgroupFiles, _Home
+group, home = Path({str(group)!r}), _Home()
+back = home.tasks_for(str(group / "cgroup.procs"))
+files = _CgroupFiles()
+def mine():
+    return next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if "cpu" in line.split(":")[1].split(","))
+seen = []
+for _ in range(2):
+    group.mkdir()
+    files.enter(str(group / "tasks"))
+    seen.append(mine())
+    files.enter(back)
+    seen.append(mine())
+    group.rmdir()  # an open tasks file does not keep the group
+print(" ".join(seen), len(files._open))
+"""
+    try:
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, timeout=60)
+    finally:
+        if group.exists():
+            group.rmdir()
+    assert done.returncode == 0, done.stderr
+    *seen, kept = done.stdout.split()
+    inside = f"/jobproxy/{group.name}"
+    assert seen[0] == seen[2] == inside and seen[1] == seen[3] != inside
+    assert kept == "2"  # the group's file (opened again) and the launcher's own

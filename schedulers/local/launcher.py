@@ -289,11 +289,41 @@ class _Home:
         return self.tasks[root]
 
 
-def _enter(tasks: str) -> None:
-    """Move the calling thread into the v1 group of `tasks`. Writing 0 (the thread itself) spares
-    the kernel the process-wide lock a pid written to `cgroup.procs` takes, with its RCU wait."""
-    with open(tasks, "w", encoding="ascii") as f:
-        f.write("0")
+class _CgroupFiles:
+    """The v1 `tasks` files the launcher moves itself through, each opened once and kept: a write
+    to an open file costs a fraction of an open, write and close. Writing 0 (the calling thread
+    itself) spares the kernel the process-wide lock a pid written to `cgroup.procs` takes, with its
+    RCU wait. A file of a group removed since (ENODEV), or made again, is opened again."""
+
+    MOST = 256  # open files kept, at most: past that they are all closed and opened as needed
+
+    def __init__(self) -> None:
+        self._open: dict[str, int] = {}
+
+    def enter(self, tasks: str) -> None:
+        """Move the calling thread into the v1 group of `tasks`."""
+        fd = self._open.get(tasks)
+        if fd is not None:
+            try:
+                os.write(fd, b"0")
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENODEV, errno.ENOENT):
+                    raise
+                self._forget(tasks)
+        if len(self._open) >= self.MOST:
+            for path in list(self._open):
+                self._forget(path)
+        fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        except OSError:
+            os.close(fd)
+            raise
+        self._open[tasks] = fd
+
+    def _forget(self, tasks: str) -> None:
+        os.close(self._open.pop(tasks))
 
 
 class _Identity:
@@ -408,6 +438,7 @@ class Launcher:
         self.pending = b""
         self.out: list[bytes] = []  # answers of this round, written together after it
         self.home = _Home()
+        self.cgroup_files = _CgroupFiles()
         self.accounts = _Accounts()
 
     def flush(self) -> None:
@@ -472,7 +503,7 @@ class Launcher:
                     return False
                 opened = outputs
             for procs in request["join"]:
-                _enter(procs.rpartition("/")[0] + "/tasks")
+                self.cgroup_files.enter(procs.rpartition("/")[0] + "/tasks")
                 joined += 1
             pinned = bool(request["cpus"]) and not any("/cpuset/" in procs for procs in request["join"])
             if pinned:  # (a cpuset group pins the launcher, and so the job, by itself)
@@ -497,7 +528,7 @@ class Launcher:
             try:
                 for home in homes[:joined]:
                     assert home is not None
-                    _enter(home)
+                    self.cgroup_files.enter(home)
                 if (joined or pinned) and os.sched_getaffinity(0) != self.home.cpus:
                     os.sched_setaffinity(0, self.home.cpus)
             except OSError as exc:
