@@ -41,10 +41,9 @@ def from_exit_code(task: Task, code: int, *, oom: bool = False, finished: dateti
     `oom` says the memory limit killed a process of the job; so does an OOM_FILE the job script
     left in the task's folder.
     """
-    oom = oom or (Path(task.workdir) / OOM_FILE).exists()
     if code == 0:
         return JobStatus(TaskState.COMPLETE, "exit code 0", 0, finished=finished)
-    if oom:
+    if oom or (Path(task.workdir) / OOM_FILE).exists():
         description = memory_exceeded(task)
     elif code - 128 == signal.SIGXCPU and task.cputime:
         description = cputime_exceeded(task)
