@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cgroups import Cgroups, counter
+from .cgroups import Cgroups, counter, counter_in
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class CgroupPool:
         self._files: dict[str, tuple[str, str]] = {}  # the oom_kill counter's file, the first cgroup.procs
         self._memory: dict[str, int | None] = {}  # the limit last written, None for none
         self._oom: dict[str, int] = {}  # the oom_kill counter when the last job left
+        self._oom_fds: dict[str, int] = {}  # the oom_kill counter's file of each group in use, kept open
         self._next: dict[tuple[int, ...], int] = {}
         self._retired: set[str] = set()
         self._taken: set[str] = set()
@@ -67,7 +69,7 @@ class CgroupPool:
         except OSError as exc:  # e.g. a lower limit than what the group still holds (page cache)
             log.info("cgroup %s cannot take a memory limit of %s bytes (%s): a new one instead", name, memory_bytes,
                      exc)
-            self._retired.add(name)
+            self._retire(name)
             name = self._new(key)
             self._limit(name, memory_bytes)
         base = self._oom.pop(name, None)
@@ -98,7 +100,7 @@ class CgroupPool:
         self._taken.discard(name)
         if self._busy(name):
             log.info("cgroup %s still holds processes after its job ended: not reused", name)
-            self._retired.add(name)
+            self._retire(name)
         else:
             self._oom[name] = kills
             self._free.setdefault(tuple(sorted(cpus)), []).append(name)
@@ -106,6 +108,8 @@ class CgroupPool:
 
     def close(self) -> None:
         """Remove the groups no job is in."""
+        for name in list(self._oom_fds):
+            self._close(name)
         for name in [n for names in self._free.values() for n in names] + sorted(self._retired):
             if not self.hierarchy.busy(name):
                 self.hierarchy.remove(name)
@@ -120,7 +124,28 @@ class CgroupPool:
         return paths
 
     def _oom_kills(self, name: str) -> int:
-        return counter(self._paths(name)[0], "oom_kill")
+        """The group's oom_kill counter, read again (from the start) through its file kept open: an
+        open is most of the cost of a read of a cgroup file. By its path once the group is gone."""
+        fd = self._oom_fds.get(name)
+        if fd is None:
+            try:
+                fd = self._oom_fds[name] = os.open(self._paths(name)[0], os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return 0
+        try:
+            return counter_in(os.pread(fd, 4096, 0).decode("ascii", "replace"), "oom_kill")
+        except OSError:  # removed (ENODEV), and maybe made again
+            self._close(name)
+            return counter(self._paths(name)[0], "oom_kill")
+
+    def _close(self, name: str) -> None:
+        fd = self._oom_fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _retire(self, name: str) -> None:
+        self._retired.add(name)
+        self._close(name)
 
     def _busy(self, name: str) -> bool:
         try:

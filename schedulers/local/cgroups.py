@@ -36,10 +36,10 @@ def _read(path: Path | str) -> str:
 
 def counter(path: Path | str, key: str) -> int:
     """The value of `key N` in the flat-keyed cgroup file at `path` (0 if none)."""
-    return _counter(_read(path), key)
+    return counter_in(_read(path), key)
 
 
-def _counter(text: str, key: str) -> int:
+def counter_in(text: str, key: str) -> int:
     """The value of `key N` in a flat-keyed cgroup file such as memory.events."""
     for line in text.splitlines():
         name, _, value = line.partition(" ")
