@@ -5,11 +5,13 @@ that fails says which and why and leaves no child. Real processes as a real othe
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pwd
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +207,42 @@ print(" ".join(seen), len(files._open))
     inside = f"/jobproxy/{group.name}"
     assert seen[0] == seen[2] == inside and seen[1] == seen[3] != inside
     assert kept == "2"  # the group's file (opened again) and the launcher's own
+
+
+@pytest.mark.parametrize("how", ["compiled", "subprocess"])
+def test_the_launcher_spawns_a_direct_job_as_its_user_either_way(folder: Path, how: str) -> None:
+    """The launcher's spawn of a direct job, with the compiled spawn and without it (an install
+    without a C compiler): the same job, as its user, in its folder, with its exit-code file."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    compiled = None
+    if how == "compiled":
+        compiled = launcher.compiled_spawn()
+        if compiled is None:
+            if IN_CI:
+                pytest.fail("the compiled spawn must be built in CI")
+            pytest.skip("the compiled spawn is not built here")
+    requests, to_launcher = os.pipe()
+    from_launcher, answers = os.pipe()
+    serving = launcher.Launcher(requests, answers, compiled)
+    request = {"op": "run", "id": "t-1", "join": [], "cpus": [], "rlimit_as": 0, "user": "nobody",
+               "stdout": str(folder / "out"), "stderr": str(folder / "err"), "env": {"PATH": "/usr/bin:/bin"},
+               "cwd": str(folder), "gpus": None, "argv": ["sh", "-c", "id -u; pwd; exit 4"], "cputime": None,
+               "exit_file": str(folder / "exit"), "spawn": True}
+    try:
+        assert serving.spawn(request)
+        (job,) = serving.jobs.values()
+        assert (job.popen is None) == (how == "compiled")
+        for _ in range(500):
+            serving.reap()
+            if not serving.jobs:
+                break
+            time.sleep(0.01)
+        serving.flush()
+        answered = [json.loads(line) for line in os.read(from_launcher, 65536).decode().splitlines()]
+    finally:
+        for fd in (requests, to_launcher, from_launcher, answers, serving.null):
+            os.close(fd)
+    assert [a["op"] for a in answered] == ["started", "exit"] and answered[1]["code"] == 4
+    assert (folder / "out").read_text().split() == [str(NOBODY.pw_uid), str(folder)]
+    assert (folder / "exit").read_text() == "4\n" and os.stat(folder / "out").st_uid == NOBODY.pw_uid
