@@ -64,7 +64,7 @@ CANCEL_WAIT = 10.0
 #: never need one. A job a crash catches before is still found (spool.adopt).
 PID_FILE_DELAY = 0.1
 #: The most launchers the scheduler starts unless option `launchers` says otherwise: each is a small
-#: interpreter (about 10 MiB) that sleeps while no job starts or ends.
+#: interpreter (about 13 MiB resident) that sleeps while no job starts or ends.
 DEFAULT_LAUNCHERS = 4
 #: Seconds a watched job that ended may stay a zombie of its launcher, which writes its exit-code
 #: file before it reaps it, before its end is taken as it is.
