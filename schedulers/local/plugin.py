@@ -1,13 +1,13 @@
 """The local scheduler: runs tasks on the gateway's own machine, with their limits enforced.
 
-Long-lived launcher processes (launcher.py, see client.py) start the jobs, each in its own session;
-a job's launcher is chosen by its first CPU, so several start jobs side by side (option
-`launchers`). The launcher joins the job's cgroup (memory limit, CPU quota, cpuset) where a hierarchy is writable, pins
-the job to its CPUs, falls back to an address-space rlimit for memory where no cgroup is, and
-becomes the task's user. With the built-in template and a command that needs no bash around it,
-the launcher then execs the command itself, with the CPU-time rlimit the job script would set, and
-writes the exit-code file when it reaps the job (launch.py); else it runs the job script (local.sh),
-which does both. Cgroups are reused from job to job, one pool per CPU set (cgpool.py).
+Long-lived launcher processes (launcher.py, see client.py) start the jobs, each in its own
+session; a job's launcher is chosen by its first CPU, so several start jobs side by side (option
+`launchers`). The launcher joins the job's cgroup (memory limit, CPU quota, cpuset) where a
+hierarchy is writable, pins the job to its CPUs, falls back to an address-space rlimit for memory
+where no cgroup is, and becomes the task's user. With the built-in template and a command that
+needs no bash around it, the launcher then execs the command itself, with the CPU-time rlimit the
+job script would set, and writes the exit-code file when it reaps the job (launch.py); else it
+runs the job script (local.sh), which does both. Cgroups are reused from job to job, one pool per CPU set (cgpool.py).
 
 Everything is driven by events, not polls: a task starts at submit time if its cores and memory
 are free, else it waits in an in-memory queue (admission.py); when the launcher says a job ended,
