@@ -14,6 +14,7 @@ and then submits it (`hand_over`): never before all its inputs are in.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -28,6 +29,9 @@ from .active import ActiveSet
 from .model import now
 from .store import Change, Record
 from .taskstore import TaskStore
+
+#: How many tasks that reached a final state lately a poller remembers, against late older records.
+ENDED_KEPT = 10_000
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,9 @@ class Poller:
         # being staged; a task its scheduler refuses (and whose record is deleted) is never heard of
         self.listeners: list[Callable[[Record], None]] = []
         self._unheard: dict[str, list[Record]] = {}  # new tasks not accepted yet: what they will hear
+        # tasks seen reaching a final state lately: an older record of one, arriving late (another
+        # replica's notification), must not bring it back into the active set
+        self._ended: collections.OrderedDict[str, None] = collections.OrderedDict()
         # staging (gateway/staging): `held` tasks are not submitted by a round (their inputs are on
         # their way; `hand_over` submits them); `defer_final` may take a task's final change over
         # (answering True) to apply it later itself, with `apply(..., deferrable=False)`; `restage` may
@@ -112,10 +119,13 @@ class Poller:
         current = self.active.get(record.id)
         if current is not None and _rank(record.state) < _rank(current.state):
             return
+        if current is None and not record.state.terminal and record.id in self._ended:
+            return
         if current is not None and record.native_id is None:
             record = replace(record, native_id=current.native_id)
         if record.state.terminal:
             self.active.discard(record.id)
+            self._ended_now(record.id)
         else:
             self.active.put(record)
         if current is not None and (current.state, current.description, current.exit_code) == \
@@ -149,6 +159,13 @@ class Poller:
             record = self.active.get(task_id)
             if record is not None and record.state.terminal:
                 self.active.discard(task_id)
+                self._ended_now(task_id)
+
+    def _ended_now(self, task_id: str) -> None:
+        self._ended[task_id] = None
+        self._ended.move_to_end(task_id)
+        if len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
 
     # ---- submitting ----
 
