@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from gateway import config as configuration
+from gateway.plugins import create_scheduler
 from schedulers.base import JobRef, JobStatus, Scheduler, TaskState
 from schedulers.local import lifecycle, proc
 from schedulers.local import plugin as local_plugin
@@ -174,6 +176,13 @@ async def test_jobs_start_side_by_side_from_several_launchers(local: Factory, tm
         TaskState.EXECUTOR_ERROR, 3)
     assert (reports.latest[killed.task_id].state, reports.latest[killed.task_id].description) == (
         TaskState.SYSTEM_ERROR, f"the job did not finish normally: {lifecycle.NO_EXIT_STATUS}")
+
+
+@pytest.mark.parametrize("launchers", [0, 65, "2"])
+def test_a_bad_launchers_option_stops_the_start_with_its_path(tmp_path: Path, launchers: Any) -> None:
+    document = {"scheduler": {"type": "local", "options": {"launchers": launchers}}}
+    with pytest.raises(configuration.ConfigError, match=r"^t: \$\.scheduler\.options\.launchers: "):
+        create_scheduler(configuration.from_document(document, tmp_path, "t"))
 
 
 async def test_one_launcher_when_asked(local: Factory, tmp_path: Path) -> None:
