@@ -2,8 +2,11 @@
 (`Poller.observed`): each change once, also when a new lease holder reads every active task again."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+
+import pytest
 
 from gateway.active import ActiveSet
 from gateway.model import now, task_from_document
@@ -14,46 +17,46 @@ from schedulers.base import TaskState
 from schedulers.local.plugin import LocalScheduler
 
 
-def test_a_change_is_told_once_however_often_it_is_read(tmp_path: Path) -> None:
+@pytest.fixture
+def observing(tmp_path: Path) -> Iterator[tuple[Poller, list[Record], Record]]:
+    """A local scheduler's poller, what its listeners heard, and the record of a running task."""
     store = Store(tmp_path / "jobproxy.db")
     scheduler = LocalScheduler("local", SchemaValidator(LocalScheduler.options_schema).with_defaults({}),
                                tmp_path / "local")
     poller = Poller(store, scheduler, ActiveSet([]), 1.0)
     heard: list[Record] = []
     poller.listeners.append(heard.append)
+    task = task_from_document({"user": "u", "cmd": "true"}, "t1", str(tmp_path / "t1"))
     try:
-        task = task_from_document({"user": "u", "cmd": "true"}, "t1", str(tmp_path / "t1"))
-        running = Record(1, task, "local", "t1", TaskState.RUNNING, "started", None, now(), now(), None)
-        poller.observed(running)
-        poller.observed(replace(running, state=TaskState.QUEUED))  # older than what is known: ignored
-        poller.observed(running)  # read again (a new lease holder's refresh): nothing new
-        poller.observed(replace(running, native_id=None))  # a notification without the job id: the same
-        assert heard == [running]
-        ended = replace(running, state=TaskState.COMPLETE, description="exit code 0", exit_code=0, finished=now())
-        poller.observed(ended)
-        assert heard == [running, ended]
-        assert poller.active.get("t1") is None  # final: out of the active set
+        yield poller, heard, Record(1, task, "local", "t1", TaskState.RUNNING, "started", None, now(), now(), None)
     finally:
         store.close()
 
 
-def test_an_older_record_arriving_after_the_end_is_ignored(tmp_path: Path) -> None:
+def _ended(running: Record) -> Record:
+    return replace(running, state=TaskState.COMPLETE, description="exit code 0", exit_code=0, finished=now())
+
+
+def test_a_change_is_told_once_however_often_it_is_read(observing: tuple[Poller, list[Record], Record]) -> None:
+    poller, heard, running = observing
+    poller.observed(running)
+    poller.observed(replace(running, state=TaskState.QUEUED))  # older than what is known: ignored
+    poller.observed(running)  # read again (a new lease holder's refresh): nothing new
+    poller.observed(replace(running, native_id=None))  # a notification without the job id: the same
+    assert heard == [running]
+    ended = _ended(running)
+    poller.observed(ended)
+    assert heard == [running, ended]
+    assert poller.active.get("t1") is None  # final: out of the active set
+
+
+def test_an_older_record_arriving_after_the_end_is_ignored(observing: tuple[Poller, list[Record], Record]) -> None:
     """A notification read late (a new lease holder's refresh, read before the task ended, handled
     after): the task stays out of the active set, and nobody hears it run again."""
-    store = Store(tmp_path / "jobproxy.db")
-    scheduler = LocalScheduler("local", SchemaValidator(LocalScheduler.options_schema).with_defaults({}),
-                               tmp_path / "local")
-    poller = Poller(store, scheduler, ActiveSet([]), 1.0)
-    heard: list[Record] = []
-    poller.listeners.append(heard.append)
-    try:
-        task = task_from_document({"user": "u", "cmd": "true"}, "t1", str(tmp_path / "t1"))
-        running = Record(1, task, "local", "t1", TaskState.RUNNING, "started", None, now(), now(), None)
-        ended = replace(running, state=TaskState.COMPLETE, description="exit code 0", exit_code=0, finished=now())
-        poller.observed(running)
-        poller.observed(ended)
-        poller.observed(running)  # late
-        assert poller.active.get("t1") is None
-        assert heard == [running, ended]
-    finally:
-        store.close()
+    poller, heard, running = observing
+    ended = _ended(running)
+    poller.observed(running)
+    poller.observed(ended)
+    poller.observed(running)  # late
+    assert poller.active.get("t1") is None
+    assert heard == [running, ended]
