@@ -133,7 +133,7 @@ POSTGRESQL = common.Dialect(
 @dataclass
 class _Item:
     write: _Write
-    done: Future[Any]
+    done: common.Waiter
     keep: bool  # a queued change: kept and written again while the database is away
     user: str | None = None  # an add under a quota: the user whose lock its transaction takes first
 
@@ -217,7 +217,9 @@ class PgStore(common.Scans[Db]):
         return done
 
     async def _write(self, write: _Write, user: str | None = None) -> Any:
-        return await asyncio.wrap_future(self._submit(write, user=user))
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put(_Item(write, done, False, user))
+        return await done
 
     def _write_loop(self, db: Db | None) -> None:
         stopping = False
@@ -236,11 +238,9 @@ class PgStore(common.Scans[Db]):
             except (StoreUnavailable, psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 reason = exc.reason if isinstance(exc, StoreUnavailable) else _reason(exc)
                 log.error("task store: the database is unavailable: %s", reason)
-                for item in batch:
-                    if item.keep and not stopping:
-                        waiting.append(item)
-                    elif not item.done.done():
-                        item.done.set_exception(StoreUnavailable(reason))
+                waiting = [item for item in batch if item.keep and not stopping]
+                common.settle((item.done, StoreUnavailable(reason)) for item in batch
+                              if not (item.keep and not stopping))
                 if waiting:
                     time.sleep(1.0)
         if db is not None:

@@ -219,7 +219,9 @@ class Store(common.Scans[sqlite3.Connection]):
         return done
 
     async def _write(self, write: _Write) -> Any:
-        return await asyncio.wrap_future(self._submit(write))
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put((write, done))
+        return await done
 
     def _write_loop(self, db: sqlite3.Connection) -> None:
         stopping = False

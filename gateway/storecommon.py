@@ -9,6 +9,8 @@ fields) and which parameter mark it uses (`?` or `%s`). Each `*_query` function 
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +34,9 @@ FINAL = [s.value for s in TaskState if s not in ACTIVE]
 ACTIVE_STATES = [s.value for s in ACTIVE]
 
 Clause = tuple[str, list[object]]
+#: Who waits for a queued write: a thread (a concurrent Future) or a coroutine (an asyncio future,
+#: answered through its loop).
+Waiter = Future[Any] | asyncio.Future[Any]
 
 
 @dataclass(frozen=True)
@@ -180,15 +185,32 @@ def run_group(transaction: Callable[[list[T]], list[Any]], items: list[T], log: 
         return results
 
 
-def settle(outcomes: Iterable[tuple[Future[Any], Any]]) -> None:
-    """Answer each waiter with its write's result (an exception is raised to it)."""
+def settle(outcomes: Iterable[tuple[Waiter, Any]]) -> None:
+    """Answer each waiter with its write's result (an exception is raised to it). Called by the
+    writer thread: the asyncio futures of a batch are answered by one call on their loop, so a
+    batch wakes the event loop once, not once per write."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
     for done, result in outcomes:
-        if done.done():  # its waiter gave up (e.g. at shutdown); the write stands
-            continue
-        if isinstance(result, Exception):
-            done.set_exception(result)
-        else:
-            done.set_result(result)
+        if isinstance(done, asyncio.Future):
+            by_loop.setdefault(done.get_loop(), []).append((done, result))
+        elif not done.done():  # its waiter gave up (e.g. at shutdown); the write stands
+            _answer(done, result)
+    for loop, answers in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_answer_all, answers)
+
+
+def _answer_all(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for done, result in answers:
+        if not done.done():  # its coroutine was cancelled; the write stands
+            _answer(done, result)
+
+
+def _answer(done: Waiter, result: Any) -> None:
+    if isinstance(result, Exception):
+        done.set_exception(result)
+    else:
+        done.set_result(result)
 
 
 def change_rows(changes: Iterable[Change]) -> list[tuple[Any, ...]]:

@@ -71,6 +71,22 @@ async def test_a_failing_write_fails_alone(store_factory: Opener) -> None:
     store.close()
 
 
+async def test_a_cancelled_waiter_leaves_its_write_and_the_others(store_factory: Opener) -> None:
+    """A coroutine that stops waiting for its add (a client gone): the task is still recorded, and
+    the writes of the same batch are answered as ever."""
+    store = store_factory()
+    await store.flush()
+    waits = [asyncio.ensure_future(store.add(_task(n), "local")) for n in range(50)]
+    await asyncio.sleep(0)  # all queued
+    waits[7].cancel()
+    results = await asyncio.gather(*waits, return_exceptions=True)
+    assert isinstance(results[7], asyncio.CancelledError)
+    assert [r.id for r in results if not isinstance(r, BaseException)] == [_task(n).id for n in range(50) if n != 7]
+    await store.flush()
+    assert store.get("t007") is not None and len(store.page()) == 50
+    store.close()
+
+
 async def test_pages_and_filters(store_factory: Opener) -> None:
     store = store_factory()
     for n in range(10):
