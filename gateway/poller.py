@@ -134,8 +134,9 @@ class Poller:
         if record.native_id is None and record.state == TaskState.QUEUED:  # its submit may yet be refused
             self._unheard.setdefault(record.id, [record])
             return
-        self._unheard.pop(record.id, None)  # the record as it is now says all
-        self._tell(record)
+        if record.state == TaskState.QUEUED:  # with its job: says all that the held record did
+            self._unheard.pop(record.id, None)
+        self._tell(record)  # a later state: after what was held (the task's QUEUED)
 
     def _tell(self, record: Record) -> None:
         """The listeners hear of `record`: now, or once the new task is accepted (`submitted`). A

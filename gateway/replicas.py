@@ -167,6 +167,8 @@ class Replication:
         for record in records:
             owner = self.pollers.get(record.scheduler)
             if owner is not None:
+                if kind == "add":  # read after later changes, maybe: its stream still tells QUEUED first
+                    owner.observed(record.as_added())
                 owner.observed(record)
 
 

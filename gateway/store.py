@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -103,6 +103,11 @@ class Record:
     created: datetime
     started: datetime | None
     finished: datetime | None
+
+    def as_added(self) -> Record:
+        """This task as `add` recorded it: QUEUED, without a job."""
+        return replace(self, native_id=None, state=TaskState.QUEUED, description="", exit_code=None, started=None,
+                       finished=None)
 
     @property
     def id(self) -> str:

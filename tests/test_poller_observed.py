@@ -60,3 +60,24 @@ def test_an_older_record_arriving_after_the_end_is_ignored(observing: tuple[Poll
     poller.observed(running)  # late
     assert poller.active.get("t1") is None
     assert heard == [running, ended]
+
+
+def test_a_new_task_read_late_is_told_queued_first(observing: tuple[Poller, list[Record], Record]) -> None:
+    """Another replica's new task, whose record this replica read only after its job started
+    (`Replication._heard` observes the record as added first): QUEUED, then RUNNING, each once."""
+    poller, heard, running = observing
+    added = running.as_added()
+    assert (added.state, added.native_id, added.description, added.started) == (TaskState.QUEUED, None, "", None)
+    poller.observed(added)
+    assert heard == []  # held: its submit may yet be refused
+    poller.observed(running)
+    assert heard == [added, running]
+
+
+def test_a_new_task_with_its_job_is_told_queued_once(observing: tuple[Poller, list[Record], Record]) -> None:
+    poller, heard, running = observing
+    queued = replace(running, state=TaskState.QUEUED, description="", started=None)
+    poller.observed(queued.as_added())
+    poller.observed(queued)  # its job id arrived: nothing new to tell
+    poller.observed(running)
+    assert [r.state for r in heard] == [TaskState.QUEUED, TaskState.RUNNING]
