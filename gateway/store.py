@@ -176,6 +176,7 @@ class Store(common.Scans[sqlite3.Connection]):
         self._migrate(writer)
         self._db = self._connect()  # reads on the caller's thread
         self._count = int(self._db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+        self._added = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, args=(writer,), name="store-writer", daemon=True)
         self._writer.start()
@@ -245,6 +246,7 @@ class Store(common.Scans[sqlite3.Connection]):
         common.settle(zip([done for _, done in batch], results, strict=True))
 
     def _transaction(self, db: sqlite3.Connection, writes: list[_Write]) -> list[Any]:
+        self._added = 0  # tasks the writes add (or remove, below 0): counted once committed
         db.execute("BEGIN IMMEDIATE")
         try:
             results = [write(db) for write in writes]
@@ -253,6 +255,7 @@ class Store(common.Scans[sqlite3.Connection]):
             db.execute("ROLLBACK")
             raise
         self.commits += 1
+        self._count += self._added  # also when the waiter of a write gave up on it
         return results
 
     async def add(self, task: Task, scheduler: str, key: IdempotencyKey | None = None, *,
@@ -272,10 +275,10 @@ class Store(common.Scans[sqlite3.Connection]):
             if key is not None:
                 db.execute("INSERT INTO idempotency (user, key, digest, task_id, created) VALUES (?, ?, ?, ?, ?)",
                            (key.user, key.key, key.digest, task.id, row[-1]))
+            self._added += 1
             return int(cur.lastrowid or 0)
 
         seq = await self._write(insert)
-        self._count += 1
         return Record(seq, task, scheduler, None, TaskState.QUEUED, "", None, created, None, None)
 
     def set_native_id(self, task_id: str, native_id: str) -> Future[Any]:
@@ -292,9 +295,12 @@ class Store(common.Scans[sqlite3.Connection]):
             " started = COALESCE(started, ?), finished = COALESCE(finished, ?) WHERE id = ?", rows).rowcount)
 
     async def delete(self, task_id: str) -> bool:
-        deleted = await self._write(lambda db: db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount)
-        self._count -= int(deleted)
-        return bool(deleted)
+        def remove(db: sqlite3.Connection) -> int:
+            deleted = int(db.execute("DELETE FROM tasks WHERE id = ?", (task_id,)).rowcount)
+            self._added -= deleted
+            return deleted
+
+        return bool(await self._write(remove))
 
     async def delete_finished(self, task_ids: Sequence[str]) -> list[str]:
         """Forget those of `task_ids` that are in a final state, in one transaction; answers the
@@ -307,10 +313,10 @@ class Store(common.Scans[sqlite3.Connection]):
             for task_id in task_ids:
                 if db.execute(f"DELETE FROM tasks WHERE id = ? AND state IN ({marks})", (task_id, *final)).rowcount:
                     gone.append(task_id)
+            self._added -= len(gone)
             return gone
 
         deleted: list[str] = await self._write(remove)
-        self._count -= len(deleted)
         return deleted
 
     def keyed(self, user: str, key: str) -> tuple[str, str] | None:

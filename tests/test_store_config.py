@@ -83,7 +83,7 @@ async def test_a_cancelled_waiter_leaves_its_write_and_the_others(store_factory:
     assert isinstance(results[7], asyncio.CancelledError)
     assert [r.id for r in results if not isinstance(r, BaseException)] == [_task(n).id for n in range(50) if n != 7]
     await store.flush()
-    assert store.get("t007") is not None and len(store.page()) == 50
+    assert store.get("t007") is not None and len(store.page()) == 50 and store.count() == 50
     store.close()
 
 
