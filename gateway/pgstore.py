@@ -414,9 +414,10 @@ class PgStore(common.Scans[Db]):
         row = self._read(lambda db: db.execute("SELECT * FROM tasks WHERE id = %s", (task_id,)).fetchone())
         return record(row) if row else None
 
-    def get_many(self, task_ids: Sequence[str]) -> list[Record]:
-        """The records of those of `task_ids` that exist."""
-        rows = self._read(lambda db: db.execute("SELECT * FROM tasks WHERE id = ANY(%s)", (list(task_ids),)).fetchall())
+    async def get_many(self, task_ids: Sequence[str]) -> list[Record]:
+        """The records of those of `task_ids` that exist, read on the reader thread."""
+        rows = await self._on_reader(
+            lambda db: db.execute("SELECT * FROM tasks WHERE id = ANY(%s)", (list(task_ids),)).fetchall())
         return [record(r) for r in rows]
 
     def _scan(self, query: common.Clause, db: Db | None = None) -> list[Record]:

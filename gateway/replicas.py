@@ -88,7 +88,7 @@ class Replication:
         held = await lease.hold()
         if held and not poller.leading:
             log.info("replica %s: holds the lease of scheduler %s, polls it from now on", self.store.origin, lease.name)
-            self._refresh(poller)  # if a step fails, the next round takes over again from the start
+            await self._refresh(poller)  # if a step fails, the next round takes over again from the start
             await self._adopt(poller)
             await poller.catch_up()
             poller.leading = True
@@ -117,10 +117,10 @@ class Replication:
         except Exception as exc:  # the next round tries again
             log.warning("replica %s: could not adopt orphaned tasks: %s", self.store.origin, exc)
 
-    def _refresh(self, poller: Poller) -> None:
-        """A new holder reads the scheduler's active tasks again, in case a notification was lost
-        while it listened on a broken connection."""
-        for record in self.store.active(poller.scheduler.name):
+    async def _refresh(self, poller: Poller) -> None:
+        """A new holder reads the scheduler's active tasks again (off the event loop), in case a
+        notification was lost while it listened on a broken connection."""
+        for record in await self.store.active_async(poller.scheduler.name):
             poller.observed(record)
 
     def _hand_over_for(self, poller: Poller) -> Callable[[Record], bool]:
@@ -143,14 +143,15 @@ class Replication:
                         listening.set_result(None)
                     else:  # back after a break: what changed meanwhile
                         for poller in self.pollers.values():
-                            self._refresh(poller)
-                    async for note in db.notifies():
-                        self._heard(note.payload)
+                            await self._refresh(poller)
+                    async for note in db.notifies():  # one at a time, in the order they were sent
+                        await self._heard(note.payload)
             except Exception as exc:  # psycopg's, or StoreUnavailable: listen again in a second
                 log.warning("replica %s: listening for changes failed, again in 1 s: %s", self.store.origin, exc)
             await asyncio.sleep(1.0)
 
-    def _heard(self, payload: str) -> None:
+    async def _heard(self, payload: str) -> None:
+        """Another replica's change: the records it names, read off the event loop, into the pollers."""
         origin, kind, *task_ids = payload.split(" ")
         if origin == self.store.origin or not task_ids:
             return
@@ -160,7 +161,7 @@ class Replication:
                     poller.withdrawn(task_id)
             return
         try:
-            records = self.store.get_many(task_ids)
+            records = await self.store.get_many(task_ids)
         except Exception as exc:
             log.warning("replica %s: could not read changed tasks: %s", self.store.origin, exc)
             return

@@ -130,9 +130,13 @@ class Scans(Generic[Db]):
         """`page`, run on the reader thread so that a long scan never holds the event loop."""
         return await self._on_reader(lambda db: self.page(db=db, **query))
 
-    def active(self, scheduler: str | None = None) -> list[Record]:
+    def active(self, scheduler: str | None = None, db: Db | None = None) -> list[Record]:
         """Every task (of `scheduler`) that has not reached a final state, oldest first."""
-        return self._scan(active_query(self.dialect, scheduler))
+        return self._scan(active_query(self.dialect, scheduler), db)
+
+    async def active_async(self, scheduler: str | None = None) -> list[Record]:
+        """`active`, on the reader thread."""
+        return await self._on_reader(lambda db: self.active(scheduler, db))
 
     def ended_before(self, moment: datetime, limit: int, offset: int = 0, db: Db | None = None) -> list[Record]:
         """At most `limit` tasks in a final state that ended (finished, or were made if they never
