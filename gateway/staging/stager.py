@@ -192,17 +192,19 @@ class Stager:
     async def _stage_in(self, record: Record) -> None:
         task, poller = record.task, self._poller(record)
         budget = Budget(self.settings.max_bytes)
+        failed: StagingError | None = None
         try:
             for item in plan_of(task)["inputs"]:
                 await self._fetch(task, item, budget)
         except StagingError as exc:
-            self._holding.discard(task.id)
-            poller.apply([Change(task.id, TaskState.SYSTEM_ERROR, f"staging inputs failed: {exc.reason}",
+            failed = exc
+        finally:
+            self._holding.discard(task.id)  # also when the task was canceled meanwhile
+            self._give_to_job(poller, task)
+        if failed is not None:
+            poller.apply([Change(task.id, TaskState.SYSTEM_ERROR, f"staging inputs failed: {failed.reason}",
                                  finished=now())], deferrable=False)
             return
-        finally:
-            self._give_to_job(poller, task)
-        self._holding.discard(task.id)
         current = self.app[ACTIVE].get(task.id)
         if current is None or current.state.terminal:
             return
