@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +31,10 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import Server, free_port, gone, rss_mib
 from gateway.api_v1 import state_document
 from gateway.model import new_task_id, task_from_document
 from gateway.store import Store
-from tests.conftest import free_port
 
 
 async def rate(session: aiohttp.ClientSession, method: str, url: str, count: int, body: bytes | None = None,
@@ -85,43 +84,17 @@ def task_processes(task_ids: set[str]) -> list[int]:
     return found
 
 
-def dead(pid: int) -> bool:
-    """Whether `pid` has ended: gone, or a zombie waiting for its parent (or PID 1) to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"  # the state follows the command in parentheses
-
-
 def stop(pids: list[int], timeout: float = 30) -> None:
     """SIGKILL each of `pids` and wait until all have ended."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while not all(dead(pid) for pid in pids):
+    while not all(gone(pid) for pid in pids):
         if time.monotonic() > deadline:
             raise RuntimeError(f"processes still alive {timeout:.0f} s after SIGKILL: "
-                               f"{[pid for pid in pids if not dead(pid)]}")
+                               f"{[pid for pid in pids if not gone(pid)]}")
         time.sleep(0.05)
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    """Terminate the gateway this run started (SIGKILL after 30 s) and reap it."""
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait(timeout=30)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def main() -> None:
@@ -139,42 +112,35 @@ async def main() -> None:
         port = free_port()
         command = [str(Path(sys.executable).parent / "jobproxy"), "serve", "--config", str(root / "jobproxy.toml"),
                    "--port", str(port)]
-        server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/v1/jobproxy"
         submitted: list[str] = []
         try:
-            async with aiohttp.ClientSession() as session:
-                for _ in range(300):
-                    try:
-                        async with session.get(f"{url}/ping") as response:
-                            if response.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        await asyncio.sleep(0.1)
-                blocker = json.dumps({"user": "bench", "cmd": "sleep 600"}).encode()
-                await rate(session, "POST", f"{url}/submit", 1, blocker, concurrency=1, ids=submitted)  # holds the core
-                ping = await rate(session, "GET", f"{url}/ping", args.submits)
-                task = json.dumps({"user": "bench", "cmd": ["/bin/true"], "cores": 1, "memory": 10}).encode()
-                submit = await rate(session, "POST", f"{url}/submit", args.submits, task, ids=submitted)
+            with Server(command, root, f"http://127.0.0.1:{port}") as server:  # stopped first: no queued task starts
+                await server.ready()
+                async with aiohttp.ClientSession() as session:
+                    blocker = json.dumps({"user": "bench", "cmd": "sleep 600"}).encode()
+                    await rate(session, "POST", f"{url}/submit", 1, blocker, concurrency=1, ids=submitted)  # the core
+                    ping = await rate(session, "GET", f"{url}/ping", args.submits)
+                    task = json.dumps({"user": "bench", "cmd": ["/bin/true"], "cores": 1, "memory": 10}).encode()
+                    submit = await rate(session, "POST", f"{url}/submit", args.submits, task, ids=submitted)
 
-                start, token, walked = time.perf_counter(), "", 0
-                while True:
-                    async with session.get(f"{url}/state?page_size=1000&page_token={token}") as response:
-                        page = await response.json()
-                    walked += len(page["state"])
-                    token = page.get("next_page_token", "")
-                    if not token:
-                        break
-                http_walk = time.perf_counter() - start
-                start = time.perf_counter()
-                store, after, direct = Store(root / "state" / "jobproxy.db"), 0, 0
-                while rows := store.page(after=after, limit=1000):
-                    direct += len([state_document(r) for r in rows])
-                    after = rows[-1].seq
-                store_walk = time.perf_counter() - start
-                memory = rss_mib(server.pid)
+                    start, token, walked = time.perf_counter(), "", 0
+                    while True:
+                        async with session.get(f"{url}/state?page_size=1000&page_token={token}") as response:
+                            page = await response.json()
+                        walked += len(page["state"])
+                        token = page.get("next_page_token", "")
+                        if not token:
+                            break
+                    http_walk = time.perf_counter() - start
+                    start = time.perf_counter()
+                    store, after, direct = Store(root / "state" / "jobproxy.db"), 0, 0
+                    while rows := store.page(after=after, limit=1000):
+                        direct += len([state_document(r) for r in rows])
+                        after = rows[-1].seq
+                    store_walk = time.perf_counter() - start
+                    memory = rss_mib(server.pid)
         finally:
-            stop_server(server)  # first, so that no queued task starts meanwhile
             stop(task_processes(set(submitted)))
     print(f"baseline ping:   {ping:8.0f} requests/s")
     print(f"submit:          {submit:8.0f} tasks/s      ratio to ping {submit / ping:.2f}")
