@@ -17,8 +17,22 @@ from schedulers.base import Scheduler, SchedulerError
 from . import api_v1, audit, auth, events, metrics, output, pages, plugins, policy, quota, reload, responses, task_logs
 from .active import ActiveSet
 from .config import Config, ConfigError
+from .folders import FolderPool
 from .idempotency import Keys
-from .keys import ACTIVE, CONFIG, KEYS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT, TASK_VALIDATOR
+from .keys import (
+    ACTIVE,
+    CONFIG,
+    FOLDERS,
+    KEYS,
+    POLLERS,
+    QUOTAS,
+    ROUTER,
+    SCHEDULERS,
+    STAGER,
+    STORE,
+    TASK_ROOT,
+    TASK_VALIDATOR,
+)
 from .model import now
 from .poller import Poller
 from .quota import Quotas
@@ -146,6 +160,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         store.close()
         raise _path_error(config, "create the task root", config.task_root, "[gateway] task_root", exc) from None
     app[TASK_ROOT] = Path(config.task_root).resolve()
+    app[FOLDERS] = folders = FolderPool(app[TASK_ROOT])
+    folders.start()
     app[ACTIVE] = active = ActiveSet(store.active())  # the one full read of active tasks
     _warn_unconfigured(active, schedulers)
     app[POLLERS] = pollers = {}
@@ -167,6 +183,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for started in pollers.values():
             await started.scheduler.close()
         await stager.close()
+        folders.close()
         store.close()
         raise
     app[KEYS] = Keys(store)
@@ -187,5 +204,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await stager.close()
     for scheduler in schedulers.values():
         await scheduler.close()
+    folders.close()
     await store.flush()
     store.close()

@@ -10,6 +10,7 @@ from schedulers.base import Scheduler
 
 from .active import ActiveSet
 from .config import Config
+from .folders import FolderPool
 from .idempotency import Keys
 from .poller import Poller
 from .quota import Quotas
@@ -26,6 +27,7 @@ ACTIVE = web.AppKey("active", ActiveSet)
 KEYS = web.AppKey("idempotency_keys", Keys)
 QUOTAS = web.AppKey("quotas", Quotas)
 TASK_ROOT = web.AppKey("task_root", Path)  # resolved once
+FOLDERS = web.AppKey("folders", FolderPool)  # task folders made ahead under TASK_ROOT
 SCHEDULERS = web.AppKey("schedulers", dict[str, Scheduler])  # the instances by name, in the config's order
 POLLERS = web.AppKey("pollers", dict[str, Poller])  # one per instance, made when the gateway starts
 ROUTER = web.AppKey("router", Router)

@@ -18,7 +18,8 @@ from schedulers.base import JobRef, Scheduler, SchedulerError, SchedulerUnavaila
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy, reload, routing
-from .keys import ACTIVE, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT
+from .folders import FolderPool
+from .keys import ACTIVE, FOLDERS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .poller import Poller
 from .responses import ApiError
@@ -93,7 +94,7 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
     """Make the task's folder, record the task, hand it to its scheduler (or keep nothing)."""
     store, scheduler, poller = app[STORE], app[SCHEDULERS][name], app[POLLERS][name]
     try:
-        _make_folder(task, files or {}, scheduler.job_account(task))
+        _make_folder(app[FOLDERS], task, files or {}, scheduler.job_account(task))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
@@ -131,10 +132,10 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
              extra={"task_id": task.id, "user": task.user})
 
 
-def _make_folder(task: Task, files: Mapping[str, str | bytes], account: str | None) -> None:
+def _make_folder(folders: FolderPool, task: Task, files: Mapping[str, str | bytes], account: str | None) -> None:
     """The task's own folder with the files it brings, owned by the account its job runs as."""
     try:
-        os.mkdir(task.workdir, 0o700)
+        folders.make(task.workdir)
     except FileNotFoundError:  # the task root itself is gone: make it again
         Path(task.workdir).mkdir(mode=0o700, parents=True)
     for relative, content in files.items():

@@ -1,0 +1,86 @@
+"""Task folders made ahead of time (gateway/folders.py), on the real file system."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gateway.folders import PREFIX, FolderPool
+
+
+def _ready(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_task_takes_a_ready_folder_and_more_are_made(tmp_path: Path) -> None:
+    pool = FolderPool(tmp_path, size=8)
+    pool.start()
+    try:
+        _wait_for(lambda: len(_ready(tmp_path)) == 8)
+        ready = _ready(tmp_path)
+        inode = {p.stat().st_ino: p for p in ready}
+        for n in range(6):
+            pool.make(str(tmp_path / f"task{n}"))
+        made = [tmp_path / f"task{n}" for n in range(6)]
+        assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+        assert {p.stat().st_ino for p in made} <= inode.keys()  # renamed, not made
+        assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 and p.stat().st_uid == os.getuid() for p in made)
+        _wait_for(lambda: len(_ready(tmp_path)) == 8)  # fewer than half were left: made again
+    finally:
+        pool.close()
+    assert _ready(tmp_path) == []  # removed at shutdown
+    assert all((tmp_path / f"task{n}").is_dir() for n in range(6))  # the tasks' stay
+
+
+def test_without_a_ready_folder_the_task_makes_its_own(tmp_path: Path) -> None:
+    pool = FolderPool(tmp_path)  # not started: nothing ready
+    pool.make(str(tmp_path / "task"))
+    assert (tmp_path / "task").is_dir()
+    pool.close()
+
+
+def test_a_gone_root_raises_as_mkdir_does_and_is_filled_again(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    root.mkdir()
+    pool = FolderPool(root, size=4)
+    pool.start()
+    try:
+        _wait_for(lambda: len(_ready(root)) == 4)
+        for path in _ready(root):
+            path.rmdir()
+        root.rmdir()
+        try:
+            pool.make(str(root / "task"))
+        except FileNotFoundError:
+            pass
+        else:
+            raise AssertionError("made a folder under a root that is gone")
+        root.mkdir()  # what the gateway does then (service._make_folder)
+        pool.make(str(root / "task"))
+        assert (root / "task").is_dir()
+        _wait_for(lambda: len(_ready(root)) == 4)
+    finally:
+        pool.close()
+
+
+def test_leftovers_of_a_crash_are_removed_at_start(tmp_path: Path) -> None:
+    (tmp_path / f"{PREFIX}0123456789abcdef").mkdir()
+    (tmp_path / f"{PREFIX}notempty").mkdir()
+    (tmp_path / f"{PREFIX}notempty" / "file").write_text("x")
+    (tmp_path / "task").mkdir()
+    pool = FolderPool(tmp_path, size=2)
+    pool.start()
+    try:
+        _wait_for(lambda: not (tmp_path / f"{PREFIX}0123456789abcdef").exists())
+        assert (tmp_path / f"{PREFIX}notempty" / "file").exists() and (tmp_path / "task").is_dir()
+    finally:
+        pool.close()
