@@ -8,9 +8,9 @@ whenever fewer than half are left. A submit takes one (`make`); when none is rea
 folder itself, as it always did.
 
 Ready folders are empty and belong to the gateway's user, mode 0700, as a folder made at submit
-does. The gateway removes its own at shutdown; those a crash left behind are removed by the next
-start (an empty folder only: one another replica sharing the root has just renamed is not there
-any more).
+does. The gateway removes its own at shutdown; those a crash left behind are removed, if empty, by
+the next start. Replicas sharing a task root may remove each other's that way at their start: a
+submit whose ready folder is gone takes the next one, or makes its own.
 """
 from __future__ import annotations
 
