@@ -3,29 +3,22 @@ from __future__ import annotations
 
 import os
 import stat
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from gateway.folders import PREFIX, FolderPool
+
+from .test_e2e_slurm import eventually
 
 
 def _ready(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))
 
 
-def _wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_a_task_takes_a_ready_folder_and_more_are_made(tmp_path: Path) -> None:
     pool = FolderPool(tmp_path, size=8)
     pool.start()
     try:
-        _wait_for(lambda: len(_ready(tmp_path)) == 8)
+        eventually(lambda: len(_ready(tmp_path)) == 8, 10, "8 folders ready")
         ready = _ready(tmp_path)
         inode = {p.stat().st_ino: p for p in ready}
         for n in range(6):
@@ -34,7 +27,7 @@ def test_a_task_takes_a_ready_folder_and_more_are_made(tmp_path: Path) -> None:
         assert all(p.is_dir() and not any(p.iterdir()) for p in made)
         assert {p.stat().st_ino for p in made} <= inode.keys()  # renamed, not made
         assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 and p.stat().st_uid == os.getuid() for p in made)
-        _wait_for(lambda: len(_ready(tmp_path)) == 8)  # fewer than half were left: made again
+        eventually(lambda: len(_ready(tmp_path)) == 8, 10, "the folders made again")  # fewer than half were left
     finally:
         pool.close()
     assert _ready(tmp_path) == []  # removed at shutdown
@@ -54,7 +47,7 @@ def test_a_gone_root_raises_as_mkdir_does_and_is_filled_again(tmp_path: Path) ->
     pool = FolderPool(root, size=4)
     pool.start()
     try:
-        _wait_for(lambda: len(_ready(root)) == 4)
+        eventually(lambda: len(_ready(root)) == 4, 10, "4 folders ready")
         for path in _ready(root):
             path.rmdir()
         root.rmdir()
@@ -67,7 +60,7 @@ def test_a_gone_root_raises_as_mkdir_does_and_is_filled_again(tmp_path: Path) ->
         root.mkdir()  # what the gateway does then (service._make_folder)
         pool.make(str(root / "task"))
         assert (root / "task").is_dir()
-        _wait_for(lambda: len(_ready(root)) == 4)
+        eventually(lambda: len(_ready(root)) == 4, 10, "4 folders ready")
     finally:
         pool.close()
 
@@ -80,7 +73,7 @@ def test_leftovers_of_a_crash_are_removed_at_start(tmp_path: Path) -> None:
     pool = FolderPool(tmp_path, size=2)
     pool.start()
     try:
-        _wait_for(lambda: not (tmp_path / f"{PREFIX}0123456789abcdef").exists())
+        eventually(lambda: not (tmp_path / f"{PREFIX}0123456789abcdef").exists(), 10, "the leftover removed")
         assert (tmp_path / f"{PREFIX}notempty" / "file").exists() and (tmp_path / "task").is_dir()
     finally:
         pool.close()
