@@ -24,12 +24,14 @@ import json
 import logging
 import logging.handlers
 import sys
+from datetime import UTC, datetime
 
 from aiohttp import web
 
 from . import auth
 from .config import LogSettings
-from .model import now, rfc3339
+from .logs import TextFormatter
+from .model import rfc3339
 from .store import Record
 
 log = logging.getLogger("jobproxy.audit")
@@ -43,10 +45,11 @@ class JsonLines(logging.Formatter):
     """Formats an audit record as one JSON object (the `audit` attribute of the log record)."""
 
     def format(self, record: logging.LogRecord) -> str:
+        moment = rfc3339(datetime.fromtimestamp(record.created, UTC))
         entry = getattr(record, "audit", None)
         if entry is None:  # a line someone else logged to this logger: still one JSON object
-            entry = {"time": rfc3339(now()), "message": record.getMessage()}
-        return json.dumps(entry, separators=(",", ":"))
+            return json.dumps({"time": moment, "message": record.getMessage()}, separators=(",", ":"))
+        return json.dumps({"time": moment, **entry}, separators=(",", ":"))
 
 
 def configure(settings: LogSettings) -> None:
@@ -66,7 +69,7 @@ def configure(settings: LogSettings) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines() if settings.audit == "json"
-                         else logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+                         else TextFormatter("%(asctime)s %(name)s: %(message)s"))
     _installed.append(handler)
     log.addHandler(handler)
     log.propagate = False
@@ -88,7 +91,7 @@ def submitted(request: web.Request, task_id: str, user: str, api: str, created: 
 
 
 def _line(request: web.Request, action: str, task_id: str, user: str, api: str, *, replayed: bool) -> None:
-    entry = {"time": rfc3339(now()), "action": action, "caller": auth.identity(request).user, "user": user,
+    entry = {"action": action, "caller": auth.identity(request).user, "user": user,
              "task": task_id, "api": api, "source": source(request), "replayed": replayed}
     by = entry["caller"] or "anyone (auth off)"
     log.info("%s task %s for user %s by %s via %s from %s%s", action, task_id, user, by, api,

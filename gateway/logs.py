@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,24 @@ from typing import Any
 EXTRA_FIELDS = ("task_id", "user")
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """`logging.Formatter` with its default time format, whose date and time to the second are
+    formatted once per second rather than once per record (a line a submit adds up)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(self.default_time_format, self.converter(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,7 +67,7 @@ def formatter(kind: str) -> logging.Formatter:
     if kind == "json":
         return JsonFormatter()
     if kind == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return TextFormatter(TEXT_FORMAT)
     raise ValueError(f"unknown log format {kind!r}")
 
 
@@ -57,3 +76,5 @@ def configure(level: str, kind: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(kind))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # no format here names a record's thread or process: spare each record looking them up
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

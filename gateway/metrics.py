@@ -89,6 +89,22 @@ class Metrics:
         self.loop_lag_last = Gauge("jobproxy_event_loop_lag_last_seconds", "The event-loop lag last measured",
                                    registry=r)
         ProcessCollector(registry=r)
+        #: The labelled series of each (method, route, status) answered so far: a lookup of the
+        #: labels of a metric costs more than the observation itself.
+        self._http: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+
+    def answered(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP answer and its latency (and, for a submit route, the submit)."""
+        series = self._http.get((method, route, status))
+        if series is None:
+            api = SUBMITS.get(route) if method == "POST" else None
+            series = self._http[(method, route, status)] = (
+                self.http_seconds.labels(method, route), self.http_responses.labels(method, route, str(status)),
+                self.submits.labels(api, str(status)) if api is not None else None)
+        series[0].observe(seconds)
+        series[1].inc()
+        if series[2] is not None:
+            series[2].inc()
 
     def instrument(self, scheduler: Scheduler) -> None:
         """Time every contract call of `scheduler` and count its failures (wrapping the instance's
@@ -199,11 +215,7 @@ async def middleware(request: web.Request,
         status = exc.status
         raise
     finally:
-        metrics, route = request.app[METRICS], _route(request)
-        metrics.http_seconds.labels(request.method, route).observe(time.perf_counter() - started)
-        metrics.http_responses.labels(request.method, route, str(status)).inc()
-        if request.method == "POST" and route in SUBMITS:
-            metrics.submits.labels(SUBMITS[route], str(status)).inc()
+        request.app[METRICS].answered(request.method, _route(request), status, time.perf_counter() - started)
 
 
 async def scrape(request: web.Request) -> web.Response:
