@@ -8,7 +8,8 @@ Prints each figure and its ratio to its baseline:
   GET /v1/jobproxy/ping per second on the same server (the HTTP floor).
 - list: walking --tasks tasks through GET /v1/jobproxy/state in pages of 1000, against reading the
   same rows straight from the store.
-- memory: the server's resident memory after the walk.
+- memory: the server's resident memory before and after the walk. The --tasks seeded tasks are
+  QUEUED for a scheduler instance the server does not have, so all of them are in its active set.
 
 It stops only what it started, by pid: the server it ran, then every process of the tasks it
 submitted (found by the JOBPROXY_TASK_ID the local scheduler gives each job), waiting until each is
@@ -124,6 +125,7 @@ async def main() -> None:
                     task = json.dumps({"user": "bench", "cmd": ["/bin/true"], "cores": 1, "memory": 10}).encode()
                     submit = await rate(session, "POST", f"{url}/submit", args.submits, task, ids=submitted)
 
+                    memory_before = rss_mib(server.pid)
                     start, token, walked = time.perf_counter(), "", 0
                     while True:
                         async with session.get(f"{url}/state?page_size=1000&page_token={token}") as response:
@@ -147,7 +149,8 @@ async def main() -> None:
     print(f"list walk:       {walked:8d} tasks in {http_walk:.2f} s ({walked / http_walk:.0f} tasks/s)")
     print(f"baseline store:  {direct:8d} tasks in {store_walk:.2f} s      "
           f"ratio HTTP/store time {http_walk / store_walk:.2f}")
-    print(f"server memory:   {memory:8.1f} MiB resident after the walk")
+    print(f"server memory:   {memory_before:8.1f} MiB resident before the walk, {memory:.1f} MiB after it, with "
+          f"{args.tasks + len(submitted)} active tasks (the seeded ones wait for a scheduler instance it does not have)")
 
 
 if __name__ == "__main__":
