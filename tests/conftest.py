@@ -3,6 +3,7 @@ process, and the scheduler backends the contract suite runs against."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -25,11 +26,28 @@ from gateway.app import create_app
 from gateway.plugins import create_scheduler
 from schedulers.base import Scheduler
 from schedulers.local import LocalScheduler
+from schedulers.local import cgroups as local_cgroups
 
 from .reporting import Reports
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cgroups_left_behind() -> Iterator[None]:
+    """After the session, remove the empty cgroups its gateways made: each test gateway's pool has
+    a name prefix of its own (from its state folder), and one that a test kills cannot remove them.
+    (Another gateway on the machine whose free groups go with them makes them again when needed.)"""
+    hierarchy = local_cgroups.detect() if os.geteuid() == 0 else None
+    parents = {group.parent for group in hierarchy.groups("-")} if hierarchy is not None else set()
+    before = {parent: set(os.listdir(parent)) for parent in parents}
+    yield
+    for parent, names in before.items():
+        for name in sorted(set(os.listdir(parent)) - names):
+            if (parent / name).is_dir():
+                with contextlib.suppress(OSError):  # a process is still in it (or a group below it): left as it is
+                    (parent / name).rmdir()
 
 
 @pytest.fixture(scope="session")
