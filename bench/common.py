@@ -46,6 +46,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def dentries() -> str:
+    """How many directory entries the kernel has cached, in words. On this project's virtual
+    machines, creating a file or a folder (a local task needs four) gets several times dearer as
+    this grows into the hundreds of thousands, so it is printed beside the figures it moves."""
+    try:
+        total, unused = Path("/proc/sys/fs/dentry-state").read_text().split()[:2]
+    except (OSError, ValueError):
+        return "dentry cache: unknown"
+    return f"dentry cache: {int(total):,} entries ({int(unused):,} unused)"
+
+
 def percentile(samples: list[float], p: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))] if ordered else float("nan")

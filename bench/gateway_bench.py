@@ -150,7 +150,7 @@ async def main() -> None:
     print(f"baseline store:  {direct:8d} tasks in {store_walk:.2f} s      "
           f"ratio HTTP/store time {http_walk / store_walk:.2f}")
     print(f"server memory:   {memory_before:8.1f} MiB resident before the walk, {memory:.1f} MiB after it, with "
-          f"{args.tasks + len(submitted)} active tasks (the seeded ones wait for a scheduler instance it does not have)")
+          f"{args.tasks + len(submitted)} active tasks (the seeded ones wait for a scheduler instance it lacks)")
 
 
 if __name__ == "__main__":

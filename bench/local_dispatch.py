@@ -29,7 +29,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Server, cpu_seconds, free_port, submit_many
+from bench.common import Server, cpu_seconds, dentries, free_port, submit_many
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,6 +126,7 @@ async def main() -> None:
                         help="the local scheduler's launchers option (default: the scheduler's default)")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the gateway's scheduler.poll_interval")
     args = parser.parse_args()
+    print(f"before the run, {dentries()}")
     before = await baseline(args.tasks, args.cores)
     with tempfile.TemporaryDirectory(prefix="jobproxy-bench-") as folder:
         Path(folder).chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their folders
