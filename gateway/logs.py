@@ -22,7 +22,7 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 class TextFormatter(logging.Formatter):
     """`logging.Formatter` with its default time format, whose date and time to the second are
-    formatted once per second rather than once per record (a line a submit adds up)."""
+    formatted once a second rather than once a record: with an audit line per submit, that adds up."""
 
     def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
