@@ -117,6 +117,16 @@ def test_json_formatter_carries_extras_and_exceptions_on_one_line() -> None:
     assert "\n" not in line and "ValueError: boom" in json.loads(line)["exc"] and "user" not in json.loads(line)
 
 
+def test_text_formatter_writes_what_logging_formatter_writes() -> None:
+    """The text format keeps its time stamp for a second: every line is still logging's own."""
+    ours, theirs = logs.formatter("text"), logging.Formatter(logs.TEXT_FORMAT)
+    start = time.time()
+    for moment in [start + step / 7 for step in range(40)] + [start - 86_400.5, start]:  # across seconds, and back
+        record = logging.LogRecord("gateway.service", logging.INFO, __file__, 1, "task %s", ("t1",), None)
+        record.created, record.msecs = moment, int((moment - int(moment)) * 1000)
+        assert ours.format(record) == theirs.format(record)
+
+
 def test_serve_logs_json_lines_with_task_id_and_user(tmp_path: Path) -> None:
     config = '[log]\nformat = "json"\n[scheduler]\ntype = "local"\npoll_interval = 0.2\n'
     gateway = Gateway(tmp_path, config, {"PYTHONPATH": str(ROOT)})
