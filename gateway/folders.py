@@ -1,8 +1,8 @@
 """Task folders made ahead of time, so that a submit renames an empty folder instead of making one.
 
-A `mkdir` under the task root costs 150-250 us of CPU on this project's ext4 test machines (the
-file system picks a block group for every new directory), and far more on a network file system;
-a `rename` within the root costs about 15 us. A thread of its own keeps up to `size` empty folders
+A `mkdir` under the task root costs from about 30 us to over 500 us of CPU on this project's ext4
+test machines (it grows with the kernel's dentry cache), and far more on a network file system; a
+`rename` within the root costs about 15 us. A thread of its own keeps up to `size` empty folders
 ready under the root, named `.ready-<random>` (no task id starts with a dot), and makes more
 whenever fewer than half are left. A submit takes one (`make`); when none is ready it makes the
 folder itself, as it always did.
