@@ -242,3 +242,18 @@ def test_a_queued_task_says_what_it_waits_for() -> None:
     assert admission.take(big) is None
     assert admission.waiting(big) == JobStatus(TaskState.QUEUED,
                                                "waiting for 2 cores, 1 free, and 100 MiB, 800 MiB free; 1 queued")
+
+
+def test_a_jobs_environment_is_the_users_and_looked_up_again_when_old() -> None:
+    import pwd
+
+    environments = lifecycle.Environments(ttl=3600)
+    first = environments.of("nobody")
+    assert first == lifecycle.clean_environment("nobody")
+    assert first["HOME"] == pwd.getpwnam("nobody").pw_dir
+    first["PATH"] = "changed by its caller"
+    assert environments.of("nobody")["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    with pytest.raises(KeyError):
+        environments.of("no-such-user-here")
+    environments._known["nobody"] = (environments._known["nobody"][0] - 7200, {"HOME": "/stale"})
+    assert environments.of("nobody")["HOME"] == pwd.getpwnam("nobody").pw_dir
