@@ -244,6 +244,21 @@ def test_a_queued_task_says_what_it_waits_for() -> None:
                                                "waiting for 2 cores, 1 free, and 100 MiB, 800 MiB free; 1 queued")
 
 
+async def test_the_launchers_answers_are_read_line_by_line_however_they_arrive() -> None:
+    from schedulers.local.client import _Answers
+
+    lines: list[bytes] = []
+    answers = _Answers(lines.append)
+    answers.data_received(b'{"a": 1}\n{"b"')
+    answers.data_received(b': 2}\n')
+    answers.data_received(b"x" * (_Answers.LIMIT + 1))  # never a line the launcher sends: dropped
+    answers.data_received(b'\n{"c": 3}\n')
+    assert lines == [b'{"a": 1}', b'{"b": 2}', b"", b'{"c": 3}']
+    assert not answers.ended.done()
+    answers.connection_lost(None)
+    assert answers.ended.done()
+
+
 def test_a_jobs_environment_is_the_users_and_looked_up_again_when_old() -> None:
     import pwd
 

@@ -18,6 +18,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..base import SchedulerConfigError
@@ -48,13 +49,42 @@ class Events(Protocol):
 _LINGERING: list[subprocess.Popen[bytes]] = []
 
 
+class _Answers(asyncio.Protocol):
+    """The launcher's answers, one JSON line each, handed to `handle` as they arrive: no stream
+    and no coroutine woken per line. `ended` is done once the launcher closed its end."""
+
+    #: The longest line kept whole; a longer one (never sent by the launcher) is dropped.
+    LIMIT = 1 << 20
+
+    def __init__(self, handle: Callable[[bytes], None]) -> None:
+        self.handle = handle
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n") if self._partial else data.split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > self.LIMIT:
+            log.error("the local job launcher sent a line longer than %d bytes: dropped", self.LIMIT)
+            self._partial = b""
+        for line in lines:
+            self.handle(line)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
 class _Process:
     """A running launcher: the process and the event loop's ends of its pipes."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], reader: asyncio.StreamReader,
+    def __init__(self, popen: subprocess.Popen[bytes], answers: _Answers,
                  writer: asyncio.WriteTransport, reading: asyncio.ReadTransport) -> None:
         self.popen = popen
-        self.reader = reader
+        self.answers = answers
         self.writer = writer
         self.reading = reading
 
@@ -126,12 +156,10 @@ class LauncherClient:
                                  stdout=subprocess.PIPE, start_new_session=True, close_fds=True)
         assert popen.stdin is not None and popen.stdout is not None
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
-        reading, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader, loop=loop),
-                                                  popen.stdout)
+        reading, answers = await loop.connect_read_pipe(lambda: _Answers(self._answer), popen.stdout)
         writer, _ = await loop.connect_write_pipe(asyncio.Protocol, popen.stdin)
         log.info("local job launcher %d started as pid %d", self.index, popen.pid)
-        process = _Process(popen, reader, writer, reading)
+        process = _Process(popen, answers, writer, reading)
         self._process = process
         buffered, self._buffer = self._buffer, []
         for task_id, line in buffered:
@@ -142,7 +170,7 @@ class LauncherClient:
         loop = asyncio.get_running_loop()
         while True:
             born = loop.time()
-            await self._read(process)
+            await process.answers.ended
             process.writer.close()
             process.reading.close()
             while process.popen.poll() is None:  # it closed its stdout: it is on its way out
@@ -166,19 +194,13 @@ class LauncherClient:
                 return
             self.events.launcher_lost(self.index, lost)
 
-    async def _read(self, process: _Process) -> None:
-        while True:
-            try:
-                line = await process.reader.readline()
-            except (ValueError, asyncio.LimitOverrunError) as exc:
-                log.error("the local job launcher sent an unreadable line: %s", exc)
-                continue
-            if not line:
-                return
-            try:
-                self._dispatch(json.loads(line))
-            except Exception:  # one bad answer must not stop the reading
-                log.exception("cannot handle the local job launcher's answer %r", line[:500])
+    def _answer(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            self._dispatch(json.loads(line))
+        except Exception:  # one bad answer must not stop the reading
+            log.exception("cannot handle the local job launcher's answer %r", line[:500])
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         op, task_id = message["op"], message["id"]
