@@ -133,3 +133,10 @@ def test_pool_reuses_a_group_per_cpu_set_and_counts_oom_kills_per_job(tmp_path: 
     assert pool.finish(second, [1]) == 0
     third = pool.take([1], None)
     assert third.name == "ptest-1-1"
+    # what the caller knows (the launcher looked when it reaped the job) stands for the file
+    assert pool.finish(third, [1], busy=True) == 0
+    fourth = pool.take([1], None)
+    assert fourth.name == "ptest-1-2"
+    (memory.parent / fourth.name / "cgroup.procs").write_text("4243\n")
+    assert pool.finish(fourth, [1], busy=False) == 0
+    assert pool.take([1], None).name == fourth.name

@@ -80,6 +80,33 @@ async def test_a_smaller_task_that_fits_starts_first(local: Factory, tmp_path: P
     assert reports.position(holder.task_id, TaskState.COMPLETE) < reports.position(big.task_id, TaskState.RUNNING)
 
 
+async def test_a_cgroup_a_process_outlived_its_job_in_is_not_taken_again(local: Factory, tmp_path: Path) -> None:
+    """The launcher sees, as it reaps a job, that a process the job left behind (in a session of
+    its own) is still in the job's cgroup: the next job on those CPUs gets another group."""
+    scheduler, reports = await local(cores=1)
+    if scheduler.pool is None:
+        pytest.skip("no writable cgroup hierarchy on this machine")
+    pid_file = tmp_path / "left.pid"
+    leaver = await _submit(scheduler, make_task(tmp_path, cmd=[
+        "sh", "-c", f"setsid sleep 120 </dev/null >/dev/null 2>&1 & echo $! > {pid_file}"]))
+    await _ended(reports, leaver)
+    left = int(pid_file.read_text())
+    try:
+        after = await _submit(scheduler, make_task(tmp_path, cmd=["cat", "/proc/self/cgroup"]))
+        await _ended(reports, after)
+        assert reports.latest[after.task_id].state == TaskState.COMPLETE
+
+        def memory_group(lines: str) -> str:  # the memory controller's group (v1), or the one group (v2)
+            found = dict(line.split(":", 2)[1:] for line in lines.splitlines())
+            return found.get("memory", found.get("", ""))
+
+        left_in = memory_group(Path(f"/proc/{left}/cgroup").read_text())
+        assert scheduler.pool.prefix in left_in
+        assert memory_group(Path(after.task.stdout).read_text()) not in ("", left_in)
+    finally:
+        os.kill(left, signal.SIGKILL)
+
+
 async def test_cancel_a_queued_task_takes_it_off_the_queue(local: Factory, tmp_path: Path) -> None:
     scheduler, reports = await local(cores=1)
     running = await _submit(scheduler, make_task(tmp_path, cmd="sleep 300"))

@@ -92,13 +92,14 @@ class CgroupPool:
         self._retired.discard(name)
         return Lease(name, self._procs[name], oom_base)
 
-    def finish(self, lease: Lease, cpus: Sequence[int]) -> int:
+    def finish(self, lease: Lease, cpus: Sequence[int], busy: bool | None = None) -> int:
         """The job of `lease` (on `cpus`) ended: its group is free again, unless a process is still
-        in it. Answers how many processes the memory limit killed in the group since the job took it."""
+        in it (`busy`, when the caller knows; else its `cgroup.procs` is read). Answers how many
+        processes the memory limit killed in the group since the job took it."""
         name = lease.name
         kills = self._oom_kills(name)
         self._taken.discard(name)
-        if self._busy(name):
+        if self._busy(name) if busy is None else busy:
             log.info("cgroup %s still holds processes after its job ended: not reused", name)
             self._retire(name)
         else:

@@ -36,9 +36,10 @@ class Events(Protocol):
     def launch_failed(self, task_id: str, error: str) -> None:
         """The job of `task_id` could not be started, for the reason `error`."""
 
-    def exited(self, task_id: str, pid: int, status: int, code: int | None) -> None:
+    def exited(self, task_id: str, pid: int, status: int, code: int | None, busy: bool | None) -> None:
         """The job of `task_id` (`pid`) ended with wait status `status`; `code` is the exit status
-        the launcher wrote to its exit-code file (a direct job), if it did."""
+        the launcher wrote to its exit-code file (a direct job), if it did; `busy` whether a process
+        was still in the job's cgroup once it was reaped (None: no cgroup, or not known)."""
 
     def launcher_lost(self, index: int, unanswered: list[str]) -> None:
         """A new launcher replaced launcher `index`, which died without answering the requests of
@@ -211,8 +212,8 @@ class LauncherClient:
             self._unanswered.discard(task_id)
             self.events.launch_failed(task_id, str(message["error"]))
         elif op == "exit":
-            code = message.get("code")
+            code, busy = message.get("code"), message.get("busy")
             self.events.exited(task_id, int(message["pid"]), int(message["status"]),
-                               None if code is None else int(code))
+                               None if code is None else int(code), None if busy is None else bool(busy))
         else:
             log.warning("the local job launcher sent an unknown message %r", message)

@@ -12,8 +12,9 @@ speaks JSON lines: requests on stdin, answers on stdout.
   "start_time": TICKS}` once the job runs, or `{"op": "error", "id": TASK, "error": WHY}` if it
   could not be started. `"env": null` means the launcher's own environment; either way the job gets
   `JOBPROXY_TASK_ID=TASK`, and with `"gpus"` a list, `CUDA_VISIBLE_DEVICES` set to those ids.
-- `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null}` says a job
-  ended (it is reaped); `code` is what the launcher wrote to the exit-code file of a direct job.
+- `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null, "busy": BOOL or
+  null}` says a job ended (it is reaped); `code` is what the launcher wrote to the exit-code file of
+  a direct job; `busy` whether a process was still in the job's cgroup (the first `join` file's) then.
 
 The forked child does what a job needs before it execs: a new session, the task's cgroups, CPU
 pinning, an address-space limit where no memory cgroup is. A job script (in the gateway's private
@@ -390,6 +391,18 @@ def _restore(groups: list[int]) -> None:
     os.setgroups(groups)
 
 
+def _holds_processes(procs: str | None) -> bool | None:
+    """Whether a process is still in the cgroup whose `cgroup.procs` file is `procs` (one that
+    left the job's session); None if unknown."""
+    if procs is None:
+        return None
+    try:
+        with open(procs, "rb") as f:
+            return bool(f.read().strip())
+    except OSError:
+        return None
+
+
 def _can_enter(folder: str) -> bool:
     """Whether the effective user may enter `folder` (a job's `cd`)."""
     return os.path.isdir(folder) and os.access(folder, os.X_OK, effective_ids=True)
@@ -411,7 +424,7 @@ def _open_outputs(request: dict[str, Any]) -> list[int]:
 class _Job:
     """A child, until it is reaped."""
 
-    __slots__ = ("error", "errors", "exit_file", "pid", "popen", "start_time", "task_id", "user")
+    __slots__ = ("error", "errors", "exit_file", "group", "pid", "popen", "start_time", "task_id", "user")
 
     def __init__(self, request: dict[str, Any], pid: int, errors: int | None,
                  popen: subprocess.Popen[bytes] | None = None) -> None:
@@ -422,6 +435,8 @@ class _Job:
         self.error = b""
         self.exit_file: str | None = request.get("exit_file")
         self.user: str | None = request["user"]
+        joined = request.get("join") or ()
+        self.group: str | None = joined[0] if joined else None  # a cgroup.procs file of its group
         self.popen = popen  # a spawned job: the Popen object, told its returncode when it is reaped
 
 
@@ -584,7 +599,8 @@ class Launcher:
             if job is not None and job.popen is not None:
                 job.popen.returncode = os.waitstatus_to_exitcode(wait_status)
             if job is not None:
-                self.send({"op": "exit", "id": job.task_id, "pid": pid, "status": wait_status, "code": code})
+                self.send({"op": "exit", "id": job.task_id, "pid": pid, "status": wait_status, "code": code,
+                           "busy": _holds_processes(job.group)})
 
     def read_requests(self) -> bool:
         """Handle the complete lines on stdin; False at end of file."""

@@ -299,11 +299,12 @@ class LocalScheduler(Scheduler):
         log.warning("task %s: could not start its job: %s", task_id, error)
         self._ended(slot, None, _not_started(error))
 
-    def exited(self, task_id: str, pid: int, status: int, code: int | None) -> None:
-        """A job the launcher started ended (`code`: what the launcher recorded as its exit status)."""
+    def exited(self, task_id: str, pid: int, status: int, code: int | None, busy: bool | None) -> None:
+        """A job the launcher started ended (`code`: what the launcher recorded as its exit status;
+        `busy`: whether its cgroup still held a process then, if the launcher looked)."""
         slot = self.admission.slots.get(task_id)
         if slot is not None and slot.pid == pid:
-            self._ended(slot, status, code=code)
+            self._ended(slot, status, code=code, busy=busy)
 
     def launcher_lost(self, index: int, unanswered: list[str]) -> None:
         """A new launcher replaced launcher `index`, which died: watch its jobs by pidfd; find the
@@ -403,14 +404,14 @@ class LocalScheduler(Scheduler):
         self._ended(slot, None)
 
     def _ended(self, slot: Slot, wait_status: int | None, status: JobStatus | None = None,
-               code: int | None = None) -> None:
+               code: int | None = None, busy: bool | None = None) -> None:
         """The job of `slot` is over: read its outcome, free what it held, report, start the next."""
         task_id = slot.task_id
         if slot.pidfd is not None:
             asyncio.get_running_loop().remove_reader(slot.pidfd)
             os.close(slot.pidfd)
             slot.pidfd = None
-        oom = self._give_back(slot)  # before the next start: that one may take the same group
+        oom = self._give_back(slot, busy)  # before the next start: that one may take the same group
         if status is None or slot.canceling:
             started = slot.status.started if slot.status is not None else None
             status = lifecycle.final_status(slot.task, wait_status, self.spool, oom=oom, code=code,
@@ -421,12 +422,13 @@ class LocalScheduler(Scheduler):
         self._conclude(task_id, status)
         self._dispatch()
 
-    def _give_back(self, slot: Slot) -> bool:
-        """Return the job's cgroup to the pool; whether the memory limit killed a process of it."""
+    def _give_back(self, slot: Slot, busy: bool | None = None) -> bool:
+        """Return the job's cgroup to the pool (`busy`: whether a process is still in it, if known);
+        whether the memory limit killed a process of it."""
         lease, slot.lease = slot.lease, None
         if lease is None or self.pool is None:
             return False
-        return self.pool.finish(lease, slot.cpus) > 0
+        return self.pool.finish(lease, slot.cpus, busy) > 0
 
     def _conclude(self, task_id: str, status: JobStatus) -> None:
         self._remember(task_id, status)
