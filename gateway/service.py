@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pwd
 import shutil
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from schedulers import accounts
 from schedulers.base import JobRef, Scheduler, SchedulerError, SchedulerUnavailable, Task, TaskRefused, TaskState
 from schedulers.outcome import CANCELED_ON_REQUEST
 
@@ -153,24 +152,10 @@ def refused(exc: TaskRefused) -> ApiError:
 
 def give_to(user: str, folder: Path, has_files: bool = True) -> None:
     """Make the task's folder and what it holds (if `has_files`) belong to the user the job runs as."""
-    uid, gid = _ids(user)
+    account = accounts.entry(user)
+    uid, gid = account.pw_uid, account.pw_gid
     for path in [folder, *folder.rglob("*")] if has_files else [folder]:
         os.chown(path, uid, gid, follow_symlinks=False)
-
-
-#: Seconds a user's ids are reused before the account database is read again.
-IDS_TTL = 10.0
-_known_ids: dict[str, tuple[float, int, int]] = {}
-
-
-def _ids(user: str) -> tuple[int, int]:
-    """The uid and gid of `user` (KeyError if there is none), read at most once per `IDS_TTL`."""
-    moment = time.monotonic()
-    known = _known_ids.get(user)
-    if known is None or moment - known[0] >= IDS_TTL:
-        entry = pwd.getpwnam(user)
-        known = _known_ids[user] = (moment, entry.pw_uid, entry.pw_gid)
-    return known[1], known[2]
 
 
 def instance(app: web.Application, record: Record) -> tuple[Scheduler, Poller]:

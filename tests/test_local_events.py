@@ -286,16 +286,20 @@ async def test_the_launchers_answers_are_read_line_by_line_however_they_arrive()
     assert answers.ended.done()
 
 
-def test_a_jobs_environment_is_the_users_and_looked_up_again_when_old() -> None:
+def test_a_jobs_environment_is_the_users_read_again_once_old(monkeypatch: pytest.MonkeyPatch) -> None:
     import pwd
 
-    environments = lifecycle.Environments(ttl=3600)
-    first = environments.of("nobody")
-    assert first == lifecycle.clean_environment("nobody")
-    assert first["HOME"] == pwd.getpwnam("nobody").pw_dir
+    from schedulers import accounts
+
+    first = lifecycle.clean_environment("nobody")
+    assert (first["HOME"], first["USER"]) == (pwd.getpwnam("nobody").pw_dir, "nobody")
     first["PATH"] = "changed by its caller"
-    assert environments.of("nobody")["PATH"] == "/usr/local/bin:/usr/bin:/bin"
+    assert lifecycle.clean_environment("nobody")["PATH"] == "/usr/local/bin:/usr/bin:/bin"
     with pytest.raises(KeyError):
-        environments.of("no-such-user-here")
-    environments._known["nobody"] = (environments._known["nobody"][0] - 7200, {"HOME": "/stale"})
-    assert environments.of("nobody")["HOME"] == pwd.getpwnam("nobody").pw_dir
+        lifecycle.clean_environment("no-such-user-here")
+    moment, entry = accounts._known["nobody"]
+    stale = pwd.struct_passwd(("nobody", "x", entry.pw_uid, entry.pw_gid, "", "/stale", "/bin/sh"))
+    accounts._known["nobody"] = (moment, stale)
+    assert lifecycle.clean_environment("nobody")["HOME"] == "/stale"  # within the TTL: what was read
+    accounts._known["nobody"] = (moment - accounts.TTL, stale)
+    assert lifecycle.clean_environment("nobody")["HOME"] == pwd.getpwnam("nobody").pw_dir

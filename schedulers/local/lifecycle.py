@@ -6,13 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
 import signal
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from .. import outcome
+from .. import accounts, outcome
 from ..base import JobStatus, Task, TaskState
 from ..files import recorded_exit
 from . import proc
@@ -41,30 +39,11 @@ def running(pid: int, cpus: Sequence[int], started: datetime | None) -> JobStatu
 
 
 def clean_environment(user: str) -> dict[str, str]:
-    """The environment of a job run as `user`: nothing of the gateway's, as a login would set."""
-    entry = pwd.getpwnam(user)
+    """The environment of a job run as `user`: nothing of the gateway's, as a login would set
+    (KeyError if there is no such user). The account is read at most once per `accounts.TTL`."""
+    entry = accounts.entry(user)
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": entry.pw_dir, "USER": entry.pw_name,
             "LOGNAME": entry.pw_name, "SHELL": entry.pw_shell or "/bin/sh", "LANG": "C.UTF-8"}
-
-
-class Environments:
-    """`clean_environment` of each user, looked up again once it is `ttl` seconds old: a look-up
-    in the user database costs more than the rest of a job's start request, and a user's home and
-    shell seldom change."""
-
-    def __init__(self, ttl: float = 60.0) -> None:
-        self.ttl = ttl
-        self._known: dict[str, tuple[float, dict[str, str]]] = {}
-
-    def of(self, user: str) -> dict[str, str]:
-        """The environment of a job run as `user` (KeyError if there is no such user)."""
-        clock = time.monotonic()
-        known = self._known.get(user)
-        if known is None or clock - known[0] > self.ttl:
-            if len(self._known) > 10_000:
-                self._known.clear()
-            known = self._known[user] = (clock, clean_environment(user))
-        return dict(known[1])
 
 
 def how_limited(slot: Slot, cgroups: Cgroups | None, account: str | None) -> str:

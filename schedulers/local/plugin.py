@@ -130,7 +130,6 @@ class LocalScheduler(Scheduler):
         self.launchers = [LauncherClient(self, index)
                           for index in range(int(self.options.get("launchers", min(self.cores, DEFAULT_LAUNCHERS))))]
         self._final: collections.OrderedDict[str, JobStatus] = collections.OrderedDict()
-        self.environments = lifecycle.Environments()
         self._dispatching = False
         self._dispatch_again = False
 
@@ -364,7 +363,7 @@ class LocalScheduler(Scheduler):
             if self.pool is not None:
                 slot.lease = self.pool.take(slot.cpus, mib_to_bytes(task.memory) if task.memory else None)
             account = self.job_account(task)
-            env = self.environments.of(account) if account else None
+            env = lifecycle.clean_environment(account) if account else None
         except (OSError, KeyError, SchedulerError) as exc:
             self._ended(slot, None, _not_started(str(exc)))
             return

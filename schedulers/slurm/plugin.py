@@ -27,14 +27,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pwd
 import shutil
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import outcome
+from .. import accounts, outcome
 from ..base import (
     TEMPLATE_OPTION,
     JobRef,
@@ -300,7 +299,7 @@ class SlurmScheduler(Scheduler):
         if account is None:
             return []
         try:
-            entry = pwd.getpwnam(account)
+            entry = accounts.entry(account)
         except KeyError:
             raise TaskRefused(f"there is no Unix account {account!r} on the gateway's host to run the job as",
                               "$.user" if self.run_as_user else "$") from None
