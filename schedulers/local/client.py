@@ -71,9 +71,6 @@ class _Answers(asyncio.Protocol):
         for line in lines:
             self.handle(line)
 
-    def eof_received(self) -> bool:
-        return False
-
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
             self.ended.set_result(None)
