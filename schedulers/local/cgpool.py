@@ -99,7 +99,9 @@ class CgroupPool:
         name = lease.name
         kills = self._oom_kills(name)
         self._taken.discard(name)
-        if self._busy(name) if busy is None else busy:
+        if busy is None:
+            busy = self._busy(name)
+        if busy:
             log.info("cgroup %s still holds processes after its job ended: not reused", name)
             self._retire(name)
         else:
