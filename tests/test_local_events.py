@@ -112,7 +112,11 @@ async def test_cancel_a_queued_task_takes_it_off_the_queue(local: Factory, tmp_p
     running = await _submit(scheduler, make_task(tmp_path, cmd="sleep 300"))
     queued = await _submit(scheduler, make_task(tmp_path, cmd="echo never"))
     await reports.wait(lambda: reports.state(running.task_id) == TaskState.RUNNING, 30)
+    assert scheduler.admission.slots[queued.task_id].after == running.task_id  # held by the launcher
+    assert reports.latest[queued.task_id].state == TaskState.QUEUED
+    started = asyncio.get_running_loop().time()
     await scheduler.cancel(queued)
+    assert asyncio.get_running_loop().time() - started < local_plugin.CANCEL_WAIT, "the launcher did not answer"
     await scheduler.cancel(running)
     await _ended(reports, running, queued)
     assert reports.latest[queued.task_id].state == TaskState.CANCELED
@@ -157,6 +161,27 @@ async def test_the_launcher_is_replaced_when_it_dies(local: Factory, tmp_path: P
     after = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/echo", "new launcher"]))
     await _ended(reports, after)
     assert reports.latest[after.task_id].state == TaskState.COMPLETE
+
+
+async def test_a_task_held_by_a_launcher_that_dies_waits_and_runs_after_the_job_ahead(
+        local: Factory, tmp_path: Path) -> None:
+    """The next task is sent ahead to the launcher of the running job; that launcher dies: the
+    task goes back to the queue, and starts (once) when the job ahead, watched by pidfd, ended."""
+    scheduler, reports = await local(cores=1)
+    flag = tmp_path / "go"
+    ahead = await _submit(scheduler, make_task(tmp_path, cmd=f"until [ -e {flag} ]; do sleep 0.05; done"))
+    held = await _submit(scheduler, make_task(tmp_path, cmd=["/bin/echo", "ran"]))
+    await reports.wait(lambda: reports.state(ahead.task_id) == TaskState.RUNNING, 30)
+    assert scheduler.admission.slots[held.task_id].after == ahead.task_id
+    await _kill_launcher_of(scheduler, ahead)
+    await reports.wait(lambda: held.task_id in scheduler.admission.queue, 30)
+    assert reports.latest[held.task_id].state == TaskState.QUEUED
+    flag.touch()
+    await _ended(reports, ahead, held)
+    assert reports.latest[held.task_id].state == TaskState.COMPLETE
+    assert Path(held.task.stdout).read_text() == "ran\n"
+    assert reports.position(ahead.task_id, reports.latest[ahead.task_id].state) \
+        < reports.position(held.task_id, TaskState.RUNNING)
 
 
 async def _kill_launcher_of(scheduler: local_plugin.LocalScheduler, job: JobRef) -> int:

@@ -3,8 +3,10 @@ that are starting or running, with the CPUs, memory and GPUs each one holds (a G
 alone while it runs).
 
 Admission is FIFO, except that a smaller task that fits may start before an older one that does
-not. Nothing here reads files or starts processes: the plugin does, when `admissible` says a task
-may start.
+not. The head of the queue may also be placed behind a job that holds the cores it asks for
+(`take_behind`): its launcher holds the request and starts it as soon as that job ended, without
+waiting for the gateway, which then places the next one behind it. Nothing here reads files or
+starts processes: the plugin does, when `admissible` says a task may start.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class Slot:
     gpus: tuple[str, ...] = ()  # the ids of the GPUs it holds
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     launcher: int | None = None  # the index of the launcher asked to start it (None: adopted)
+    after: str | None = None  # the task whose job it waits for, on the same CPUs (take_behind)
+    behind: str | None = None  # the task that waits for this job's end to start on its CPUs
 
     @property
     def task_id(self) -> str:
@@ -99,6 +103,25 @@ class Admission:
         cpus, self._free = tuple(self._free[:cores]), self._free[cores:]
         return self.hold(Slot(task, cpus, memory, gpus=tuple(self._free_gpus[:task.gpus])))
 
+    def take_behind(self, ahead: Slot) -> Slot | None:
+        """A slot for the head of the queue on the CPUs of `ahead`, to start once the job of
+        `ahead` ended (it holds them meanwhile), or None: only when the head asks for as many cores
+        and no GPU, its memory is free beside what the running jobs hold, and nothing already waits
+        behind `ahead`, nor `ahead` behind another."""
+        if not self.queue or ahead.behind is not None or ahead.after is not None or ahead.gpus \
+                or self.slots.get(ahead.task_id) is not ahead:
+            return None
+        head = next(iter(self.queue.values()))
+        memory = head.memory or 0
+        if (head.cores or 1) != len(ahead.cpus) or head.gpus or self._used_memory + memory > self.memory:
+            return None
+        del self.queue[head.id]
+        slot = Slot(head, ahead.cpus, memory, after=ahead.task_id)
+        ahead.behind = head.id
+        self.slots[head.id] = slot
+        self._used_memory += memory
+        return slot
+
     def hold(self, slot: Slot) -> Slot:
         """Record `slot` (e.g. a job found running after a restart) with what it holds."""
         self.slots[slot.task_id] = slot
@@ -111,7 +134,14 @@ class Admission:
         """Give back what the job of `task_id` held; answer its slot if it had one."""
         slot = self.slots.pop(task_id, None)
         if slot is not None:
-            self._free = sorted(set(self._free) | (set(slot.cpus) & set(self.cpu_pool)))
+            behind = self.slots.get(slot.behind) if slot.behind is not None else None
+            ahead = self.slots.get(slot.after) if slot.after is not None else None
+            if behind is not None and behind.after == task_id:
+                behind.after = None  # the CPUs pass to the job that waited for them
+            elif ahead is not None and ahead.behind == task_id:
+                ahead.behind = None  # it never started: the CPUs stay with the job ahead
+            else:
+                self._free = sorted(set(self._free) | (set(slot.cpus) & set(self.cpu_pool)))
             held = set(self._free_gpus) | (set(slot.gpus) & set(self.gpu_pool))
             self._free_gpus = [g for g in self.gpu_pool if g in held]
             self._used_memory -= slot.memory

@@ -124,8 +124,22 @@ class LauncherClient:
         """Ask for a job (`launcher.py` documents the request); the answer comes as an event."""
         self._write(str(request["id"]), (json.dumps(request, separators=(",", ":")) + "\n").encode())
 
+    @property
+    def running(self) -> bool:
+        """Whether a launcher runs and takes requests now (else they wait for the next one)."""
+        return self._process is not None and not self._process.writer.is_closing()
+
+    def drop(self, task_id: str) -> None:
+        """Take back the request of `task_id` if its job has not started: the launcher holds a
+        request that waits for another job's end (`after`) and answers it with an error. A job
+        already started is not touched: its start is answered as usual."""
+        if self.running:
+            assert self._process is not None
+            self._process.writer.write(b'{"op":"drop","id":%s}\n' % json.dumps(task_id).encode())
+
     def _write(self, task_id: str, line: bytes) -> None:
-        if self._process is not None and not self._process.writer.is_closing():
+        if self.running:
+            assert self._process is not None
             self._process.writer.write(line)
             self._unanswered.add(task_id)
         else:

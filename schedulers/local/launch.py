@@ -33,7 +33,7 @@ def script(template: str, task: Task, command: Command) -> str:
 
 def run_request(task: Task, cpus: tuple[int, ...], lease: Lease | None, *, command: Command | None,
                 script_path: str | None, account: str | None, env: dict[str, str] | None,
-                can_spawn: bool, gpus: tuple[str, ...] | None = None) -> dict[str, Any]:
+                can_spawn: bool, gpus: tuple[str, ...] | None = None, after: str | None = None) -> dict[str, Any]:
     """The launcher's `run` request: `command` run directly, or the job script at `script_path`.
     `env` None: the launcher's own environment; without `lease` (no cgroups) memory is limited by
     RLIMIT_AS. A direct job may be spawned (launcher.py: vfork and exec from inside its cgroups)
@@ -41,13 +41,16 @@ def run_request(task: Task, cpus: tuple[int, ...], lease: Lease | None, *, comma
     address space) and no memory limit (the launcher never enters a limited memory
     cgroup, where it could meet the OOM killer). `gpus`: the ids of the GPUs the job holds, which
     it sees as CUDA_VISIBLE_DEVICES (set empty when it holds none, so it sees no GPU), or None on a
-    machine without GPUs for tasks (the variable is left as it is)."""
+    machine without GPUs for tasks (the variable is left as it is). `after`: the task whose job
+    must end before this one starts (the launcher holds the request until then)."""
     request: dict[str, Any] = {
         "op": "run", "id": task.id, "join": list(lease.procs) if lease else [], "cpus": list(cpus),
         "rlimit_as": 0 if lease or not task.memory else mib_to_bytes(task.memory), "user": account,
         "stdout": task.stdout, "stderr": task.stderr, "env": env, "cwd": task.workdir,
         "gpus": None if gpus is None else list(gpus),
     }
+    if after is not None:
+        request["after"] = after
     if command is not None:
         request["argv"] = list(command.argv)
         request["cputime"] = list(cpu_rlimit(task.cputime)) if task.cputime else None

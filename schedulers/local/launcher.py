@@ -12,6 +12,11 @@ speaks JSON lines: requests on stdin, answers on stdout.
   "start_time": TICKS}` once the job runs, or `{"op": "error", "id": TASK, "error": WHY}` if it
   could not be started. `"env": null` means the launcher's own environment; either way the job gets
   `JOBPROXY_TASK_ID=TASK`, and with `"gpus"` a list, `CUDA_VISIBLE_DEVICES` set to those ids.
+- A `run` request with `"after": TASK2` waits until the job of TASK2, one of this launcher's, ended:
+  it starts as that job is reaped, its `started` after that job's `exit`. If TASK2 is not one of
+  its jobs (it ended already, or never started), it starts at once. `{"op": "drop", "id": TASK}`
+  takes back such a request that still waits; it is answered `{"op": "error", "id": TASK, "error":
+  "canceled before it started"}`, and a job already started is not touched.
 - `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null, "busy": BOOL or
   null}` says a job ended (it is reaped); `code` is what the launcher wrote to the exit-code file of
   a direct job; `busy` whether a process was still in the job's cgroup (the first `join` file's) then.
@@ -38,7 +43,8 @@ with the user's rights first. If that start fails (no such folder or command, a 
 cannot enter), the job is forked instead, which fails as described.
 
 Forking here rather than in the threaded gateway keeps it safe, and saves an interpreter start per
-job. When stdin closes (the gateway stopped or crashed) the launcher takes no more requests but
+job. When stdin closes (the gateway stopped or crashed) the launcher takes no more requests, and
+drops those still waiting for another job (a restarted gateway queues their tasks again), but
 stays until its jobs ended, to record their exit statuses; their sessions are their own. If the
 launcher itself is killed, a direct job that ends after it records no exit status.
 """
@@ -68,6 +74,8 @@ Spawn = Callable[[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...], bytes
 SCRIPT_FD = 3
 #: The exit status of a child that could not start its job.
 CANNOT_START = 255
+#: The error of a request dropped before its job started.
+DROPPED = "canceled before it started"
 _QUIET = (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM)
 
 
@@ -455,6 +463,8 @@ class Launcher:
         self.home = _Home()
         self.cgroup_files = _CgroupFiles()
         self.accounts = _Accounts()
+        self.waiting: dict[str, dict[str, Any]] = {}  # run requests held, by the task whose job they wait for
+        self.reading = True  # stdin is open: a held request may still start
 
     def flush(self) -> None:
         data = b"".join(self.out)
@@ -601,6 +611,9 @@ class Launcher:
             if job is not None:
                 self.send({"op": "exit", "id": job.task_id, "pid": pid, "status": wait_status, "code": code,
                            "busy": _holds_processes(job.group)})
+                after = self.waiting.pop(job.task_id, None)
+                if after is not None and self.reading:
+                    self.run(after)
 
     def read_requests(self) -> bool:
         """Handle the complete lines on stdin; False at end of file."""
@@ -622,7 +635,17 @@ class Launcher:
             print(f"jobproxy launcher: bad request {line[:200]!r}: {exc}", file=sys.stderr, flush=True)
             return
         if op == "run":
-            self.run(request)
+            ahead = request.get("after")
+            if ahead is not None and ahead not in self.waiting \
+                    and any(job.task_id == ahead for job in self.jobs.values()):
+                self.waiting[ahead] = request
+            else:
+                self.run(request)
+        elif op == "drop":
+            for ahead, held in list(self.waiting.items()):
+                if held["id"] == request["id"]:
+                    del self.waiting[ahead]
+                    self.send({"op": "error", "id": held["id"], "error": DROPPED})
         else:
             print(f"jobproxy launcher: unknown op {op!r}", file=sys.stderr, flush=True)
 
@@ -633,10 +656,9 @@ class Launcher:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         self.selector.register(wake_read, selectors.EVENT_READ, "wake")
         self.selector.register(self.requests, selectors.EVENT_READ, "requests")
-        reading = True
         self.reap()
         self.flush()
-        while reading or self.jobs:
+        while self.reading or self.jobs:
             for key, _ in self.selector.select():
                 if key.data == "wake":
                     try:
@@ -647,7 +669,8 @@ class Launcher:
                     self.reap()
                 elif key.data == "requests":
                     if not self.read_requests():
-                        reading = False
+                        self.reading = False
+                        self.waiting.clear()  # never answered: a restarted gateway queues them again
                         self.selector.unregister(self.requests)
                 elif isinstance(key.data, _Job) and key.data.errors is not None:
                     self.exec_known(key.data)

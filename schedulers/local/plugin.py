@@ -12,8 +12,11 @@ runs the job script (local.sh), which does both. Cgroups are reused from job to 
 Everything is driven by events, not polls: a task starts at submit time if its cores and memory
 are free, else it waits in an in-memory queue (admission.py); when the launcher says a job ended,
 its outcome comes with the notice (or from the job's files), is reported at once, and the next
-task that fits starts. Jobs that outlive the gateway (or the launcher) are watched through a pidfd;
-the launcher stays until its jobs ended and records their exit statuses. A direct job whose
+task that fits starts. The head of the queue is also sent ahead to the launcher of a running job
+that holds the cores it asks for, as a request to run after that job: the launcher starts it as
+it reaps the job, with no round trip through the gateway between the two (a cancel takes the
+request back). Jobs that outlive the gateway (or the launcher) are watched through a pidfd; the
+launcher stays until its jobs ended and records their exit statuses. A direct job whose
 launcher was killed before the job ended has no exit status: it ends as a SYSTEM_ERROR ("ended
 without recording an exit status"). The spool (spool.py) lets a restarted gateway find its jobs
 again when it reconciles with `status`.
@@ -181,7 +184,8 @@ class LocalScheduler(Scheduler):
             raise SchedulerUnavailable(f"the local scheduler cannot write the job script: {exc.strerror}") from None
         self.admission.enqueue(task)
         self._dispatch()
-        if task.id in self.admission.queue:
+        slot = self.admission.slots.get(task.id)
+        if task.id in self.admission.queue or (slot is not None and slot.after is not None):
             self._emit(task.id, self.admission.waiting(task))
         try:
             self.spool.compact(self._needed)
@@ -239,6 +243,8 @@ class LocalScheduler(Scheduler):
                 self._conclude(task_id, canceled)
             return
         slot.canceling = True
+        if slot.pid is None and slot.after is not None and slot.launcher is not None:
+            self.launchers[slot.launcher].drop(task_id)  # held behind another job: answered at once
         if slot.pid is None:
             await _wait(slot.launched, CANCEL_WAIT)
         if slot.pid is not None:
@@ -295,7 +301,8 @@ class LocalScheduler(Scheduler):
         if slot is None or slot.pid is not None:
             return
         slot.launched.set()
-        log.warning("task %s: could not start its job: %s", task_id, error)
+        if not slot.canceling:
+            log.warning("task %s: could not start its job: %s", task_id, error)
         self._ended(slot, None, _not_started(error))
 
     def exited(self, task_id: str, pid: int, status: int, code: int | None, busy: bool | None) -> None:
@@ -343,9 +350,25 @@ class LocalScheduler(Scheduler):
                 self._dispatch_again = False
                 for slot in self.admission.admissible():
                     self._launch(slot)
+                if self.admission.queue:
+                    self._send_ahead()
                 again = self._dispatch_again
         finally:
             self._dispatching = False
+
+    def _send_ahead(self) -> None:
+        """Place the head of the queue behind each job whose launcher started it (or is starting
+        it) and that nothing waits behind yet, when the head asks for that job's cores. Never to a
+        launcher being replaced: its successor would not know the job to wait for."""
+        for ahead in list(self.admission.slots.values()):
+            if ahead.launcher is None or ahead.pidfd is not None or ahead.canceling \
+                    or not self.launchers[ahead.launcher].running:
+                continue
+            slot = self.admission.take_behind(ahead)
+            if slot is not None:
+                self._launch(slot)
+            if not self.admission.queue:
+                return
 
     def _launch(self, slot: Slot) -> None:
         task = slot.task
@@ -371,7 +394,7 @@ class LocalScheduler(Scheduler):
         self.launchers[slot.launcher].send(launch.run_request(
             task, slot.cpus, slot.lease, command=command if direct else None, script_path=str(script),
             account=account, env=env, gpus=slot.gpus if self.gpus else None,
-            can_spawn=self.cgroups is None or self.cgroups.version == "v1"))
+            can_spawn=self.cgroups is None or self.cgroups.version == "v1", after=slot.after))
 
     def _watch(self, slot: Slot) -> None:
         """Watch a job that is not the launcher's child through a pidfd."""
