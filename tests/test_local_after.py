@@ -102,6 +102,32 @@ def test_a_dropped_request_is_answered_and_never_runs(served: _Launcher, tmp_pat
     assert not (tmp_path / "b.out").exists()
 
 
+def test_held_requests_chain_and_one_dropped_from_the_middle_passes_its_place_on(
+        served: _Launcher, tmp_path: Path) -> None:
+    served.send(**_job(tmp_path, "a", _holder(tmp_path)))
+    served.send(**_job(tmp_path, "b", ["/bin/echo", "b"], after="a"))
+    served.send(**_job(tmp_path, "c", ["/bin/echo", "c"], after="b"))  # b is held itself: c waits too
+    served.send(**_job(tmp_path, "d", ["/bin/echo", "d"], after="c"))
+    served.send(op="drop", id="c")
+    served.until("error", "c")
+    time.sleep(0.3)
+    assert not any((tmp_path / f"{name}.out").exists() for name in "bcd"), served.answers
+    (tmp_path / "go").touch()
+    served.until("exit", "d")
+    assert [step for step in served.order() if step[0] != "error"] == [
+        ("started", "a"), ("exit", "a"), ("started", "b"), ("exit", "b"), ("started", "d"), ("exit", "d")]
+    assert not (tmp_path / "c.out").exists()
+
+
+def test_a_held_request_whose_job_ahead_cannot_start_at_all_starts_at_once(served: _Launcher, tmp_path: Path) -> None:
+    served.send(**_job(tmp_path, "a", _holder(tmp_path)))
+    served.send(**_job(tmp_path, "b", ["/no/such/command"], after="a"))
+    served.send(**_job(tmp_path, "c", ["/bin/echo", "c"], after="b"))
+    (tmp_path / "go").touch()
+    served.until("exit", "c")
+    assert (tmp_path / "c.out").read_text() == "c\n"
+
+
 def test_a_request_still_held_when_the_gateway_goes_away_never_starts(served: _Launcher, tmp_path: Path) -> None:
     served.send(**_job(tmp_path, "a", _holder(tmp_path)))
     served.send(**_job(tmp_path, "b", ["/bin/echo", "b ran"], after="a"))

@@ -13,8 +13,8 @@ speaks JSON lines: requests on stdin, answers on stdout.
   could not be started. `"env": null` means the launcher's own environment; either way the job gets
   `JOBPROXY_TASK_ID=TASK`, and with `"gpus"` a list, `CUDA_VISIBLE_DEVICES` set to those ids.
 - A `run` request with `"after": TASK2` waits until the job of TASK2, one of this launcher's, ended:
-  it starts as that job is reaped, its `started` after that job's `exit`. If TASK2 is not one of
-  its jobs (it ended already, or never started), it starts at once. `{"op": "drop", "id": TASK}`
+  it starts as that job is reaped, its `started` after that job's `exit`. TASK2 may itself be a
+  request held so; if it is neither (it ended already, or never came), it starts at once. `{"op": "drop", "id": TASK}`
   takes back such a request that still waits; it is answered `{"op": "error", "id": TASK, "error":
   "canceled before it started"}`, and a job already started is not touched.
 - `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null, "busy": BOOL or
@@ -611,9 +611,21 @@ class Launcher:
             if job is not None:
                 self.send({"op": "exit", "id": job.task_id, "pid": pid, "status": wait_status, "code": code,
                            "busy": _holds_processes(job.group)})
-                after = self.waiting.pop(job.task_id, None)
-                if after is not None and self.reading:
-                    self.run(after)
+                self.release(job.task_id)
+
+    def release(self, task_id: str) -> None:
+        """The job of `task_id` is gone: start the request held for its end, and, if that one could
+        not start at all, the one held behind it, and so on."""
+        held = self.waiting.pop(task_id, None)
+        while held is not None and self.reading:
+            self.run(held)
+            if self._has(held["id"]):
+                return
+            held = self.waiting.pop(held["id"], None)
+
+    def _has(self, task_id: str) -> bool:
+        """Whether a job of `task_id` runs here (or ended, not reaped yet)."""
+        return any(job.task_id == task_id for job in self.jobs.values())
 
     def read_requests(self) -> bool:
         """Handle the complete lines on stdin; False at end of file."""
@@ -637,14 +649,17 @@ class Launcher:
         if op == "run":
             ahead = request.get("after")
             if ahead is not None and ahead not in self.waiting \
-                    and any(job.task_id == ahead for job in self.jobs.values()):
-                self.waiting[ahead] = request
+                    and (self._has(ahead) or any(held["id"] == ahead for held in self.waiting.values())):
+                self.waiting[ahead] = request  # behind a job here, or behind a request held itself
             else:
                 self.run(request)
         elif op == "drop":
             for ahead, held in list(self.waiting.items()):
                 if held["id"] == request["id"]:
                     del self.waiting[ahead]
+                    behind = self.waiting.pop(held["id"], None)
+                    if behind is not None:  # what waited for the dropped one waits for what it waited for
+                        self.waiting[ahead] = behind
                     self.send({"op": "error", "id": held["id"], "error": DROPPED})
         else:
             print(f"jobproxy launcher: unknown op {op!r}", file=sys.stderr, flush=True)
