@@ -175,7 +175,8 @@ class Replication:
 
 def grace(poller: Poller) -> float:
     """Seconds between claiming a task and recovering it. A replica killed during its submit call
-    may leave that call running (e.g. an sbatch child, which outlives it): wait until it must have
+    may have left the submit on its way (an sbatch child is killed with it, see
+    schedulers/commands.py, but its request may have reached slurmctld): wait until it must have
     ended, its scheduler's command timeout and a second, so that `Scheduler.find` sees its job. A
     scheduler that reports its own changes is submitted to only by the lease holder: no wait."""
     if poller.scheduler.reports_changes:

@@ -12,12 +12,20 @@ through a pidfd (Linux >= 5.3), which becomes readable when the process ends. Th
 gateway's CPU per command against asyncio's subprocess support, which starts a thread per child
 to wait for it (measured here: about 550 µs against 260 µs per `/bin/true`). Where pidfds are
 missing (older kernels, some sandboxes) one worker thread of the loop's executor waits instead.
+
+A command dies with the gateway: it runs through util-linux's `setpriv --pdeathsig KILL`, which
+execs it (the same process) with a SIGKILL due when the gateway goes. Else an `sbatch` of a gateway
+killed during its submit would go on without anyone to time it out, and submit after a replica
+that took over (`gateway.replicas.grace`, the command timeout and a second) found no job by the
+task's name and submitted it again. Without `setpriv` (not Debian's util-linux), commands run as
+they are.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +38,8 @@ __all__ = ["CommandTimeout", "Finished", "run"]
 #: os.pidfd_open where the platform has it (tests replace it to exercise the fallback).
 pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
 _CHUNK = 65536
+#: util-linux's setpriv, which gives the command a SIGKILL for when the gateway dies, if installed.
+SETPRIV = shutil.which("setpriv")
 
 
 class CommandTimeout(SchedulerUnavailable):
@@ -53,7 +63,7 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
     started and CommandTimeout (a SchedulerUnavailable) if it takes longer."""
     name = Path(argv[0]).name if argv else "(nothing)"
     try:
-        process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
+        process = subprocess.Popen(_dies_with_us(argv), stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except (OSError, ValueError, IndexError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -70,6 +80,16 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
             await asyncio.shield(watch.exited)
         watch.close()
     return Finished(watch.exited.result(), *watch.output())
+
+
+def _dies_with_us(argv: Sequence[str]) -> list[str]:
+    """`argv` run through setpriv, so that it gets SIGKILL when this process dies. The executable
+    is looked up first: one that is missing or may not be run is started alone, to fail as it
+    would."""
+    found = shutil.which(argv[0]) if SETPRIV is not None and argv else None
+    if found is None:
+        return list(argv)
+    return [SETPRIV, "--pdeathsig", "KILL", "--", found, *argv[1:]]
 
 
 class _Watch:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +95,30 @@ async def test_a_caller_that_gives_up_leaves_no_process(exit_watch: str, tmp_pat
         await pending
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)
+
+
+@pytest.mark.skipif(commands.SETPRIV is None, reason="needs util-linux's setpriv")
+def test_a_command_dies_with_the_gateway(tmp_path: Path) -> None:
+    """A gateway killed while its command runs (an sbatch, say) leaves no command running on its
+    own: nobody would time it out, and it could still submit after another replica took over."""
+    pid_file = tmp_path / "pid"
+    gateway = subprocess.Popen([sys.executable, "-c", "import asyncio, sys; from schedulers.commands import run; "
+                                f"asyncio.run(run(['/bin/sh', '-c', 'echo $$ > {pid_file}; exec sleep 60'], 120))"],
+                               cwd=Path(commands.__file__).parent.parent)
+    try:
+        for _ in range(500):
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            time.sleep(0.01)
+        pid = int(pid_file.read_text())
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
+    finally:
+        gateway.kill()
+        gateway.wait(10)
+    for _ in range(500):  # its parent gone, the command is killed, and reaped by init
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.01)
+    else:
+        os.kill(pid, 9)
+        pytest.fail("the command outlived the process that ran it")
