@@ -86,10 +86,11 @@ def _dies_with_us(argv: Sequence[str]) -> list[str]:
     """`argv` run through setpriv, so that it gets SIGKILL when this process dies. The executable
     is looked up first: one that is missing or may not be run is started alone, to fail as it
     would."""
-    found = shutil.which(argv[0]) if SETPRIV is not None and argv else None
-    if found is None:
+    setpriv = SETPRIV
+    found = shutil.which(argv[0]) if setpriv is not None and argv else None
+    if setpriv is None or found is None:
         return list(argv)
-    return [SETPRIV, "--pdeathsig", "KILL", "--", found, *argv[1:]]
+    return [setpriv, "--pdeathsig", "KILL", "--", found, *argv[1:]]
 
 
 class _Watch:
