@@ -223,6 +223,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
 # ---- scheduler backends for the contract suite ---------------------------------------------------
 
 _clusters: dict[str, dict[str, str] | str] = {}
+_started_here: list[str] = []  # the clusters this session started (tests/run.sh starts its own first)
 
 
 def cluster_env(script: str) -> dict[str, str]:
@@ -246,7 +247,10 @@ def _start_cluster(script: str) -> dict[str, str] | str:
         return f"{path} does not exist"
     if os.geteuid() != 0 or not Path("/etc/debian_version").exists():
         return f"{script}: the dev cluster needs root on Debian"
+    was_up = subprocess.run(["bash", str(path), "status"], capture_output=True, timeout=60).returncode == 0
     started = subprocess.run(["bash", str(path), "start"], capture_output=True, text=True, timeout=1200)
+    if not was_up:
+        _started_here.append(script)
     if started.returncode != 0:
         return f"{script} did not start (exit {started.returncode}): {(started.stdout + started.stderr)[-2000:]}"
     printed = subprocess.run(["bash", str(path), "env"], capture_output=True, text=True, check=True).stdout
@@ -256,6 +260,19 @@ def _start_cluster(script: str) -> dict[str, str] | str:
             key, _, value = line[len("export "):].partition("=")
             env[key] = value.strip().strip("'\"")
     return env
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the dev clusters this session started, as tests/run.sh stops those it started
+    (JOBPROXY_KEEP_CLUSTERS=1 keeps them for the next run)."""
+    if os.environ.get("JOBPROXY_KEEP_CLUSTERS") == "1":
+        return
+    for script in reversed(_started_here):
+        stopped = subprocess.run(["bash", str(ROOT / "etc" / "dev" / f"{script}.sh"), "stop"], capture_output=True,
+                                 text=True, timeout=600)
+        if stopped.returncode != 0:
+            print(f"could not stop {script}: {(stopped.stdout + stopped.stderr)[-500:]}", file=sys.stderr)
+    _started_here.clear()
 
 
 @pytest.fixture(scope="session")
