@@ -17,8 +17,7 @@ A command dies with the gateway: it runs through util-linux's `setpriv --pdeaths
 execs it (the same process) with a SIGKILL due when the gateway goes. Else an `sbatch` of a gateway
 killed during its submit would go on without anyone to time it out, and submit after a replica
 that took over (`gateway.replicas.grace`, the command timeout and a second) found no job by the
-task's name and submitted it again. Without `setpriv` (not Debian's util-linux), commands run as
-they are.
+task's name and submitted it again. Where `setpriv` is missing, commands run as they are.
 """
 from __future__ import annotations
 
