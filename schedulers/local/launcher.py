@@ -14,9 +14,10 @@ speaks JSON lines: requests on stdin, answers on stdout.
   `JOBPROXY_TASK_ID=TASK`, and with `"gpus"` a list, `CUDA_VISIBLE_DEVICES` set to those ids.
 - A `run` request with `"after": TASK2` waits until the job of TASK2, one of this launcher's, ended:
   it starts as that job is reaped, its `started` after that job's `exit`. TASK2 may itself be a
-  request held so; if it is neither (it ended already, or never came), it starts at once. `{"op": "drop", "id": TASK}`
-  takes back such a request that still waits; it is answered `{"op": "error", "id": TASK, "error":
-  "canceled before it started"}`, and a job already started is not touched.
+  request held so; if it is neither (it ended already, or never came), it starts at once.
+  `{"op": "drop", "id": TASK}` takes back such a request that still waits; it is answered
+  `{"op": "error", "id": TASK, "error": "canceled before it started"}`. A drop of a job already
+  started, or of a task the launcher does not hold, does nothing.
 - `{"op": "exit", "id": TASK, "pid": PID, "status": WAIT_STATUS, "code": CODE or null, "busy": BOOL or
   null}` says a job ended (it is reaped); `code` is what the launcher wrote to the exit-code file of
   a direct job; `busy` whether a process was still in the job's cgroup (the first `join` file's) then.

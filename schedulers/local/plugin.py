@@ -243,8 +243,8 @@ class LocalScheduler(Scheduler):
                 self._conclude(task_id, canceled)
             return
         slot.canceling = True
-        if slot.pid is None and slot.after is not None and slot.launcher is not None:
-            self.launchers[slot.launcher].drop(task_id)  # held behind another job: answered at once
+        if slot.pid is None and slot.launcher is not None:
+            self.launchers[slot.launcher].drop(task_id)  # answered at once if held behind another job
         if slot.pid is None:
             await _wait(slot.launched, CANCEL_WAIT)
         if slot.pid is not None:
