@@ -200,5 +200,6 @@ async def delete(app: web.Application, record: Record) -> None:
                     record.scheduler, extra={"task_id": record.id, "user": record.task.user})
     app[ACTIVE].discard(record.id)
     await app[STORE].delete(record.id)
-    remove_task_folder(record.task.workdir, app[TASK_ROOT])
+    # off the event loop, as the purge does: a task's folder may hold many files, on a slow file system
+    await asyncio.to_thread(remove_task_folder, record.task.workdir, app[TASK_ROOT])
     log.info("task %s deleted", record.id, extra={"task_id": record.id, "user": record.task.user})
