@@ -13,7 +13,7 @@ import pytest
 import xmltodict
 from aiohttp import web
 
-from gateway import folders, service
+from gateway import folders, retention, service
 from gateway.app import create_app
 from gateway.model import task_from_document
 
@@ -164,7 +164,7 @@ async def test_delete_removes_the_folder_off_the_event_loop(client: Any, monkeyp
     task_id = await submit(client, {"user": "a", "cmd": "true"})
     state = await wait_state(client, task_id, final)
     removing, answered = threading.Event(), threading.Event()
-    remove = service.remove_task_folder
+    remove = retention.remove_task_folder
 
     def remove_slowly(workdir: str | Path, task_root: Path) -> None:
         removing.set()
