@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from gateway import auth
+from gateway import auth, output
 from gateway import config as configuration
 from gateway.app import create_app
 from gateway.keys import STORE
+from gateway.tes import documents
 
 from .conftest import IN_CI, final, wait_state, writable_by_jobs
 from .openapi_check import check
@@ -191,6 +192,33 @@ async def test_views_logs_and_the_same_state_in_both_apis(tes_client: Any) -> No
     assert (state["code"], state["user"], state["exit_code"]) == ("COMPLETE", "anonymous", 0)
     stored = tes_client.server.app[STORE].get(task_id).task
     assert (stored.cores, stored.memory, stored.cputime) == (1, 477, None)
+
+
+async def test_views_that_read_files_do_so_off_the_event_loop(tes_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """BASIC and FULL read each task's files, maybe on a slow, shared file system: meanwhile the
+    gateway answers other requests. The read here waits until a request made during the GET is
+    answered, which it never would be were the read holding the event loop."""
+    task_id = await create(tes_client, {"executors": [shell("true")]})
+    assert (await wait(tes_client, task_id))["state"] == "COMPLETE"
+    reading, answered = threading.Event(), threading.Event()
+    read_tail = output.read_tail
+
+    def read_slowly(path: str, limit: int, owner: int | None = None) -> dict[str, Any]:
+        reading.set()
+        assert answered.wait(20), "no request was answered while the task's files were being read"
+        return read_tail(path, limit, owner)
+
+    monkeypatch.setattr(documents, "read_tail", read_slowly)
+    for path in (f"{TES}/tasks/{task_id}?view=BASIC", f"{TES}/tasks?view=FULL"):
+        reading.clear()
+        answered.clear()
+        getting = asyncio.create_task(call(tes_client, "GET", path))
+        assert await asyncio.to_thread(reading.wait, 20)
+        status, _ = await call(tes_client, "GET", "/v1/jobproxy/ping")
+        assert status == 200 and not getting.done()
+        answered.set()
+        status, body = await getting
+        assert status == 200 and "logs" in (body if "tasks" not in body else body["tasks"][0]), body
 
 
 async def test_executors_stop_at_the_first_failure_unless_ignore_error(tes_client: Any) -> None:

@@ -16,9 +16,11 @@ the version Snakemake's TES plugin requires, asks for at that path.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -165,19 +167,25 @@ async def list_tasks(request: web.Request) -> web.Response:
     records = await service.page(
         request.app, user=None if caller.admin else caller.user, states=states, limit=size + 1, newest_first=True,
         before=before, tags=tags, name_prefix=query.get("name_prefix") or None)
-    tail = request.app[CONFIG].sections.tes.log_tail_bytes
-    body: dict[str, Any] = {"tasks": [documents.document(r, view, tail, output.job_owner(request.app, r.task))
-                                      for r in records[:size]]}
+    body: dict[str, Any] = {"tasks": await _documents(request.app, records[:size], view)}
     if len(records) > size:
         body["next_page_token"] = _encode_token(records[size - 1].seq)
     return web.json_response(body)
 
 
 async def get_task(request: web.Request) -> web.Response:
-    tail = request.app[CONFIG].sections.tes.log_tail_bytes
-    record = _record(request)
-    owner = output.job_owner(request.app, record.task)
-    return web.json_response(documents.document(record, _view(request), tail, owner))
+    return web.json_response((await _documents(request.app, [_record(request)], _view(request)))[0])
+
+
+async def _documents(app: web.Application, records: Sequence[Record], view: str) -> list[dict[str, Any]]:
+    """`records` as TES tasks in `view`. A view past MINIMAL reads the tasks' files (exit codes,
+    times, the tails of outputs), maybe on a slow, shared file system: off the event loop."""
+    tail = app[CONFIG].sections.tes.log_tail_bytes
+
+    def make() -> list[dict[str, Any]]:
+        return [documents.document(r, view, tail, output.job_owner(app, r.task)) for r in records]
+
+    return make() if view == "MINIMAL" else await asyncio.to_thread(make)
 
 
 async def cancel_task(request: web.Request) -> web.Response:
