@@ -22,7 +22,6 @@ import binascii
 import hashlib
 import hmac
 import os
-import pwd
 import secrets
 import socket
 import struct
@@ -30,6 +29,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from schedulers import accounts
 
 from . import pages
 from .responses import ApiError
@@ -126,7 +127,7 @@ def peer_identity(uid: int) -> Identity:
     """The caller behind a Unix-socket connection: the login name of `uid`; root and the
     gateway's own account are admins."""
     try:
-        name = pwd.getpwuid(uid).pw_name
+        name = accounts.entry_of_uid(uid).pw_name
     except KeyError:
         raise ApiError(403, f"uid {uid} has no login name on this machine, so it cannot own tasks") from None
     return Identity(name, admin=uid in (0, os.geteuid()))

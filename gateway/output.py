@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import stat
 from typing import Any
 
 from aiohttp import web
 
+from schedulers import accounts
 from schedulers.base import Task
 
 from . import paging
@@ -83,7 +83,7 @@ def job_owner(app: web.Application, task: Task) -> int | None:
 
 def _uid(account: str) -> int | None:
     try:
-        return pwd.getpwnam(account).pw_uid
+        return accounts.entry(account).pw_uid
     except KeyError:
         return -1  # no such account: no file can belong to it
 

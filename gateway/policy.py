@@ -19,6 +19,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from schedulers import accounts
 from schedulers.base import Task, path_within
 
 from .config import Config, ConfigError
@@ -162,7 +163,7 @@ def check_options(config: Config, task: Task) -> None:
 def check_run_as(config: Config, user: str) -> None:
     """The task's user must be a real, allowed Unix user: not root, not a system user, not denied."""
     try:
-        entry = pwd.getpwnam(user)
+        entry = accounts.entry(user)  # the account database read again at most every accounts.TTL s
     except KeyError:
         raise _refuse(400, "$.user", f"there is no Unix user named {user!r} on this gateway") from None
     minimum = config.sections.run_as.min_uid

@@ -20,13 +20,11 @@ did not take it. Everything here is pure except `unix_groups`, asked only when a
 from __future__ import annotations
 
 import fnmatch
-import grp
-import os
-import pwd
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import schemas
+from schedulers import accounts
 from schedulers.base import Task
 
 from .config import Bounds, RouteRule
@@ -91,18 +89,9 @@ class NoRoute(Exception):
 
 
 def unix_groups(user: str) -> frozenset[str]:
-    """The names of the Unix groups `user` is in (none for a user without an account here)."""
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        return frozenset()
-    names = set()
-    for gid in os.getgrouplist(user, entry.pw_gid):
-        try:
-            names.add(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            continue
-    return frozenset(names)
+    """The names of the Unix groups `user` is in (none for a user without an account here), read
+    again at most every `accounts.TTL` seconds."""
+    return accounts.group_names(user)
 
 
 def outside(name: str, bounds: Bounds, asked: int | None) -> Mismatch | None:
