@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
 import shutil
 import threading
 import time
@@ -19,6 +20,7 @@ from gateway import auth, output
 from gateway import config as configuration
 from gateway.app import create_app
 from gateway.keys import STORE
+from gateway.staging.stager import Stager
 from gateway.tes import documents
 
 from .conftest import IN_CI, final, wait_state, writable_by_jobs
@@ -520,6 +522,37 @@ async def test_url_schemes_the_site_enables(aiohttp_client: Any, tmp_path: Path,
     assert status == 400 and body["details"][0] == {
         "path": "$.inputs[0].url",
         "message": "'gs://b/k': this gateway supports these URL schemes here: file, http, https, s3"}
+
+
+async def test_staged_inputs_change_owner_off_the_event_loop(aiohttp_client: Any, tmp_path: Path,
+                                                             web_folder: tuple[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inputs the gateway fetched are given to the job's account a file at a time: meanwhile the
+    gateway answers other requests. The hand-over here waits until a request made during it is
+    answered, which it never would be were it holding the event loop."""
+    if os.geteuid() != 0:
+        pytest.skip("inputs change owner only when the gateway runs as root (as in CI)")
+    url, served = web_folder
+    (served / "in.txt").write_text("fetched by the gateway\n")
+    client = await aiohttp_client(create_app(tes_config(
+        tmp_path, staging={"schemes": ["http"], "http": {"allow_hosts": ["127.0.0.1"]}})))
+    giving, answered = threading.Event(), threading.Event()
+    give = Stager._give_to_job
+
+    def give_slowly(self: Stager, poller: Any, task: Any) -> None:
+        giving.set()
+        assert answered.wait(20), "no request was answered while the inputs changed owner"
+        give(self, poller, task)
+
+    monkeypatch.setattr(Stager, "_give_to_job", give_slowly)
+    task_id = await create(client, {"inputs": [{"url": f"{url}/in.txt", "path": "/data/in.txt"}],
+                                    "executors": [shell("cat /data/in.txt")]})
+    assert await asyncio.to_thread(giving.wait, 20)
+    status, _ = await call(client, "GET", "/v1/jobproxy/ping")
+    assert status == 200
+    answered.set()
+    full = await wait(client, task_id)
+    assert full["state"] == "COMPLETE" and full["logs"][0]["logs"][0]["stdout"] == "fetched by the gateway\n", full
 
 
 async def test_site_limits_name_the_tes_fields(aiohttp_client: Any, tmp_path: Path) -> None:

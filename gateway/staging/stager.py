@@ -200,7 +200,7 @@ class Stager:
             failed = exc
         finally:
             self._holding.discard(task.id)  # also when the task was canceled meanwhile
-            self._give_to_job(poller, task)
+            await asyncio.to_thread(self._give_to_job, poller, task)  # a chown per file: off the event loop
         if failed is not None:
             poller.apply([Change(task.id, TaskState.SYSTEM_ERROR, f"staging inputs failed: {failed.reason}",
                                  finished=now())], deferrable=False)
