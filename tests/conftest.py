@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -121,6 +122,35 @@ async def wait_state(client: Any, task_id: str, done: Callable[[dict[str, Any]],
 
 def final(state: dict[str, Any]) -> bool:
     return state["code"] in ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
+
+
+class Hold:
+    """A step of the gateway held, on whatever thread runs it, until a request sent meanwhile has
+    been answered: proof that the step runs off the event loop (were it on the loop, the request
+    would never be answered, and the step fails after 20 s saying what it waited for)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.reached, self.released = threading.Event(), threading.Event()
+
+    def wrap(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        """`step`, held when called."""
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self.reached.set()
+            assert self.released.wait(20), f"no request was answered while {self.what}"
+            return step(*args, **kwargs)
+
+        return held
+
+    async def ping_meanwhile(self, client: Any) -> int:
+        """Once the step is reached: GET /ping, then release the step; answers the ping's status."""
+        assert await asyncio.to_thread(self.reached.wait, 20), f"the gateway never got to where {self.what}"
+        try:
+            response = await client.get("/v1/jobproxy/ping")
+            return int(response.status)
+        finally:
+            self.released.set()
 
 
 # ---- a real gateway process --------------------------------------------------------------------

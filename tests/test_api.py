@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from gateway import folders, retention, service
 from gateway.app import create_app
 from gateway.model import task_from_document
 
-from .conftest import final, make_config, wait_state, writable_by_jobs
+from .conftest import Hold, final, make_config, wait_state, writable_by_jobs
 from .openapi_check import check
 
 JSON = {"Content-Type": "application/json"}
@@ -159,24 +158,13 @@ async def test_delete_finished_task(client: Any) -> None:
 
 async def test_delete_removes_the_folder_off_the_event_loop(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder with many files, or on a slow file system, takes long to remove: the gateway goes on
-    answering meanwhile. The removal here waits until a request made during the delete is answered,
-    which it never would be were the removal holding the event loop."""
+    answering meanwhile (`Hold`)."""
     task_id = await submit(client, {"user": "a", "cmd": "true"})
     state = await wait_state(client, task_id, final)
-    removing, answered = threading.Event(), threading.Event()
-    remove = retention.remove_task_folder
-
-    def remove_slowly(workdir: str | Path, task_root: Path) -> None:
-        removing.set()
-        assert answered.wait(20), "no request was answered while the task's folder was being removed"
-        remove(workdir, task_root)
-
-    monkeypatch.setattr(service, "remove_task_folder", remove_slowly)
+    hold = Hold("the task's folder was being removed")
+    monkeypatch.setattr(service, "remove_task_folder", hold.wrap(retention.remove_task_folder))
     deleting = asyncio.create_task(call(client, "DELETE", f"/v1/jobproxy/delete/{task_id}"))
-    assert await asyncio.to_thread(removing.wait, 20)
-    status, _, _ = await call(client, "GET", "/v1/jobproxy/ping")
-    assert status == 200 and not deleting.done()
-    answered.set()
+    assert await hold.ping_meanwhile(client) == 200 and not deleting.done()
     assert (await deleting)[0] == 204
     assert not Path(state["stdout"]).parent.exists()
 

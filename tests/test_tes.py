@@ -23,7 +23,7 @@ from gateway.keys import STORE
 from gateway.staging.stager import Stager
 from gateway.tes import documents
 
-from .conftest import IN_CI, final, wait_state, writable_by_jobs
+from .conftest import IN_CI, Hold, final, wait_state, writable_by_jobs
 from .openapi_check import check
 
 TES = "/ga4gh/tes/v1"
@@ -198,27 +198,14 @@ async def test_views_logs_and_the_same_state_in_both_apis(tes_client: Any) -> No
 
 async def test_views_that_read_files_do_so_off_the_event_loop(tes_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """BASIC and FULL read each task's files, maybe on a slow, shared file system: meanwhile the
-    gateway answers other requests. The read here waits until a request made during the GET is
-    answered, which it never would be were the read holding the event loop."""
+    gateway answers other requests (`Hold`)."""
     task_id = await create(tes_client, {"executors": [shell("true")]})
     assert (await wait(tes_client, task_id))["state"] == "COMPLETE"
-    reading, answered = threading.Event(), threading.Event()
-    read_tail = output.read_tail
-
-    def read_slowly(path: str, limit: int, owner: int | None = None) -> dict[str, Any]:
-        reading.set()
-        assert answered.wait(20), "no request was answered while the task's files were being read"
-        return read_tail(path, limit, owner)
-
-    monkeypatch.setattr(documents, "read_tail", read_slowly)
     for path in (f"{TES}/tasks/{task_id}?view=BASIC", f"{TES}/tasks?view=FULL"):
-        reading.clear()
-        answered.clear()
+        hold = Hold("the task's files were being read")
+        monkeypatch.setattr(documents, "read_tail", hold.wrap(output.read_tail))
         getting = asyncio.create_task(call(tes_client, "GET", path))
-        assert await asyncio.to_thread(reading.wait, 20)
-        status, _ = await call(tes_client, "GET", "/v1/jobproxy/ping")
-        assert status == 200 and not getting.done()
-        answered.set()
+        assert await hold.ping_meanwhile(tes_client) == 200 and not getting.done()
         status, body = await getting
         assert status == 200 and "logs" in (body if "tasks" not in body else body["tasks"][0]), body
 
@@ -528,29 +515,18 @@ async def test_staged_inputs_change_owner_off_the_event_loop(aiohttp_client: Any
                                                              web_folder: tuple[str, Path],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Inputs the gateway fetched are given to the job's account a file at a time: meanwhile the
-    gateway answers other requests. The hand-over here waits until a request made during it is
-    answered, which it never would be were it holding the event loop."""
+    gateway answers other requests (`Hold`)."""
     if os.geteuid() != 0:
         pytest.skip("inputs change owner only when the gateway runs as root (as in CI)")
     url, served = web_folder
     (served / "in.txt").write_text("fetched by the gateway\n")
     client = await aiohttp_client(create_app(tes_config(
         tmp_path, staging={"schemes": ["http"], "http": {"allow_hosts": ["127.0.0.1"]}})))
-    giving, answered = threading.Event(), threading.Event()
-    give = Stager._give_to_job
-
-    def give_slowly(self: Stager, poller: Any, task: Any) -> None:
-        giving.set()
-        assert answered.wait(20), "no request was answered while the inputs changed owner"
-        give(self, poller, task)
-
-    monkeypatch.setattr(Stager, "_give_to_job", give_slowly)
+    hold = Hold("the inputs changed owner")
+    monkeypatch.setattr(Stager, "_give_to_job", hold.wrap(Stager._give_to_job))
     task_id = await create(client, {"inputs": [{"url": f"{url}/in.txt", "path": "/data/in.txt"}],
                                     "executors": [shell("cat /data/in.txt")]})
-    assert await asyncio.to_thread(giving.wait, 20)
-    status, _ = await call(client, "GET", "/v1/jobproxy/ping")
-    assert status == 200
-    answered.set()
+    assert await hold.ping_meanwhile(client) == 200
     full = await wait(client, task_id)
     assert full["state"] == "COMPLETE" and full["logs"][0]["logs"][0]["stdout"] == "fetched by the gateway\n", full
 
