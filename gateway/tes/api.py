@@ -181,11 +181,13 @@ async def _documents(app: web.Application, records: Sequence[Record], view: str)
     """`records` as TES tasks in `view`. A view past MINIMAL reads the tasks' files (exit codes,
     times, the tails of outputs), maybe on a slow, shared file system: off the event loop."""
     tail = app[CONFIG].sections.tes.log_tail_bytes
+    if view == "MINIMAL":  # id and state: no file, so no owner to look up either
+        return [documents.document(r, view, tail) for r in records]
 
     def make() -> list[dict[str, Any]]:
         return [documents.document(r, view, tail, output.job_owner(app, r.task)) for r in records]
 
-    return make() if view == "MINIMAL" else await asyncio.to_thread(make)
+    return await asyncio.to_thread(make)
 
 
 async def cancel_task(request: web.Request) -> web.Response:
