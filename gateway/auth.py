@@ -106,8 +106,12 @@ IDENTITY_KEY = web.RequestKey("identity", Identity)
 
 
 def identity(request: web.Request) -> Identity:
-    known: Identity = request.get(IDENTITY_KEY, ANYONE)  # aiohttp types Request.get as Any
-    return known
+    """Who sent `request`, as the middleware found; ANYONE where it found nobody (auth off, a
+    public path) or did not run."""
+    try:
+        return request[IDENTITY_KEY]
+    except KeyError:
+        return ANYONE
 
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -150,6 +154,8 @@ def middleware(authenticator_of: Callable[[web.Request], Authenticator | None]
             if found is None:
                 raise ApiError(401, "authentication required: send 'Authorization: Bearer <token>'", headers=CHALLENGE)
             request[IDENTITY_KEY] = found
+        else:  # known now, so that each later look-up is a plain one
+            request[IDENTITY_KEY] = ANYONE
         return await handler(request)
 
     return authenticate

@@ -92,6 +92,16 @@ class Metrics:
         #: The labelled series of each (method, route, status) answered so far: a lookup of the
         #: labels of a metric costs more than the observation itself.
         self._http: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per set of labels (routing's and the final
+        states' counters are counted for each task)."""
+        key = (metric, labels)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = metric.labels(*labels)
+        return found
 
     def answered(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one HTTP answer and its latency (and, for a submit route, the submit)."""
@@ -162,7 +172,7 @@ def setup(app: web.Application) -> None:
     metrics.registry.register(_Tasks(app))
     for scheduler in app[SCHEDULERS].values():
         metrics.instrument(scheduler)
-    app[ROUTER].on_choice = lambda choice: metrics.routed.labels(choice.scheduler, choice.label).inc()
+    app[ROUTER].on_choice = lambda choice: metrics.series(metrics.routed, choice.scheduler, choice.label).inc()
     if app[CONFIG].sections.metrics.enabled:
         app.router.add_get("/metrics", scrape)
     app.cleanup_ctx.append(_observe)
@@ -173,7 +183,7 @@ async def _observe(app: web.Application) -> AsyncIterator[None]:
     app[STORE].on_commit = metrics.store_transactions.observe
 
     def finished(scheduler: str, state: TaskState) -> None:
-        metrics.finished.labels(scheduler, state.value).inc()
+        metrics.series(metrics.finished, scheduler, state.value).inc()
 
     for poller in app[POLLERS].values():
         poller.on_round = metrics.poll_rounds.labels(poller.scheduler.name).observe
