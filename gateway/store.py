@@ -3,7 +3,10 @@
 A task is written here before it is handed to a scheduler, so that nothing accepted is lost. All
 writes go to one writer thread, which commits whatever arrived together (up to `max_batch`
 writes) in one transaction and one fsync (`synchronous=FULL`), then resolves each waiter: an
-awaited write is on disk, surviving power loss, when the await returns. Reads use their own
+awaited write is on disk, surviving power loss, when the await returns. While writes are awaited
+side by side (a commit held two or more), the writer lingers `linger` seconds after the first
+write of the next group, so that the others join it: fewer, larger commits, each one fsync. A
+lone client is never held so. Reads use their own
 connection: WAL readers never block the writer, nor it them. Point reads (`get`) are cheap and run
 on the caller's thread; scans (`page`, `active`) run on a reader thread when awaited through
 `page_async`.
@@ -164,11 +167,11 @@ class Store(common.Scans[sqlite3.Connection]):
 
     dialect = SQLITE
 
-    def __init__(self, path: str | Path, *, max_batch: int = 1000) -> None:
+    def __init__(self, path: str | Path, *, max_batch: int = 1000, linger: float = 0.002) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.max_batch = max_batch
+        self.max_batch, self.linger = max_batch, linger
         self.commits = 0  # transactions the writer committed (each one fsync)
         # each group commit's seconds, on the writer thread (metrics)
         self.on_commit: Callable[[float], None] = common.ignore
@@ -230,13 +233,17 @@ class Store(common.Scans[sqlite3.Connection]):
         return await done
 
     def _write_loop(self, db: sqlite3.Connection) -> None:
-        stopping = False
+        stopping, crowded = False, False
         while not stopping:
-            batch, stopping = common.top_up(self._queue, [self._queue.get()], self.max_batch)
+            first = self._queue.get()
+            if crowded and first is not common.STOP:
+                time.sleep(self.linger)  # the GIL is free meanwhile: the awaited writes under way join
+            batch, stopping = common.top_up(self._queue, [first], self.max_batch)
             if batch:
                 started = time.perf_counter()
                 self._commit(db, batch)
                 self.on_commit(time.perf_counter() - started)
+                crowded = sum(isinstance(done, asyncio.Future) for _, done in batch) >= 2
         db.close()
 
     def _commit(self, db: sqlite3.Connection, batch: list[tuple[_Write, Future[Any]]]) -> None:

@@ -60,6 +60,27 @@ async def test_writes_arriving_together_share_one_commit(store_factory: Opener, 
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+async def test_the_writer_lingers_only_while_writes_are_awaited_side_by_side(tmp_path: Path) -> None:
+    """After a commit that held two or more awaited writes, the next group waits `linger` for
+    company: writes awaited one after another within it share one commit. A lone client, whose
+    commits hold one awaited write each, is never held."""
+    store = Store(tmp_path / "tasks.db", linger=0.5)
+    loop = asyncio.get_running_loop()
+    for n in range(3):  # a lone client: each add is answered at once
+        started = loop.time()
+        await store.add(_task(n), "local")
+        assert loop.time() - started < 0.4
+    await asyncio.gather(*(store.add(_task(n), "local") for n in range(100, 150)))  # side by side
+    before = store.commits
+    started = loop.time()
+    first = asyncio.ensure_future(store.add(_task(30), "local"))
+    await asyncio.sleep(0.1)  # within the linger: joins the first add's group
+    await asyncio.gather(first, store.add(_task(31), "local"))
+    assert store.commits - before == 1 and loop.time() - started >= 0.45
+    assert store.count() == 55
+    store.close()
+
+
 async def test_a_failing_write_fails_alone(store_factory: Opener) -> None:
     store = store_factory()
     await store.add(_task(1), "local")
