@@ -186,6 +186,27 @@ def test_a_request_that_leaves_before_it_started_gives_the_cpus_back_to_the_job_
     assert admission._free == [0]
 
 
+def test_tasks_waiting_behind_jobs_are_movable_to_free_cpus_as_many_as_they_take() -> None:
+    admission = Admission((0, 1, 2, 3), 1000)
+    first, second = admission.take(_task("r1")), admission.take(_task("r2", cores=2))
+    assert first is not None and second is not None
+    for task in (_task("n1"), _task("n2", cores=2)):
+        admission.enqueue(task)
+    held = [admission.take_behind(first), admission.take_behind(second)]
+    assert [slot.task_id for slot in held if slot is not None] == ["n1", "n2"]
+    assert [slot.task_id for slot in admission.movable()] == ["n1"], "one CPU is free: n2 asks for two"
+    assert held[0] is not None
+    held[0].recalled = True
+    assert admission.movable() == [], "the free CPU is n1's, which is on its way back"
+    admission.free("n1")  # the launcher answered the drop: n1 leaves, r1 keeps its CPU
+    assert first.behind is None and sorted(admission._free) == [3]
+    admission.free("r1")
+    assert [slot.task_id for slot in admission.movable()] == ["n2"]
+    assert held[1] is not None
+    held[1].canceling = True
+    assert admission.movable() == [], "a task being canceled is not moved"
+
+
 def test_a_job_with_a_gpu_has_nothing_sent_behind_it() -> None:
     admission = Admission((0,), 1000, ("g0",))
     running = admission.take(_task("r", gpus=1))

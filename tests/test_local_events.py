@@ -328,3 +328,23 @@ def test_a_jobs_environment_is_the_users_read_again_once_old(monkeypatch: pytest
     assert lifecycle.clean_environment("nobody")["HOME"] == "/stale"  # within the TTL: what was read
     accounts._known["nobody"] = (moment - accounts.TTL, stale)
     assert lifecycle.clean_environment("nobody")["HOME"] == pwd.getpwnam("nobody").pw_dir
+
+
+async def test_a_task_sent_ahead_behind_a_long_job_moves_to_a_core_that_frees(local: Factory, tmp_path: Path) -> None:
+    """Two cores: a long job on one, short ones on the other. A task placed behind the long job
+    (sent ahead to its launcher) is taken back and started on the other core once that core has
+    nothing left to do: it never waits for an unrelated job while a core is idle."""
+    scheduler, reports = await local(cores=2)
+    flag = tmp_path / "go"
+    long = await _submit(scheduler, make_task(tmp_path, cmd=f"while [ ! -e {flag} ]; do sleep 0.05; done"))
+    await reports.wait(lambda: reports.latest.get(long.task_id, JobStatus(TaskState.QUEUED)).state
+                       == TaskState.RUNNING, 30)
+    short = await _submit(scheduler, make_task(tmp_path, cmd="sleep 0.5"))
+    queued = [await _submit(scheduler, make_task(tmp_path, cmd=["/bin/true"])) for _ in range(3)]
+    try:
+        await _ended(reports, short, *queued, timeout=20)
+        assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in [short, *queued])
+        assert reports.latest[long.task_id].state == TaskState.RUNNING
+    finally:
+        flag.touch()
+    await _ended(reports, long)

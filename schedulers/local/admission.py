@@ -38,6 +38,7 @@ class Slot:
     launcher: int | None = None  # the index of the launcher asked to start it (None: adopted)
     after: str | None = None  # the task whose job it waits for, on the same CPUs (take_behind)
     behind: str | None = None  # the task that waits for this job's end to start on its CPUs
+    recalled: bool = False  # waiting behind a job, and taken back from its launcher for idle CPUs
 
     @property
     def task_id(self) -> str:
@@ -121,6 +122,19 @@ class Admission:
         self.slots[head.id] = slot
         self._used_memory += memory
         return slot
+
+    def movable(self) -> list[Slot]:
+        """The slots waiting behind another job (`take_behind`) that the free CPUs could start now,
+        oldest first, as many as those CPUs take beside the ones already recalled: a task sent
+        ahead must not wait for an unrelated job, however long it runs, while cores are idle."""
+        waiting = [s for s in self.slots.values() if s.after is not None and s.pid is None and not s.canceling]
+        free = len(self._free) - sum(len(s.cpus) for s in waiting if s.recalled)
+        found = []
+        for slot in waiting:
+            if not slot.recalled and len(slot.cpus) <= free:
+                found.append(slot)
+                free -= len(slot.cpus)
+        return found
 
     def hold(self, slot: Slot) -> Slot:
         """Record `slot` (e.g. a job found running after a restart) with what it holds."""

@@ -301,6 +301,10 @@ class LocalScheduler(Scheduler):
         if slot is None or slot.pid is not None:
             return
         slot.launched.set()
+        if slot.recalled and not slot.canceling:  # taken back from behind a job (`_recall`)
+            self._requeue(slot)
+            self._dispatch()
+            return
         if not slot.canceling:
             log.warning("task %s: could not start its job: %s", task_id, error)
         self._ended(slot, None, _not_started(error))
@@ -330,10 +334,14 @@ class LocalScheduler(Scheduler):
             elif recorded_exit(slot.task)[0] is not None:
                 self._ended(slot, None)
             else:
-                self._give_back(slot)
-                self.admission.free(slot.task_id)
-                self.admission.enqueue(slot.task, front=True)
+                self._requeue(slot)
         self._dispatch()
+
+    def _requeue(self, slot: Slot) -> None:
+        """Put the task of `slot`, whose job never started, back at the front of the queue."""
+        self._give_back(slot)
+        self.admission.free(slot.task_id)
+        self.admission.enqueue(slot.task, front=True)
 
     # ---- inside ----
 
@@ -353,6 +361,8 @@ class LocalScheduler(Scheduler):
                 if self.admission.queue:
                     self._send_ahead()
                 again = self._dispatch_again
+            if not self.admission.queue:
+                self._recall()
         finally:
             self._dispatching = False
 
@@ -369,6 +379,16 @@ class LocalScheduler(Scheduler):
                 self._launch(slot)
             if not self.admission.queue:
                 return
+
+    def _recall(self) -> None:
+        """Take back from their launchers (`drop`) the tasks sent ahead behind a running job that
+        idle CPUs could start now, with nothing else queued for them. The launcher answers a drop
+        with an error, on which the task is queued again, first (`launch_failed`); if the job ahead
+        ended first, the task has started there and the drop does nothing."""
+        for slot in self.admission.movable():
+            if slot.launcher is not None and self.launchers[slot.launcher].running:
+                slot.recalled = True
+                self.launchers[slot.launcher].drop(slot.task_id)
 
     def _launch(self, slot: Slot) -> None:
         task = slot.task
