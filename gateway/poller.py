@@ -1,10 +1,10 @@
 """One poller per scheduler instance: the one place where a task's state changes.
 
-It applies each change to the active set at once and queues it for the store (written in groups),
-whether the change comes from a scheduler's `report` (e.g. a local job's end, as it happens), from
-the one batched status query per interval that remote schedulers get, or from a cancel. A
-scheduler that `reports_changes` is asked about its jobs only at start-up, to reconcile what
-happened while the gateway was down.
+It applies each change to the active set at once and queues it for the store (the changes of one
+turn of the event loop as one write, committed in groups), whether the change comes from a
+scheduler's `report` (e.g. a local job's end, as it happens), from the one batched status query
+per interval that remote schedulers get, or from a cancel. A scheduler that `reports_changes` is
+asked about its jobs only at start-up, to reconcile what happened while the gateway was down.
 
 It also finishes what a crash interrupted: a task recorded but never handed to its scheduler is
 found again by its id (`Scheduler.find`) or submitted now, so nothing accepted is lost. Such a task
@@ -67,6 +67,7 @@ class Poller:
         # replica may hand a task it recorded to the holder instead of submitting it (True)
         self.leading = True
         self.to_leader: Callable[[Record], bool] = _keep
+        self._unwritten: tuple[list[Change], list[Future[Any]]] | None = None  # this loop turn's (`_write`)
         self._submitting: set[str] = set()  # tasks whose submit call is running right now
         self._unsubmitted: set[str] = set()  # recorded, never handed to the scheduler (a crash)
 
@@ -100,11 +101,34 @@ class Poller:
                 final.append(c.task_id)
                 if not record.state.terminal:
                     self.on_final(record.scheduler, c.state)
-        written = self.store.apply(changes)
+        written = self._write(changes)
         if final:
             loop = asyncio.get_running_loop()
             written.add_done_callback(lambda _: loop.is_closed() or loop.call_soon_threadsafe(self._forget, final))
         return written
+
+    def _write(self, changes: list[Change]) -> Future[Any]:
+        """Queue `changes` for the store with the others applied in this turn of the event loop:
+        one write for them all (a job's end, the next one's start and the submits' QUEUED lines
+        arrive together), queued once the turn's callbacks ran. The future answers as that write
+        does; each caller has its own, so one that gives up on it leaves the others waiting."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the event loop: on its own
+            return self.store.apply(changes)
+        if self._unwritten is None:
+            self._unwritten = ([], [])
+            loop.call_soon(self._flush)
+        mine: Future[Any] = Future()
+        self._unwritten[0].extend(changes)
+        self._unwritten[1].append(mine)
+        return mine
+
+    def _flush(self) -> None:
+        assert self._unwritten is not None
+        changes, waiters = self._unwritten
+        self._unwritten = None
+        self.store.apply(changes).add_done_callback(lambda written: _answer_all(written, waiters))
 
     def _deferred(self, change: Change) -> bool:
         record = self.active.get(change.task_id)
@@ -309,6 +333,17 @@ class Poller:
             return
         self._unsubmitted.discard(record.id)
         self.submitted(record.id, native)
+
+
+def _answer_all(written: Future[Any], waiters: list[Future[Any]]) -> None:
+    """Each of `waiters` still waiting answers what `written` answered."""
+    failure = written.exception()
+    for waiter in waiters:
+        if waiter.set_running_or_notify_cancel():  # False: its waiter gave up on it
+            if failure is not None:
+                waiter.set_exception(failure)
+            else:
+                waiter.set_result(written.result())
 
 
 def _ignore(*_: object) -> None:

@@ -2,16 +2,19 @@
 (`Poller.observed`): each change once, also when a new lease holder reads every active task again."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.active import ActiveSet
 from gateway.model import now, task_from_document
 from gateway.poller import Poller
-from gateway.store import Record, Store
+from gateway.store import Change, Record, Store
 from gateway.validation import SchemaValidator
 from schedulers.base import TaskState
 from schedulers.local.plugin import LocalScheduler
@@ -81,3 +84,40 @@ def test_a_new_task_with_its_job_is_told_queued_once(observing: tuple[Poller, li
     poller.observed(queued)  # its job id arrived: nothing new to tell
     poller.observed(running)
     assert [r.state for r in heard] == [TaskState.QUEUED, TaskState.RUNNING]
+
+
+async def test_the_changes_of_one_turn_of_the_event_loop_are_one_write(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes applied in one turn of the event loop (a job's end, the next start, the reports of
+    several submits) go to the store as one write; each caller's future answers once that write is
+    on disk, and a caller that gives up on its own leaves the others theirs."""
+    store = Store(tmp_path / "jobproxy.db")
+    scheduler = LocalScheduler("local", SchemaValidator(LocalScheduler.options_schema).with_defaults({}),
+                               tmp_path / "local")
+    records = []
+    for n in range(3):
+        task = task_from_document({"user": "u", "cmd": "true"}, f"t{n}", str(tmp_path / f"t{n}"))
+        records.append(await store.add(task, "local"))
+    poller = Poller(store, scheduler, ActiveSet(records), 1.0)
+    await store.flush()
+    before, writes = store.commits, []
+    apply = store.apply
+
+    def counted(changes: Iterable[Change]) -> Future[Any]:  # the real store's write, counted
+        writes.append(list(changes))
+        return apply(writes[-1])
+
+    monkeypatch.setattr(store, "apply", counted)
+    running = poller.apply([Change("t0", TaskState.RUNNING, "running", started=now())])
+    given_up = poller.apply([Change("t1", TaskState.RUNNING, "running", started=now())])
+    ended = poller.apply([Change("t2", TaskState.COMPLETE, "exit code 0", 0, now(), now())])
+    assert poller.active.get("t0").state == TaskState.RUNNING, "the active set has it at once"  # type: ignore[union-attr]
+    assert given_up.cancel()
+    await asyncio.gather(asyncio.wrap_future(running), asyncio.wrap_future(ended))
+    assert [[c.task_id for c in write] for write in writes] == [["t0", "t1", "t2"]]
+    assert store.commits - before == 1
+    assert [store.get(f"t{n}").state for n in range(3)] == [  # type: ignore[union-attr]
+        TaskState.RUNNING, TaskState.RUNNING, TaskState.COMPLETE]
+    await asyncio.sleep(0.05)  # the final task leaves the active set once its state is on disk
+    assert "t2" not in poller.active
+    store.close()
