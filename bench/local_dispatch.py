@@ -2,7 +2,7 @@
 against a baseline measured in the same run on the same machine.
 
   /work/main/.venv/bin/python bench/local_dispatch.py [--tasks 1000] [--concurrency 32] [--cores 2]
-      [--launchers N]
+      [--launchers N] [--rounds 3]
 
 - gateway: `python -m gateway.cli serve` (this tree's code) with the local scheduler on `--cores`
   cores and its state in a temporary folder; `--tasks` tasks `{"user": "bench", "cmd": ["/bin/true"]}`
@@ -11,9 +11,13 @@ against a baseline measured in the same run on the same machine.
 - `--drain`: the tasks are submitted while a blocker task holds all `--cores` cores, and the clock
   starts when the blocker ends: the rate at which queued tasks run, without the submits;
 - baseline: `/bin/true` spawned straight from asyncio, `--tasks` times, `--cores` at a time, before
-  and after the gateway run (their mean is the baseline).
+  and after each gateway run (their mean is that run's baseline);
+- `--rounds`: gateway runs, alternating with the baseline runs, each with a fresh gateway. On a
+  shared virtual machine one run's ratio moves by a tenth or more with its neighbours' load; the
+  median of the rounds is printed last.
 
-Prints tasks/s of each, their ratio, and the CPU seconds the gateway and its job launcher used.
+Prints, for each round, tasks/s of each, their ratio, and the CPU seconds the gateway and its job
+launcher used.
 Stops only the gateway process it started, by its pid.
 """
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -140,26 +145,35 @@ async def main() -> None:
     parser.add_argument("--drain", action="store_true",
                         help="submit the tasks behind a blocker and time only their run, from its release")
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the gateway's scheduler.poll_interval")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="gateway runs, each between two baseline runs; the median ratio is printed last")
     args = parser.parse_args()
     print(f"before the run, {dentries()}")
     before = await baseline(args.tasks, args.cores)
-    with tempfile.TemporaryDirectory(prefix="jobproxy-bench-") as folder:
-        Path(folder).chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their folders
-        rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(Path(folder), args)
-    after = await baseline(args.tasks, args.cores)
-    base = (before + after) / 2
-    print(f"baseline: /bin/true from asyncio, {args.cores} at a time: {before:7.0f} /s before, {after:7.0f} /s after,"
-          f" mean {base:7.0f} /s")
-    if args.drain:
-        print(f"gateway:  {args.tasks} queued tasks, from the blocker's release to all COMPLETE, on {args.cores} cores:"
-              f" {rate:7.0f} tasks/s")
-    else:
-        print(f"gateway:  {args.tasks} tasks through POST /v1/jobproxy/submit on {args.cores} cores: {rate:7.0f}"
-              f" tasks/s (the submits alone took {submitted:.2f} s)")
-    print(f"ratio:    {rate / base:.2f}x the baseline" + ("" if args.drain else " (target >= 0.5x)"))
-    print(f"CPU:      gateway {gateway_cpu:.2f} s ({1000 * gateway_cpu / args.tasks:.2f} ms/task),"
-          f" job launcher {launcher_cpu:.2f} s ({1000 * launcher_cpu / args.tasks:.2f} ms/task)")
-
+    ratios = []
+    for number in range(1, args.rounds + 1):
+        with tempfile.TemporaryDirectory(prefix="jobproxy-bench-") as folder:
+            Path(folder).chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their folders
+            rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(Path(folder), args)
+        after = await baseline(args.tasks, args.cores)
+        base = (before + after) / 2
+        ratios.append(rate / base)
+        print(f"round {number} of {args.rounds}")
+        print(f"baseline: /bin/true from asyncio, {args.cores} at a time: {before:7.0f} /s before, {after:7.0f} /s "
+              f"after, mean {base:7.0f} /s")
+        if args.drain:
+            print(f"gateway:  {args.tasks} queued tasks, from the blocker's release to all COMPLETE, on {args.cores} "
+                  f"cores: {rate:7.0f} tasks/s")
+        else:
+            print(f"gateway:  {args.tasks} tasks through POST /v1/jobproxy/submit on {args.cores} cores: {rate:7.0f}"
+                  f" tasks/s (the submits alone took {submitted:.2f} s)")
+        print(f"ratio:    {rate / base:.2f}x the baseline" + ("" if args.drain else " (target >= 0.5x)"))
+        print(f"CPU:      gateway {gateway_cpu:.2f} s ({1000 * gateway_cpu / args.tasks:.2f} ms/task),"
+              f" job launcher {launcher_cpu:.2f} s ({1000 * launcher_cpu / args.tasks:.2f} ms/task)")
+        before = after  # the next round's baseline before is this one's after
+    if args.rounds > 1:
+        print(f"median ratio of {args.rounds} rounds: {statistics.median(ratios):.2f}x (each: "
+              + ", ".join(f"{r:.2f}" for r in ratios) + ")" + ("" if args.drain else " (target >= 0.5x)"))
 
 if __name__ == "__main__":
     asyncio.run(main())
