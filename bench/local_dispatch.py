@@ -175,5 +175,6 @@ async def main() -> None:
         print(f"median ratio of {args.rounds} rounds: {statistics.median(ratios):.2f}x (each: "
               + ", ".join(f"{r:.2f}" for r in ratios) + ")" + ("" if args.drain else " (target >= 0.5x)"))
 
+
 if __name__ == "__main__":
     asyncio.run(main())
