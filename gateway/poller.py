@@ -28,6 +28,7 @@ from schedulers.base import JobRef, JobStatus, Scheduler, SchedulerError, Schedu
 from .active import ActiveSet
 from .model import now
 from .store import Change, Record
+from .storecommon import answer
 from .taskstore import TaskStore
 
 #: How many tasks that reached a final state lately a poller remembers, against late older records.
@@ -338,12 +339,9 @@ class Poller:
 def _answer_all(written: Future[Any], waiters: list[Future[Any]]) -> None:
     """Each of `waiters` still waiting answers what `written` answered."""
     failure = written.exception()
+    result = failure if failure is not None else written.result()
     for waiter in waiters:
-        if waiter.set_running_or_notify_cancel():  # False: its waiter gave up on it
-            if failure is not None:
-                waiter.set_exception(failure)
-            else:
-                waiter.set_result(written.result())
+        answer(waiter, result)
 
 
 def _ignore(*_: object) -> None:

@@ -197,8 +197,8 @@ def settle(outcomes: Iterable[tuple[Waiter, Any]]) -> None:
     for done, result in outcomes:
         if isinstance(done, asyncio.Future):
             by_loop.setdefault(done.get_loop(), []).append((done, result))
-        elif not done.done():  # its waiter gave up (e.g. at shutdown); the write stands
-            _answer(done, result)
+        else:
+            answer(done, result)
     for loop, answers in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(_answer_all, answers)
@@ -206,12 +206,20 @@ def settle(outcomes: Iterable[tuple[Waiter, Any]]) -> None:
 
 def _answer_all(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for done, result in answers:
-        if not done.done():  # its coroutine was cancelled; the write stands
-            _answer(done, result)
+        answer(done, result)
 
 
-def _answer(done: Waiter, result: Any) -> None:
-    if isinstance(result, Exception):
+def answer(done: Waiter, result: Any) -> None:
+    """Answer `done` with `result` (an exception is raised to its waiter), unless its waiter gave
+    up on it (cancelled it: e.g. at shutdown); the write stands either way. An asyncio future is
+    answered on its loop, where nothing cancels it meanwhile; a concurrent one may be cancelled by
+    another thread at any moment, so it is first marked running, which it then stays."""
+    if isinstance(done, asyncio.Future):
+        if done.done():
+            return
+    elif done.done() or not done.set_running_or_notify_cancel():
+        return
+    if isinstance(result, BaseException):
         done.set_exception(result)
     else:
         done.set_result(result)

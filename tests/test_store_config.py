@@ -5,13 +5,14 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gateway import config as configuration
-from gateway import pgstore
+from gateway import pgstore, storecommon
 from gateway.model import task_from_document
 from gateway.plugins import create_scheduler
 from gateway.store import MIGRATIONS, Change, Store
@@ -106,6 +107,25 @@ async def test_a_cancelled_waiter_leaves_its_write_and_the_others(store_factory:
     await store.flush()
     assert store.get("t007") is not None and len(store.page()) == 50 and store.count() == 50
     store.close()
+
+
+class _GivesUpWhenAsked(Future):  # type: ignore[type-arg]
+    """A waiter in another thread that gives up right after the writer looked whether it still
+    waits: the moment between the writer's check and its answer."""
+
+    def done(self) -> bool:
+        answer = super().done()
+        self.cancel()
+        return answer
+
+
+def test_a_waiter_giving_up_while_its_write_is_answered_stops_nothing() -> None:
+    """The writer thread answers a batch's waiters; one that is cancelled from another thread at
+    that very moment is skipped, and the writer goes on to answer the others."""
+    gives_up, waits, fails = _GivesUpWhenAsked(), Future(), Future()  # type: ignore[var-annotated]
+    failure = ValueError("a bad row")
+    storecommon.settle([(gives_up, 1), (waits, 2), (fails, failure)])
+    assert gives_up.cancelled() and waits.result() == 2 and fails.exception() is failure
 
 
 async def test_pages_and_filters(store_factory: Opener) -> None:
