@@ -52,7 +52,7 @@ def visible(request: web.Request, task_id: str) -> Record:
 def new_task(app: web.Application, document: dict[str, Any]) -> Task:
     """A Task with a fresh id and its own folder under the task root, from a validated document."""
     task_id = new_task_id()
-    return task_from_document(document, task_id, str(app[TASK_ROOT] / task_id))
+    return task_from_document(document, task_id, f"{app[TASK_ROOT]}/{task_id}")  # no PurePath parsing per submit
 
 
 def route(app: web.Application, task: Task, requested: str | None = None,
@@ -142,7 +142,7 @@ def _make_folder(folders: FolderPool, task: Task, files: Mapping[str, str | byte
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
     if account is not None:
-        give_to(account, Path(task.workdir), bool(files))
+        give_to(account, task.workdir, bool(files))
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -150,11 +150,11 @@ def refused(exc: TaskRefused) -> ApiError:
     return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
-def give_to(user: str, folder: Path, has_files: bool = True) -> None:
+def give_to(user: str, folder: str | Path, has_files: bool = True) -> None:
     """Make the task's folder and what it holds (if `has_files`) belong to the user the job runs as."""
     account = accounts.entry(user)
     uid, gid = account.pw_uid, account.pw_gid
-    for path in [folder, *folder.rglob("*")] if has_files else [folder]:
+    for path in [folder, *Path(folder).rglob("*")] if has_files else [folder]:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 
