@@ -46,15 +46,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def dentries() -> str:
-    """How many directory entries the kernel has cached, in words. On this project's virtual
-    machines, creating a file or a folder (a local task needs four) gets several times dearer as
-    this grows into the hundreds of thousands, so it is printed beside the figures it moves."""
-    try:
-        total, unused = Path("/proc/sys/fs/dentry-state").read_text().split()[:2]
-    except (OSError, ValueError):
-        return "dentry cache: unknown"
-    return f"dentry cache: {int(total):,} entries ({int(unused):,} unused)"
+def creation_cost(folder: Path, count: int = 200) -> str:
+    """What making an empty file in `folder` costs here, in words: the median CPU time of
+    `count` creations. The files stay (in `folder/.probe`) until the caller removes `folder`.
+
+    A local task makes four files and folders, so this moves the local figures. On an ext4 file
+    system without a journal (these virtual machines' root), the kernel skips, for each new inode,
+    the free inodes of its group freed in the last 30 s or so, one look-up each: right after many
+    files were removed nearby, a creation costs hundreds of µs instead of tens. A benchmark
+    therefore removes its own files only at its end."""
+    probe = folder / ".probe"
+    probe.mkdir()
+    costs = []
+    for number in range(count):
+        started = time.process_time()
+        os.close(os.open(probe / str(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        costs.append(time.process_time() - started)
+    return f"making a file under {folder}: {percentile(costs, 50) * 1e6:.0f} µs of CPU (median of {count})"
 
 
 def percentile(samples: list[float], p: float) -> float:

@@ -37,7 +37,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import JSON, Server, cpu_seconds, dentries, free_port, submit_many
+from bench.common import JSON, Server, cpu_seconds, creation_cost, free_port, submit_many
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,13 +148,21 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="gateway runs, each between two baseline runs; the median ratio is printed last")
     args = parser.parse_args()
-    print(f"before the run, {dentries()}")
+    with tempfile.TemporaryDirectory(prefix="jobproxy-bench-") as folder:
+        await rounds(Path(folder), args)
+
+
+async def rounds(folder: Path, args: argparse.Namespace) -> None:
+    """The baseline and gateway runs, each gateway run in a folder of its own under `folder`. They
+    are all removed together at the end: removed between rounds, the files of one round made each
+    file of the next dearer to create (see `creation_cost`)."""
+    folder.chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their folders
+    print(f"before the run, {creation_cost(folder)}")
     before = await baseline(args.tasks, args.cores)
     ratios = []
     for number in range(1, args.rounds + 1):
-        with tempfile.TemporaryDirectory(prefix="jobproxy-bench-") as folder:
-            Path(folder).chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their folders
-            rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(Path(folder), args)
+        (folder / f"round-{number}").mkdir(mode=0o711)
+        rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(folder / f"round-{number}", args)
         after = await baseline(args.tasks, args.cores)
         base = (before + after) / 2
         ratios.append(rate / base)

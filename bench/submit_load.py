@@ -31,7 +31,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import JSON, Server, cpu_seconds, dentries, free_port, percentile, rss_mib, submit_many
+from bench.common import JSON, Server, cpu_seconds, creation_cost, free_port, percentile, rss_mib, submit_many
 from gateway.model import new_task_id, now, task_from_document
 from gateway.store import Change, Store
 from schedulers.base import TaskState
@@ -104,7 +104,7 @@ async def main() -> None:
         root = Path(folder)
         root.chmod(0o711)  # as root with auth off, jobs run as nobody, who must pass through to the task folders
         db = root / "state" / "jobproxy.db"
-        print(f"before the run, {dentries()}")
+        print(f"before the run, {creation_cost(root)}")
         started = time.perf_counter()
         await seed(db, args.stored - args.queued - 1)
         print(f"seeded {args.stored - args.queued - 1} finished tasks in {time.perf_counter() - started:.1f} s")
