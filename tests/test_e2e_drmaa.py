@@ -17,7 +17,7 @@ import pytest
 from gateway import config as configuration
 from gateway.model import new_task_id, task_from_document
 from gateway.plugins import create_scheduler
-from schedulers.base import JobRef, Scheduler, SchedulerUnavailable, Task, TaskState
+from schedulers.base import JobRef, Scheduler, Task, TaskState
 from schedulers.drmaa import gridengine
 from schedulers.drmaa.mapping import GRID_ENGINE_SPEC
 from schedulers.drmaa.session import shared
@@ -247,21 +247,6 @@ def tasks(tmp_path: Path, *commands: str) -> list[Task]:
     return made
 
 
-async def cancel_all(scheduler: Scheduler, jobs: list[JobRef]) -> None:
-    """Cancel `jobs` one at a time: their DRMAA calls share one thread, each within the plugin's
-    `call_timeout`, and twenty cancels side by side queue past it on a busy qmaster. A cancel the
-    qmaster did not answer in time is asked again."""
-    for job in jobs:
-        for attempt in range(3):
-            try:
-                await scheduler.cancel(job)
-                break
-            except SchedulerUnavailable:
-                if attempt == 2:
-                    raise
-                await asyncio.sleep(2)
-
-
 async def test_one_qstat_call_per_status_and_no_drmaa_state_queries(tmp_path: Path,
                                                                     logged_bin: tuple[Path, Path]) -> None:
     """22 active jobs (2 slots: most stay queued): each status() is one `qstat -xml -u *` call and
@@ -292,10 +277,35 @@ async def test_one_qstat_call_per_status_and_no_drmaa_state_queries(tmp_path: Pa
         assert all(answers[t.id].description.endswith(f"as Grid Engine job {j.native_id}")
                    for t, j in zip(made[2:], jobs[2:], strict=True))
     finally:
-        await cancel_all(scheduler, jobs[2:])
+        await asyncio.gather(*(scheduler.cancel(job) for job in jobs[2:]))
     final = await scheduler.status(jobs[2:])
     assert {status.state for status in final.values()} == {TaskState.CANCELED}
     await scheduler.close()
+
+
+async def test_twenty_cancels_side_by_side_wait_on_one_probe_per_period(tmp_path: Path,
+                                                                        logged_bin: tuple[Path, Path]) -> None:
+    """Twenty DELETEs at once: each terminates its job, and all wait for their jobs' ends on one
+    `qstat -xml` call per half second, never a DRMAA state query per job; none answers 503, and
+    every job ends CANCELED."""
+    folder, calls = logged_bin
+    scheduler = await plugin(tmp_path, bin_dir=str(folder))
+    session = shared()
+    made = tasks(tmp_path, *["sleep 120"] * 20)
+    jobs = [JobRef(task, await scheduler.submit(task)) for task in made]
+    before, started = dict(session.counts), time.monotonic()
+    try:
+        await asyncio.gather(*(scheduler.cancel(job) for job in jobs))
+        took = time.monotonic() - started
+        assert session.counts["control"] - before.get("control", 0) == 20
+        assert session.counts["jobStatus"] == before.get("jobStatus", 0)
+        qstat = logged(calls, "qstat")
+        assert 1 <= len(qstat) <= took / 0.5 + 1, f"{len(qstat)} qstat calls in {took:.1f} s"
+        final = await scheduler.status(jobs)
+        assert {status.state for status in final.values()} == {TaskState.CANCELED}, final
+    finally:
+        subprocess.run(["qdel", *(job.native_id for job in jobs)], capture_output=True)  # what a failure left
+        await scheduler.close()
 
 
 async def test_drm_other_asks_drmaa_for_each_jobs_state(tmp_path: Path, logged_bin: tuple[Path, Path]) -> None:

@@ -61,6 +61,7 @@ from ..base import (
 from ..files import recorded_exit, tail
 from ..task import Task, TaskState
 from . import gridengine, mapping
+from .endings import Endings
 from .session import shared
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class DrmaaScheduler(Scheduler):
         # task id -> when qstat first no longer listed a job that the session still has as active
         self._lagging: dict[str, float] = {}
         self._unknown_seen: set[tuple[str, str]] = set()
+        self._endings = Endings(self._still_active)  # the jobs cancels wait for, probed together
 
     async def start(self, report: Report) -> None:
         await super().start(report)
@@ -252,15 +254,16 @@ class DrmaaScheduler(Scheduler):
         except SchedulerError:
             marker.unlink(missing_ok=True)
             raise
-        deadline = time.monotonic() + float(self.options["cancel_timeout"])
-        while active and time.monotonic() < deadline:  # until the DRM has really ended it
-            await asyncio.sleep(0.5)
-            probe = await self._call(shared().probe, [job.native_id], doing="report the job's state")
-            active = probe[job.native_id][0] in mapping.ACTIVE_STATES
+        if active:  # until the DRM has really ended it
+            active = not await self._endings.wait(job, float(self.options["cancel_timeout"]))
         if active:
             log.warning("task %s: DRMAA job %s is still active after terminate", job.task_id, job.native_id)
         else:
             log.info("task %s: DRMAA job %s terminated", job.task_id, job.native_id)
+
+    async def close(self) -> None:
+        await self._endings.close()
+        await super().close()
 
     async def release(self, job: JobRef) -> None:
         shared().forget(job.native_id)
@@ -292,6 +295,14 @@ class DrmaaScheduler(Scheduler):
                 raise TaskRefused(f"{self.drm_name} refused the job: {_message(exc)}") from None
             log.warning("DRMAA call to %s failed: %s", doing, exc)
             raise SchedulerUnavailable(f"{self.drm_name} cannot {doing} right now: {_message(exc)}") from None
+
+    async def _still_active(self, jobs: Sequence[JobRef]) -> set[str]:
+        """The native ids of those of `jobs` the DRM still has as active (`Endings`' probe)."""
+        if self.grid_engine:
+            probes = await self._qstat_probes(jobs)
+        else:
+            probes = await self._call(shared().probe, [j.native_id for j in jobs], doing="report the jobs' states")
+        return {native for native, (kind, _) in probes.items() if kind == "qstat" or kind in mapping.ACTIVE_STATES}
 
     async def _qstat_probes(self, jobs: Sequence[JobRef]) -> dict[str, tuple[str, Any]]:
         """Grid Engine: one qstat call for the state of every listed job; the jobs it no longer
