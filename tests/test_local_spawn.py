@@ -54,7 +54,8 @@ def _run(spawn: launcher.Spawn, folder: Path, script: str, **kw: Any) -> tuple[i
     uid, gid, groups = kw.get("ids", (NOBODY.pw_uid, NOBODY.pw_gid, tuple(os.getgrouplist("nobody", NOBODY.pw_gid))))
     try:
         pid = spawn((b"/bin/sh",), (b"sh", b"-c", script.encode()), (b"PATH=/usr/bin:/bin", b"HELLO=there"),
-                    os.fsencode(kw.get("cwd", folder)), uid, gid, groups, (null, out, out))
+                    os.fsencode(kw.get("cwd", folder)), uid, gid, groups, (null, out, out), kw.get("joins", ()),
+                    kw.get("cpus"))
         _, status = os.waitpid(pid, 0)
     finally:
         os.close(out)
@@ -137,7 +138,7 @@ def test_a_failed_step_says_which_and_leaves_no_child(spawn: launcher.Spawn, fol
     try:
         with pytest.raises(error) as raised:
             spawn(executables, (b"x",), (), os.fsencode(cwd), NOBODY.pw_uid, NOBODY.pw_gid, (NOBODY.pw_gid,),
-                  (null, null, null))
+                  (null, null, null), (), None)
     finally:
         os.close(null)
     assert raised.value.filename == step
@@ -145,15 +146,48 @@ def test_a_failed_step_says_which_and_leaves_no_child(spawn: launcher.Spawn, fol
 
 
 @pytest.mark.parametrize("arguments, words", [
-    (((b"/bin/true",), (b"true",), (), b"/", 0, -1, None, (3, 3, 3)), "given together"),
-    (((b"/bin/true",), (), (), b"/", -1, -1, None, (3, 3, 3)), "must not be empty"),
-    (((b"/bin/true",), (b"a\0b",), (), b"/", -1, -1, None, (3, 3, 3)), "without NUL"),
-    (((b"/bin/true",), (b"true",), (), b"/", -1, -1, None, (0, 3, 3)), "at 3 or above"),
+    (((b"/bin/true",), (b"true",), (), b"/", 0, -1, None, (3, 3, 3), (), None), "given together"),
+    (((b"/bin/true",), (), (), b"/", -1, -1, None, (3, 3, 3), (), None), "must not be empty"),
+    (((b"/bin/true",), (b"a\0b",), (), b"/", -1, -1, None, (3, 3, 3), (), None), "without NUL"),
+    (((b"/bin/true",), (b"true",), (), b"/", -1, -1, None, (0, 3, 3), (), None), "at 3 or above"),
+    (((b"/bin/true",), (b"true",), (), b"/", -1, -1, None, (3, 3, 3), (-1,), None), "open descriptor"),
+    (((b"/bin/true",), (b"true",), (), b"/", -1, -1, None, (3, 3, 3), (), ()), "at least one CPU"),
+    (((b"/bin/true",), (b"true",), (), b"/", -1, -1, None, (3, 3, 3), (), (1 << 20,)), "CPU number below"),
 ])
 def test_bad_arguments_are_refused_before_any_child(spawn: launcher.Spawn, arguments: tuple[Any, ...],
                                                     words: str) -> None:
     with pytest.raises(ValueError, match=words):
         spawn(*arguments)
+
+
+def test_the_child_joins_the_jobs_cgroup_and_cpus_and_the_caller_stays_in_its_own(spawn: launcher.Spawn,
+                                                                                   folder: Path) -> None:
+    """The job is in its group and on its CPU from its first instruction (it writes itself to the
+    group's `tasks` file before the exec); the launcher never moves. A group removed since its file
+    was opened refuses the child: OSError names the step "cgroup", and no child is left."""
+    hierarchy = cgroups.detect()
+    if os.geteuid() != 0 or hierarchy is None or hierarchy.version != "v1":
+        pytest.skip("needs root and a writable cgroup v1 hierarchy (where the launcher's spawn joins groups)")
+    group = Path("/sys/fs/cgroup/cpu/jobproxy") / f"spawn-child-{os.getpid()}"
+    group.mkdir()
+    tasks = os.open(group / "tasks", os.O_WRONLY | os.O_CLOEXEC)
+    mine_before, cpus_before = Path("/proc/self/cgroup").read_text(), os.sched_getaffinity(0)
+    try:
+        status, out = _run(spawn, folder, "grep -E '^[0-9]+:([^:]*,)?cpu(,[^:]*)?:' /proc/self/cgroup; "
+                                          "grep Cpus_allowed_list /proc/self/status", joins=(tasks,), cpus=(0,))
+        assert os.waitstatus_to_exitcode(status) == 0, out
+        assert out.splitlines()[0].endswith(f"/jobproxy/{group.name}"), out
+        assert out.splitlines()[1].split()[-1] == "0", out
+        assert Path("/proc/self/cgroup").read_text() == mine_before and os.sched_getaffinity(0) == cpus_before
+        group.rmdir()  # the job ended: the group is empty
+        before = _children()
+        with pytest.raises(OSError) as raised:
+            _run(spawn, folder, "true", joins=(tasks,))
+        assert raised.value.filename == "cgroup" and _children() <= before
+    finally:
+        os.close(tasks)
+        if group.exists():
+            group.rmdir()
 
 
 def test_the_launcher_finds_it_beside_itself() -> None:

@@ -6,20 +6,27 @@
  * like glibc's posix_spawn, that sets its ids with raw system calls, which change the calling task
  * only: the launcher keeps its own ids throughout, and is suspended until the child execs or fails.
  *
- * spawn(executables, argv, envp, cwd, uid, gid, groups, fds) -> pid
+ * spawn(executables, argv, envp, cwd, uid, gid, groups, fds, joins, cpus) -> pid
  *   executables: the paths to try in turn (the PATH search done by the caller), as bytes;
  *   argv, envp: tuples of bytes; cwd: bytes; uid, gid: ints, -1 to keep the launcher's (then
  *   groups must be None) else groups: a tuple of the supplementary group ids; fds: the job's
- *   stdin, stdout and stderr, each open in the launcher at 3 or above.
- * The child starts a new session, takes the ids (groups, then gid, then uid), enters cwd, gets
- * its three descriptors (every other one the launcher holds is close-on-exec), has the signal
- * dispositions and mask a subprocess would have, and execs. If a step fails, the child
- * exits 127 and is reaped here, and OSError says which step and why.
+ *   stdin, stdout and stderr, each open in the launcher at 3 or above; joins: a tuple of
+ *   descriptors of cgroup v1 `tasks` files open for writing; cpus: None, or a tuple of the CPUs
+ *   the job is pinned to.
+ * The child joins the cgroups (writing 0, itself, to each `tasks` file, while it is still root)
+ * and pins itself to the CPUs, so the launcher never leaves its own; then it starts a new
+ * session, takes the ids (groups, then gid, then uid), enters cwd, gets its three descriptors
+ * (every other one the launcher holds is close-on-exec), has the signal dispositions and mask a
+ * subprocess would have, and execs. If a step fails, the child exits 127 and is reaped here, and
+ * OSError says which step and why (its filename: "cgroup" when a `tasks` file refused the child).
+ * The module's JOINS says that spawn takes joins and cpus (a launcher finding a build without it
+ * starts jobs by subprocess).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
@@ -31,6 +38,7 @@
 
 #define CHILD_STACK (64 * 1024)
 #define MAX_GROUPS 65536
+#define MAX_JOINS 16
 
 struct job {
     char **executables;
@@ -38,6 +46,10 @@ struct job {
     char **envp;
     const char *cwd;
     int fds[3];
+    int joins[MAX_JOINS];
+    Py_ssize_t njoins;
+    int set_cpus;
+    cpu_set_t cpus;
     int set_ids;
     uid_t uid;
     gid_t gid;
@@ -70,6 +82,15 @@ static int child(void *arg)
         action.sa_handler = SIG_DFL;
         (void)sigaction(sig, &action, NULL);
     }
+    /* into the job's cgroups and onto its CPUs, as root still: only this child moves */
+    job->step = "cgroup";
+    for (i = 0; i < job->njoins; i++) {
+        if (write(job->joins[i], "0", 1) != 1)
+            goto fail;
+    }
+    job->step = "sched_setaffinity";
+    if (job->set_cpus && sched_setaffinity(0, sizeof job->cpus, &job->cpus) < 0)
+        goto fail;
     job->step = "setsid";
     if (setsid() < 0)
         goto fail;
@@ -145,7 +166,7 @@ static char **vector(PyObject *sequence, const char *what)
 
 static PyObject *spawn(PyObject *self, PyObject *args)
 {
-    PyObject *executables, *argv, *envp, *cwd, *groups, *result = NULL;
+    PyObject *executables, *argv, *envp, *cwd, *groups, *joins, *cpus, *result = NULL;
     long uid, gid;
     int fds[3], i, saved;
     struct job job;
@@ -154,11 +175,43 @@ static PyObject *spawn(PyObject *self, PyObject *args)
     pid_t pid;
 
     (void)self;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!llO(iii):spawn", &PyTuple_Type, &executables, &PyTuple_Type, &argv,
+    if (!PyArg_ParseTuple(args, "O!O!O!O!llO(iii)O!O:spawn", &PyTuple_Type, &executables, &PyTuple_Type, &argv,
                           &PyTuple_Type, &envp, &PyBytes_Type, &cwd, &uid, &gid, &groups, &fds[0], &fds[1],
-                          &fds[2]))
+                          &fds[2], &PyTuple_Type, &joins, &cpus))
         return NULL;
     memset(&job, 0, sizeof job);
+    job.njoins = PyTuple_GET_SIZE(joins);
+    if (job.njoins > MAX_JOINS) {
+        PyErr_Format(PyExc_ValueError, "joins: at most %d cgroup files", MAX_JOINS);
+        return NULL;
+    }
+    for (i = 0; i < job.njoins; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(joins, i));
+        if (fd < 0 || fd > INT_MAX) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "joins[%d] must be an open descriptor", i);
+            return NULL;
+        }
+        job.joins[i] = (int)fd;
+    }
+    if (cpus != Py_None) {
+        Py_ssize_t n, k;
+        if (!PyTuple_Check(cpus) || (n = PyTuple_GET_SIZE(cpus)) == 0) {
+            PyErr_SetString(PyExc_ValueError, "cpus must be None or a tuple of at least one CPU number");
+            return NULL;
+        }
+        CPU_ZERO(&job.cpus);
+        for (k = 0; k < n; k++) {
+            long cpu = PyLong_AsLong(PyTuple_GET_ITEM(cpus, k));
+            if (cpu < 0 || cpu >= CPU_SETSIZE) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "cpus[%zd] must be a CPU number below %d", k, CPU_SETSIZE);
+                return NULL;
+            }
+            CPU_SET((int)cpu, &job.cpus);
+        }
+        job.set_cpus = 1;
+    }
     for (i = 0; i < 3; i++) {
         if (fds[i] < 3) {
             PyErr_Format(PyExc_ValueError, "fds[%d] is %d: the job's descriptors must be open at 3 or above", i,
@@ -252,7 +305,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS,
-     "spawn(executables, argv, envp, cwd, uid, gid, groups, fds) -> pid: start a job in a new session as "
+     "spawn(executables, argv, envp, cwd, uid, gid, groups, fds, joins, cpus) -> pid: start a job in its "
+     "cgroups (joins: descriptors of v1 tasks files) and on its CPUs (None: the caller's), in a new session, as "
      "uid/gid/groups (-1, -1, None: the caller's ids), with a vfork-like clone and no copy of the caller"},
     {NULL, NULL, 0, NULL},
 };
@@ -264,5 +318,10 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__spawn(void)
 {
-    return PyModule_Create(&module);
+    PyObject *made = PyModule_Create(&module);
+    if (made != NULL && PyModule_AddIntConstant(made, "JOINS", 1) < 0) {
+        Py_DECREF(made);
+        return NULL;
+    }
+    return made;
 }

@@ -37,9 +37,11 @@ A direct job with `"spawn": true` needs nothing of its own process (no rlimit, n
 but its session and its user: it is spawned rather than forked from this interpreter, several
 times cheaper, by the compiled `_spawn` beside this file (built at install: a vfork-like clone
 that takes the user's ids with raw system calls, see _spawn.c), else by subprocess (vfork and
-exec, or for another user a fork in C that sets the ids before the exec). The launcher is inside
-the job's v1 cgroups and CPUs for that moment (it enters them by its own thread id, and goes back
-to its own at once); the job inherits them. Its output files are opened, and its folder checked,
+exec, or for another user a fork in C that sets the ids before the exec). The compiled spawn's
+child joins the job's v1 cgroups and CPUs itself before its exec (it writes its own thread id, 0,
+to the groups' `tasks` files the launcher keeps open); for subprocess the launcher is inside them
+for that moment (it enters them by its own thread id, and goes back to its own at once), and the
+job inherits them. Its output files are opened, and its folder checked,
 with the user's rights first. If that start fails (no such folder or command, a folder the user
 cannot enter), the job is forked instead, which fails as described.
 
@@ -69,9 +71,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
-#: `_spawn.spawn(executables, argv, envp, cwd, uid, gid, groups, fds) -> pid` (see _spawn.c)
+#: `_spawn.spawn(executables, argv, envp, cwd, uid, gid, groups, fds, joins, cpus) -> pid` (see _spawn.c)
 Spawn = Callable[[tuple[bytes, ...], tuple[bytes, ...], tuple[bytes, ...], bytes, int, int,
-                  tuple[int, ...] | None, tuple[int, int, int]], int]
+                  tuple[int, ...] | None, tuple[int, int, int], tuple[int, ...], tuple[int, ...] | None], int]
 SCRIPT_FD = 3
 #: The exit status of a child that could not start its job.
 CANNOT_START = 255
@@ -96,6 +98,10 @@ def compiled_spawn() -> Spawn | None:
         except ImportError as exc:  # built for another interpreter, or damaged: the launcher says so
             print(f"jobproxy launcher: cannot load {path}, starting jobs by subprocess: {exc}", file=sys.stderr,
                   flush=True)
+            return None
+        if not getattr(module, "JOINS", 0):  # built from an older _spawn.c, whose child joins no cgroup
+            print(f"jobproxy launcher: {path} is an older build (pip install . builds it again), starting jobs by "
+                  "subprocess", file=sys.stderr, flush=True)
             return None
         spawn: Spawn = module.spawn
         return spawn
@@ -237,19 +243,16 @@ def exit_code(wait_status: int) -> int:
     return os.waitstatus_to_exitcode(wait_status)
 
 
-def write_exit_file(path: str, code: int, user: str | None) -> bool:
-    """Write `code` to `path` atomically (a `.part` file renamed over it), as `user` if given, so
-    that nothing the user put in their folder makes the launcher write elsewhere. False on failure."""
+def write_exit_file(path: str, code: int, user: _Identity | None) -> bool:
+    """Write `code` to `path` atomically (a `.part` file renamed over it), as `user` if given (and
+    the launcher runs as root), so that nothing the user put in their folder makes the launcher
+    write elsewhere. False on failure."""
     partial = path + ".part"
     identity = None
-    if user and os.geteuid() == 0:
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            return False
+    if user is not None and os.geteuid() == 0:
         identity = os.geteuid(), os.getegid()
-        os.setegid(entry.pw_gid)
-        os.seteuid(entry.pw_uid)
+        os.setegid(user.gid)
+        os.seteuid(user.uid)
     try:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
@@ -300,10 +303,11 @@ class _Home:
 
 
 class _CgroupFiles:
-    """The v1 `tasks` files the launcher moves itself through, each opened once and kept: a write
-    to an open file costs a fraction of an open, write and close. Writing 0 (the calling thread
-    itself) spares the kernel the process-wide lock a pid written to `cgroup.procs` takes, with its
-    RCU wait. A file of a group removed since (ENODEV), or made again, is opened again."""
+    """The v1 `tasks` files a spawned job joins by, or the launcher moves itself through, each
+    opened once and kept: a write to an open file costs a fraction of an open, write and close.
+    Writing 0 (the calling thread itself) spares the kernel the process-wide lock a pid written to
+    `cgroup.procs` takes, with its RCU wait. A file of a group removed since (ENODEV), or made
+    again, is opened again."""
 
     MOST = 256  # open files kept, at most: past that they are all closed and opened as needed
 
@@ -312,28 +316,35 @@ class _CgroupFiles:
 
     def enter(self, tasks: str) -> None:
         """Move the calling thread into the v1 group of `tasks`."""
-        fd = self._open.get(tasks)
-        if fd is not None:
-            try:
-                os.write(fd, b"0")
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.ENODEV, errno.ENOENT):
-                    raise
-                self._forget(tasks)
-        if len(self._open) >= self.MOST:
-            for path in list(self._open):
-                self._forget(path)
-        fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.write(fd, b"0")
+            os.write(self.fd(tasks), b"0")
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENODEV, errno.ENOENT):
+                raise
+            self.forget(tasks)
+        try:
+            os.write(self.fd(tasks), b"0")
         except OSError:
-            os.close(fd)
+            self.forget(tasks)
             raise
-        self._open[tasks] = fd
 
-    def _forget(self, tasks: str) -> None:
-        os.close(self._open.pop(tasks))
+    def fd(self, tasks: str) -> int:
+        """The open `tasks` file (for a spawned child to write itself to)."""
+        fd = self._open.get(tasks)
+        if fd is None:
+            if len(self._open) >= self.MOST:
+                for path in list(self._open):
+                    self.forget(path)
+            fd = self._open[tasks] = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
+        return fd
+
+    def forget(self, tasks: str) -> None:
+        """Close the file of `tasks` (its group was removed, or refused a process): opened again
+        when next needed."""
+        fd = self._open.pop(tasks, None)
+        if fd is not None:
+            os.close(fd)
 
 
 class _Identity:
@@ -502,14 +513,17 @@ class Launcher:
         self.selector.register(read_end, selectors.EVENT_READ, job)
 
     def spawn(self, request: dict[str, Any]) -> bool:
-        """Start a direct job that needs nothing set in its own process but its session and its
-        user: by the compiled spawn if there is one, else by subprocess (vfork and exec; for another
-        user, fork, setgroups, setregid, setreuid and exec in C), much cheaper than a fork of this
-        interpreter that runs Python before its exec. It starts from inside the job's cgroups (v1)
-        and CPUs, which the job inherits; the launcher goes back to its own at once. The output
+        """Start a direct job that needs nothing set in its own process but its session, its
+        cgroups, its CPUs and its user: by the compiled spawn if there is one, else by subprocess
+        (vfork and exec; for another user, fork, setgroups, setregid, setreuid and exec in C),
+        much cheaper than a fork of this interpreter that runs Python before its exec. The compiled
+        spawn's child joins the job's cgroups (v1) and CPUs itself; for subprocess the launcher
+        enters them, so that the job inherits them, and goes back to its own at once. The output
         files are opened, and the job's folder checked, with the user's rights. False if it must be
         forked instead (which also says why a start fails)."""
-        homes = [self.home.tasks_for(procs) for procs in request["join"]]
+        compiled = self.compiled_spawn
+        tasks_files = [procs.rpartition("/")[0] + "/tasks" for procs in request["join"]]
+        homes = [] if compiled is not None else [self.home.tasks_for(procs) for procs in request["join"]]
         if None in homes:
             return False
         identity = None
@@ -517,6 +531,8 @@ class Launcher:
             identity = self.accounts.get(request["user"]) if os.geteuid() == 0 else None
             if identity is None:
                 return False
+        # (a cpuset group pins the job by itself)
+        cpus = tuple(request["cpus"]) if request["cpus"] and not any("/cpuset/" in p for p in request["join"]) else None
         opened: list[int] = []
         joined = 0
         pinned = False
@@ -528,22 +544,28 @@ class Launcher:
                 if outputs is None:
                     return False
                 opened = outputs
-            for procs in request["join"]:
-                self.cgroup_files.enter(procs.rpartition("/")[0] + "/tasks")
-                joined += 1
-            pinned = bool(request["cpus"]) and not any("/cpuset/" in procs for procs in request["join"])
-            if pinned:  # (a cpuset group pins the launcher, and so the job, by itself)
-                os.sched_setaffinity(0, request["cpus"])
             env = _job_environment(request)
             popen = None
-            if self.compiled_spawn is not None:
+            if compiled is not None:
                 uid, gid, groups = identity.spawn_arguments() if identity is not None else (-1, -1, None)
-                pid = self.compiled_spawn(_executables(request["argv"][0], env),
-                                          tuple(os.fsencode(arg) for arg in request["argv"]),
-                                          tuple(os.fsencode(f"{k}={v}") for k, v in env.items()),
-                                          os.fsencode(request["cwd"]), uid, gid, groups,
-                                          (self.null, opened[0], opened[1]))
+                joins = tuple(self.cgroup_files.fd(tasks) for tasks in tasks_files)
+                try:
+                    pid = compiled(_executables(request["argv"][0], env),
+                                   tuple(os.fsencode(arg) for arg in request["argv"]),
+                                   tuple(os.fsencode(f"{k}={v}") for k, v in env.items()), os.fsencode(request["cwd"]),
+                                   uid, gid, groups, (self.null, opened[0], opened[1]), joins, cpus)
+                except OSError as exc:
+                    if exc.filename == "cgroup":  # a group removed (or made again) since its file was opened
+                        for tasks in tasks_files:
+                            self.cgroup_files.forget(tasks)
+                    raise
             else:
+                for tasks in tasks_files:
+                    self.cgroup_files.enter(tasks)
+                    joined += 1
+                if cpus is not None:
+                    pinned = True
+                    os.sched_setaffinity(0, cpus)
                 popen = subprocess.Popen(request["argv"], stdin=self.null, stdout=opened[0], stderr=opened[1],
                                          cwd=request["cwd"], env=env, start_new_session=True, close_fds=True,
                                          **(identity.popen_arguments() if identity is not None else {}))
@@ -604,7 +626,11 @@ class Launcher:
             code = None
             if job is not None and job.exit_file is not None:
                 status = ended.si_status if ended.si_code == os.CLD_EXITED else 128 + ended.si_status
-                code = status if write_exit_file(job.exit_file, status, job.user) else None
+                if job.user and os.geteuid() == 0:  # as the job's user (cached: no passwd read per job)
+                    user = self.accounts.get(job.user)  # None: the account is gone, no file is written
+                    code = status if user is not None and write_exit_file(job.exit_file, status, user) else None
+                else:
+                    code = status if write_exit_file(job.exit_file, status, None) else None
             pid, wait_status = os.waitpid(ended.si_pid, 0)
             job = self.jobs.pop(pid, None)
             if job is not None and job.popen is not None:
