@@ -190,6 +190,25 @@ def test_the_child_joins_the_jobs_cgroup_and_cpus_and_the_caller_stays_in_its_ow
             group.rmdir()
 
 
+def test_the_files_a_spawn_joins_by_stay_open_when_room_is_made_for_them(tmp_path: Path) -> None:
+    """At its limit of open files, the launcher closes others to open a job's: never one of the
+    files that job joins by (their numbers could otherwise be reused for another group's file)."""
+    files = launcher._CgroupFiles()
+    files.MOST = 3
+    paths = [str(tmp_path / name) for name in ("a", "b", "c", "d")]
+    for path in paths:
+        Path(path).touch()
+    try:
+        files.fds(paths[:2])
+        files.fds(paths[2:3])
+        got = files.fds([paths[0], paths[3]])  # one already open, one to open past the limit
+        assert [os.readlink(f"/proc/self/fd/{fd}") for fd in got] == [paths[0], paths[3]]
+        assert sorted(files._open) == [paths[0], paths[3]]
+    finally:
+        for path in list(files._open):
+            files.forget(path)
+
+
 def test_the_launcher_finds_it_beside_itself() -> None:
     """launcher.py runs as a script in an isolated interpreter (`-I`), whose path does not hold
     the script's folder: it loads the compiled spawn from beside itself all the same."""

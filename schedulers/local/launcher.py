@@ -317,27 +317,28 @@ class _CgroupFiles:
     def enter(self, tasks: str) -> None:
         """Move the calling thread into the v1 group of `tasks`."""
         try:
-            os.write(self.fd(tasks), b"0")
+            os.write(self.fds([tasks])[0], b"0")
             return
         except OSError as exc:
             if exc.errno not in (errno.ENODEV, errno.ENOENT):
                 raise
             self.forget(tasks)
         try:
-            os.write(self.fd(tasks), b"0")
+            os.write(self.fds([tasks])[0], b"0")
         except OSError:
             self.forget(tasks)
             raise
 
-    def fd(self, tasks: str) -> int:
-        """The open `tasks` file (for a spawned child to write itself to)."""
-        fd = self._open.get(tasks)
-        if fd is None:
-            if len(self._open) >= self.MOST:
-                for path in list(self._open):
-                    self.forget(path)
-            fd = self._open[tasks] = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
-        return fd
+    def fds(self, paths: list[str]) -> tuple[int, ...]:
+        """The open files of the `tasks` files `paths` (for a spawned child to write itself to).
+        Room for those not open yet is made by closing the others, never one of `paths`."""
+        missing = [path for path in paths if path not in self._open]
+        if missing and len(self._open) + len(missing) > self.MOST:
+            for path in [p for p in self._open if p not in paths]:
+                self.forget(path)
+        for path in missing:
+            self._open[path] = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        return tuple(self._open[path] for path in paths)
 
     def forget(self, tasks: str) -> None:
         """Close the file of `tasks` (its group was removed, or refused a process): opened again
@@ -548,7 +549,7 @@ class Launcher:
             popen = None
             if compiled is not None:
                 uid, gid, groups = identity.spawn_arguments() if identity is not None else (-1, -1, None)
-                joins = tuple(self.cgroup_files.fd(tasks) for tasks in tasks_files)
+                joins = self.cgroup_files.fds(tasks_files)
                 try:
                     pid = compiled(_executables(request["argv"][0], env),
                                    tuple(os.fsencode(arg) for arg in request["argv"]),
