@@ -63,6 +63,28 @@ def test_no_compaction_while_most_lines_are_needed(tmp_path: Path, monkeypatch: 
     assert len((tmp_path / "submitted").read_text().split()) == 20
 
 
+def test_a_deep_queue_does_not_make_every_submit_read_the_journal(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the line limit with most ids still needed, the journal is looked at again only once as
+    many lines more arrived as it had to keep, not at each submit; then it is compacted."""
+    monkeypatch.setattr(spool_module, "JOURNAL_LINES", 10)
+    spool, needed, looks = Spool(tmp_path), [f"t{number}" for number in range(8)], []
+
+    def keep() -> list[str]:
+        looks.append(spool._lines)
+        return needed
+
+    spool.inherited = None
+    for number in range(30):
+        spool.write_marker(f"t{number}")
+        spool.compact(keep)
+    # 11 lines, 8 needed: not yet, and not again before 8 more (at 20 > 2 x 8: compacted to 8);
+    # then past 2 x 8 again
+    assert looks == [11, 20, 17]
+    assert sorted((tmp_path / "submitted").read_text().split()) == sorted([*needed, "t29"])
+    assert spool.known("t29") and not spool.known("t10")
+
+
 def test_replicas_sharing_a_spool_see_each_others_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replicas on one machine share the spool: a new lease holder knows what the old one
     submitted after both started, and a journal written again by one is the one the other appends to."""

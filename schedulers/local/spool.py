@@ -66,6 +66,7 @@ class Spool:
         self._journal: int | None = None  # the journal's file, opened for appending at the first submit
         self._submitted: set[str] = set()
         self._lines = 0
+        self._compact_at = 0  # after a look that found most lines needed: the next look not before this many
         self._torn = False
         self._read_journal()
         self.inherited: set[str] | None = set(self._submitted)  # kept by `compact` until the plugin reconciled
@@ -124,14 +125,19 @@ class Spool:
         it). `keep` names every task the plugin may still be asked about: queued, running, ended
         lately; until the plugin reconciled (`inherited` set to None), the ids found at start-up
         are kept too. Only the replica that runs the jobs writes the journal, but one that ran them
-        before may have left ids in it that this one has not read yet: they are read first."""
-        if self._lines <= JOURNAL_LINES:
+        before may have left ids in it that this one has not read yet: they are read first.
+
+        A look that finds most lines still needed (a deep queue) sets the next look back until as
+        many lines again as it had to keep were written: each line is read a bounded number of
+        times, however long the queue, rather than the whole journal at every submit."""
+        if self._lines <= max(JOURNAL_LINES, self._compact_at):
             return
         self._read_journal()  # with what another replica sharing the spool wrote
         kept = self._submitted.intersection(keep())
         if self.inherited is not None:
             kept |= self._submitted & self.inherited
         if self._lines <= 2 * len(kept):
+            self._compact_at = self._lines + len(kept)
             return
         partial = self._journal_path + ".part"
         with open(partial, "wb") as f:
@@ -141,6 +147,7 @@ class Spool:
             os.close(self._journal)
             self._journal = None
         self._submitted, self._lines, self._torn = kept, len(kept), False
+        self._compact_at = 2 * len(kept)
 
     def close(self) -> None:
         """Close the journal (it opens again at the next submit)."""
