@@ -156,14 +156,11 @@ class Spool:
             self._journal = None
 
     def _journal_is_current(self) -> bool:
-        """Whether the journal open for appending is still the one at its path."""
+        """Whether the journal open for appending is still the one at its path: a journal written
+        again (`compact`, by any process) is renamed over the old one, which then has no name left.
+        One `fstat` per submit, no path look-up."""
         assert self._journal is not None
-        try:
-            on_disk = os.stat(self._journal_path)
-        except FileNotFoundError:
-            return False
-        opened = os.fstat(self._journal)
-        return (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
+        return os.fstat(self._journal).st_nlink > 0
 
     def known(self, task_id: str) -> bool:
         """Whether a job for the task was submitted here: it may have started. An id not seen yet
