@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -243,6 +244,29 @@ async def test_one_launcher_when_asked(local: Factory, tmp_path: Path) -> None:
     jobs = [await _submit(scheduler, make_task(tmp_path, cmd=["/bin/true"])) for _ in range(4)]
     await _ended(reports, *jobs)
     assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
+
+
+async def test_the_jobs_one_turn_starts_go_to_the_launcher_in_one_write(local: Factory, tmp_path: Path) -> None:
+    """Submits answered together (one group commit) start their jobs with one write to the
+    launcher's pipe, in the order they were asked for; each job still runs and is reported."""
+    scheduler, reports = await local(cores=2, launchers=1)
+    launcher = scheduler.launchers[0]
+    await _ended(reports, await _submit(scheduler, make_task(tmp_path, cmd=["/bin/true"])))  # it runs
+    assert launcher._process is not None
+    transport, writes = launcher._process.writer, []
+    real_write = transport.write
+
+    def counted(data: bytes | bytearray | memoryview) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    transport.write = counted
+    tasks = [make_task(tmp_path, cmd=["/bin/true"]) for _ in range(4)]
+    jobs = await asyncio.gather(*(_submit(scheduler, task) for task in tasks))
+    await _ended(reports, *jobs)
+    assert all(reports.latest[j.task_id].state == TaskState.COMPLETE for j in jobs)
+    first = [json.loads(line)["id"] for line in writes[0].splitlines()]
+    assert len(first) >= 2 and first == [task.id for task in tasks[:len(first)]]
 
 
 async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ class LauncherClient:
         self.index = index
         self._process: _Process | None = None
         self._buffer: list[tuple[str, bytes]] = []
+        self._unsent: list[bytes] = []  # this turn of the event loop's requests, written at its end
         self._unanswered: set[str] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
@@ -134,20 +135,34 @@ class LauncherClient:
         request that waits for another job's end (`after`) and answers it with an error. A job
         already started is not touched: its start is answered as usual."""
         if self.running:
-            assert self._process is not None
-            self._process.writer.write(b'{"op":"drop","id":%s}\n' % json.dumps(task_id).encode())
+            self._queue(b'{"op":"drop","id":%s}\n' % json.dumps(task_id).encode())
 
     def _write(self, task_id: str, line: bytes) -> None:
         if self.running:
-            assert self._process is not None
-            self._process.writer.write(line)
+            self._queue(line)
             self._unanswered.add(task_id)
         else:
             self._buffer.append((task_id, line))
 
+    def _queue(self, line: bytes) -> None:
+        """Send `line` with the others of this turn of the event loop, in order: one write to the
+        pipe (and one wake-up of the launcher) for the jobs a batch of submits or of job ends
+        starts, not one each."""
+        self._unsent.append(line)
+        if len(self._unsent) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        lines, self._unsent = self._unsent, []
+        if lines and self.running:
+            assert self._process is not None
+            self._process.writer.write(b"".join(lines))
+        # else the launcher died meanwhile: its replacement is told of the unanswered requests
+
     async def close(self) -> None:
         """Stop talking to the launcher and stop restarting it. It ends once its jobs did (they
         keep running); it is not waited for."""
+        self._flush()  # what this turn asked for still goes
         self._closing = True
         process, self._process = self._process, None
         if self._supervisor is not None:
