@@ -5,7 +5,9 @@ test machines (it grows with the kernel's dentry cache), and far more on a netwo
 `rename` within the root costs about 15 us. A thread of its own keeps up to `size` empty folders
 ready under the root, named `.ready-<random>` (no task id starts with a dot), and makes more
 whenever fewer than half are left. A submit takes one (`make`); when none is ready it makes the
-folder itself, as it always did.
+folder itself, as it always did. A submit on the event loop asks the thread to do it (`make_for`,
+with the change of owner to the job's account): the loop's thread then makes no file-system call
+for a task's folder, and the submits of one moment are answered with one wake-up of the loop.
 
 Ready folders are empty and belong to the gateway's user, mode 0700, as a folder made at submit
 does. The gateway removes its own at shutdown; those a crash left behind are removed, if empty, by
@@ -14,6 +16,7 @@ submit whose ready folder is gone takes the next one, or makes its own.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -33,6 +36,8 @@ class FolderPool:
     def __init__(self, root: Path, size: int = 256) -> None:
         self.root, self.size = root, size
         self._ready: collections.deque[str] = collections.deque()  # appended by the thread, taken by submits
+        # what `make_for` asked the thread to make: the folder, its owner, the waiter
+        self._asked: collections.deque[tuple[str, tuple[int, int] | None, asyncio.Future[None]]] = collections.deque()
         self._wanted = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="task-folders", daemon=True)
@@ -52,10 +57,47 @@ class FolderPool:
                     return
                 except FileNotFoundError:  # removed meanwhile (the root made again, say): the next
                     continue
+                except OSError:  # `folder` cannot be made there: the ready one stays ready
+                    self._ready.appendleft(ready)
+                    raise
             os.mkdir(folder, 0o700)
         finally:
             if len(self._ready) < self.size // 2:
                 self._wanted.set()
+
+    async def make_for(self, folder: str, owner: tuple[int, int] | None = None) -> None:
+        """`make` the task folder `folder`, and give it to `owner` (uid, gid) if one is given: by
+        the pool's thread while it runs, else here. A task root that is gone is made again.
+        OSError as `os.mkdir` or `os.chown` raise it."""
+        if self._stopping or not self._thread.is_alive():
+            self._make_owned(folder, owner)
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._asked.append((folder, owner, done))
+        self._wanted.set()
+        await done
+
+    def _make_owned(self, folder: str, owner: tuple[int, int] | None) -> None:
+        try:
+            self.make(folder)
+        except FileNotFoundError:  # the task root itself is gone: make it again
+            Path(folder).mkdir(mode=0o700, parents=True)
+        if owner is not None:
+            os.chown(folder, *owner, follow_symlinks=False)
+
+    def _serve(self) -> None:
+        """Make the folders asked for so far; their waiters are answered by one call on their loop."""
+        answers: list[tuple[asyncio.Future[None], OSError | None]] = []
+        while self._asked:
+            folder, owner, done = self._asked.popleft()
+            try:
+                self._make_owned(folder, owner)
+                answers.append((done, None))
+            except OSError as exc:
+                answers.append((done, exc))
+        if answers:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                answers[0][0].get_loop().call_soon_threadsafe(_answer, answers)
 
     def close(self) -> None:
         """Stop making folders and remove those still ready."""
@@ -72,7 +114,9 @@ class FolderPool:
         while True:
             self._wanted.wait()
             self._wanted.clear()
+            self._serve()
             while not self._stopping and len(self._ready) < self.size:
+                self._serve()  # a submit waits for its folder: before the next ready one
                 path = os.path.join(self.root, PREFIX + secrets.token_hex(8))
                 try:
                     os.mkdir(path, 0o700)
@@ -81,6 +125,7 @@ class FolderPool:
                     break
                 self._ready.append(path)
             if self._stopping:
+                self._serve()  # `make_for` asks nothing more of a stopping pool
                 return
 
     def _remove_leftovers(self) -> None:
@@ -93,3 +138,13 @@ class FolderPool:
         for path in leftovers:
             with contextlib.suppress(OSError):  # not empty, or taken meanwhile: not ours to remove
                 os.rmdir(path)
+
+
+def _answer(answers: list[tuple[asyncio.Future[None], OSError | None]]) -> None:
+    for done, error in answers:
+        if done.done():  # its submit gave up on it
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)

@@ -93,7 +93,7 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
     """Make the task's folder, record the task, hand it to its scheduler (or keep nothing)."""
     store, scheduler, poller = app[STORE], app[SCHEDULERS][name], app[POLLERS][name]
     try:
-        _make_folder(app[FOLDERS], task, files or {}, scheduler.job_account(task))
+        await _make_folder(app[FOLDERS], task, files or {}, scheduler.job_account(task))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
@@ -131,18 +131,23 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
              extra={"task_id": task.id, "user": task.user})
 
 
-def _make_folder(folders: FolderPool, task: Task, files: Mapping[str, str | bytes], account: str | None) -> None:
+async def _make_folder(folders: FolderPool, task: Task, files: Mapping[str, str | bytes],
+                       account: str | None) -> None:
     """The task's own folder with the files it brings, owned by the account its job runs as."""
-    try:
-        folders.make(task.workdir)
-    except FileNotFoundError:  # the task root itself is gone: make it again
-        Path(task.workdir).mkdir(mode=0o700, parents=True)
+    if not files:  # the usual case: made and given away by the pool's thread
+        owner = None
+        if account is not None:
+            entry = accounts.entry(account)
+            owner = (entry.pw_uid, entry.pw_gid)
+        await folders.make_for(task.workdir, owner)
+        return
+    await folders.make_for(task.workdir)
     for relative, content in files.items():
         target = Path(task.workdir) / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
     if account is not None:
-        give_to(account, task.workdir, bool(files))
+        give_to(account, task.workdir)
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -150,11 +155,11 @@ def refused(exc: TaskRefused) -> ApiError:
     return ApiError(400, str(exc), [{"path": exc.path, "message": str(exc)}])
 
 
-def give_to(user: str, folder: str | Path, has_files: bool = True) -> None:
-    """Make the task's folder and what it holds (if `has_files`) belong to the user the job runs as."""
+def give_to(user: str, folder: str | Path) -> None:
+    """Make the task's folder and what it holds belong to the user the job runs as."""
     account = accounts.entry(user)
     uid, gid = account.pw_uid, account.pw_gid
-    for path in [folder, *Path(folder).rglob("*")] if has_files else [folder]:
+    for path in [folder, *Path(folder).rglob("*")]:
         os.chown(path, uid, gid, follow_symlinks=False)
 
 

@@ -1,9 +1,14 @@
 """Task folders made ahead of time (gateway/folders.py), on the real file system."""
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from gateway.folders import PREFIX, FolderPool
 
@@ -77,3 +82,57 @@ def test_leftovers_of_a_crash_are_removed_at_start(tmp_path: Path) -> None:
         assert (tmp_path / f"{PREFIX}notempty" / "file").exists() and (tmp_path / "task").is_dir()
     finally:
         pool.close()
+
+
+async def test_a_submit_has_its_folder_made_and_given_away_by_the_pools_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make_for` takes a ready folder and changes its owner on the pool's thread; the event
+    loop's thread makes no file-system call for it."""
+    calls: list[tuple[str, str]] = []
+    for name in ("rename", "mkdir", "chown"):
+        real = getattr(os, name)
+
+        def spied(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append((_name, threading.current_thread().name))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, spied)
+    owner = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    pool = FolderPool(tmp_path, size=4)
+    pool.start()
+    try:
+        eventually(lambda: len(_ready(tmp_path)) == 4, 10, "4 folders ready")
+        inodes = {p.stat().st_ino for p in _ready(tmp_path)}
+        calls.clear()
+        await asyncio.gather(*(pool.make_for(str(tmp_path / f"task{n}"), owner) for n in range(3)))
+        made = [tmp_path / f"task{n}" for n in range(3)]
+        assert {p.stat().st_ino for p in made} <= inodes  # ready ones, renamed
+        assert all((p.stat().st_uid, p.stat().st_gid) == owner and stat.S_IMODE(p.stat().st_mode) == 0o700
+                   for p in made)
+        assert calls and {thread for _, thread in calls} == {"task-folders"}
+        assert [name for name, _ in calls[:6]] == ["rename", "chown"] * 3
+    finally:
+        pool.close()
+
+
+async def test_make_for_raises_what_the_file_system_says_and_works_without_the_thread(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    root.mkdir()
+    pool = FolderPool(root, size=2)
+    pool.start()
+    try:
+        (root / "file").write_text("x")
+        eventually(lambda: len(_ready(root)) == 2, 10, "2 folders ready")
+        with pytest.raises(NotADirectoryError):
+            await pool.make_for(str(root / "file" / "task"))
+        assert len(_ready(root)) == 2  # the one it tried stays ready
+        for path in _ready(root):
+            path.rmdir()
+        root.joinpath("file").unlink()
+        root.rmdir()
+        await pool.make_for(str(root / "task"))  # the root gone: made again
+        assert (root / "task").is_dir()
+    finally:
+        pool.close()
+    await pool.make_for(str(root / "after"))  # a closed pool makes it here
+    assert (root / "after").is_dir()
