@@ -87,13 +87,13 @@ class FolderPool:
 
     def _serve(self) -> None:
         """Make the folders asked for so far; their waiters are answered by one call on their loop."""
-        answers: list[tuple[asyncio.Future[None], OSError | None]] = []
+        answers: list[tuple[asyncio.Future[None], Exception | None]] = []
         while self._asked:
             folder, owner, done = self._asked.popleft()
             try:
                 self._make_owned(folder, owner)
                 answers.append((done, None))
-            except OSError as exc:
+            except Exception as exc:  # raised to its waiter, as if made there; the thread goes on
                 answers.append((done, exc))
         if answers:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
@@ -140,7 +140,7 @@ class FolderPool:
                 os.rmdir(path)
 
 
-def _answer(answers: list[tuple[asyncio.Future[None], OSError | None]]) -> None:
+def _answer(answers: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
     for done, error in answers:
         if done.done():  # its submit gave up on it
             continue
