@@ -133,20 +133,14 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
 
 async def _make_folder(folders: FolderPool, task: Task, files: Mapping[str, str | bytes],
                        account: str | None) -> None:
-    """The task's own folder with the files it brings, owned by the account its job runs as."""
-    if not files:  # the usual case: made and given away by the pool's thread
-        owner = None
-        if account is not None:
-            entry = accounts.entry(account)
-            owner = (entry.pw_uid, entry.pw_gid)
-        await folders.make_for(task.workdir, owner)
-        return
-    await folders.make_for(task.workdir)
+    """The task's own folder with the files it brings, owned by the account its job runs as. The
+    folder is made and given away by the pool's thread."""
+    await folders.make_for(task.workdir, None if account is None else _ids(account))
     for relative, content in files.items():
         target = Path(task.workdir) / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content.encode() if isinstance(content, str) else content)
-    if account is not None:
+    if files and account is not None:
         give_to(account, task.workdir)
 
 
@@ -157,10 +151,15 @@ def refused(exc: TaskRefused) -> ApiError:
 
 def give_to(user: str, folder: str | Path) -> None:
     """Make the task's folder and what it holds belong to the user the job runs as."""
-    account = accounts.entry(user)
-    uid, gid = account.pw_uid, account.pw_gid
+    uid, gid = _ids(user)
     for path in [folder, *Path(folder).rglob("*")]:
         os.chown(path, uid, gid, follow_symlinks=False)
+
+
+def _ids(user: str) -> tuple[int, int]:
+    """The uid and gid of `user`'s account (KeyError if there is none)."""
+    account = accounts.entry(user)
+    return account.pw_uid, account.pw_gid
 
 
 def instance(app: web.Application, record: Record) -> tuple[Scheduler, Poller]:
