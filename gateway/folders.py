@@ -25,6 +25,8 @@ import secrets
 import threading
 from pathlib import Path
 
+from . import storecommon
+
 log = logging.getLogger(__name__)
 
 PREFIX = ".ready-"
@@ -87,7 +89,7 @@ class FolderPool:
 
     def _serve(self) -> None:
         """Make the folders asked for so far; their waiters are answered by one call on their loop."""
-        answers: list[tuple[asyncio.Future[None], Exception | None]] = []
+        answers: list[tuple[storecommon.Waiter, Exception | None]] = []
         while self._asked:
             folder, owner, done = self._asked.popleft()
             try:
@@ -95,9 +97,7 @@ class FolderPool:
                 answers.append((done, None))
             except Exception as exc:  # raised to its waiter, as if made there; the thread goes on
                 answers.append((done, exc))
-        if answers:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                answers[0][0].get_loop().call_soon_threadsafe(_answer, answers)
+        storecommon.settle(answers)
 
     def close(self) -> None:
         """Stop making folders and remove those still ready."""
@@ -138,13 +138,3 @@ class FolderPool:
         for path in leftovers:
             with contextlib.suppress(OSError):  # not empty, or taken meanwhile: not ours to remove
                 os.rmdir(path)
-
-
-def _answer(answers: list[tuple[asyncio.Future[None], Exception | None]]) -> None:
-    for done, error in answers:
-        if done.done():  # its submit gave up on it
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
