@@ -13,11 +13,17 @@ gateway's CPU per command against asyncio's subprocess support, which starts a t
 to wait for it (measured here: about 550 µs against 260 µs per `/bin/true`). Where pidfds are
 missing (older kernels, some sandboxes) one worker thread of the loop's executor waits instead.
 
+The command is started by one of a few threads kept for that (`_starter`), not by the event loop:
+starting a process returns only once the child has exec'd, and on two cores busy with sbatch and
+slurmctld that took 3-4 ms per command, a third of a Slurm burst with the loop doing nothing else.
+Those threads live as long as the gateway, as the commands' kill signal needs (see below).
+
 A command dies with the gateway: it runs through util-linux's `setpriv --pdeathsig KILL`, which
-execs it (the same process) with a SIGKILL due when the gateway goes. Else an `sbatch` of a gateway
-killed during its submit would go on without anyone to time it out, and submit after a replica
-that took over (`gateway.replicas.grace`, the command timeout and a second) found no job by the
-task's name and submitted it again. Where `setpriv` is missing, commands run as they are.
+execs it (the same process) with a SIGKILL due when the gateway goes (Linux ties that signal to
+the thread that started the command: hence starter threads that end only with the process). Else
+an `sbatch` of a gateway killed during its submit would go on without anyone to time it out, and
+submit after a replica that took over (`gateway.replicas.grace`, the command timeout and a second)
+found no job by the task's name and submitted it again. Where `setpriv` is missing, commands run as they are.
 """
 from __future__ import annotations
 
@@ -26,7 +32,9 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +47,10 @@ pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
 _CHUNK = 65536
 #: util-linux's setpriv, which gives the command a SIGKILL for when the gateway dies, if installed.
 SETPRIV = shutil.which("setpriv")
+#: How many commands may be starting at once (each start takes a starter thread for its moment).
+STARTERS = 4
+_starters: ThreadPoolExecutor | None = None
+_starters_lock = threading.Lock()
 
 
 class CommandTimeout(SchedulerUnavailable):
@@ -61,13 +73,22 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
     command reads on stdin (then end of file). Raises SchedulerUnavailable if the command cannot be
     started and CommandTimeout (a SchedulerUnavailable) if it takes longer."""
     name = Path(argv[0]).name if argv else "(nothing)"
+    loop = asyncio.get_running_loop()
+    starting = loop.run_in_executor(_starter(), _start, argv, input is not None)
     try:
-        process = subprocess.Popen(_dies_with_us(argv), stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = await asyncio.shield(starting)
+    except asyncio.CancelledError:  # the command may start all the same: it is killed and reaped
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            started = await starting
+            started.kill()
+            watch = _Watch(loop, started)
+            await asyncio.shield(watch.exited)
+            watch.close()
+        raise
     except (OSError, ValueError, IndexError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise SchedulerUnavailable(f"cannot run the {service} command {name}: {reason}") from None
-    watch = _Watch(asyncio.get_running_loop(), process, input)
+    watch = _Watch(loop, process, input)
     try:
         await asyncio.wait_for(asyncio.shield(watch.finished), timeout)
     except TimeoutError:
@@ -79,6 +100,30 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
             await asyncio.shield(watch.exited)
         watch.close()
     return Finished(watch.exited.result(), *watch.output())
+
+
+def _forget_starters() -> None:
+    """In a forked child the starter threads are gone: it makes its own on first use."""
+    global _starters
+    _starters = None
+
+
+os.register_at_fork(after_in_child=_forget_starters)
+
+
+def _starter() -> ThreadPoolExecutor:
+    """The threads that start commands, made on first use and kept until the process ends."""
+    global _starters
+    with _starters_lock:
+        if _starters is None:
+            _starters = ThreadPoolExecutor(STARTERS, thread_name_prefix="command-start")
+        return _starters
+
+
+def _start(argv: Sequence[str], with_input: bool) -> subprocess.Popen[bytes]:
+    """Start `argv` (in a starter thread) with its output on pipes, and stdin a pipe or nothing."""
+    return subprocess.Popen(_dies_with_us(argv), stdin=subprocess.PIPE if with_input else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _dies_with_us(argv: Sequence[str]) -> list[str]:

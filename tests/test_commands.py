@@ -5,6 +5,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,3 +123,44 @@ def test_a_command_dies_with_the_gateway(tmp_path: Path) -> None:
     else:
         os.kill(pid, 9)
         pytest.fail("the command outlived the process that ran it")
+
+
+async def test_commands_start_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a process returns once the child has exec'd, which a busy machine makes slow: the
+    loop goes on serving meanwhile, so the start happens in a starter thread."""
+    threads: list[str] = []
+    real = subprocess.Popen
+
+    def recording(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", recording)
+    done = await asyncio.gather(*(run(["/bin/echo", str(i)], 30) for i in range(6)))
+    assert [d.stdout for d in done] == [f"{i}\n" for i in range(6)]
+    assert len(threads) == 6 and threading.current_thread().name not in threads
+    assert all(name.startswith("command-start") for name in threads), threads
+
+
+async def test_a_caller_that_gives_up_while_its_command_starts_leaves_no_process(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Cancelled before the starter thread has the process: the process, once started, is killed
+    and reaped before the cancellation reaches the caller."""
+    started: list[int] = []
+    real = commands._start
+
+    def slow(argv: list[str], with_input: bool) -> subprocess.Popen[bytes]:
+        time.sleep(0.3)
+        process = real(argv, with_input)
+        started.append(process.pid)
+        return process
+
+    monkeypatch.setattr(commands, "_start", slow)
+    pending = asyncio.ensure_future(run(["/bin/sleep", "60"], 30))
+    await asyncio.sleep(0.05)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    assert len(started) == 1
+    with pytest.raises(ProcessLookupError):  # killed and reaped: not even a zombie is left
+        os.kill(started[0], 0)
