@@ -16,21 +16,21 @@ missing (older kernels, some sandboxes) one worker thread of the loop's executor
 The command is started by one of a few threads kept for that (`_starter`), not by the event loop:
 starting a process returns only once the child has exec'd, and on two cores busy with sbatch and
 slurmctld that took 3-4 ms per command, a third of a Slurm burst with the loop doing nothing else.
-Those threads live as long as the gateway, as the commands' kill signal needs (see below).
 
-A command dies with the gateway: it runs through util-linux's `setpriv --pdeathsig KILL`, which
-execs it (the same process) with a SIGKILL due when the gateway goes (Linux ties that signal to
-the thread that started the command: hence starter threads that end only with the process). Else
-an `sbatch` of a gateway killed during its submit would go on without anyone to time it out, and
-submit after a replica that took over (`gateway.replicas.grace`, the command timeout and a second)
-found no job by the task's name and submitted it again. Where `setpriv` is missing, commands run as they are.
+A command dies with the gateway: it starts in the process group of a watchdog, a shell that reads
+a pipe from the gateway and, once the pipe ends (the gateway is gone, however it went), kills its
+whole group. Else an `sbatch` of a gateway killed during its submit would go on without anyone to
+time it out, and submit after a replica that took over (`gateway.replicas.grace`, the command
+timeout and a second) found no job by the task's name and submitted it again. One watchdog serves
+every command of the process, so a command is one exec (running each through util-linux's
+`setpriv --pdeathsig KILL` cost a second exec, about a tenth of the machine's CPU in a Slurm
+burst). A watchdog that ended is replaced before the next command starts.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -45,12 +45,14 @@ __all__ = ["CommandTimeout", "Finished", "run"]
 #: os.pidfd_open where the platform has it (tests replace it to exercise the fallback).
 pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
 _CHUNK = 65536
-#: util-linux's setpriv, which gives the command a SIGKILL for when the gateway dies, if installed.
-SETPRIV = shutil.which("setpriv")
+#: The watchdog: waits for the end of its stdin (the gateway's pipe), then kills its process group.
+WATCHDOG = ["/bin/sh", "-c", "read -r _; kill -9 0"]
 #: How many commands may be starting at once (each start takes a starter thread for its moment).
 STARTERS = 4
 _starters: ThreadPoolExecutor | None = None
 _starters_lock = threading.Lock()
+_watchdog: subprocess.Popen[bytes] | None = None
+_watchdog_lock = threading.Lock()
 
 
 class CommandTimeout(SchedulerUnavailable):
@@ -102,13 +104,18 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
     return Finished(watch.exited.result(), *watch.output())
 
 
-def _forget_starters() -> None:
-    """In a forked child the starter threads are gone: it makes its own on first use."""
-    global _starters
+def _after_fork() -> None:
+    """In a forked child the starter threads are gone, and the watchdog is its parent's: the child
+    makes its own on first use, and lets go of the parent's watchdog pipe."""
+    global _starters, _watchdog
     _starters = None
+    if _watchdog is not None and _watchdog.stdin is not None:
+        with contextlib.suppress(OSError):
+            _watchdog.stdin.close()
+    _watchdog = None
 
 
-os.register_at_fork(after_in_child=_forget_starters)
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def _starter() -> ThreadPoolExecutor:
@@ -121,20 +128,29 @@ def _starter() -> ThreadPoolExecutor:
 
 
 def _start(argv: Sequence[str], with_input: bool) -> subprocess.Popen[bytes]:
-    """Start `argv` (in a starter thread) with its output on pipes, and stdin a pipe or nothing."""
-    return subprocess.Popen(_dies_with_us(argv), stdin=subprocess.PIPE if with_input else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Start `argv` (in a starter thread) with its output on pipes, stdin a pipe or nothing, in the
+    watchdog's process group."""
+    stdin = subprocess.PIPE if with_input else subprocess.DEVNULL
+    group = _watchdog_group()
+    try:
+        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=group)
+    except PermissionError:  # the group is gone: its watchdog ended since it was looked at
+        if _watchdog_group() == group:
+            raise
+        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                process_group=_watchdog_group())
 
 
-def _dies_with_us(argv: Sequence[str]) -> list[str]:
-    """`argv` run through setpriv, so that it gets SIGKILL when this process dies. The executable
-    is looked up first: one that is missing or may not be run is started alone, to fail as it
-    would."""
-    setpriv = SETPRIV
-    found = shutil.which(argv[0]) if setpriv is not None and argv else None
-    if setpriv is None or found is None:
-        return list(argv)
-    return [setpriv, "--pdeathsig", "KILL", "--", found, *argv[1:]]
+def _watchdog_group() -> int:
+    """The process group of the running watchdog (its pid), which is started first if need be."""
+    global _watchdog
+    with _watchdog_lock:
+        if _watchdog is None or _watchdog.poll() is not None:
+            if _watchdog is not None and _watchdog.stdin is not None:
+                _watchdog.stdin.close()
+            _watchdog = subprocess.Popen(WATCHDOG, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, process_group=0)
+        return _watchdog.pid
 
 
 class _Watch:

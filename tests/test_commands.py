@@ -98,7 +98,6 @@ async def test_a_caller_that_gives_up_leaves_no_process(exit_watch: str, tmp_pat
         os.kill(int(pid_file.read_text()), 0)
 
 
-@pytest.mark.skipif(commands.SETPRIV is None, reason="needs util-linux's setpriv")
 def test_a_command_dies_with_the_gateway(tmp_path: Path) -> None:
     """A gateway killed while its command runs (an sbatch, say) leaves no command running on its
     own: nobody would time it out, and it could still submit after another replica took over."""
@@ -164,3 +163,20 @@ async def test_a_caller_that_gives_up_while_its_command_starts_leaves_no_process
     assert len(started) == 1
     with pytest.raises(ProcessLookupError):  # killed and reaped: not even a zombie is left
         os.kill(started[0], 0)
+
+
+async def test_commands_run_in_the_watchdogs_process_group(tmp_path: Path) -> None:
+    """Each command is one process in the watchdog's group (not this process's), and a watchdog
+    that was killed is replaced before the next command."""
+    done = await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)
+    group = int(done.stdout)
+    assert group != os.getpgrp()
+    assert Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")[:2] == [b"/bin/sh", b"-c"]
+    os.kill(group, 9)
+    for _ in range(500):
+        if Path(f"/proc/{group}/stat").read_text().split(") ")[1][0] == "Z":
+            break
+        time.sleep(0.01)
+    again = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
+    assert again != group and again != os.getpgrp()
+    assert not Path(f"/proc/{group}").exists()  # the killed one was reaped
