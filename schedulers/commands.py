@@ -130,19 +130,14 @@ def _starter() -> ThreadPoolExecutor:
 def _start(argv: Sequence[str], with_input: bool) -> subprocess.Popen[bytes]:
     """Start `argv` (in a starter thread) with its output on pipes, stdin a pipe or nothing, in the
     watchdog's process group."""
-    stdin = subprocess.PIPE if with_input else subprocess.DEVNULL
-    group = _watchdog_group()
-    try:
-        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=group)
-    except PermissionError:  # the group is gone: its watchdog ended since it was looked at
-        if _watchdog_group() == group:
-            raise
-        return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                process_group=_watchdog_group())
+    return subprocess.Popen(argv, stdin=subprocess.PIPE if with_input else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=_watchdog_group())
 
 
 def _watchdog_group() -> int:
-    """The process group of the running watchdog (its pid), which is started first if need be."""
+    """The process group of the running watchdog (its pid), which is started first if need be: a
+    watchdog that ended (someone killed it) is reaped and replaced here, so the next command joins
+    a group that a live watchdog leads."""
     global _watchdog
     with _watchdog_lock:
         if _watchdog is None or _watchdog.poll() is not None:
