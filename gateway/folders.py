@@ -6,8 +6,9 @@ test machines (it grows with the kernel's dentry cache), and far more on a netwo
 ready under the root, named `.ready-<random>` (no task id starts with a dot), and makes more
 whenever fewer than half are left. A submit takes one (`make`); when none is ready it makes the
 folder itself, as it always did. A submit on the event loop asks the thread to do it (`make_for`,
-with the change of owner to the job's account): the loop's thread then makes no file-system call
-for a task's folder, and the submits of one moment are answered with one wake-up of the loop.
+with the files the task brings, TES inputs given by content, and the change of owner to the job's
+account): the loop's thread then makes no file-system call for a task's folder, however large those
+files, and the submits of one moment are answered with one wake-up of the loop.
 
 Ready folders are empty and belong to the gateway's user, mode 0700, as a folder made at submit
 does. The gateway removes its own at shutdown; those a crash left behind are removed, if empty, by
@@ -23,6 +24,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import storecommon
@@ -32,14 +34,21 @@ log = logging.getLogger(__name__)
 PREFIX = ".ready-"
 
 
+def give_away(folder: str | Path, owner: tuple[int, int], *, with_contents: bool = True) -> None:
+    """Make `folder` (and, `with_contents`, all it holds) belong to `owner` (uid, gid)."""
+    for path in [folder, *Path(folder).rglob("*")] if with_contents else [folder]:
+        os.chown(path, *owner, follow_symlinks=False)
+
+
 class FolderPool:
     """Empty folders ready under `root` for the next tasks."""
 
     def __init__(self, root: Path, size: int = 256) -> None:
         self.root, self.size = root, size
         self._ready: collections.deque[str] = collections.deque()  # appended by the thread, taken by submits
-        # what `make_for` asked the thread to make: the folder, its owner, the waiter
-        self._asked: collections.deque[tuple[str, tuple[int, int] | None, asyncio.Future[None]]] = collections.deque()
+        # what `make_for` asked the thread to make: the folder, its owner, its files, the waiter
+        self._asked: collections.deque[tuple[str, tuple[int, int] | None, Mapping[str, bytes], asyncio.Future[None]]] \
+            = collections.deque()
         self._wanted = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="task-folders", daemon=True)
@@ -67,33 +76,39 @@ class FolderPool:
             if len(self._ready) < self.size // 2:
                 self._wanted.set()
 
-    async def make_for(self, folder: str, owner: tuple[int, int] | None = None) -> None:
-        """`make` the task folder `folder`, and give it to `owner` (uid, gid) if one is given: by
-        the pool's thread while it runs, else here. A task root that is gone is made again.
-        OSError as `os.mkdir` or `os.chown` raise it."""
+    async def make_for(self, folder: str, owner: tuple[int, int] | None = None,
+                       files: Mapping[str, bytes] | None = None) -> None:
+        """`make` the task folder `folder`, write `files` into it (relative path -> content, the
+        folders on the way made), and give the folder and all it holds to `owner` (uid, gid) if
+        one is given: by the pool's thread while it runs, else here. A task root that is gone is
+        made again. OSError as `os.mkdir`, writing or `os.chown` raise it."""
         if self._stopping or not self._thread.is_alive():
-            self._make_owned(folder, owner)
+            self._make_owned(folder, owner, files or {})
             return
         done = asyncio.get_running_loop().create_future()
-        self._asked.append((folder, owner, done))
+        self._asked.append((folder, owner, files or {}, done))
         self._wanted.set()
         await done
 
-    def _make_owned(self, folder: str, owner: tuple[int, int] | None) -> None:
+    def _make_owned(self, folder: str, owner: tuple[int, int] | None, files: Mapping[str, bytes]) -> None:
         try:
             self.make(folder)
         except FileNotFoundError:  # the task root itself is gone: make it again
             Path(folder).mkdir(mode=0o700, parents=True)
+        for relative, content in files.items():
+            target = Path(folder, relative)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
         if owner is not None:
-            os.chown(folder, *owner, follow_symlinks=False)
+            give_away(folder, owner, with_contents=bool(files))
 
     def _serve(self) -> None:
         """Make the folders asked for so far; their waiters are answered by one call on their loop."""
         answers: list[tuple[storecommon.Waiter, Exception | None]] = []
         while self._asked:
-            folder, owner, done = self._asked.popleft()
+            folder, owner, files, done = self._asked.popleft()
             try:
-                self._make_owned(folder, owner)
+                self._make_owned(folder, owner, files)
                 answers.append((done, None))
             except Exception as exc:  # raised to its waiter, as if made there; the thread goes on
                 answers.append((done, exc))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ from schedulers.base import JobRef, Scheduler, SchedulerError, SchedulerUnavaila
 from schedulers.outcome import CANCELED_ON_REQUEST
 
 from . import auth, policy, reload, routing
-from .folders import FolderPool
+from .folders import FolderPool, give_away
 from .keys import ACTIVE, FOLDERS, POLLERS, QUOTAS, ROUTER, SCHEDULERS, STAGER, STORE, TASK_ROOT
 from .model import new_task_id, now, task_from_document
 from .poller import Poller
@@ -134,14 +133,10 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
 async def _make_folder(folders: FolderPool, task: Task, files: Mapping[str, str | bytes],
                        account: str | None) -> None:
     """The task's own folder with the files it brings, owned by the account its job runs as. The
-    folder is made and given away by the pool's thread."""
-    await folders.make_for(task.workdir, None if account is None else _ids(account))
-    for relative, content in files.items():
-        target = Path(task.workdir) / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content.encode() if isinstance(content, str) else content)
-    if files and account is not None:
-        give_to(account, task.workdir)
+    folder is made, filled and given away by the pool's thread."""
+    contents = {relative: content.encode() if isinstance(content, str) else content
+                for relative, content in files.items()}
+    await folders.make_for(task.workdir, None if account is None else _ids(account), contents)
 
 
 def refused(exc: TaskRefused) -> ApiError:
@@ -151,9 +146,7 @@ def refused(exc: TaskRefused) -> ApiError:
 
 def give_to(user: str, folder: str | Path) -> None:
     """Make the task's folder and what it holds belong to the user the job runs as."""
-    uid, gid = _ids(user)
-    for path in [folder, *Path(folder).rglob("*")]:
-        os.chown(path, uid, gid, follow_symlinks=False)
+    give_away(folder, _ids(user))
 
 
 def _ids(user: str) -> tuple[int, int]:

@@ -115,6 +115,36 @@ async def test_a_submit_has_its_folder_made_and_given_away_by_the_pools_thread(
         pool.close()
 
 
+async def test_the_files_a_task_brings_are_written_and_given_away_by_the_pools_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TES inputs given by content can be large: they are written on the pool's thread, not the
+    event loop's, in folders made on the way, and belong to the job's account with the folder."""
+    writers: list[str] = []
+    real_write = Path.write_bytes
+
+    def spied(self: Path, data: Any) -> int:
+        writers.append(threading.current_thread().name)
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", spied)
+    owner = (65534, 65534) if os.getuid() == 0 else (os.getuid(), os.getgid())
+    files = {"tes/root/data/in.txt": b"x" * 3_000_000, "tes/steps.sh": b"#!/bin/sh\n"}
+    pool = FolderPool(tmp_path, size=2)
+    pool.start()
+    try:
+        await pool.make_for(str(tmp_path / "task"), owner, files)
+    finally:
+        pool.close()
+    assert writers == ["task-folders", "task-folders"]
+    made = [tmp_path / "task", *(tmp_path / "task").rglob("*")]
+    assert sorted(str(p.relative_to(tmp_path)) for p in made) == [
+        "task", "task/tes", "task/tes/root", "task/tes/root/data", "task/tes/root/data/in.txt", "task/tes/steps.sh"]
+    assert all((p.stat().st_uid, p.stat().st_gid) == owner for p in made)
+    assert (tmp_path / "task/tes/root/data/in.txt").read_bytes() == files["tes/root/data/in.txt"]
+    await pool.make_for(str(tmp_path / "after"), owner, {"a/b": b"y"})  # a closed pool writes them here
+    assert (tmp_path / "after/a/b").read_bytes() == b"y" and (tmp_path / "after/a").stat().st_uid == owner[0]
+
+
 async def test_make_for_raises_what_the_file_system_says_and_works_without_the_thread(tmp_path: Path) -> None:
     root = tmp_path / "tasks"
     root.mkdir()
