@@ -24,7 +24,8 @@ time it out, and submit after a replica that took over (`gateway.replicas.grace`
 timeout and a second) found no job by the task's name and submitted it again. One watchdog serves
 every command of the process, so a command is one exec (running each through util-linux's
 `setpriv --pdeathsig KILL` cost a second exec, about a tenth of the machine's CPU in a Slurm
-burst). A watchdog that ended is replaced before the next command starts.
+burst). A watchdog that ended is replaced before the next command starts, in the same group while
+commands still run there.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ STARTERS = 4
 _starters: ThreadPoolExecutor | None = None
 _starters_lock = threading.Lock()
 _watchdog: subprocess.Popen[bytes] | None = None
+_group: int | None = None  # the watchdog's process group, which every command joins
 _watchdog_lock = threading.Lock()
 
 
@@ -107,12 +109,12 @@ async def run(argv: Sequence[str], timeout: float, *, service: str = "the schedu
 def _after_fork() -> None:
     """In a forked child the starter threads are gone, and the watchdog is its parent's: the child
     makes its own on first use, and lets go of the parent's watchdog pipe."""
-    global _starters, _watchdog
+    global _starters, _watchdog, _group
     _starters = None
     if _watchdog is not None and _watchdog.stdin is not None:
         with contextlib.suppress(OSError):
             _watchdog.stdin.close()
-    _watchdog = None
+    _watchdog, _group = None, None
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -135,17 +137,30 @@ def _start(argv: Sequence[str], with_input: bool) -> subprocess.Popen[bytes]:
 
 
 def _watchdog_group() -> int:
-    """The process group of the running watchdog (its pid), which is started first if need be: a
-    watchdog that ended (someone killed it) is reaped and replaced here, so the next command joins
-    a group that a live watchdog leads."""
-    global _watchdog
+    """The process group of the running watchdog, which is started first if need be. A watchdog
+    that ended (someone killed it) is reaped and replaced here. The new one joins the group of
+    the old one while commands still run in it, so that those too die with the gateway; else it
+    leads a group of its own."""
+    global _watchdog, _group
     with _watchdog_lock:
         if _watchdog is None or _watchdog.poll() is not None:
             if _watchdog is not None and _watchdog.stdin is not None:
                 _watchdog.stdin.close()
-            _watchdog = subprocess.Popen(WATCHDOG, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, process_group=0)
-        return _watchdog.pid
+            _watchdog = None
+            if _group is not None:
+                with contextlib.suppress(PermissionError):  # no process left in that group
+                    _watchdog = _start_watchdog(_group)
+            if _watchdog is None:
+                _watchdog = _start_watchdog(0)
+                _group = _watchdog.pid
+        assert _group is not None
+        return _group
+
+
+def _start_watchdog(group: int) -> subprocess.Popen[bytes]:
+    """A watchdog in the process group `group` (0: a new group that it leads)."""
+    return subprocess.Popen(WATCHDOG, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, process_group=group)
 
 
 class _Watch:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -181,3 +182,37 @@ async def test_commands_run_in_the_watchdogs_process_group(tmp_path: Path) -> No
     again = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
     assert again != group and again != os.getpgrp()
     assert not Path(f"/proc/{group}").exists()  # the killed one was reaped
+
+
+async def test_a_watchdog_that_replaces_a_killed_one_guards_the_commands_still_running() -> None:
+    """Commands that ran when their watchdog was killed still die with the gateway: the next
+    watchdog joins their group, which outlives its first leader while they run."""
+    group = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
+    running = asyncio.ensure_future(run(["/bin/sleep", "60"], 120))
+
+    def sleeping() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and (entry / "comm").read_text() == "sleep\n":
+                    found += [int(entry.name)] if os.getpgid(int(entry.name)) == group else []
+        return found
+
+    for _ in range(500):
+        if sleeping():
+            break
+        await asyncio.sleep(0.01)
+    assert sleeping(), "the command did not start"
+    os.kill(group, 9)  # the watchdog, alone: the command runs on
+    for _ in range(500):
+        if Path(f"/proc/{group}/stat").read_text().split(") ")[1][0] == "Z":
+            break
+        await asyncio.sleep(0.01)
+    again = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
+    assert again == group and not running.done()
+    assert commands._watchdog is not None and commands._watchdog.pid != group
+    assert os.getpgid(commands._watchdog.pid) == group
+    assert commands._watchdog.stdin is not None
+    commands._watchdog.stdin.close()  # as when the gateway ends: the new watchdog kills the group
+    done = await asyncio.wait_for(running, 10)
+    assert done.status == -9
