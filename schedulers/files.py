@@ -23,9 +23,9 @@ def mtime(path: Path | str) -> datetime | None:
 def recorded_exit(task: Task) -> tuple[int | None, datetime | None]:
     """The exit code the job script wrote into the task's folder, and when; (None, None) while
     there is none (or it cannot be read)."""
-    path = Path(task.workdir) / EXIT_FILE
-    try:
-        return int(path.read_text().strip()), mtime(path)
+    try:  # no Path: a restart with a deep queue looks for the file of every task
+        with open(f"{task.workdir}/{EXIT_FILE}", "rb") as f:
+            return int(f.read().strip()), datetime.fromtimestamp(os.fstat(f.fileno()).st_mtime, UTC)
     except (OSError, ValueError):
         return None, None
 

@@ -306,6 +306,35 @@ async def test_a_new_instance_adopts_the_jobs_of_the_last(local: Factory, tmp_pa
         running.task_id: TaskState.EXECUTOR_ERROR, queued.task_id: TaskState.COMPLETE, done.task_id: TaskState.CANCELED}
 
 
+async def test_a_new_instance_reads_what_each_task_left_in_the_spool_and_its_folder(local: Factory,
+                                                                                    tmp_path: Path) -> None:
+    """A restart looks at the spool once, not once per task: still, a cancel mark, the pid file
+    of an older version's task folder and an exit code written by a job whose pid file a crash
+    never wrote each give their task's outcome, and a task with none of them is queued again."""
+    first, _ = await local(cores=1)
+    flag = tmp_path / "go"
+    holder = await _submit(first, make_task(tmp_path, cmd=f"while [ ! -e {flag} ]; do sleep 0.05; done"))
+    tasks = {name: make_task(tmp_path, cmd="true") for name in ("marked", "legacy", "exited", "queued")}
+    jobs = {name: await _submit(first, task) for name, task in tasks.items()}
+    await first.close()
+    root = first.spool.root
+    (root / f"{tasks['marked'].id}.cancelled").touch()
+    (root / tasks["legacy"].id).mkdir()
+    (root / tasks["legacy"].id / "pid").write_text("999999999 1 0 0\n")  # an older version's: long gone
+    Path(tasks["exited"].workdir, "exit_code").write_text("3\n")
+
+    second, reports = await local(cores=1)
+    answers = await second.status([holder, *jobs.values()])
+    assert answers[holder.task_id].state == TaskState.RUNNING
+    assert answers[tasks["marked"].id].state == TaskState.CANCELED
+    assert answers[tasks["legacy"].id].state == TaskState.SYSTEM_ERROR  # no exit code: it did not end by itself
+    assert (answers[tasks["exited"].id].state, answers[tasks["exited"].id].exit_code) == (TaskState.EXECUTOR_ERROR, 3)
+    assert answers[tasks["queued"].id].state == TaskState.QUEUED
+    flag.touch()
+    await _ended(reports, holder, jobs["queued"])
+    assert reports.latest[jobs["queued"].task_id].state == TaskState.COMPLETE
+
+
 def test_a_queued_task_says_what_it_waits_for() -> None:
     from schedulers.base import Task
     from schedulers.local.admission import Admission

@@ -98,3 +98,12 @@ def test_replicas_sharing_a_spool_see_each_others_submits(tmp_path: Path, monkey
     assert sorted((tmp_path / "submitted").read_text().split()) == ["n1", "o5"]  # n1 too, which `old` never wrote
     new.write_marker("n2")
     assert Spool(tmp_path).known("n2"), (tmp_path / "submitted").read_text()
+
+
+def test_one_listing_names_the_tasks_with_a_pid_file_a_cancel_mark_or_an_older_folder(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write_marker("queued")
+    for name in ("running.pid", "asked.cancelled", "starting.pid.part", "scripted.sh", "old.job"):
+        (tmp_path / name).touch()
+    (tmp_path / "older").mkdir()
+    assert spool.marked() == {"running", "asked", "older"}

@@ -19,13 +19,15 @@ if TYPE_CHECKING:
 def reconcile(plugin: LocalScheduler, jobs: Sequence[JobRef]) -> dict[str, JobStatus]:
     """Adopt jobs this process does not know (a restart): what their spool and files say."""
     answers: dict[str, JobStatus] = {}
-    adopt(plugin, [job.task_id for job in jobs], {job.task_id: job.task.memory or 0 for job in jobs})
+    marked = plugin.spool.marked()  # a task without a pid file or a cancel mark needs no look for them
+    marked.update(adopt(plugin, [job.task_id for job in jobs], {job.task_id: job.task.memory or 0 for job in jobs},
+                        marked))
     for job in jobs:
         task, task_id = job.task, job.task_id
-        record = plugin.spool.read_pid(task_id)
-        if plugin.spool.cancelled(task_id) or recorded_exit(task)[0] is not None:
-            status = lifecycle.final_status(task, None, plugin.spool, oom=oom(plugin, record),
-                                            canceled=plugin.spool.cancelled(task_id) is not None)
+        record = plugin.spool.read_pid(task_id) if task_id in marked else None
+        cancelled = task_id in marked and plugin.spool.cancelled(task_id) is not None
+        if cancelled or recorded_exit(task)[0] is not None:
+            status = lifecycle.final_status(task, None, plugin.spool, oom=oom(plugin, record), canceled=cancelled)
         elif record is not None and proc.alive(record.pid, record.started_at):
             slot = plugin.admission.hold(Slot(task, record.cpus, record.memory, record.pid, record.started_at,
                                             recorded=True, gpus=record.gpus))
@@ -50,13 +52,14 @@ def reconcile(plugin: LocalScheduler, jobs: Sequence[JobRef]) -> dict[str, JobSt
     return answers
 
 
-def adopt(plugin: LocalScheduler, task_ids: list[str], memory: dict[str, int]) -> None:
-    """Write the pid files of jobs that run without one (spool.adopt)."""
+def adopt(plugin: LocalScheduler, task_ids: list[str], memory: dict[str, int],
+          marked: set[str] | None = None) -> list[str]:
+    """Write the pid files of jobs that run without one (spool.adopt); answers their tasks."""
     hierarchy = plugin.cgroups
     if hierarchy is None:
-        plugin.spool.adopt(task_ids, memory, lambda pid: None, lambda name: 0)
-    else:
-        plugin.spool.adopt(task_ids, memory, lambda pid: proc.group_under(pid, cgroups.PARENT), hierarchy.oom_kills)
+        return plugin.spool.adopt(task_ids, memory, lambda pid: None, lambda name: 0, marked)
+    return plugin.spool.adopt(task_ids, memory, lambda pid: proc.group_under(pid, cgroups.PARENT),
+                              hierarchy.oom_kills, marked)
 
 
 def oom(plugin: LocalScheduler, record: PidRecord | None) -> bool:

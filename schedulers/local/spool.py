@@ -201,6 +201,21 @@ class Spool:
                 return None
         return None
 
+    def marked(self) -> set[str]:
+        """The tasks that have a pid file, a cancel mark or an older version's folder in the spool:
+        one listing of the spool, where a restart with a deep queue would look for each task's."""
+        found = set()
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(".pid"):
+                    found.add(name[:-4])
+                elif name.endswith(".cancelled"):
+                    found.add(name[:-10])
+                elif "." not in name and entry.is_dir(follow_symlinks=False):
+                    found.add(name)
+        return found
+
     def has_pid(self, task_id: str) -> bool:
         return os.path.exists(self._path(task_id, ".pid")) or (self.root / task_id / "pid").exists()
 
@@ -230,13 +245,16 @@ class Spool:
             folder.rmdir()
 
     def adopt(self, task_ids: Sequence[str], memory: dict[str, int], cgroup: Callable[[int], str | None],
-              oom_kills: Callable[[str], int]) -> None:
+              oom_kills: Callable[[str], int], marked: set[str] | None = None) -> list[str]:
         """Jobs started just before a crash, whose pid was never recorded: found by the task id in
         their environment (one scan of /proc), their pid files written with the CPUs they are
         pinned to, their cgroup (`cgroup(pid)`), its OOM-kill counter now (`oom_kills`) and their GPUs.
-        `memory` gives each task's MiB."""
-        lost = [task_id for task_id in task_ids if self.known(task_id) and not self.has_pid(task_id)]
+        `memory` gives each task's MiB; `marked`, what `marked()` answered, if the caller has it.
+        Answers the tasks whose pid file it wrote."""
+        lost = [task_id for task_id in task_ids if self.known(task_id)
+                and not ((marked is None or task_id in marked) and self.has_pid(task_id))]
         running = proc.by_task() if lost else {}
+        found = []
         for task_id in lost:
             leaders = sorted(pid for pid in running.get(task_id, ()) if pid == proc.pgid(pid))
             if leaders:
@@ -249,3 +267,5 @@ class Spool:
                 group = cgroup(pid)
                 self.write_pid(task_id, PidRecord(pid, proc.start_time(pid), cpus, memory.get(task_id, 0), group,
                                                   oom_kills(group) if group else 0, proc.visible_gpus(pid)))
+                found.append(task_id)
+        return found
