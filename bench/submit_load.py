@@ -11,7 +11,9 @@ which `--queued` wait behind a blocker that holds the one core. Prints, each bes
 2. the p99 of GET /v1/jobproxy/state/{id} during that load against the p99 of /ping under the
    same load, over all rounds (target <= 2x);
 3. the gateway's CPU while idle with the queue for 10 s (target <= 2% of one core);
-4. its resident memory with `--stored` tasks stored and `--queued` active (target <= 200 MB).
+4. its resident memory with `--stored` tasks stored and `--queued` active (target <= 200 MB);
+5. how long a restart with all those tasks queued takes to answer, and its CPU until then, beside
+   the CPU of the first start (nothing queued yet).
 Stops only the processes it started, by their pid.
 """
 from __future__ import annotations
@@ -118,6 +120,7 @@ async def main() -> None:
         with trivial, gateway:
             await trivial.ready()
             await gateway.ready()
+            first_start = cpu_seconds(gateway.pid)
             v1 = f"{gateway.base}/v1/jobproxy"
             blocking = json.dumps({"user": "bench", "cmd": ["sleep", "3600"]})
             async with aiohttp.ClientSession() as session, \
@@ -142,11 +145,17 @@ async def main() -> None:
             await asyncio.sleep(10)
             idle = (cpu_seconds(gateway.pid) - before) / 10
             memory_end = rss_mib(gateway.pid)
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"{v1}/state/{blocker}") as response:
-                    assert (await response.json())["code"] == "RUNNING"
-                async with session.delete(f"{v1}/delete/{blocker}") as response:
-                    assert response.status == 204
+            gateway.stop()  # the blocker's job runs on
+            again = Server(gateway.argv, root, gateway.base)
+            with again:
+                started = time.perf_counter()
+                await again.ready()
+                restart, restart_cpu = time.perf_counter() - started, cpu_seconds(again.pid)
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"{v1}/state/{blocker}") as response:
+                        assert (await response.json())["code"] == "RUNNING"
+                    async with session.delete(f"{v1}/delete/{blocker}") as response:
+                        assert response.status == 204
         with sqlite3.connect(db) as check:
             stored = check.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
             acknowledged = set(filled) | set(ids)
@@ -168,6 +177,8 @@ async def main() -> None:
     print(f"3. idle CPU with {queued} queued: {idle * 100:.2f}% of one core over 10 s (target <= 2%)")
     print(f"4. resident memory: {memory_full:.0f} MiB with {args.stored} stored and {args.queued} active "
           f"(target <= 200 MB); {memory_end:.0f} MiB at the end with {queued} active")
+    print(f"5. restart with {queued} queued: answering after {restart:.1f} s, {restart_cpu:.1f} s of CPU by then "
+          f"(the first start, with nothing queued: {first_start:.1f} s of CPU)")
 
 
 if __name__ == "__main__":
