@@ -107,3 +107,4 @@ def test_one_listing_names_the_tasks_with_a_pid_file_a_cancel_mark_or_an_older_f
         (tmp_path / name).touch()
     (tmp_path / "older").mkdir()
     assert spool.marked() == {"running", "asked", "older"}
+    assert Spool(tmp_path / "gone").marked() == set()

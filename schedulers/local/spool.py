@@ -204,8 +204,12 @@ class Spool:
     def marked(self) -> set[str]:
         """The tasks that have a pid file, a cancel mark or an older version's folder in the spool:
         one listing of the spool, where a restart with a deep queue would look for each task's."""
-        found = set()
-        with os.scandir(self.root) as entries:
+        found: set[str] = set()
+        try:
+            entries = os.scandir(self.root)
+        except FileNotFoundError:  # the state folder removed under a running gateway: nothing in it
+            return found
+        with entries:
             for entry in entries:
                 name = entry.name
                 if name.endswith(".pid"):
