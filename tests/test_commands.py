@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,20 +18,7 @@ from schedulers.base import SchedulerUnavailable
 from schedulers.commands import CommandTimeout, run
 
 
-@pytest.fixture(params=["pidfd", "executor"])
-def exit_watch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Tests taking this fixture run with a pidfd watching the child's exit, and with the fallback
-    (a kernel without pidfd_open: an executor thread waits)."""
-    if request.param == "executor":
-        def missing(pid: int) -> int:
-            raise OSError(38, "Function not implemented")
-        monkeypatch.setattr(commands, "pidfd_open", missing)
-    elif commands.pidfd_open is None:
-        pytest.skip("this platform has no os.pidfd_open")
-    return str(request.param)
-
-
-async def test_exit_status_and_both_streams(exit_watch: str) -> None:
+async def test_exit_status_and_both_streams() -> None:
     done = await run(["/bin/sh", "-c", "echo out; echo 'err ü' >&2; exit 3"], 30)
     assert (done.status, done.stdout, done.stderr) == (3, "out\n", "err ü\n")
 
@@ -46,7 +34,7 @@ async def test_input_is_empty() -> None:
 
 
 async def test_input_reaches_the_command_whole() -> None:
-    """Small and larger than a pipe holds: the loop writes the rest as the command reads it."""
+    """Small and larger than a pipe holds: the rest is written as the command reads it."""
     assert (await run(["/bin/cat"], 30, input=b"#!/bin/bash\ntrue\n")).stdout == "#!/bin/bash\ntrue\n"
     big = b"".join(b"%07d\n" % n for n in range(200_000))  # 1.6 MB
     assert (await run(["/bin/cat"], 30, input=big)).stdout == big.decode()
@@ -66,7 +54,7 @@ async def test_a_command_that_cannot_start_is_unavailable_with_a_readable_messag
         await run([str(plain)], 30, service="Grid Engine")
 
 
-async def test_a_command_over_its_time_is_killed(exit_watch: str, tmp_path: Path) -> None:
+async def test_a_command_over_its_time_is_killed(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     with pytest.raises(CommandTimeout, match=r"^Slurm did not answer within 0.5 s \(sh\)$") as raised:
         await run(["/bin/sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], 0.5, service="Slurm")
@@ -76,18 +64,18 @@ async def test_a_command_over_its_time_is_killed(exit_watch: str, tmp_path: Path
         os.kill(pid, 0)
 
 
-async def test_many_commands_at_once_each_get_their_own_answer(exit_watch: str) -> None:
+async def test_many_commands_at_once_each_get_their_own_answer() -> None:
     done = await asyncio.gather(*(run(["/bin/sh", "-c", f"echo {i}; echo e{i} >&2; exit {i % 7}"], 30)
                                   for i in range(40)))
     assert [(d.status, d.stdout, d.stderr) for d in done] == [(i % 7, f"{i}\n", f"e{i}\n") for i in range(40)]
 
 
-async def test_large_output_is_read_whole(exit_watch: str) -> None:
+async def test_large_output_is_read_whole() -> None:
     done = await run(["/usr/bin/head", "-c", "3000000", "/dev/zero"], 30)
     assert (done.status, len(done.stdout)) == (0, 3000000)
 
 
-async def test_a_caller_that_gives_up_leaves_no_process(exit_watch: str, tmp_path: Path) -> None:
+async def test_a_caller_that_gives_up_leaves_no_process(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     pending = asyncio.ensure_future(run(["/bin/sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"], 30))
     while not pid_file.exists() or not pid_file.read_text().strip():
@@ -127,12 +115,13 @@ def test_a_command_dies_with_the_gateway(tmp_path: Path) -> None:
 
 async def test_commands_start_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting a process returns once the child has exec'd, which a busy machine makes slow: the
-    loop goes on serving meanwhile, so the start happens in a starter thread."""
+    loop goes on serving meanwhile, so the start (and the rest of the command) happens in a runner
+    thread."""
     threads: list[str] = []
     real = subprocess.Popen
 
     def recording(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
-        if args[0] != commands.WATCHDOG:  # started (in a starter thread too) by the first command
+        if args[0] != commands.WATCHDOG:  # started (in a runner thread too) by the first command
             threads.append(threading.current_thread().name)
         return real(*args, **kwargs)  # type: ignore[call-overload, no-any-return]
 
@@ -140,12 +129,12 @@ async def test_commands_start_off_the_event_loop(monkeypatch: pytest.MonkeyPatch
     done = await asyncio.gather(*(run(["/bin/echo", str(i)], 30) for i in range(6)))
     assert [d.stdout for d in done] == [f"{i}\n" for i in range(6)]
     assert len(threads) == 6 and threading.current_thread().name not in threads
-    assert all(name.startswith("command-start") for name in threads), threads
+    assert all(name.startswith("command_") for name in threads), threads
 
 
 async def test_a_caller_that_gives_up_while_its_command_starts_leaves_no_process(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Cancelled before the starter thread has the process: the process, once started, is killed
+    """Cancelled before the runner thread has the process: the process, once started, is killed
     and reaped before the cancellation reaches the caller."""
     started: list[int] = []
     real = commands._start
@@ -216,3 +205,19 @@ async def test_a_watchdog_that_replaces_a_killed_one_guards_the_commands_still_r
     commands._watchdog.stdin.close()  # as when the gateway ends: the new watchdog kills the group
     done = await asyncio.wait_for(running, 10)
     assert done.status == -9
+
+
+async def test_a_command_cancelled_while_it_waits_for_a_runner_never_starts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """More commands than runners wait their turn; one whose caller gave up meanwhile is not run."""
+    monkeypatch.setattr(commands, "_runners", ThreadPoolExecutor(1, thread_name_prefix="command"))
+    gate, mark = tmp_path / "gate", tmp_path / "ran"
+    holding = asyncio.ensure_future(run(["/bin/sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.02; done"], 30))
+    waiting = asyncio.ensure_future(run(["/bin/touch", str(mark)], 30))
+    await asyncio.sleep(0.2)
+    waiting.cancel()
+    gate.touch()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (await holding).status == 0
+    assert not mark.exists()
