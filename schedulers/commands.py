@@ -45,8 +45,10 @@ __all__ = ["CommandTimeout", "Finished", "run"]
 
 #: The watchdog: waits for the end of its stdin (the gateway's pipe), then kills its process group.
 WATCHDOG = ["/bin/sh", "-c", "read -r _; kill -9 0"]
-#: How many commands may run at once (each holds a runner thread from its start to its end).
-RUNNERS = 32
+#: How many commands may run at once (each holds a runner thread from its start to its end; the
+#: threads are made as needed). Plenty, so that many slow ones (a mass cancel's `docker stop`, each
+#: waiting out its container's grace time) do not hold up a poll's squeue or qstat behind them.
+RUNNERS = 128
 _runners: ThreadPoolExecutor | None = None
 _runners_lock = threading.Lock()
 _watchdog: subprocess.Popen[bytes] | None = None
