@@ -12,10 +12,10 @@ Each command runs from its start to its end in one of the threads kept for that 
 stdin, reads its pipes and reaps it (`Popen.communicate`), while the event loop only waits for the
 answer. Starting a process returns only once the child has exec'd, which on two cores busy with
 sbatch and slurmctld took 3-4 ms; and watching the pipes and the exit from the loop cost the loop
-about 450 us per command in system calls (two pipes and a pidfd registered, read and closed, each
-call on a busy machine a chance to be preempted), against about 140 us for handing the command to
-a thread and taking its answer (600 `cat` commands fed 1 kB each, 8 at a time), with less CPU in
-all (680-790 us against 800-840 us per command).
+350-400 us per command, mostly system calls (two pipes and a pidfd registered, read and closed,
+each call on a busy machine a chance to be preempted), against 120-150 us for handing the command
+to a thread and taking its answer (600 `cat` commands fed 1 kB each, 8 at a time), for no more CPU
+in all (630-710 us against 650-760 us per command).
 
 A command dies with the gateway: it starts in the process group of a watchdog, a shell that reads
 a pipe from the gateway and, once the pipe ends (the gateway is gone, however it went), kills its
