@@ -24,13 +24,14 @@ time it out, and submit after a replica that took over (`gateway.replicas.grace`
 timeout and a second) found no job by the task's name and submitted it again. One watchdog serves
 every command of the process, so a command is one exec (running each through util-linux's
 `setpriv --pdeathsig KILL` cost a second exec, about a tenth of the machine's CPU in a Slurm
-burst). A watchdog that ended is replaced before the next command starts, in the same group while
-commands still run there.
+burst). A watchdog that ended (someone killed it) is replaced at once by the thread that waits
+for it, in the same group while commands still run there, so that they too die with the gateway.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 import threading
@@ -42,6 +43,8 @@ from pathlib import Path
 from .base import SchedulerUnavailable
 
 __all__ = ["CommandTimeout", "Finished", "run"]
+
+log = logging.getLogger(__name__)
 
 #: The watchdog: waits for the end of its stdin (the gateway's pipe), then kills its process group.
 WATCHDOG = ["/bin/sh", "-c", "read -r _; kill -9 0"]
@@ -156,9 +159,9 @@ def _start(argv: Sequence[str], with_input: bool) -> subprocess.Popen[bytes]:
 
 def _watchdog_group() -> int:
     """The process group of the running watchdog, which is started first if need be. A watchdog
-    that ended (someone killed it) is reaped and replaced here. The new one joins the group of
-    the old one while commands still run in it, so that those too die with the gateway; else it
-    leads a group of its own."""
+    that ended (someone killed it) is replaced here, if its thread (`_guard`) did not replace it
+    yet. The new one joins the group of the old one while commands still run in it, so that those
+    too die with the gateway; else it leads a group of its own."""
     global _watchdog, _group
     with _watchdog_lock:
         if _watchdog is None or _watchdog.poll() is not None:
@@ -176,6 +179,21 @@ def _watchdog_group() -> int:
 
 
 def _start_watchdog(group: int) -> subprocess.Popen[bytes]:
-    """A watchdog in the process group `group` (0: a new group that it leads)."""
-    return subprocess.Popen(WATCHDOG, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, process_group=group)
+    """A watchdog in the process group `group` (0: a new group that it leads), and the thread that
+    waits for its end."""
+    watchdog = subprocess.Popen(WATCHDOG, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, process_group=group)
+    threading.Thread(target=_guard, args=(watchdog,), name="command-watchdog", daemon=True).start()
+    return watchdog
+
+
+def _guard(watchdog: subprocess.Popen[bytes]) -> None:
+    """Reap `watchdog` when it ends and, if it is still the current one, replace it at once: else
+    the commands running when it was killed would not die with a gateway that ends before its next
+    command. (A watchdog ends by itself only with the gateway's pipe, when there is nothing left
+    to guard.)"""
+    watchdog.wait()
+    try:
+        _watchdog_group()
+    except (OSError, subprocess.SubprocessError) as exc:  # e.g. no process to spare: the next command tries again
+        log.warning("cannot start a new watchdog for the scheduler commands: %s", exc)

@@ -156,26 +156,35 @@ async def test_a_caller_that_gives_up_while_its_command_starts_leaves_no_process
         os.kill(started[0], 0)
 
 
+async def replaced(watchdog: int) -> subprocess.Popen[bytes]:
+    """The watchdog that replaced the one of pid `watchdog`, once there is one."""
+    for _ in range(500):
+        current = commands._watchdog
+        if current is not None and current.pid != watchdog:
+            return current
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the watchdog {watchdog} was not replaced")
+
+
 async def test_commands_run_in_the_watchdogs_process_group(tmp_path: Path) -> None:
     """Each command is one process in the watchdog's group (not this process's), and a watchdog
-    that was killed is replaced before the next command."""
+    that was killed is reaped and replaced at once, with no command running: in a group of its own."""
     done = await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)
     group = int(done.stdout)
     assert group != os.getpgrp()
     assert Path(f"/proc/{group}/cmdline").read_bytes().split(b"\0")[:2] == [b"/bin/sh", b"-c"]
     os.kill(group, 9)
-    for _ in range(500):
-        if Path(f"/proc/{group}/stat").read_text().split(") ")[1][0] == "Z":
-            break
-        time.sleep(0.01)
-    again = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
-    assert again != group and again != os.getpgrp()
+    new = await replaced(group)
+    assert os.getpgid(new.pid) == new.pid
     assert not Path(f"/proc/{group}").exists()  # the killed one was reaped
+    again = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
+    assert again == new.pid and again != os.getpgrp()
 
 
 async def test_a_watchdog_that_replaces_a_killed_one_guards_the_commands_still_running() -> None:
-    """Commands that ran when their watchdog was killed still die with the gateway: the next
-    watchdog joins their group, which outlives its first leader while they run."""
+    """Commands that ran when their watchdog was killed still die with the gateway, also one that
+    ends before its next command: the new watchdog, started at once, joins their group, which
+    outlives its first leader while they run."""
     group = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
     running = asyncio.ensure_future(run(["/bin/sleep", "60"], 120))
 
@@ -193,18 +202,14 @@ async def test_a_watchdog_that_replaces_a_killed_one_guards_the_commands_still_r
         await asyncio.sleep(0.01)
     assert sleeping(), "the command did not start"
     os.kill(group, 9)  # the watchdog, alone: the command runs on
-    for _ in range(500):
-        if Path(f"/proc/{group}/stat").read_text().split(") ")[1][0] == "Z":
-            break
-        await asyncio.sleep(0.01)
-    again = int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout)
-    assert again == group and not running.done()
-    assert commands._watchdog is not None and commands._watchdog.pid != group
-    assert os.getpgid(commands._watchdog.pid) == group
-    assert commands._watchdog.stdin is not None
-    commands._watchdog.stdin.close()  # as when the gateway ends: the new watchdog kills the group
+    new = await replaced(group)  # no other command started
+    assert os.getpgid(new.pid) == group and not running.done()
+    assert new.stdin is not None
+    new.stdin.close()  # as when the gateway ends: the new watchdog kills the group
     done = await asyncio.wait_for(running, 10)
     assert done.status == -9
+    again = await replaced(new.pid)  # that one ended too, and is replaced: commands still have one
+    assert int((await run(["/bin/sh", "-c", "ps -o pgid= -p $$"], 30)).stdout) == os.getpgid(again.pid)
 
 
 async def test_a_command_cancelled_while_it_waits_for_a_runner_never_starts(
