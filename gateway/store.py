@@ -6,7 +6,10 @@ writes) in one transaction and one fsync (`synchronous=FULL`), then resolves eac
 awaited write is on disk, surviving power loss, when the await returns. While writes are awaited
 side by side (a commit held two or more), the writer lingers `linger` seconds after the first
 write of the next group, so that the others join it: fewer, larger commits, each one fsync. A
-lone client is never held so. Reads use their own
+lone client is never held so. A group that starts with a write nobody awaits (a state change, a
+job's id) waits up to `linger` for the writes that follow, until one that is awaited comes: a
+local scheduler draining its queue commits its jobs' starts and ends a few dozen at a time, not
+two or three. Reads use their own
 connection: WAL readers never block the writer, nor it them. Point reads (`get`) are cheap and run
 on the caller's thread; scans (`page`, `active`) run on a reader thread when awaited through
 `page_async`.
@@ -235,10 +238,13 @@ class Store(common.Scans[sqlite3.Connection]):
     def _write_loop(self, db: sqlite3.Connection) -> None:
         stopping, crowded = False, False
         while not stopping:
-            first = self._queue.get()
-            if crowded and first is not common.STOP:
-                time.sleep(self.linger)  # the GIL is free meanwhile: the awaited writes under way join
-            batch, stopping = common.top_up(self._queue, [first], self.max_batch)
+            batch = [self._queue.get()]
+            if batch[0] is not common.STOP:
+                if crowded:
+                    time.sleep(self.linger)  # the GIL is free meanwhile: the awaited writes under way join
+                elif not isinstance(batch[0][1], asyncio.Future):  # nobody awaits it: the next writes join
+                    common.linger(self._queue, batch, self.linger, lambda item: isinstance(item[1], asyncio.Future))
+            batch, stopping = common.top_up(self._queue, batch, self.max_batch)
             if batch:
                 started = time.perf_counter()
                 self._commit(db, batch)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -164,6 +165,21 @@ def top_up(waiting: queue.SimpleQueue[Any], batch: list[Any], most: int) -> tupl
     if any(item is STOP for item in batch):
         return [item for item in batch if item is not STOP], True
     return batch, False
+
+
+def linger(waiting: queue.SimpleQueue[Any], batch: list[Any], seconds: float,
+           awaited: Callable[[Any], bool]) -> None:
+    """Add to `batch` what comes into `waiting` within `seconds`, until an item that a caller
+    awaits (`awaited`) or `STOP` comes, which ends the wait at once."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            item = waiting.get(timeout=left)
+        except queue.Empty:
+            return
+        batch.append(item)
+        if item is STOP or awaited(item):
+            return
 
 
 def run_group(transaction: Callable[[list[T]], list[Any]], items: list[T], log: logging.Logger,

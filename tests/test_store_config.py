@@ -82,6 +82,29 @@ async def test_the_writer_lingers_only_while_writes_are_awaited_side_by_side(tmp
     store.close()
 
 
+async def test_writes_nobody_awaits_wait_for_company_until_an_awaited_one_comes(tmp_path: Path) -> None:
+    """A group that starts with a write nobody awaits (a state change) waits `linger` for the
+    writes that follow: changes made one after another within it share one commit. A write that
+    is awaited ends the wait at once."""
+    store = Store(tmp_path / "tasks.db", linger=1.0)
+    for n in range(3):
+        await store.add(_task(n), "local")
+    before = store.commits
+    first = store.apply([Change("t000", TaskState.RUNNING, "")])
+    await asyncio.sleep(0.1)
+    second = store.apply([Change("t001", TaskState.RUNNING, "")])
+    assert await asyncio.wrap_future(first) == 1 and await asyncio.wrap_future(second) == 1
+    assert store.commits - before == 1
+    loop = asyncio.get_running_loop()
+    store.apply([Change("t000", TaskState.COMPLETE, "", 0)])
+    started = loop.time()
+    await store.add(_task(3), "local")  # committed with the change, without waiting out the linger
+    assert loop.time() - started < 0.5 and store.commits - before == 2
+    record = store.get("t000")
+    assert record is not None and record.state == TaskState.COMPLETE
+    store.close()
+
+
 async def test_a_failing_write_fails_alone(store_factory: Opener) -> None:
     store = store_factory()
     await store.add(_task(1), "local")
