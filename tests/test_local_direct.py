@@ -3,6 +3,7 @@ exit-code file) and its pooled cgroups (one group reused job after job on the sa
 processes throughout."""
 from __future__ import annotations
 
+import asyncio
 import resource
 import sys
 from collections.abc import Callable
@@ -59,7 +60,14 @@ async def test_the_job_is_the_command_itself(local: Factory, tmp_path: Path) -> 
     await reports.wait(lambda: reports.state(job.task_id) == TaskState.RUNNING, 30)
     pid = int(reports.latest[job.task_id].description.split()[3])
     assert Path(f"/proc/{pid}/exe").resolve() == Path("/bin/sleep").resolve()
-    assert f"JOBPROXY_TASK_ID={task.id}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    # the job is reported once its exec has begun: the kernel names the new program before it has
+    # placed its environment, which reads empty meanwhile
+    for _ in range(500):
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        if environ:
+            break
+        await asyncio.sleep(0.01)
+    assert f"JOBPROXY_TASK_ID={task.id}".encode() in environ
     await scheduler.cancel(job)
     await reports.wait(lambda: reports.state(job.task_id) == TaskState.CANCELED, 30)
 
