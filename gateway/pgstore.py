@@ -229,7 +229,7 @@ class PgStore(common.Scans[Db]):
         waiting: list[_Item] = []  # queued changes kept while the database is away
         while not stopping or waiting:
             batch = waiting or [self._queue.get()]
-            if not waiting and batch[0] is not common.STOP and not isinstance(batch[0].done, asyncio.Future):
+            if not waiting:
                 common.linger(self._queue, batch, self.linger, lambda item: isinstance(item.done, asyncio.Future))
             batch, stop = common.top_up(self._queue, batch, self.max_batch)
             waiting, stopping = [], stopping or stop

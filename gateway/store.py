@@ -238,11 +238,10 @@ class Store(common.Scans[sqlite3.Connection]):
         stopping, crowded = False, False
         while not stopping:
             batch = [self._queue.get()]
-            if batch[0] is not common.STOP:
-                if crowded:
-                    time.sleep(self.linger)  # the GIL is free meanwhile: the awaited writes under way join
-                elif not isinstance(batch[0][1], asyncio.Future):  # nobody awaits it: the next writes join
-                    common.linger(self._queue, batch, self.linger, lambda item: isinstance(item[1], asyncio.Future))
+            if crowded and batch[0] is not common.STOP:
+                time.sleep(self.linger)  # the GIL is free meanwhile: the awaited writes under way join
+            else:
+                common.linger(self._queue, batch, self.linger, lambda item: isinstance(item[1], asyncio.Future))
             batch, stopping = common.top_up(self._queue, batch, self.max_batch)
             if batch:
                 started = time.perf_counter()

@@ -169,17 +169,17 @@ def top_up(waiting: queue.SimpleQueue[Any], batch: list[Any], most: int) -> tupl
 
 def linger(waiting: queue.SimpleQueue[Any], batch: list[Any], seconds: float,
            awaited: Callable[[Any], bool]) -> None:
-    """Add to `batch` what comes into `waiting` within `seconds`, until an item that a caller
-    awaits (`awaited`) or `STOP` comes, which ends the wait at once."""
+    """If `batch` starts with a write nobody awaits, add to it what comes into `waiting` within
+    `seconds`, until an item that a caller awaits (`awaited`) or `STOP` comes, which ends the wait
+    at once."""
     deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
+    item = batch[-1]
+    while item is not STOP and not awaited(item) and (left := deadline - time.monotonic()) > 0:
         try:
             item = waiting.get(timeout=left)
         except queue.Empty:
             return
         batch.append(item)
-        if item is STOP or awaited(item):
-            return
 
 
 def run_group(transaction: Callable[[list[T]], list[Any]], items: list[T], log: logging.Logger,
