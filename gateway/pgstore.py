@@ -5,9 +5,7 @@ for PostgreSQL: writes go to one writer thread that commits whatever arrived tog
 transaction; point reads run on the caller's thread, scans on a reader thread. The driver is
 psycopg 3, whose synchronous connections serve those threads and whose asynchronous one listens
 for the other replicas' notifications (`gateway.replicas`). The scans and the batching of writes
-are the SQLite store's, written once in `gateway.storecommon`; as there, a group that starts with
-a write nobody awaits (a state change, a job's id) waits up to `linger` for the writes that follow,
-until one that is awaited comes.
+are the SQLite store's, written once in `gateway.storecommon`.
 
 What SQLite does not need:
 - every write transaction also NOTIFYs channel `CHANNEL` with `ORIGIN KIND ID...` (KIND: add,
@@ -157,12 +155,11 @@ class PgStore(common.Scans[Db]):
 
     dialect = POSTGRESQL
 
-    def __init__(self, url: str, *, password_file: Path | None = None, max_batch: int = 1000,
-                 linger: float = 0.002) -> None:
+    def __init__(self, url: str, *, password_file: Path | None = None, max_batch: int = 1000) -> None:
         self.url = url
         self.dsn = conninfo(url, password_file)
         self.origin = uuid.uuid4().hex[:12]  # this replica, in its notifications
-        self.max_batch, self.linger = max_batch, linger
+        self.max_batch = max_batch
         self.commits = 0
         self.on_commit: Callable[[float], None] = common.ignore
         writer = self._connect()
@@ -228,10 +225,7 @@ class PgStore(common.Scans[Db]):
         stopping = False
         waiting: list[_Item] = []  # queued changes kept while the database is away
         while not stopping or waiting:
-            batch = waiting or [self._queue.get()]
-            if not waiting:
-                common.linger(self._queue, batch, self.linger, lambda item: isinstance(item.done, asyncio.Future))
-            batch, stop = common.top_up(self._queue, batch, self.max_batch)
+            batch, stop = common.top_up(self._queue, waiting or [self._queue.get()], self.max_batch)
             waiting, stopping = [], stopping or stop
             if not batch:
                 continue

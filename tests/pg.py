@@ -53,15 +53,14 @@ def database() -> tuple[str, Path]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., TaskStore]]:
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], TaskStore]]:
     """Opens the store under test: a SQLite file in `tmp_path`, or a fresh PostgreSQL database.
-    Each call opens the same one again (as a restarted gateway would), with the keyword options
-    both stores take (`max_batch`, `linger`)."""
+    Each call opens the same one again (as a restarted gateway would)."""
     if request.param == "sqlite":
-        yield lambda **options: Store(tmp_path / "db" / "s.db", **options)
+        yield lambda: Store(tmp_path / "db" / "s.db")
         return
     url, password_file = request.getfixturevalue("database")
-    yield lambda **options: PgStore(url, password_file=password_file, **options)
+    yield lambda: PgStore(url, password_file=password_file)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

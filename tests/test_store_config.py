@@ -24,7 +24,7 @@ def _task(n: int, user: str = "u") -> Task:
     return task_from_document({"user": user, "cmd": "true"}, f"t{n:03d}", f"/w/t{n}")
 
 
-Opener = Callable[..., TaskStore]
+Opener = Callable[[], TaskStore]
 
 
 async def test_store_round_trip_and_changes(store_factory: Opener) -> None:
@@ -82,11 +82,11 @@ async def test_the_writer_lingers_only_while_writes_are_awaited_side_by_side(tmp
     store.close()
 
 
-async def test_writes_nobody_awaits_wait_for_company_until_an_awaited_one_comes(store_factory: Opener) -> None:
+async def test_writes_nobody_awaits_wait_for_company_until_an_awaited_one_comes(tmp_path: Path) -> None:
     """A group that starts with a write nobody awaits (a state change) waits `linger` for the
     writes that follow: changes made one after another within it share one commit. A write that
     is awaited ends the wait at once."""
-    store = store_factory(linger=1.0)
+    store = Store(tmp_path / "tasks.db", linger=1.0)
     for n in range(3):
         await store.add(_task(n), "local")
     before = store.commits
