@@ -52,6 +52,12 @@ def age(config: configuration.Config, task_id: str, *, finished: bool = True) ->
             (rfc3339(OLD), *([rfc3339(OLD)] if finished else []), task_id))
 
 
+async def committed(client: Any) -> None:
+    """Until the states the API answered (from memory) are in the store too: the store commits
+    state changes in groups, a moment later."""
+    await client.server.app[STORE].flush()
+
+
 def job_files(config: configuration.Config, task_id: str) -> list[Path]:
     """The local scheduler's files for a task (a direct job that ended before its pid file was
     due has none: its id is a line of the spool's journal)."""
@@ -74,6 +80,7 @@ async def test_purge_takes_old_finished_tasks_only(aiohttp_client: Any, tmp_path
     for task_id in (old, recent):
         await wait_state(client, task_id, final)
     await wait_state(client, running, lambda s: s["code"] == "RUNNING")
+    await committed(client)
     age(config, old)
     age(config, running, finished=False)
     old_folder = config.task_root / old
@@ -106,6 +113,7 @@ async def test_purge_works_in_batches_and_spares_the_active_set(aiohttp_client: 
     ids = [await submit(client, f"echo {n}") for n in range(5)]
     for task_id in ids:
         await wait_state(client, task_id, final)
+        await committed(client)
         age(config, task_id)
     before = now() - timedelta(days=30)
 
@@ -152,6 +160,7 @@ async def test_the_gateway_purges_periodically(aiohttp_client: Any, tmp_path: Pa
     old, recent = await submit(client, "echo old"), await submit(client, "echo recent")
     for task_id in (old, recent):
         await wait_state(client, task_id, final)
+    await committed(client)
     age(config, old)
     deadline = time.monotonic() + 30
     while await exists(client, old):
@@ -180,6 +189,7 @@ async def test_jobproxy_purge_while_the_gateway_runs(aiohttp_client: Any, tmp_pa
     for task_id in (old, recent):
         await wait_state(client, task_id, final)
     await wait_state(client, running, lambda s: s["code"] == "RUNNING")
+    await committed(client)
     age(config, old)
     age(config, running, finished=False)
 
