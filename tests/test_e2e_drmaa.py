@@ -245,7 +245,30 @@ def logged(calls: Path, name: str) -> list[str]:
     return [line for line in (calls.read_text().splitlines() if calls.exists() else []) if line.split()[0] == name]
 
 
+async def drm_answers(timeout: float = 180) -> None:
+    """Wait until this process's DRMAA session, if open, answers a call that reaches qmaster.
+    After the qmaster restart in test_drm_down_answers_503_and_the_gateway_recovers, the session's
+    first call may wait on its old connection for longer than a plugin's 5 s (libdrmaa says "GDI
+    mismatch"), and every later call queues behind it: the gateway answers 503 meanwhile (see
+    _submit_once_the_drm_answers); the tests below are about something else, so they wait."""
+    drm = shared()
+    if drm.session is None:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(drm.submit(drm.probe, ["0"])),  # no job 0: "gone"
+                                   deadline - time.monotonic())
+            return
+        except TimeoutError:
+            raise AssertionError(f"the DRMAA session did not answer within {timeout:g} s") from None
+        except drm.lib.errors.DrmaaException as exc:  # qmaster not reachable yet
+            assert time.monotonic() < deadline, f"the DRMAA session still fails after {timeout:g} s: {exc}"
+            await asyncio.sleep(1)
+
+
 async def plugin(tmp_path: Path, **options: Any) -> Scheduler:
+    await drm_answers()
     document = {"gateway": {"state_dir": str(tmp_path / "state")}, "run_as": {"allow_root_jobs": True},
                 "scheduler": {"type": "drmaa", "poll_interval": 1, "options": options}}
     scheduler = create_scheduler(configuration.from_document(document, tmp_path, "test config"))
