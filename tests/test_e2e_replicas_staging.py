@@ -84,6 +84,8 @@ def test_the_next_lease_holder_stages_again_what_a_killed_one_was_staging(
         _reached(web, path, 1)
     assert [leader.state(t)["code"] for t in (a, b)] == ["INITIALIZING", "INITIALIZING"]
     assert "sending outputs" in leader.state(c)["description"]
+    for task_id in (a, b):  # the leader shows a change at once, the other replica once it is in the database
+        survivor.wait(task_id, lambda s: s["code"] == "INITIALIZING", timeout=10)
 
     leader.stop(kill=True)
     web.open_all()  # what the killed replica was moving: the rest of it goes nowhere
