@@ -35,9 +35,13 @@ def current(app: web.Application, task_id: str) -> Record | None:
 
 async def page(app: web.Application, **query: Any) -> list[Record]:
     """A page of tasks from the store (`Store.page`, off the event loop), each active one as the
-    active set has it now."""
-    active = app[ACTIVE]
-    return [active.get(r.id) or r for r in await app[STORE].page_async(**query)]
+    active set has it now. A page by state first waits until the changes made so far are
+    committed: the store selects by the states it holds, which lag the active set by up to one
+    group commit, and a task must not be missing from the state its GET already answered."""
+    active, store = app[ACTIVE], app[STORE]
+    if query.get("states"):
+        await store.flush()
+    return [active.get(r.id) or r for r in await store.page_async(**query)]
 
 
 def visible(request: web.Request, task_id: str) -> Record:

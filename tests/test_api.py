@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway import folders, retention, service
 from gateway.app import create_app
+from gateway.keys import STORE
 from gateway.model import task_from_document
 
 from .conftest import Hold, final, make_config, wait_state, writable_by_jobs
@@ -167,6 +168,28 @@ async def test_delete_removes_the_folder_off_the_event_loop(client: Any, monkeyp
     assert await hold.ping_meanwhile(client) == 200 and not deleting.done()
     assert (await deleting)[0] == 204
     assert not Path(state["stdout"]).parent.exists()
+
+
+async def test_a_listing_by_state_waits_for_the_changes_not_yet_committed(client: Any,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET state/{id} shows a change at once, the store has it with its next group commit: a listing
+    by state waits for that commit rather than leave out a task already answered in that state."""
+    store = client.server.app[STORE]
+    task_id = await submit(client, {"user": "alice", "cmd": "sleep 0.3"})
+    await wait_state(client, task_id, lambda s: s["code"] == "RUNNING")
+    await store.flush()
+    hold = Hold("the store committed the task's end")
+    monkeypatch.setattr(store, "_transaction", hold.wrap(store._transaction))  # the next commit waits
+    assert (await wait_state(client, task_id, final))["code"] == "COMPLETE"
+    assert await asyncio.to_thread(hold.reached.wait, 20)
+    listing = asyncio.create_task(call(client, "GET", "/v1/jobproxy/state?state=COMPLETE"))
+    await asyncio.sleep(0.2)
+    try:
+        assert not listing.done()
+    finally:
+        hold.released.set()
+    status, body, _ = await listing
+    assert (status, [s["id"] for s in body["state"]]) == (200, [task_id])
 
 
 async def test_queued_until_cores_free(aiohttp_client: Any, tmp_path: Path) -> None:
