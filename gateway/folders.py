@@ -8,7 +8,9 @@ whenever fewer than half are left. A submit takes one (`make`); when none is rea
 folder itself, as it always did. A submit on the event loop asks the thread to do it (`make_for`,
 with the files the task brings, TES inputs given by content, and the change of owner to the job's
 account): the loop's thread then makes no file-system call for a task's folder, however large those
-files, and the submits of one moment are answered with one wake-up of the loop.
+files, and the submits of one moment are answered with one wake-up of the loop. A task without
+files whose scheduler `makes_task_folders` (local) gets its folder from the scheduler instead, as
+its job starts.
 
 Ready folders are empty and belong to the gateway's user, mode 0700, as a folder made at submit
 does. The gateway removes its own at shutdown; those a crash left behind are removed, if empty, by

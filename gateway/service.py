@@ -93,10 +93,13 @@ async def accept(app: web.Application, task: Task, files: Mapping[str, str | byt
 
 async def _keep(app: web.Application, task: Task, files: Mapping[str, str | bytes] | None,
                 key: IdempotencyKey | None, name: str) -> None:
-    """Make the task's folder, record the task, hand it to its scheduler (or keep nothing)."""
+    """Make the task's folder (unless its scheduler makes it when the job starts), record the task,
+    hand it to its scheduler (or keep nothing)."""
     store, scheduler, poller = app[STORE], app[SCHEDULERS][name], app[POLLERS][name]
+    stager = app.get(STAGER)
     try:
-        await _make_folder(app[FOLDERS], task, files or {}, scheduler.job_account(task))
+        if files or not scheduler.makes_task_folders or (stager is not None and stager.needs_inputs(task)):
+            await _make_folder(app[FOLDERS], task, files or {}, scheduler.job_account(task))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
         log.error("cannot create the folder of task %s: %s", task.id, exc)
@@ -113,7 +116,6 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         log.info("task %s recorded for %s, handed to the replica that runs %s jobs", task.id, task.user,
                  scheduler.name, extra={"task_id": task.id, "user": task.user})
         return
-    stager = app.get(STAGER)
     if stager is not None and stager.needs_inputs(task):  # submitted once its inputs are in (gateway/staging)
         stager.begin(record)
         log.info("task %s accepted for %s: fetching its inputs", task.id, task.user,

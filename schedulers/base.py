@@ -8,9 +8,12 @@ options (already checked against `options_schema`, defaults filled in), then cal
    gateway at once, from the event loop's thread.
 2. `admit(task)` at submit time, before anything is stored: refuse (`TaskRefused`) what this
    scheduler can never run, e.g. more cores than any node has.
-3. The gateway records the task, then calls `submit(task)`, which answers the scheduler's own id
-   for the job (the "native id"). The job must carry the gateway's task id (job name, comment or
-   environment), so that `find(task)` can recover it after a crash between the two steps.
+3. The gateway makes the task's folder (`task.workdir`, mode 0700, the job account's) with the
+   files the task brings, records the task, then calls `submit(task)`, which answers the
+   scheduler's own id for the job (the "native id"). A plugin that `makes_task_folders` is given
+   a task without files before its folder exists, and makes it when the job starts. The job must
+   carry the gateway's task id (job name, comment or environment), so that `find(task)` can
+   recover it after a crash between the two steps.
 4. `status(jobs)`: one batched query about many jobs, never one call per job. A poller calls it
    once per interval with every active job of this scheduler; for a plugin that
    `reports_changes`, only once at start-up, to reconcile what happened while the gateway was
@@ -134,6 +137,10 @@ class Scheduler(abc.ABC):
     #: Whether the plugin reports every change of its jobs through `report` as it happens, so
     #: the gateway polls it only at start-up.
     reports_changes: ClassVar[bool] = False
+    #: Whether the plugin makes a task's folder, if it is not there, when the task's job starts
+    #: (mode 0700, the job account's): the gateway then leaves a task that brings no files
+    #: without one until then, which costs a queued task no file-system call.
+    makes_task_folders: ClassVar[bool] = False
 
     def __init__(self, name: str, options: Mapping[str, Any], state_dir: Path, *,
                  runtime: ContainerRuntime | None = None, run_as_user: bool = False,

@@ -203,6 +203,23 @@ async def test_queued_until_cores_free(aiohttp_client: Any, tmp_path: Path) -> N
     assert (await wait_state(client, second, final))["code"] == "COMPLETE"
 
 
+async def test_a_queued_task_gets_its_folder_when_its_job_starts(aiohttp_client: Any, tmp_path: Path) -> None:
+    """The local scheduler makes a task's folder as the job starts: a queued task costs no file."""
+    client = await aiohttp_client(create_app(make_config(tmp_path, options={"cores": 1})))
+    first = await submit(client, {"user": "a", "cmd": "sleep 30"})
+    await wait_state(client, first, lambda s: s["code"] == "RUNNING")
+    second = await submit(client, {"user": "a", "cmd": "id -u; pwd"})
+    state = await wait_state(client, second, lambda s: s["code"] == "QUEUED")
+    folder = Path(state["stdout"]).parent
+    assert not folder.exists()
+    response = await client.get(f"/v1/jobproxy/logs/{second}")
+    assert (response.status, await response.read()) == (200, b"")  # nothing written yet
+    await call(client, "DELETE", f"/v1/jobproxy/delete/{first}")
+    assert (await wait_state(client, second, final))["code"] == "COMPLETE"
+    uid, cwd = Path(state["stdout"]).read_text().split()
+    assert (cwd, folder.stat().st_uid, folder.stat().st_mode & 0o777) == (str(folder), int(uid), 0o700)
+
+
 async def test_listing_filters_and_pages(client: Any) -> None:
     ids = [await submit(client, {"user": user, "cmd": code})
            for user, code in [("alice", "true"), ("bob", "exit 3"), ("alice", "exit 3"), ("alice", "true")]]

@@ -104,16 +104,42 @@ async def test_a_missing_command_exits_127_as_in_bash(local: Factory, tmp_path: 
     assert "no-such-command-anywhere: command not found" in Path(task.stderr).read_text()
 
 
-async def test_a_missing_workdir_exits_1_without_an_exit_status(local: Factory, tmp_path: Path) -> None:
+async def test_the_launcher_makes_a_missing_folder_as_the_job_starts(local: Factory, tmp_path: Path) -> None:
+    """The gateway leaves a task without files without its folder until the job starts."""
+    scheduler, reports = await local()
+    assert scheduler.makes_task_folders
+    task = make_task(tmp_path, cmd=["/bin/sh", "-c", "pwd; echo x > here"])
+    Path(task.workdir).rmdir()
+    status = await _run(scheduler, reports, task)
+    assert status.state == TaskState.COMPLETE
+    assert Path(task.stdout).read_text() == f"{task.workdir}\n"
+    assert (Path(task.workdir) / "here").read_text() == "x\n"
+    assert Path(task.workdir).stat().st_mode & 0o777 == 0o700
+
+
+async def test_a_folder_that_cannot_be_made_is_a_system_error(local: Factory, tmp_path: Path) -> None:
+    scheduler, reports = await local()
+    task = make_task(tmp_path, cmd=["/bin/true"])
+    task = replace(task, workdir=str(tmp_path / "gone" / task.id), stdout=str(tmp_path / "out"),
+                   stderr=str(tmp_path / "err"))
+    status = await _run(scheduler, reports, task)
+    assert status.state == TaskState.SYSTEM_ERROR
+    assert status.description == (f"could not start the job: cannot make the task's folder {task.workdir}: "
+                                  "No such file or directory")
+
+
+async def test_a_folder_the_user_cannot_enter_exits_1_without_an_exit_status(local: Factory, tmp_path: Path) -> None:
     """As `cd WORKDIR || exit 1` in the job script: exit status 1, and no exit-code file."""
     scheduler, reports = await local()
     task = make_task(tmp_path, cmd=["/bin/true"])
-    task = replace(task, workdir=str(tmp_path / "gone"), stdout=str(tmp_path / "out"), stderr=str(tmp_path / "err"))
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    task = replace(task, workdir=str(blocked), stdout=str(tmp_path / "out"), stderr=str(tmp_path / "err"))
     status = await _run(scheduler, reports, task)
     assert status.state == TaskState.SYSTEM_ERROR
     assert status.description == ("the job did not finish normally: its job script exited with 1 without recording "
                                   "an exit status")
-    assert f"cd: {tmp_path / 'gone'}: No such file or directory" in (tmp_path / "err").read_text()
+    assert f"cd: {blocked}: Not a directory" in (tmp_path / "err").read_text()
 
 
 async def test_a_site_template_keeps_the_job_script(local: Factory, tmp_path: Path) -> None:

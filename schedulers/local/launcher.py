@@ -10,7 +10,8 @@ speaks JSON lines: requests on stdin, answers on stdout.
   `"script": PATH` (a job script, run by bash) or `"argv": [...], "cputime": [SOFT, HARD] or null,
   "exit_file": PATH, "spawn": BOOL` (direct exec) is answered `{"op": "started", "id": TASK, "pid": PID,
   "start_time": TICKS}` once the job runs, or `{"op": "error", "id": TASK, "error": WHY}` if it
-  could not be started. `"env": null` means the launcher's own environment; either way the job gets
+  could not be started. `cwd` is the task's folder, made (mode 0700, the user's) if it is not
+  there yet. `"env": null` means the launcher's own environment; either way the job gets
   `JOBPROXY_TASK_ID=TASK`, and with `"gpus"` a list, `CUDA_VISIBLE_DEVICES` set to those ids.
 - A `run` request with `"after": TASK2` waits until the job of TASK2, one of this launcher's, ended:
   it starts as that job is reaped, its `started` after that job's `exit`. TASK2 may itself be a
@@ -492,7 +493,12 @@ class Launcher:
         self.out.append((json.dumps(message, separators=(",", ":")) + "\n").encode())
 
     def run(self, request: dict[str, Any]) -> None:
-        """Start the job of `request`: spawned if it may be, else forked."""
+        """Start the job of `request` in its folder, made if it is not there: spawned if it may
+        be, else forked."""
+        why = self.make_folder(request["cwd"], request["user"])
+        if why is not None:
+            self.send({"op": "error", "id": request["id"], "error": why})
+            return
         if request.get("spawn") and self.spawn(request):
             return
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -512,6 +518,26 @@ class Launcher:
         self.jobs[pid] = job
         os.set_blocking(read_end, False)
         self.selector.register(read_end, selectors.EVENT_READ, job)
+
+    def make_folder(self, path: str, user: str | None) -> str | None:
+        """Make the job's folder `path` if it is not there, mode 0700, and give it to `user` (when
+        the launcher runs as root and the account exists; else the job's start says what is
+        wrong). None, or why it cannot be made."""
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return None
+        except OSError as exc:
+            return f"cannot make the task's folder {path}: {exc.strerror}"
+        identity = self.accounts.get(user) if user and os.geteuid() == 0 else None
+        if identity is not None:
+            try:
+                os.chown(path, identity.uid, identity.gid)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+                return f"cannot give the task's folder {path} to {user}: {exc.strerror}"
+        return None
 
     def spawn(self, request: dict[str, Any]) -> bool:
         """Start a direct job that needs nothing set in its own process but its session, its

@@ -86,6 +86,7 @@ class LocalScheduler(Scheduler):
 
     supports_run_as = True
     reports_changes = True
+    makes_task_folders = True  # the launcher makes a job's folder as it starts it
 
     options_schema = {
         "type": "object",
