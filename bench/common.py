@@ -46,23 +46,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def creation_cost(folder: Path, count: int = 200) -> str:
-    """What making an empty file in `folder` costs here, in words: the median CPU time of
-    `count` creations. The files stay (in `folder/.probe`) until the caller removes `folder`.
+def creation_cost(folder: Path, count: int = 100) -> str:
+    """What making a local task's files in `folder` costs here, in words: the median CPU time of
+    `count` folders made as a task's are (a folder, then three files in it: stdout, stderr, exit
+    code), per creation. They stay (in `folder/.probe-N`) until the caller removes `folder`.
 
-    A local task makes four files and folders, so this moves the local figures. On an ext4 file
-    system without a journal (these virtual machines' root), the kernel skips, for each new inode,
-    the free inodes of its group freed in the last 30 s or so, one look-up each: right after many
-    files were removed nearby, a creation costs hundreds of µs instead of tens. A benchmark
-    therefore removes its own files only at its end."""
-    probe = folder / ".probe"
+    A local task makes those four, so this moves the local figures. On an ext4 file system
+    without a journal (these virtual machines' root), the kernel skips, for each new inode, every
+    free inode of its group freed in the last 60 s (360 s while its inode table block is not yet
+    written back), one buffer look-up each (`recently_deleted` in fs/ext4/ialloc.c): right after
+    thousands of files were removed nearby, by a test run, another benchmark's cleanup or a purge,
+    a creation costs hundreds of µs instead of tens. A benchmark therefore removes its own files
+    only at its end, and prints this before and after each round."""
+    number = 0
+    while (folder / f".probe-{number}").exists():
+        number += 1
+    probe = folder / f".probe-{number}"
     probe.mkdir()
     costs = []
-    for number in range(count):
+    for index in range(count):
         started = time.process_time()
-        os.close(os.open(probe / str(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        costs.append(time.process_time() - started)
-    return f"making a file under {folder}: {percentile(costs, 50) * 1e6:.0f} µs of CPU (median of {count})"
+        task = probe / str(index)
+        task.mkdir(0o700)
+        for name in ("stdout", "stderr", "exit_code"):
+            os.close(os.open(task / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        costs.append((time.process_time() - started) / 4)
+    return f"making a task's folder and files under {folder}: {percentile(costs, 50) * 1e6:.0f} µs of CPU a " \
+           f"creation (median of {count})"
 
 
 def percentile(samples: list[float], p: float) -> float:

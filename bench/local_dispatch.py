@@ -16,8 +16,10 @@ against a baseline measured in the same run on the same machine.
   shared virtual machine one run's ratio moves by a tenth or more with its neighbours' load; the
   median of the rounds is printed last.
 
-Prints, for each round, tasks/s of each, their ratio, and the CPU seconds the gateway and its job
-launcher used.
+Prints, for each round, what making a task's folder and files cost just before it (see
+`bench.common.creation_cost`: on ext4 without a journal it grows tenfold for a minute or more
+after many files were removed), tasks/s of each, their ratio, and the CPU seconds the gateway and
+its job launchers used.
 Stops only the gateway process it started, by its pid.
 """
 from __future__ import annotations
@@ -157,16 +159,18 @@ async def rounds(folder: Path, args: argparse.Namespace) -> None:
     are all removed together at the end: removed between rounds, the files of one round made each
     file of the next dearer to create (see `creation_cost`)."""
     folder.chmod(0o711)  # as root with auth off, jobs run as nobody, who must reach their folders
-    print(f"before the run, {creation_cost(folder)}")
     before = await baseline(args.tasks, args.cores)
     ratios = []
     for number in range(1, args.rounds + 1):
-        (folder / f"round-{number}").mkdir(mode=0o711)
-        rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(folder / f"round-{number}", args)
+        round_folder = folder / f"round-{number}"
+        round_folder.mkdir(mode=0o711)
+        cost = creation_cost(round_folder)
+        rate, submitted, gateway_cpu, launcher_cpu = await run_gateway(round_folder, args)
         after = await baseline(args.tasks, args.cores)
         base = (before + after) / 2
         ratios.append(rate / base)
         print(f"round {number} of {args.rounds}")
+        print(f"before it, {cost}")
         print(f"baseline: /bin/true from asyncio, {args.cores} at a time: {before:7.0f} /s before, {after:7.0f} /s "
               f"after, mean {base:7.0f} /s")
         if args.drain:
