@@ -57,7 +57,7 @@ def creation_cost(folder: Path, count: int = 100) -> str:
     written back), one buffer look-up each (`recently_deleted` in fs/ext4/ialloc.c): right after
     thousands of files were removed nearby, by a test run, another benchmark's cleanup or a purge,
     a creation costs hundreds of µs instead of tens. A benchmark therefore removes its own files
-    only at its end, and prints this before and after each round."""
+    only at its end, and prints this before each round."""
     number = 0
     while (folder / f".probe-{number}").exists():
         number += 1

@@ -128,7 +128,7 @@ async def test_a_folder_that_cannot_be_made_is_a_system_error(local: Factory, tm
                                   "No such file or directory")
 
 
-async def test_a_folder_the_user_cannot_enter_exits_1_without_an_exit_status(local: Factory, tmp_path: Path) -> None:
+async def test_a_workdir_that_is_no_folder_exits_1_without_an_exit_status(local: Factory, tmp_path: Path) -> None:
     """As `cd WORKDIR || exit 1` in the job script: exit status 1, and no exit-code file."""
     scheduler, reports = await local()
     task = make_task(tmp_path, cmd=["/bin/true"])
