@@ -335,6 +335,30 @@ async def test_a_new_instance_reads_what_each_task_left_in_the_spool_and_its_fol
     assert reports.latest[jobs["queued"].task_id].state == TaskState.COMPLETE
 
 
+async def test_close_waits_for_the_starts_it_asked_for_and_records_them(local: Factory, tmp_path: Path) -> None:
+    """A start still in a launcher's pipe when the plugin closes happens after it: close waits for
+    its answer and writes the job's pid file, so that the next instance adopts the job instead of
+    queuing its task again (and starting it twice)."""
+    first, _ = await local(cores=1)
+    launchers = [launcher.pid for launcher in first.launchers if launcher.pid is not None]
+    for pid in launchers:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        job = await _submit(first, make_task(tmp_path, cmd=["sleep", "30"]))
+        closing = asyncio.create_task(first.close())
+        await asyncio.sleep(0.5)
+        assert not closing.done(), "close did not wait for the start it asked for"
+    finally:
+        for pid in launchers:
+            os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(closing, 30)
+    assert first.spool.read_pid(job.task_id) is not None
+    second, _ = await local(cores=1)
+    answers = await second.status([job])
+    assert answers[job.task_id].state == TaskState.RUNNING
+    await second.cancel(job)
+
+
 def test_a_queued_task_says_what_it_waits_for() -> None:
     from schedulers.base import Task
     from schedulers.local.admission import Admission

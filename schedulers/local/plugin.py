@@ -148,6 +148,18 @@ class LocalScheduler(Scheduler):
                  self.name, self.cores, list(self.admission.cpu_pool), self.memory, memory_how, cpu_how)
 
     async def close(self) -> None:
+        # A start asked of a launcher and not answered yet would happen after this instance stopped
+        # listening, without a pid file, and the next instance could queue the task again before
+        # the job shows in /proc: the answers are waited for (bounded), so their pid files are
+        # written below. A request held behind a running job is dropped by the launcher instead.
+        starting = [slot.launched for slot in self.admission.slots.values()
+                    if slot.pid is None and slot.launcher is not None and not slot.launched.is_set()
+                    and (slot.after is None or slot.after not in self.admission.slots)]
+        if starting:
+            waits = [asyncio.create_task(event.wait()) for event in starting]
+            _, late = await asyncio.wait(waits, timeout=CANCEL_WAIT)
+            for wait in late:
+                wait.cancel()
         loop = asyncio.get_running_loop()
         for slot in self.admission.slots.values():
             self._record(slot)
