@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +50,7 @@ def cpu_seconds(pid: int) -> float:
 def creation_cost(folder: Path, count: int = 100) -> str:
     """What making a local task's files in `folder` costs here, in words: the median CPU time of
     `count` folders made as a task's are (a folder, then three files in it: stdout, stderr, exit
-    code), per creation. They stay (in `folder/.probe-N`) until the caller removes `folder`.
+    code), per creation. They stay (in `folder/.probe-*`) until the caller removes `folder`.
 
     A local task makes those four, so this moves the local figures. On an ext4 file system
     without a journal (these virtual machines' root), the kernel skips, for each new inode, every
@@ -58,11 +59,7 @@ def creation_cost(folder: Path, count: int = 100) -> str:
     thousands of files were removed nearby, by a test run, another benchmark's cleanup or a purge,
     a creation costs hundreds of µs instead of tens. A benchmark therefore removes its own files
     only at its end, and prints this before each round."""
-    number = 0
-    while (folder / f".probe-{number}").exists():
-        number += 1
-    probe = folder / f".probe-{number}"
-    probe.mkdir()
+    probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=folder))
     costs = []
     for index in range(count):
         started = time.process_time()

@@ -97,8 +97,9 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
     hand it to its scheduler (or keep nothing)."""
     store, scheduler, poller = app[STORE], app[SCHEDULERS][name], app[POLLERS][name]
     stager = app.get(STAGER)
+    stager = stager if stager is not None and stager.needs_inputs(task) else None  # if it fetches inputs
     try:
-        if files or not scheduler.makes_task_folders or (stager is not None and stager.needs_inputs(task)):
+        if files or stager is not None or not scheduler.makes_task_folders:
             await _make_folder(app[FOLDERS], task, files or {}, scheduler.job_account(task))
     except OSError as exc:
         shutil.rmtree(task.workdir, ignore_errors=True)
@@ -116,7 +117,7 @@ async def _keep(app: web.Application, task: Task, files: Mapping[str, str | byte
         log.info("task %s recorded for %s, handed to the replica that runs %s jobs", task.id, task.user,
                  scheduler.name, extra={"task_id": task.id, "user": task.user})
         return
-    if stager is not None and stager.needs_inputs(task):  # submitted once its inputs are in (gateway/staging)
+    if stager is not None:  # submitted once its inputs are in (gateway/staging)
         stager.begin(record)
         log.info("task %s accepted for %s: fetching its inputs", task.id, task.user,
                  extra={"task_id": task.id, "user": task.user})

@@ -152,14 +152,11 @@ class LocalScheduler(Scheduler):
         # listening, without a pid file, and the next instance could queue the task again before
         # the job shows in /proc: the answers are waited for (bounded), so their pid files are
         # written below. A request held behind a running job is dropped by the launcher instead.
-        starting = [slot.launched for slot in self.admission.slots.values()
-                    if slot.pid is None and slot.launcher is not None and not slot.launched.is_set()
+        starting = [slot.launched.wait() for slot in self.admission.slots.values()
+                    if slot.launcher is not None and not slot.launched.is_set()
                     and (slot.after is None or slot.after not in self.admission.slots)]
-        if starting:
-            waits = [asyncio.create_task(event.wait()) for event in starting]
-            _, late = await asyncio.wait(waits, timeout=CANCEL_WAIT)
-            for wait in late:
-                wait.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*starting), CANCEL_WAIT)
         loop = asyncio.get_running_loop()
         for slot in self.admission.slots.values():
             self._record(slot)
